@@ -1,0 +1,1 @@
+"""A Telegram webhook bot with exactly-once, per-chat sessions in PostgreSQL."""

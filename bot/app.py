@@ -1,0 +1,121 @@
+"""The ASGI app: Telegram's webhook, health and readiness probes, metrics.
+
+POST /webhook: secret → body (bounded) → decode → pipeline (claim, lock, handlers, commit) → 200, and
+only then the replies go out. Anything that keeps the update from being committed answers 503, so
+Telegram delivers it again; nothing is acknowledged before it is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from .config import Settings
+from .dispatch import Bot
+from .runtime import Runtime, start
+from .storage import Storage, StorageUnavailable
+from .telegram import InvalidUpdate, decode_update
+
+__all__ = ["SECRET_HEADER", "create_app"]
+
+log = logging.getLogger("bot.app")
+
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"  # noqa: S105 (a header name, not a secret)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"ok": False, "error": message}, status_code=status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it passes `limit`: a huge upload is never held in memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def webhook(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    settings = runtime.settings
+    given = request.headers.get(SECRET_HEADER, "").encode()
+    if not hmac.compare_digest(given, settings.webhook_secret.encode()):
+        return _error(401, f"wrong or missing {SECRET_HEADER}")
+    try:
+        body = await _read_body(request, settings.max_body_bytes)
+    except _TooLarge:
+        return _error(413, f"body is over the limit of {settings.max_body_bytes} bytes")
+    try:
+        update = decode_update(body)
+    except InvalidUpdate as exc:
+        return _error(400, str(exc))
+    try:
+        async with asyncio.timeout(settings.request_deadline):
+            outcome = await runtime.pipeline.process(update)
+    except (StorageUnavailable, TimeoutError) as exc:
+        reason = str(exc) or f"no result within {settings.request_deadline:g} s"
+        log.warning(
+            "update %d not applied, answering 503 so Telegram redelivers it: %s", update.update_id, reason
+        )
+        return _error(503, "temporarily unavailable, deliver again later")
+    runtime.outbox.send_soon(outcome.to_send)
+    return Response(status_code=200)
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def readyz(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    try:
+        async with asyncio.timeout(3):
+            await runtime.storage.ping()
+    except (StorageUnavailable, TimeoutError) as exc:
+        return _error(503, f"database not ready: {exc}")
+    return PlainTextResponse("ready")
+
+
+async def metrics(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    return PlainTextResponse(runtime.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def create_app(
+    settings: Settings, *, bot: Bot[Any] | None = None, storage: Storage | None = None
+) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with start(settings, bot=bot, storage=storage) as runtime:
+            app.state.runtime = runtime
+            yield
+
+    return Starlette(
+        routes=[
+            Route("/webhook", webhook, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )

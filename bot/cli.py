@@ -1,0 +1,235 @@
+"""`python -m bot <command>` (also installed as `bot`): serve, migrate, poll, and webhook management.
+
+Errors a user can fix (configuration, an unmigrated or unreachable database, Telegram refusing the
+token) end the process with one line on stderr and a non-zero status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import msgspec
+
+from .config import ConfigError, Settings, load_settings
+from .migrate import MigrationError, NotMigrated, check_migrated, migrate
+from .runtime import StartupError, start
+from .storage import StorageUnavailable
+from .telegram import BotApi, BotApiError, InvalidUpdate, decode_update
+
+__all__ = ["main"]
+
+log = logging.getLogger("bot.cli")
+
+# The update types the bot acts on; asking Telegram for only these saves it (and us) traffic.
+ALLOWED_UPDATES = ["message", "channel_post"]
+
+
+class _Fail(Exception):
+    """A problem to report in one line."""
+
+
+@contextlib.contextmanager
+def _database(settings: Settings) -> Iterator[Settings]:
+    """Settings with a DATABASE_URL: the configured one, or a local embedded PostgreSQL (migrated)."""
+    if settings.database_url is not None:
+        yield settings
+        return
+    from .embedded import EmbeddedPostgres, default_data_dir
+
+    server = EmbeddedPostgres.start(settings.embedded_pg_dir or default_data_dir())
+    try:
+        dsn = server.dsn()
+        applied = asyncio.run(migrate(dsn))
+        if applied:
+            log.info("local database: applied migrations %s", ", ".join(applied))
+        yield dataclasses.replace(settings, database_url=dsn)
+    finally:
+        server.stop()
+
+
+async def _require_migrated(dsn: str) -> None:
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise _Fail(f"DATABASE_URL: cannot connect: {exc}") from exc
+    try:
+        await check_migrated(conn)
+    finally:
+        await conn.close()
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    with _database(settings) as settings:
+        if settings.database_url is not None and args.skip_migration_check is False:
+            asyncio.run(_require_migrated(settings.database_url))
+        host = args.host or settings.host
+        port = args.port or settings.port
+        if settings.bot_token is None:
+            log.warning("local trial: no BOT_TOKEN, so replies are logged instead of sent")
+        if settings.webhook_secret_generated:
+            log.warning(
+                "no WEBHOOK_SECRET set; this run accepts updates with the header %s: %s",
+                "X-Telegram-Bot-Api-Secret-Token",
+                settings.webhook_secret,
+            )
+        uvicorn.run(
+            create_app(settings),
+            host=host,
+            port=port,
+            log_level=settings.log_level.lower(),
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        )
+    return 0
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    with _database(settings) as settings:
+        assert settings.database_url is not None
+        applied = asyncio.run(migrate(settings.database_url))
+    print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    return 0
+
+
+async def _call(settings: Settings, method: str, params: dict[str, Any]) -> Any:
+    if settings.bot_token is None:
+        raise _Fail(f"BOT_TOKEN: required for {method}")
+    async with httpx.AsyncClient(timeout=20) as client:
+        try:
+            return await BotApi(settings.bot_token, client, settings.telegram_api_root).call(method, params)
+        except BotApiError as exc:
+            raise _Fail(str(exc)) from exc
+
+
+def _set_webhook(settings: Settings, args: argparse.Namespace) -> int:
+    url = args.url or settings.webhook_url
+    if url is None:
+        raise _Fail("WEBHOOK_URL: required for set-webhook (the public https URL of /webhook), or pass --url")
+    params = {
+        "url": url,
+        "secret_token": settings.webhook_secret,
+        "max_connections": args.max_connections,
+        "allowed_updates": ALLOWED_UPDATES,
+        "drop_pending_updates": args.drop_pending_updates,
+    }
+    asyncio.run(_call(settings, "setWebhook", params))
+    print(f"webhook set to {url}")
+    return 0
+
+
+def _webhook_info(settings: Settings, args: argparse.Namespace) -> int:
+    info = asyncio.run(_call(settings, "getWebhookInfo", {}))
+    print(json.dumps(info, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _delete_webhook(settings: Settings, args: argparse.Namespace) -> int:
+    asyncio.run(_call(settings, "deleteWebhook", {"drop_pending_updates": args.drop_pending_updates}))
+    print("webhook deleted")
+    return 0
+
+
+async def _poll_forever(settings: Settings) -> None:
+    async with start(settings) as runtime:
+        assert runtime.api is not None
+        log.info("polling for updates as @%s (Ctrl-C to stop)", runtime.me.username)
+        offset = 0
+        while True:
+            try:
+                raw = await runtime.api.call(
+                    "getUpdates", {"offset": offset, "timeout": 5, "allowed_updates": ALLOWED_UPDATES}
+                )
+            except BotApiError as exc:
+                if exc.error_code == 409:
+                    raise _Fail("getUpdates: a webhook is set; run `python -m bot delete-webhook` first") from exc
+                log.warning("getUpdates failed: %s", exc)
+                await asyncio.sleep(exc.retry_after or 2)
+                continue
+            for item in raw:
+                try:
+                    update = decode_update(msgspec.json.encode(item))
+                except InvalidUpdate as exc:
+                    log.warning("skipping an update that does not decode: %s", exc)
+                    offset = max(offset, int(item.get("update_id", offset - 1)) + 1)
+                    continue
+                # Offset moves past an update only once it is committed: a database outage means the
+                # same update again, as with a webhook's 503.
+                while True:
+                    try:
+                        outcome = await runtime.pipeline.process(update)
+                        break
+                    except StorageUnavailable as exc:
+                        log.warning("update %d not applied, retrying: %s", update.update_id, exc)
+                        await asyncio.sleep(1)
+                runtime.outbox.send_soon(outcome.to_send)
+                offset = update.update_id + 1
+
+
+def _poll(settings: Settings, args: argparse.Namespace) -> int:
+    if settings.bot_token is None:
+        raise _Fail("BOT_TOKEN: required for poll (it asks Telegram for updates)")
+    with _database(settings) as settings, contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_poll_forever(settings))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bot", description="A Telegram 🍕 counter with durable sessions.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="serve the webhook (no DATABASE_URL: a local embedded PostgreSQL)")
+    serve.add_argument("--host", help="interface to listen on (default: HOST, else 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: PORT, else 8000)")
+    serve.add_argument(
+        "--skip-migration-check", action="store_true", help="start even if the database looks unmigrated"
+    )
+    sub.add_parser("migrate", help="apply migrations/*.sql to DATABASE_URL")
+    hook = sub.add_parser("set-webhook", help="point Telegram at WEBHOOK_URL with WEBHOOK_SECRET")
+    hook.add_argument("--url", help="overrides WEBHOOK_URL")
+    hook.add_argument("--max-connections", type=int, default=40, help="Telegram's parallel deliveries (1-100)")
+    hook.add_argument("--drop-pending-updates", action="store_true")
+    sub.add_parser("webhook-info", help="print Telegram's getWebhookInfo")
+    delete = sub.add_parser("delete-webhook", help="stop webhook delivery (needed before poll)")
+    delete.add_argument("--drop-pending-updates", action="store_true")
+    sub.add_parser("poll", help="long-poll getUpdates instead of serving a webhook (local use)")
+    return parser
+
+
+_COMMANDS = {
+    "serve": _serve,
+    "migrate": _migrate,
+    "set-webhook": _set_webhook,
+    "webhook-info": _webhook_info,
+    "delete-webhook": _delete_webhook,
+    "poll": _poll,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"bot: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](settings, args)
+    except (_Fail, StartupError, MigrationError, NotMigrated, StorageUnavailable) as exc:
+        print(f"bot: {exc}", file=sys.stderr)
+        return 1

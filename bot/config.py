@@ -1,0 +1,166 @@
+"""Settings, read from the environment once at start-up.
+
+Every problem is a ConfigError whose message names the variable and what is wrong with it; the command
+line prints that one line and exits, so a misconfigured deploy fails loudly and readably.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+_TOKEN = re.compile(r"^(\d{1,20}):[A-Za-z0-9_-]{10,}$")
+# What Telegram accepts as setWebhook's secret_token.
+_SECRET = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+_USERNAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{3,31}$")
+
+TRIAL_USERNAME = "pizza_trial_bot"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed. The message starts with the variable's name."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    bot_token: str | None
+    webhook_secret: str
+    webhook_secret_generated: bool
+    database_url: str | None
+    telegram_api_root: str
+    webhook_url: str | None
+    host: str
+    port: int
+    bot_username: str | None
+    db_pool_min: int
+    db_pool_max: int
+    db_acquire_timeout: float
+    db_lock_timeout: float
+    db_statement_timeout: float
+    request_deadline: float
+    max_body_bytes: int
+    outbox_lease: float
+    sweep_interval: float
+    shutdown_timeout: float
+    embedded_pg_dir: Path | None
+    log_level: str
+
+    @property
+    def bot_id(self) -> int:
+        """The bot's id is the token's first part; 0 for the local trial, which has no token."""
+        if self.bot_token is None:
+            return 0
+        return int(self.bot_token.split(":", 1)[0])
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: must be between {low} and {high}, got {value}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number of seconds, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: must be between {low:g} and {high:g} seconds, got {value:g}")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in schemes:
+        raise ConfigError(
+            f"{name}: must start with {' or '.join(s + '://' for s in schemes)}, got {raw[:12]!r}…"
+        )
+    if not parts.netloc and not parts.query:
+        raise ConfigError(f"{name}: has no host")
+    return raw
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+
+    token = env.get("BOT_TOKEN", "").strip() or None
+    if token is not None and not _TOKEN.match(token):
+        raise ConfigError(
+            "BOT_TOKEN: not a bot token (expected '<digits>:<letters, digits, _ or ->' from @BotFather)"
+        )
+
+    secret = env.get("WEBHOOK_SECRET", "").strip() or None
+    generated = False
+    if secret is None:
+        if token is not None:
+            raise ConfigError("WEBHOOK_SECRET: required when BOT_TOKEN is set (1-256 of A-Z a-z 0-9 _ -)")
+        # Local trial: a fresh secret each start, printed by `serve`, so even a trial is not an open door.
+        secret, generated = secrets.token_urlsafe(24), True
+    elif not _SECRET.match(secret):
+        raise ConfigError(
+            "WEBHOOK_SECRET: must be 1-256 characters, only A-Z a-z 0-9 _ and - (Telegram's rule)"
+        )
+
+    database_url = _url(env, "DATABASE_URL", ("postgres", "postgresql"))
+    api_root = _url(env, "TELEGRAM_API_ROOT", ("https", "http")) or "https://api.telegram.org"
+    webhook_url = _url(env, "WEBHOOK_URL", ("https", "http"))
+
+    username = env.get("BOT_USERNAME", "").strip().lstrip("@") or None
+    if username is not None and not _USERNAME.match(username):
+        raise ConfigError(f"BOT_USERNAME: not a Telegram username: {username!r}")
+
+    pool_min = _int(env, "DB_POOL_MIN", 1, 0, 1000)
+    pool_max = _int(env, "DB_POOL_MAX", 10, 1, 1000)
+    if pool_min > pool_max:
+        raise ConfigError(f"DB_POOL_MIN: {pool_min} is more than DB_POOL_MAX ({pool_max})")
+
+    log_level = env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO"
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR, got {log_level!r}")
+
+    pg_dir = env.get("EMBEDDED_PG_DIR", "").strip()
+
+    return Settings(
+        bot_token=token,
+        webhook_secret=secret,
+        webhook_secret_generated=generated,
+        database_url=database_url,
+        telegram_api_root=api_root.rstrip("/"),
+        webhook_url=webhook_url,
+        host=env.get("HOST", "").strip() or "127.0.0.1",
+        port=_int(env, "PORT", 8000, 1, 65535),
+        bot_username=username,
+        db_pool_min=pool_min,
+        db_pool_max=pool_max,
+        db_acquire_timeout=_seconds(env, "DB_ACQUIRE_TIMEOUT", 5.0, 0.1, 60),
+        db_lock_timeout=_seconds(env, "DB_LOCK_TIMEOUT", 5.0, 0.1, 60),
+        db_statement_timeout=_seconds(env, "DB_STATEMENT_TIMEOUT", 10.0, 0.1, 60),
+        # Well under Telegram's 60 s, after which it would redeliver while we may still be working.
+        request_deadline=_seconds(env, "REQUEST_DEADLINE", 25.0, 1, 55),
+        max_body_bytes=_int(env, "MAX_BODY_BYTES", 1024 * 1024, 1024 * 1024, 64 * 1024 * 1024),
+        outbox_lease=_seconds(env, "OUTBOX_LEASE", 30.0, 0.5, 3600),
+        sweep_interval=_seconds(env, "OUTBOX_SWEEP_INTERVAL", 5.0, 0.1, 3600),
+        shutdown_timeout=_seconds(env, "SHUTDOWN_TIMEOUT", 20.0, 1, 300),
+        embedded_pg_dir=Path(pg_dir).expanduser() if pg_dir else None,
+        log_level=log_level,
+    )

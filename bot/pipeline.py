@@ -1,0 +1,117 @@
+"""One update, start to finish: route → claim → load (lock) → handler → save → queue replies → commit.
+
+The replies come back to the caller to send after the commit (`bot.outbox`), so no Bot API call is
+ever made while a session row is locked, and none is made for an update that was rolled back.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from .context import BotIdentity, Context
+from .dispatch import Bot, Handler
+from .metrics import Metrics
+from .session import AlreadyApplied, SessionSlot
+from .storage import PendingCall, Storage, StorageUnavailable, Transaction
+from .telegram import Update
+
+__all__ = ["Outcome", "Pipeline", "Status"]
+
+log = logging.getLogger("bot.pipeline")
+
+
+class Status(enum.Enum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"  # a redelivery: nothing applied again, unconfirmed replies sent again
+    IGNORED = "ignored"  # no handler for this update: no database work at all
+    FAILED = "failed"  # a handler raised: rolled back, logged, acknowledged
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: Status
+    to_send: list[PendingCall] = field(default_factory=list)
+
+
+class _Claim:
+    """Records the update as processed, once, just before its transaction first reads or queues.
+
+    Claiming lazily keeps updates that touch nothing out of `processed_updates`; claiming before any
+    read makes a redelivery stop before its handler sees a session.
+    """
+
+    def __init__(self, tx: Transaction, bot_id: int, update_id: int) -> None:
+        self._tx, self._bot_id, self._update_id = tx, bot_id, update_id
+        self.done = False
+        self.duplicate = False
+
+    async def __call__(self) -> None:
+        if not self.done:
+            self.duplicate = not await self._tx.claim_update(self._bot_id, self._update_id)
+            self.done = True
+        if self.duplicate:
+            raise AlreadyApplied(f"update {self._update_id} was applied before")
+
+
+class Pipeline:
+    def __init__(
+        self, bot: Bot[Any], storage: Storage, me: BotIdentity, metrics: Metrics, *, lease: float = 30.0
+    ) -> None:
+        self.bot = bot
+        self.storage = storage
+        self.me = me
+        self.metrics = metrics
+        self.lease = lease
+
+    async def process(self, update: Update) -> Outcome:
+        """Apply the update exactly once. Raises StorageUnavailable when it could not be applied now."""
+        handler = self.bot.route(update, self.me)
+        if handler is None:
+            outcome = Outcome(Status.IGNORED)
+        else:
+            try:
+                outcome = await self._apply(update, handler)
+            except StorageUnavailable:
+                self.metrics.inc("storage_unavailable_total")
+                raise
+            except Exception:
+                # One bad update must not wedge the chat's queue: Telegram would redeliver it forever.
+                log.exception("update %d: handler failed; rolled back and acknowledged", update.update_id)
+                self.metrics.inc("handler_errors_total")
+                outcome = Outcome(Status.FAILED)
+        self.metrics.inc("updates_total", outcome.status.value)
+        return outcome
+
+    async def _apply(self, update: Update, handler: Handler[Any]) -> Outcome:
+        async with self.storage.transaction() as tx:
+            claim = _Claim(tx, self.me.id, update.update_id)
+            slots = {
+                name: SessionSlot(config, config.key(update), tx, claim)
+                for name, config in self.bot.sessions.items()
+            }
+            ctx: Context[Any] = Context(update, self.me, slots)
+            try:
+                # A fixed lock order (by key) for bots with several sessions, so two updates can't
+                # each hold one row and wait for the other's.
+                for slot in sorted(slots.values(), key=lambda s: s.key or ""):
+                    if not slot.config.lazy:
+                        await slot.load()
+                await handler(ctx)
+                if ctx.calls:
+                    await claim()  # replies are exactly-once too, even from a handler with no session
+            except AlreadyApplied:
+                pass
+            if claim.duplicate:
+                # Checked here, not only in the except: a handler that swallowed AlreadyApplied must not
+                # get its changes saved.
+                return Outcome(
+                    Status.DUPLICATE, await tx.claim_unsent(self.me.id, update.update_id, self.lease)
+                )
+            for slot in slots.values():
+                await slot.save()
+            return Outcome(
+                Status.APPLIED, await tx.enqueue(self.me.id, update.update_id, ctx.calls, self.lease)
+            )

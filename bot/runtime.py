@@ -1,0 +1,105 @@
+"""The long-lived parts of a running bot, opened and closed together: HTTP client, pool, sweeper.
+
+Both ways of receiving updates (the webhook app and `poll`) run inside `start()`, so they share one
+shutdown order: stop the sweeper, let in-flight replies finish, then close the pool and the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from .config import TRIAL_USERNAME, Settings
+from .context import BotIdentity
+from .dispatch import Bot
+from .handlers import build_bot
+from .metrics import Metrics
+from .outbox import Outbox
+from .pipeline import Pipeline
+from .storage import Storage
+from .storage.postgres import PostgresStorage
+from .telegram import BotApi, BotApiError
+
+__all__ = ["Runtime", "StartupError", "start"]
+
+log = logging.getLogger("bot.runtime")
+
+
+class StartupError(Exception):
+    """The bot cannot start; the message says why and which setting to look at."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    storage: Storage
+    api: BotApi | None
+    me: BotIdentity
+    pipeline: Pipeline
+    outbox: Outbox
+    metrics: Metrics
+
+
+async def resolve_identity(settings: Settings, api: BotApi | None) -> BotIdentity:
+    """Our username decides which `/cmd@name` commands are ours: from BOT_USERNAME, else from getMe."""
+    if api is None:
+        return BotIdentity(settings.bot_id, settings.bot_username or TRIAL_USERNAME)
+    try:
+        me = await api.get_me()
+    except BotApiError as exc:
+        if settings.bot_username is not None:
+            log.warning("getMe failed (%s); using BOT_USERNAME=%s", exc, settings.bot_username)
+            return BotIdentity(settings.bot_id, settings.bot_username)
+        raise StartupError(f"BOT_TOKEN: getMe at {settings.telegram_api_root} failed: {exc}") from exc
+    if me.can_read_all_group_messages is False:
+        log.warning(
+            "privacy mode is on for @%s: in groups it only sees commands, so 🍕 messages there are not"
+            " counted. Turn it off in @BotFather (/setprivacy → Disable), then remove and re-add the bot.",
+            me.username,
+        )
+    return BotIdentity(me.id, settings.bot_username or me.username or TRIAL_USERNAME)
+
+
+@asynccontextmanager
+async def start(
+    settings: Settings, *, bot: Bot[Any] | None = None, storage: Storage | None = None
+) -> AsyncIterator[Runtime]:
+    """Open everything, yield, close everything. A given `storage` is used, not closed."""
+    metrics = Metrics()
+    timeout = httpx.Timeout(10.0, connect=5.0)
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=100)) as http:
+        api = BotApi(settings.bot_token, http, settings.telegram_api_root) if settings.bot_token else None
+        me = await resolve_identity(settings, api)
+        owned: Storage | None = None
+        if storage is None:
+            if settings.database_url is None:
+                raise StartupError("DATABASE_URL: not set (the command line starts a local database for you)")
+            storage = owned = await PostgresStorage.connect(
+                settings.database_url,
+                min_size=settings.db_pool_min,
+                max_size=settings.db_pool_max,
+                acquire_timeout=settings.db_acquire_timeout,
+                lock_timeout=settings.db_lock_timeout,
+                statement_timeout=settings.db_statement_timeout,
+            )
+        try:
+            outbox = Outbox(storage, api, metrics, lease=settings.outbox_lease)
+            pipeline = Pipeline(bot or build_bot(), storage, me, metrics, lease=settings.outbox_lease)
+            sweeper = asyncio.create_task(outbox.run_sweeper(settings.sweep_interval))
+            try:
+                yield Runtime(settings, storage, api, me, pipeline, outbox, metrics)
+            finally:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+                await outbox.drain(settings.shutdown_timeout)
+        finally:
+            if owned is not None:
+                await owned.close()

@@ -1,0 +1,211 @@
+"""Sessions, after grammY's session middleware: data per chat, loaded before the handlers, saved after.
+
+Top to bottom: the key functions, the options (`session()`), and the per-update state machine
+(`SessionSlot`) that the pipeline drives: load (and lock) → handlers read and change `ctx.session` → save.
+
+Where grammY reads and writes with two independent storage calls, we do both inside the update's
+transaction with the row locked in between, so concurrent updates of one chat take turns instead of
+overwriting each other's changes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from .storage import StoredSession, Transaction
+from .telegram import Update
+
+__all__ = [
+    "AlreadyApplied",
+    "NoSessionKey",
+    "SessionConfig",
+    "SessionDecodeError",
+    "SessionSlot",
+    "chat_key",
+    "session",
+]
+
+S = TypeVar("S")
+
+
+def chat_key(update: Update) -> str | None:
+    """The default key: one session per chat, whoever writes in it. None when the update has no chat."""
+    chat = update.chat
+    return None if chat is None else str(chat.id)
+
+
+class NoSessionKey(AttributeError):
+    """A handler used the session of an update that has none (its key function returned None)."""
+
+
+class SessionDecodeError(Exception):
+    """Stored data does not fit the session type (and no migration made it fit)."""
+
+
+class AlreadyApplied(Exception):
+    """This update was applied before (a redelivery): its handlers must not run again."""
+
+
+Migration = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class SessionConfig(Generic[S]):
+    """How one kind of session is keyed, created, stored and upgraded. Build it with `session()`."""
+
+    initial: Callable[[], S]
+    data_type: type[S]
+    get_session_key: Callable[[Update], str | None] = chat_key
+    prefix: str = ""
+    lazy: bool = False
+    ttl: float | None = None
+    version: int = 0
+    migrations: Mapping[int, Migration] = field(default_factory=dict)
+
+    def key(self, update: Update) -> str | None:
+        key = self.get_session_key(update)
+        return None if key is None else self.prefix + key
+
+    def encode(self, value: S) -> str:
+        return msgspec.json.encode(value).decode()
+
+    def decode(self, key: str, stored: StoredSession) -> S:
+        """Decode stored data, first upgrading it through `migrations` if an older version wrote it."""
+        try:
+            if stored.version == self.version:
+                return msgspec.json.decode(stored.data, type=self.data_type)
+            raw = json.loads(stored.data)
+            for version in range(stored.version, self.version):
+                if version not in self.migrations:
+                    raise SessionDecodeError(
+                        f"session {key!r} is version {stored.version}, and no migration upgrades "
+                        f"version {version} (known: {sorted(self.migrations)})"
+                    )
+                raw = self.migrations[version](raw)
+            return msgspec.convert(raw, type=self.data_type)
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+            raise SessionDecodeError(
+                f"session {key!r} (version {stored.version}) does not decode as "
+                f"{self.data_type.__name__}: {exc}"
+            ) from exc
+
+
+def session(
+    initial: Callable[[], S],
+    *,
+    data_type: type[S] | None = None,
+    get_session_key: Callable[[Update], str | None] = chat_key,
+    prefix: str = "",
+    lazy: bool = False,
+    ttl: float | None = None,
+    version: int = 0,
+    migrations: Mapping[int, Migration] | None = None,
+) -> SessionConfig[S]:
+    """Describe a session.
+
+    `initial` builds a fresh session for a key that has none (a factory, so chats never share one
+    object); when it is a class, it is also the type the stored JSON is decoded into. `lazy` loads
+    and locks the session only when a handler first asks for it (`await ctx.get_session()`). `ttl`
+    makes a session read as new that many seconds after it was last written. `version` and
+    `migrations` (a map from an old version to a function that upgrades its decoded JSON by one step)
+    let the session's shape change while old rows are upgraded on read and written back in the new
+    shape.
+    """
+    if data_type is None:
+        if not isinstance(initial, type):
+            raise TypeError("session(): pass data_type= when initial is not the session class itself")
+        data_type = initial
+    return SessionConfig(
+        initial=initial,
+        data_type=data_type,
+        get_session_key=get_session_key,
+        prefix=prefix,
+        lazy=lazy,
+        ttl=ttl,
+        version=version,
+        migrations=dict(migrations or {}),
+    )
+
+
+_UNLOADED: Any = object()
+
+
+class SessionSlot(Generic[S]):
+    """One session of one update: not loaded → loaded (row locked) → saved.
+
+    `claim` is called before the first read of the update's transaction; it raises AlreadyApplied for a
+    redelivered update, so a lazy session that is never touched never claims anything.
+    """
+
+    def __init__(
+        self,
+        config: SessionConfig[S],
+        key: str | None,
+        tx: Transaction,
+        claim: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.config = config
+        self.key = key
+        self._tx = tx
+        self._claim = claim
+        self._value: S | None = _UNLOADED
+        self._stored: str | None = None  # what the storage holds now (JSON), None for nothing
+        self._upgraded = False
+
+    @property
+    def loaded(self) -> bool:
+        return self._value is not _UNLOADED
+
+    async def load(self) -> S | None:
+        if self.loaded:
+            return self._value
+        if self.key is None:
+            self._value = None
+            return None
+        await self._claim()
+        stored = await self._tx.read(self.key)
+        if stored is None:
+            self._value = self.config.initial()
+        else:
+            self._value = self.config.decode(self.key, stored)
+            self._stored = stored.data
+            self._upgraded = stored.version != self.config.version
+        return self._value
+
+    def get(self) -> S:
+        if not self.loaded:
+            raise NoSessionKey(
+                "the session is lazy and not loaded yet: use `await ctx.get_session()` before `ctx.session`"
+            )
+        if self._value is None:
+            if self.key is None:
+                raise NoSessionKey(
+                    "this update has no session: get_session_key returned None for it "
+                    "(the default key is the chat id, and this update has no chat)"
+                )
+            raise NoSessionKey("the session was deleted (set to None) earlier in this update")
+        return self._value
+
+    def set(self, value: S | None) -> None:
+        if self.key is None:
+            raise NoSessionKey("cannot set a session for an update without a session key")
+        self._value = value
+
+    async def save(self) -> None:
+        """Write back what changed: nothing if unchanged, a delete if the session was set to None."""
+        if not self.loaded or self.key is None:
+            return
+        if self._value is None:
+            if self._stored is not None:
+                await self._tx.delete(self.key)
+            return
+        data = self.config.encode(self._value)
+        if data != self._stored or self._upgraded:
+            if self._stored is None and data == self.config.encode(self.config.initial()):
+                return  # a new session nobody changed: reading it again gives the same initial value
+            await self._tx.write(self.key, StoredSession(data, self.config.version), self.config.ttl)

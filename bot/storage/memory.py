@@ -1,0 +1,209 @@
+"""In-process storage for development and unit tests.
+
+It keeps the same promises as PostgresStorage within one process: per-key locks held to the end of the
+transaction, writes applied only on commit, and a redelivered update waiting for its first attempt.
+State is lost when the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Hashable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import OutgoingCall, PendingCall, StoredSession
+
+__all__ = ["MemoryStorage"]
+
+
+@dataclass
+class _Row:
+    session: StoredSession
+    expires_at: float | None
+
+
+@dataclass
+class _OutboxRow:
+    id: int
+    bot_id: int
+    update_id: int
+    method: str
+    params: dict[str, Any]
+    lease_until: float
+    created_at: float
+    sent_at: float | None = None
+    failed_at: float | None = None
+    last_error: str | None = None
+
+
+class _KeyedLocks:
+    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, asyncio.Lock] = {}
+        self._users: dict[Hashable, int] = {}
+
+    async def acquire(self, key: Hashable) -> None:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._forget(key)
+            raise
+
+    def release(self, key: Hashable) -> None:
+        self._locks[key].release()
+        self._forget(key)
+
+    def _forget(self, key: Hashable) -> None:
+        self._users[key] -= 1
+        if not self._users[key]:
+            del self._users[key], self._locks[key]
+
+
+class _MemoryTransaction:
+    def __init__(self, storage: MemoryStorage) -> None:
+        self._storage = storage
+        self._held: list[Hashable] = []
+        self._writes: dict[str, _Row | None] = {}
+        self._claimed: list[tuple[int, int]] = []
+        self._queued: list[_OutboxRow] = []
+        self._leases: dict[int, float] = {}
+
+    async def _lock(self, key: Hashable) -> None:
+        if key not in self._held:
+            await self._storage._locks.acquire(key)
+            self._held.append(key)
+
+    async def claim_update(self, bot_id: int, update_id: int) -> bool:
+        await self._lock(("update", bot_id, update_id))
+        if (bot_id, update_id) in self._storage._processed:
+            return False
+        self._claimed.append((bot_id, update_id))
+        return True
+
+    async def read(self, key: str) -> StoredSession | None:
+        await self._lock(("session", key))
+        row = self._writes[key] if key in self._writes else self._storage._sessions.get(key)
+        if row is None or (row.expires_at is not None and row.expires_at <= time.time()):
+            return None
+        return row.session
+
+    async def write(self, key: str, session: StoredSession, ttl: float | None = None) -> None:
+        await self._lock(("session", key))
+        self._writes[key] = _Row(session, None if ttl is None else time.time() + ttl)
+
+    async def delete(self, key: str) -> None:
+        await self._lock(("session", key))
+        self._writes[key] = None
+
+    async def enqueue(
+        self, bot_id: int, update_id: int, calls: Sequence[OutgoingCall], lease: float
+    ) -> list[PendingCall]:
+        now = time.time()
+        rows = [
+            _OutboxRow(self._storage._next_id(), bot_id, update_id, c.method, c.params, now + lease, now)
+            for c in calls
+        ]
+        self._queued.extend(rows)
+        return [PendingCall(r.id, r.method, r.params) for r in rows]
+
+    async def claim_unsent(self, bot_id: int, update_id: int, lease: float) -> list[PendingCall]:
+        now = time.time()
+        due = [
+            row
+            for row in self._storage._outbox.values()
+            if (row.bot_id, row.update_id) == (bot_id, update_id) and _is_due(row, now)
+        ]
+        for row in due:
+            self._leases[row.id] = now + lease
+        return [PendingCall(r.id, r.method, r.params) for r in due]
+
+    def commit(self) -> None:
+        storage = self._storage
+        for key, row in self._writes.items():
+            if row is None:
+                storage._sessions.pop(key, None)
+            else:
+                storage._sessions[key] = row
+        now = time.time()
+        storage._processed.update((ids, now) for ids in self._claimed)
+        storage._outbox.update((row.id, row) for row in self._queued)
+        for call_id, lease_until in self._leases.items():
+            storage._outbox[call_id].lease_until = lease_until
+
+    def release(self) -> None:
+        for key in reversed(self._held):
+            self._storage._locks.release(key)
+        self._held.clear()
+
+
+def _is_due(row: _OutboxRow, now: float) -> bool:
+    return row.sent_at is None and row.failed_at is None and row.lease_until <= now
+
+
+@dataclass
+class MemoryStorage:
+    _sessions: dict[str, _Row] = field(default_factory=dict)
+    _processed: dict[tuple[int, int], float] = field(default_factory=dict)
+    _outbox: dict[int, _OutboxRow] = field(default_factory=dict)
+    _locks: _KeyedLocks = field(default_factory=_KeyedLocks)
+    _last_id: int = 0
+
+    def _next_id(self) -> int:
+        self._last_id += 1
+        return self._last_id
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_MemoryTransaction]:
+        tx = _MemoryTransaction(self)
+        try:
+            yield tx
+            tx.commit()
+        finally:
+            tx.release()
+
+    async def mark_sent(self, call_id: int) -> None:
+        self._outbox[call_id].sent_at = time.time()
+
+    async def mark_failed(self, call_id: int, error: str, *, retry_in: float | None) -> None:
+        row = self._outbox[call_id]
+        row.last_error = error
+        if retry_in is None:
+            row.failed_at = time.time()
+        else:
+            row.lease_until = time.time() + retry_in
+
+    async def claim_due(self, limit: int, lease: float) -> list[PendingCall]:
+        now = time.time()
+        due = [row for row in self._outbox.values() if _is_due(row, now)][:limit]
+        for row in due:
+            row.lease_until = now + lease
+        return [PendingCall(r.id, r.method, r.params) for r in due]
+
+    async def prune(self, keep_updates: float, keep_sent: float) -> int:
+        now = time.time()
+        old_ids = [ids for ids, at in self._processed.items() if at < now - keep_updates]
+        old_calls = [
+            row.id for row in self._outbox.values() if (row.sent_at or row.failed_at or now) < now - keep_sent
+        ]
+        expired = [
+            k for k, row in self._sessions.items() if row.expires_at is not None and row.expires_at <= now
+        ]
+        for ids in old_ids:
+            del self._processed[ids]
+        for call_id in old_calls:
+            del self._outbox[call_id]
+        for key in expired:
+            del self._sessions[key]
+        return len(old_ids) + len(old_calls) + len(expired)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

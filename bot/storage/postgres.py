@@ -1,0 +1,327 @@
+"""PostgreSQL storage on an asyncpg pool: where the bot's correctness lives.
+
+One update is one transaction on one pooled connection:
+
+    BEGIN
+      INSERT processed_updates ...           -- claim: a redelivery waits here for its first attempt
+      SELECT ... FROM sessions FOR UPDATE    -- lock the session row (created first if missing)
+      ... handlers run ...
+      INSERT ... ON CONFLICT DO UPDATE       -- write the session back
+      INSERT INTO outbox ...                 -- the replies, leased to this process
+    COMMIT                                   -- then the replies are sent, with no lock held
+
+Lock order inside a transaction is: the update id's unique index entry, then session rows in the order
+the session layer reads them (sorted, when it needs several). The only waits are on those, bounded by
+`lock_timeout`; every failure of the database or the connection becomes StorageUnavailable (503, and
+Telegram delivers the update again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import asyncpg
+
+from . import OutgoingCall, PendingCall, StorageUnavailable, StoredSession
+
+__all__ = ["PostgresStorage"]
+
+# Failures that say nothing about the update itself: retrying later can succeed.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.TransactionRollbackError,  # deadlock, serialization failure
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    asyncpg.exceptions.OperatorInterventionError,  # statement timeout, terminated backend, shutdown
+    asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
+    asyncpg.exceptions.UndefinedTableError,  # not migrated (yet)
+)
+
+
+@contextmanager
+def _unavailable_on_failure(what: str) -> Iterator[None]:
+    try:
+        yield
+    except _TRANSIENT as exc:
+        raise StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def _pending(rows: Sequence[asyncpg.Record]) -> list[PendingCall]:
+    return [
+        PendingCall(r["id"], r["method"], json.loads(r["payload"]))
+        for r in sorted(rows, key=lambda r: r["id"])
+    ]
+
+
+class _PostgresTransaction:
+    """Begins on first use: an update that touches no session never takes a connection."""
+
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
+        self._pool = pool
+        self._acquire_timeout = acquire_timeout
+        self._conn: asyncpg.pool.PoolConnectionProxy | None = None
+        self._tx: asyncpg.transaction.Transaction | None = None
+        # Rows this transaction inserted only to have something to lock; removed before commit unless
+        # written, so "no session" stays "no row".
+        self._placeholders: set[str] = set()
+
+    async def _connection(self) -> asyncpg.pool.PoolConnectionProxy:
+        if self._conn is None:
+            with _unavailable_on_failure("acquire a connection"):
+                conn = await self._pool.acquire(timeout=self._acquire_timeout)
+            self._conn = conn
+            self._tx = conn.transaction()
+            with _unavailable_on_failure("begin"):
+                await self._tx.start()
+        return self._conn
+
+    async def claim_update(self, bot_id: int, update_id: int) -> bool:
+        conn = await self._connection()
+        with _unavailable_on_failure("claim update"):
+            claimed = await conn.fetchval(
+                "INSERT INTO processed_updates (bot_id, update_id) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                bot_id,
+                update_id,
+            )
+        return bool(claimed)
+
+    async def read(self, key: str) -> StoredSession | None:
+        conn = await self._connection()
+        with _unavailable_on_failure(f"read session {key!r}"):
+            # A missing row cannot be locked, so the first two updates of a new chat would both see
+            # "nothing" and both insert. Inserting a placeholder gives them a row to queue on: the loser
+            # of the INSERT race waits for the winner's commit, then reads and locks the winner's row.
+            # The loop repeats when the row vanished between our INSERT and SELECT (deleted and
+            # committed by another transaction); it ends because each pass either locks a row or
+            # inserts one.
+            while True:
+                row = await conn.fetchrow(
+                    "SELECT data::text AS data, version, expires_at <= now() AS expired"
+                    " FROM sessions WHERE key = $1 FOR UPDATE",
+                    key,
+                )
+                if row is not None:
+                    if row["data"] is None or row["expired"]:
+                        return None
+                    return StoredSession(row["data"], row["version"])
+                inserted = await conn.fetchval(
+                    "INSERT INTO sessions (key) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true", key
+                )
+                if inserted:
+                    self._placeholders.add(key)
+                    return None
+
+    async def write(self, key: str, session: StoredSession, ttl: float | None = None) -> None:
+        conn = await self._connection()
+        with _unavailable_on_failure(f"write session {key!r}"):
+            await conn.execute(
+                "INSERT INTO sessions (key, data, version, expires_at, updated_at)"
+                " VALUES ($1, $2::jsonb, $3, now() + $4 * interval '1 second', now())"
+                " ON CONFLICT (key) DO UPDATE SET data = EXCLUDED.data, version = EXCLUDED.version,"
+                " expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at",
+                key,
+                session.data,
+                session.version,
+                ttl,
+            )
+        self._placeholders.discard(key)
+
+    async def delete(self, key: str) -> None:
+        conn = await self._connection()
+        with _unavailable_on_failure(f"delete session {key!r}"):
+            await conn.execute("DELETE FROM sessions WHERE key = $1", key)
+        self._placeholders.discard(key)
+
+    async def enqueue(
+        self, bot_id: int, update_id: int, calls: Sequence[OutgoingCall], lease: float
+    ) -> list[PendingCall]:
+        if not calls:
+            return []
+        conn = await self._connection()
+        with _unavailable_on_failure("queue replies"):
+            rows = await conn.fetch(
+                "INSERT INTO outbox (bot_id, update_id, method, payload, lease_until)"
+                " SELECT $1, $2, c.method, c.payload::jsonb, now() + $5 * interval '1 second'"
+                " FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS c(method, payload, n)"
+                " ORDER BY c.n RETURNING id, method, payload::text AS payload",
+                bot_id,
+                update_id,
+                [c.method for c in calls],
+                [json.dumps(c.params) for c in calls],
+                lease,
+            )
+        return _pending(rows)
+
+    async def claim_unsent(self, bot_id: int, update_id: int, lease: float) -> list[PendingCall]:
+        conn = await self._connection()
+        with _unavailable_on_failure("claim unsent replies"):
+            rows = await conn.fetch(
+                "UPDATE outbox SET lease_until = now() + $3 * interval '1 second'"
+                " WHERE bot_id = $1 AND update_id = $2 AND sent_at IS NULL AND failed_at IS NULL"
+                " AND lease_until <= now() RETURNING id, method, payload::text AS payload",
+                bot_id,
+                update_id,
+                lease,
+            )
+        return _pending(rows)
+
+    async def finish(self, commit: bool) -> None:
+        """Commit or roll back, and always give the connection back to the pool."""
+        if self._conn is None or self._tx is None:
+            return
+        conn, tx, self._conn, self._tx = self._conn, self._tx, None, None
+        try:
+            if commit:
+                with _unavailable_on_failure("commit"):
+                    if self._placeholders:
+                        await conn.execute(
+                            "DELETE FROM sessions WHERE key = ANY($1::text[]) AND data IS NULL",
+                            list(self._placeholders),
+                        )
+                    await tx.commit()
+            else:
+                await tx.rollback()
+        finally:
+            # A connection broken mid-transaction is closed by the pool on release, not reused.
+            await self._pool.release(conn)
+
+
+class PostgresStorage:
+    """Sessions, processed update ids and the outbox in PostgreSQL. The pool is owned by this object."""
+
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout: float = 5.0) -> None:
+        self._pool = pool
+        self._acquire_timeout = acquire_timeout
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        acquire_timeout: float = 5.0,
+        lock_timeout: float = 5.0,
+        statement_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+    ) -> PostgresStorage:
+        """Open a pool. Connections are made lazily after the first, so a database that is down at
+        start-up is reported here, and one that goes away later is reconnected by the pool."""
+        with _unavailable_on_failure("connect to the database"):
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=connect_timeout,
+                # Stale connections (a database restart, a failover) are replaced, not handed out.
+                max_inactive_connection_lifetime=60.0,
+                server_settings={
+                    "lock_timeout": f"{int(lock_timeout * 1000)}ms",
+                    "statement_timeout": f"{int(statement_timeout * 1000)}ms",
+                    "idle_in_transaction_session_timeout": f"{int(statement_timeout * 3000)}ms",
+                    "application_name": "pizza-bot",
+                },
+            )
+        return cls(pool, acquire_timeout=acquire_timeout)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_PostgresTransaction]:
+        tx = _PostgresTransaction(self._pool, self._acquire_timeout)
+        try:
+            yield tx
+        except BaseException:
+            # Rolling back on a broken connection fails too; the original error is the one to report,
+            # and release() in finish() still returns (or discards) the connection.
+            with _suppress_transient():
+                await tx.finish(commit=False)
+            raise
+        await tx.finish(commit=True)
+
+    async def _execute(self, what: str, query: str, *args: Any) -> str:
+        with _unavailable_on_failure(what):
+            return await self._pool.execute(query, *args, timeout=self._acquire_timeout * 2)
+
+    async def mark_sent(self, call_id: int) -> None:
+        await self._execute(
+            "mark reply sent",
+            "UPDATE outbox SET sent_at = now(), attempts = attempts + 1, last_error = NULL WHERE id = $1",
+            call_id,
+        )
+
+    async def mark_failed(self, call_id: int, error: str, *, retry_in: float | None) -> None:
+        await self._execute(
+            "mark reply failed",
+            "UPDATE outbox SET attempts = attempts + 1, last_error = $2,"
+            " failed_at = CASE WHEN $3::float8 IS NULL THEN now() END,"
+            " lease_until = now() + coalesce($3::float8, 0) * interval '1 second' WHERE id = $1",
+            call_id,
+            error,
+            retry_in,
+        )
+
+    async def claim_due(self, limit: int, lease: float) -> list[PendingCall]:
+        with _unavailable_on_failure("claim due replies"):
+            rows = await self._pool.fetch(
+                "UPDATE outbox SET lease_until = now() + $2 * interval '1 second' WHERE id IN ("
+                " SELECT id FROM outbox WHERE sent_at IS NULL AND failed_at IS NULL AND lease_until <= now()"
+                " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)"
+                " RETURNING id, method, payload::text AS payload",
+                limit,
+                lease,
+            )
+        return _pending(rows)
+
+    async def prune(self, keep_updates: float, keep_sent: float) -> int:
+        total = 0
+        for what, query, age in (
+            (
+                "prune processed updates",
+                "DELETE FROM processed_updates WHERE processed_at < now() - $1 * interval '1 second'",
+                keep_updates,
+            ),
+            (
+                "prune sent replies",
+                "DELETE FROM outbox WHERE coalesce(sent_at, failed_at) < now() - $1 * interval '1 second'",
+                keep_sent,
+            ),
+            (
+                # SKIP LOCKED: a session being read right now is left for the next round, not waited on.
+                "prune expired sessions",
+                "DELETE FROM sessions WHERE key IN (SELECT key FROM sessions WHERE expires_at <= now()"
+                " - $1 * interval '1 second' FOR UPDATE SKIP LOCKED)",
+                0.0,
+            ),
+        ):
+            status = await self._execute(what, query, age)
+            total += int(status.rsplit(" ", 1)[-1])
+        return total
+
+    async def ping(self) -> None:
+        await self._execute("ping", "SELECT 1 FROM schema_migrations LIMIT 1")
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout=10)
+        except TimeoutError:
+            self._pool.terminate()
+
+
+@contextmanager
+def _suppress_transient() -> Iterator[None]:
+    try:
+        yield
+    except StorageUnavailable:
+        pass
+    except _TRANSIENT:
+        pass

@@ -1,0 +1,177 @@
+"""Telegram Bot API: the slice of its types this bot reads, and an async client for its methods.
+
+Types are msgspec Structs: decoding validates the shape (an `update_id` that is a string is a 400, not a
+crash deep in a handler) and ignores every field we do not declare, so Telegram can add fields freely.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import httpx
+import msgspec
+
+__all__ = [
+    "BotApi",
+    "BotApiError",
+    "CallbackQuery",
+    "Chat",
+    "InvalidUpdate",
+    "Message",
+    "MessageEntity",
+    "Update",
+    "User",
+    "decode_update",
+]
+
+
+# Telegram ids are signed 64-bit (chat ids reach 52 bits); a bigger number cannot be a real id and would
+# overflow PostgreSQL's bigint, so it is rejected at the door.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class User(msgspec.Struct, frozen=True):
+    id: Int64
+    is_bot: bool = False
+    first_name: str = ""
+    username: str | None = None
+    # Only in getMe: False means privacy mode, where a bot in a group sees commands but not plain text.
+    can_read_all_group_messages: bool | None = None
+
+
+class Chat(msgspec.Struct, frozen=True):
+    id: Int64
+    type: str
+    title: str | None = None
+    username: str | None = None
+    is_forum: bool = False
+
+
+class MessageEntity(msgspec.Struct, frozen=True):
+    type: str
+    offset: int
+    length: int
+
+
+class Message(msgspec.Struct, frozen=True):
+    message_id: int
+    chat: Chat
+    date: int = 0
+    from_user: User | None = msgspec.field(default=None, name="from")
+    message_thread_id: int | None = None
+    is_topic_message: bool = False
+    text: str | None = None
+    entities: tuple[MessageEntity, ...] = ()
+    caption: str | None = None
+    migrate_to_chat_id: Int64 | None = None
+    migrate_from_chat_id: Int64 | None = None
+
+
+class CallbackQuery(msgspec.Struct, frozen=True):
+    id: str
+    from_user: User = msgspec.field(name="from")
+    data: str | None = None
+
+
+class Update(msgspec.Struct, frozen=True):
+    update_id: Int64
+    message: Message | None = None
+    edited_message: Message | None = None
+    channel_post: Message | None = None
+    edited_channel_post: Message | None = None
+    callback_query: CallbackQuery | None = None
+
+    @property
+    def new_message(self) -> Message | None:
+        """A newly sent message in any kind of chat: what counting and commands look at."""
+        return self.message or self.channel_post
+
+    @property
+    def chat(self) -> Chat | None:
+        message = self.message or self.channel_post or self.edited_message or self.edited_channel_post
+        return message.chat if message is not None else None
+
+
+class InvalidUpdate(ValueError):
+    """The body is not JSON, or not a Telegram Update object."""
+
+
+_update_decoder = msgspec.json.Decoder(Update)
+
+
+def decode_update(body: bytes) -> Update:
+    """Decode one webhook body into an Update, or raise InvalidUpdate saying what is wrong."""
+    try:
+        update: Update = _update_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise InvalidUpdate(f"not a Telegram Update: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidUpdate(f"body is not JSON: {exc}") from None
+    return update
+
+
+class BotApiError(Exception):
+    """The Bot API answered `ok: false`, or not in its own format."""
+
+    def __init__(
+        self, method: str, description: str, error_code: int | None = None, retry_after: float | None = None
+    ) -> None:
+        code = f" ({error_code})" if error_code is not None else ""
+        super().__init__(f"{method} failed{code}: {description}")
+        self.method = method
+        self.description = description
+        self.error_code = error_code
+        self.retry_after = retry_after
+
+    @property
+    def permanent(self) -> bool:
+        """Retrying cannot help: the request itself is wrong (bad chat, bot blocked, bad parameters)."""
+        return self.error_code is not None and 400 <= self.error_code < 500 and self.error_code != 429
+
+
+class _ApiResponse(msgspec.Struct):
+    ok: bool
+    result: Any = None
+    description: str = ""
+    error_code: int | None = None
+    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+_response_decoder = msgspec.json.Decoder(_ApiResponse)
+
+
+class BotApi:
+    """Calls `{api_root}/bot{token}/{method}` on one shared httpx client (connection reuse, timeouts).
+
+    The client is owned by whoever created it (the app's lifespan), not by this object.
+    """
+
+    def __init__(self, token: str, client: httpx.AsyncClient, api_root: str = "https://api.telegram.org"):
+        self._base = f"{api_root.rstrip('/')}/bot{token}/"
+        self._client = client
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        try:
+            response = await self._client.post(
+                self._base + method,
+                content=msgspec.json.encode(params or {}),
+                headers={"content-type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise BotApiError(method, f"no answer from the Bot API: {exc!r}") from exc
+        try:
+            answer = _response_decoder.decode(response.content)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise BotApiError(method, f"unexpected HTTP {response.status_code} answer", None) from None
+        if not answer.ok:
+            retry_after = answer.parameters.get("retry_after")
+            raise BotApiError(
+                method,
+                answer.description or "no description",
+                answer.error_code if answer.error_code is not None else response.status_code,
+                float(retry_after) if isinstance(retry_after, int | float) else None,
+            )
+        return answer.result
+
+    async def get_me(self) -> User:
+        return msgspec.convert(await self.call("getMe"), User)

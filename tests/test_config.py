@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pytest
+
+from bot.config import ConfigError, load_settings
+
+TOKEN = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"
+PRODUCTION = {"BOT_TOKEN": TOKEN, "WEBHOOK_SECRET": "s3cret_-X", "DATABASE_URL": "postgresql://u:p@db:5432/bot"}
+
+
+def test_defaults_give_a_local_trial_with_a_generated_secret() -> None:
+    settings = load_settings({})
+    assert settings.bot_token is None
+    assert settings.bot_id == 0
+    assert settings.webhook_secret_generated
+    assert len(settings.webhook_secret) >= 24
+    assert settings.database_url is None
+    assert settings.telegram_api_root == "https://api.telegram.org"
+    assert settings.port == 8000
+    assert settings.max_body_bytes == 1024 * 1024
+
+
+def test_production_settings_are_read_as_given() -> None:
+    settings = load_settings(
+        {**PRODUCTION, "PORT": "5000", "TELEGRAM_API_ROOT": "http://127.0.0.1:9/", "DB_LOCK_TIMEOUT": "2.5"}
+    )
+    assert settings.bot_id == 123456789
+    assert settings.webhook_secret == "s3cret_-X"
+    assert not settings.webhook_secret_generated
+    assert settings.port == 5000
+    assert settings.telegram_api_root == "http://127.0.0.1:9"
+    assert settings.db_lock_timeout == 2.5
+
+
+def test_sslmode_in_database_url_is_kept_for_the_driver() -> None:
+    url = "postgres://u:p@db.example.com:5432/bot?sslmode=require"
+    assert load_settings({**PRODUCTION, "DATABASE_URL": url}).database_url == url
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "complaint"),
+    [
+        ({"BOT_TOKEN": "not-a-token"}, "BOT_TOKEN", "not a bot token"),
+        ({"BOT_TOKEN": TOKEN}, "WEBHOOK_SECRET", "required when BOT_TOKEN is set"),
+        ({"WEBHOOK_SECRET": "has space"}, "WEBHOOK_SECRET", "A-Z a-z 0-9 _ and -"),
+        ({"WEBHOOK_SECRET": "x" * 257}, "WEBHOOK_SECRET", "1-256 characters"),
+        ({"DATABASE_URL": "mysql://localhost/db"}, "DATABASE_URL", "postgres:// or postgresql://"),
+        ({"DATABASE_URL": "postgresql://"}, "DATABASE_URL", "no host"),
+        ({"TELEGRAM_API_ROOT": "ftp://x"}, "TELEGRAM_API_ROOT", "https:// or http://"),
+        ({"PORT": "eighty"}, "PORT", "whole number"),
+        ({"PORT": "70000"}, "PORT", "between 1 and 65535"),
+        ({"DB_POOL_MIN": "5", "DB_POOL_MAX": "2"}, "DB_POOL_MIN", "more than DB_POOL_MAX"),
+        ({"DB_LOCK_TIMEOUT": "soon"}, "DB_LOCK_TIMEOUT", "number of seconds"),
+        ({"REQUEST_DEADLINE": "90"}, "REQUEST_DEADLINE", "between 1 and 55"),
+        ({"MAX_BODY_BYTES": "1000"}, "MAX_BODY_BYTES", "between 1048576"),
+        ({"BOT_USERNAME": "x"}, "BOT_USERNAME", "not a Telegram username"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", "one of DEBUG"),
+    ],
+)
+def test_bad_settings_name_the_variable_and_the_problem(env: dict[str, str], variable: str, complaint: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    message = str(caught.value)
+    assert message.startswith(f"{variable}: ")
+    assert complaint in message
+
+
+def test_unix_socket_database_url_is_accepted() -> None:
+    url = "postgresql://postgres@/bot?host=/tmp/pg"
+    assert load_settings({"DATABASE_URL": url}).database_url == url

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bot.rules import Command, contains_pizza, parse_command
+from bot.telegram import Chat, Message, MessageEntity
+
+PIZZA = "\U0001f355"
+
+
+def message(text: str | None = None, *, command_len: int | None = None, **extra: Any) -> Message:
+    if command_len is not None:
+        extra["entities"] = (MessageEntity("bot_command", 0, command_len),)
+    return Message(message_id=1, chat=Chat(id=-1, type="group"), text=text, **extra)
+
+
+@pytest.mark.parametrize(
+    ("msg", "expected"),
+    [
+        (message("/hunger", command_len=7), Command("hunger", "")),
+        (message("/hunger@pizza_bot", command_len=17), Command("hunger", "")),
+        (message("/hunger@Pizza_Bot", command_len=17), Command("hunger", "")),
+        (message("/hunger now please", command_len=7), Command("hunger", "now please")),
+        (message("/hunger@pizza_bot  now", command_len=17), Command("hunger", "now")),
+        (message("/hunger@other_bot", command_len=17), None),
+        (message("/hunger", command_len=None), None),  # no bot_command entity: plain text
+        (message("say /hunger", entities=(MessageEntity("bot_command", 4, 7),)), None),  # not at offset 0
+        (message(None, caption="/hunger"), None),
+        (message("/", command_len=1), None),
+        (message("/@pizza_bot", command_len=11), None),
+    ],
+)
+def test_parse_command_accepts_only_our_commands_at_offset_zero(msg: Message, expected: Command | None) -> None:
+    assert parse_command(msg, "pizza_bot") == expected
+
+
+def test_parse_command_measures_entities_in_utf16_units() -> None:
+    # "/hunger" then a 🍕 (two UTF-16 units): the entity covers 7 units, the text after it is the pizza.
+    msg = message(f"/hunger{PIZZA}", command_len=7)
+    assert parse_command(msg, "pizza_bot") == Command("hunger", PIZZA)
+
+
+@pytest.mark.parametrize(
+    ("msg", "expected"),
+    [
+        (message(PIZZA), True),
+        (message(f"I want {PIZZA}{PIZZA}{PIZZA} now"), True),
+        (message("pizza"), False),
+        (message("\U0001f354"), False),  # a hamburger
+        (message(None, caption=PIZZA), False),  # captions don't count
+        (message(""), False),
+        (message(None), False),
+    ],
+)
+def test_contains_pizza_counts_text_only(msg: Message, expected: bool) -> None:
+    assert contains_pizza(msg) is expected
