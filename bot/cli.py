@@ -157,7 +157,9 @@ async def _poll_forever(settings: Settings) -> None:
                 )
             except BotApiError as exc:
                 if exc.error_code == 409:
-                    raise _Fail("getUpdates: a webhook is set; run `python -m bot delete-webhook` first") from exc
+                    raise _Fail(
+                        "getUpdates: a webhook is set; run `python -m bot delete-webhook` first"
+                    ) from exc
                 log.warning("getUpdates failed: %s", exc)
                 await asyncio.sleep(exc.retry_after or 2)
                 continue
@@ -201,7 +203,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply migrations/*.sql to DATABASE_URL")
     hook = sub.add_parser("set-webhook", help="point Telegram at WEBHOOK_URL with WEBHOOK_SECRET")
     hook.add_argument("--url", help="overrides WEBHOOK_URL")
-    hook.add_argument("--max-connections", type=int, default=40, help="Telegram's parallel deliveries (1-100)")
+    hook.add_argument(
+        "--max-connections", type=int, default=40, help="Telegram's parallel deliveries (1-100)"
+    )
     hook.add_argument("--drop-pending-updates", action="store_true")
     sub.add_parser("webhook-info", help="print Telegram's getWebhookInfo")
     delete = sub.add_parser("delete-webhook", help="stop webhook delivery (needed before poll)")

@@ -5,7 +5,11 @@ import pytest
 from bot.config import ConfigError, load_settings
 
 TOKEN = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"
-PRODUCTION = {"BOT_TOKEN": TOKEN, "WEBHOOK_SECRET": "s3cret_-X", "DATABASE_URL": "postgresql://u:p@db:5432/bot"}
+PRODUCTION = {
+    "BOT_TOKEN": TOKEN,
+    "WEBHOOK_SECRET": "s3cret_-X",
+    "DATABASE_URL": "postgresql://u:p@db:5432/bot",
+}
 
 
 def test_defaults_give_a_local_trial_with_a_generated_secret() -> None:
@@ -57,7 +61,9 @@ def test_sslmode_in_database_url_is_kept_for_the_driver() -> None:
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", "one of DEBUG"),
     ],
 )
-def test_bad_settings_name_the_variable_and_the_problem(env: dict[str, str], variable: str, complaint: str) -> None:
+def test_bad_settings_name_the_variable_and_the_problem(
+    env: dict[str, str], variable: str, complaint: str
+) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(env)
     message = str(caught.value)

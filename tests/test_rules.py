@@ -32,7 +32,9 @@ def message(text: str | None = None, *, command_len: int | None = None, **extra:
         (message("/@pizza_bot", command_len=11), None),
     ],
 )
-def test_parse_command_accepts_only_our_commands_at_offset_zero(msg: Message, expected: Command | None) -> None:
+def test_parse_command_accepts_only_our_commands_at_offset_zero(
+    msg: Message, expected: Command | None
+) -> None:
     assert parse_command(msg, "pizza_bot") == expected
 
 

@@ -1,0 +1,266 @@
+"""The webhook as Telegram sees it: through HTTP (in process, via ASGITransport), on real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from bot.testing.fake_telegram import FakeTelegram
+
+from bot.app import SECRET_HEADER, create_app
+from bot.config import Settings
+from bot.context import Context
+from bot.dispatch import Bot
+from bot.handlers import PizzaSession, build_bot
+from bot.testing.env import SECRET, USERNAME, make_settings
+from bot.testing.updates import PIZZA, encode, hunger, message_update
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def settings(database_url: str, telegram_root: str) -> Settings:
+    return make_settings(database_url, telegram_root)
+
+
+async def open_client(settings: Settings, bot: Bot[Any] | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, bot=bot)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bot") as client:
+            yield client
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async for c in open_client(settings):
+        yield c
+
+
+async def post(client: httpx.AsyncClient, update: dict[str, Any] | bytes, secret: str | None = SECRET) -> int:
+    headers = {"content-type": "application/json"}
+    if secret is not None:
+        headers[SECRET_HEADER] = secret
+    body = update if isinstance(update, bytes) else encode(update)
+    return (await client.post("/webhook", content=body, headers=headers)).status_code
+
+
+async def replies(fake: FakeTelegram, chat_id: int, count: int) -> list[str]:
+    """The texts sent to a chat, once `count` of them arrived (replies go out after the 200)."""
+    await fake.wait_for_async(lambda: len(fake.sent_messages(chat_id)) >= count, timeout=10)
+    return [m["text"] for m in fake.sent_messages(chat_id)]
+
+
+async def table_counts(database_url: str) -> dict[str, int]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return {
+            table: await conn.fetchval(f"SELECT count(*) FROM {table}")
+            for table in ("sessions", "processed_updates", "outbox")
+        }
+    finally:
+        await conn.close()
+
+
+async def test_pizza_then_hunger_replies_with_the_count(
+    client: httpx.AsyncClient, fake: FakeTelegram
+) -> None:
+    assert await post(client, message_update(1, -100, f"two {PIZZA}{PIZZA} in one message")) == 200
+    assert await post(client, message_update(2, -100, "no pizza here")) == 200
+    assert await post(client, hunger(3, -100)) == 200
+    assert await replies(fake, -100, 1) == ["Your hunger level is 1!"]
+
+
+async def test_hunger_in_a_new_chat_is_zero(client: httpx.AsyncClient, fake: FakeTelegram) -> None:
+    assert await post(client, hunger(1, 555)) == 200
+    assert await replies(fake, 555, 1) == ["Your hunger level is 0!"]
+
+
+async def test_each_chat_has_its_own_count(client: httpx.AsyncClient, fake: FakeTelegram) -> None:
+    await post(client, message_update(1, -1, PIZZA))
+    await post(client, message_update(2, -2, PIZZA))
+    await post(client, message_update(3, -2, PIZZA))
+    await post(client, hunger(4, -1))
+    await post(client, hunger(5, -2))
+    assert await replies(fake, -1, 1) == ["Your hunger level is 1!"]
+    assert await replies(fake, -2, 1) == ["Your hunger level is 2!"]
+
+
+@pytest.mark.parametrize(
+    ("update", "counts"),
+    [
+        (message_update(1, -5, PIZZA, kind="channel_post"), True),
+        (message_update(1, -5, None, caption=PIZZA), False),
+        (message_update(1, -5, PIZZA, kind="edited_message"), False),
+        (message_update(1, -5, f"/hunger {PIZZA}"), False),  # the command, not also a pizza
+        (message_update(1, -5, f"/hunger@other_bot {PIZZA}"), True),  # not our command: just text
+        (message_update(1, -5, f"/start {PIZZA}"), True),
+    ],
+)
+async def test_what_counts_as_a_pizza(
+    client: httpx.AsyncClient, fake: FakeTelegram, update: dict[str, Any], counts: bool
+) -> None:
+    assert await post(client, update) == 200
+    await post(client, hunger(2, -5))
+    texts = await replies(fake, -5, 1)
+    assert texts[-1] == f"Your hunger level is {int(counts)}!"
+
+
+async def test_hunger_addressed_to_us_is_answered_and_to_another_bot_is_not(
+    client: httpx.AsyncClient, fake: FakeTelegram
+) -> None:
+    await post(client, hunger(1, -7, username="other_bot"))
+    await post(client, hunger(2, -7, username=USERNAME))
+    await post(client, message_update(3, -7, f"/hunger@{USERNAME.upper()} please"))
+    assert await replies(fake, -7, 2) == ["Your hunger level is 0!"] * 2
+    await asyncio.sleep(0.2)
+    assert len(fake.sent_messages(-7)) == 2
+
+
+async def test_reply_goes_to_the_same_forum_topic(client: httpx.AsyncClient, fake: FakeTelegram) -> None:
+    await post(client, hunger(1, -9, thread_id=77))
+    await replies(fake, -9, 1)
+    assert fake.sent_messages(-9)[0]["message_thread_id"] == 77
+
+
+async def test_concurrent_pizzas_for_one_chat_are_all_counted(
+    client: httpx.AsyncClient, fake: FakeTelegram, database_url: str
+) -> None:
+    statuses = await asyncio.gather(*(post(client, message_update(i, -3, PIZZA)) for i in range(1, 201)))
+    assert statuses == [200] * 200
+    await post(client, hunger(1000, -3))
+    assert await replies(fake, -3, 1) == ["Your hunger level is 200!"]
+
+
+async def test_redelivered_updates_are_applied_and_answered_once(
+    client: httpx.AsyncClient, fake: FakeTelegram
+) -> None:
+    pizzas = [message_update(i, -4, PIZZA) for i in range(1, 51)]
+    statuses = await asyncio.gather(*(post(client, u) for u in pizzas + pizzas))
+    assert statuses == [200] * 100
+    await asyncio.gather(*(post(client, hunger(100, -4)) for _ in range(5)))
+    assert await replies(fake, -4, 1) == ["Your hunger level is 50!"]
+    await asyncio.sleep(0.3)
+    assert len(fake.sent_messages(-4)) == 1
+
+
+@pytest.mark.parametrize("secret", [None, "", "wrong", SECRET + "x", SECRET.upper()])
+async def test_wrong_or_missing_secret_is_401_and_touches_nothing(
+    client: httpx.AsyncClient, database_url: str, secret: str | None
+) -> None:
+    assert await post(client, message_update(1, -6, PIZZA), secret=secret) == 401
+    assert await post(client, hunger(2, -6), secret=secret) == 401
+    assert await table_counts(database_url) == {"sessions": 0, "processed_updates": 0, "outbox": 0}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b"\xff\xfe\x00",
+        b"[1, 2]",
+        b"{}",
+        b'{"update_id": "1"}',
+        b'{"update_id": 1, "message": {"chat": {"id": 1}}}',
+        b'{"update_id": 1, "message": {"message_id": 1, "chat": {"id": 1e400, "type": "group"}}}',
+        b'{"update_id": 123456789012345678901234567890}',
+    ],
+)
+async def test_malformed_bodies_are_400_and_touch_nothing(
+    client: httpx.AsyncClient, database_url: str, body: bytes
+) -> None:
+    assert await post(client, body) == 400
+    assert await table_counts(database_url) == {"sessions": 0, "processed_updates": 0, "outbox": 0}
+
+
+async def test_oversize_body_is_413_with_or_without_content_length(client: httpx.AsyncClient) -> None:
+    big = encode(message_update(1, -8, PIZZA + "x" * (1024 * 1024)))
+    assert await post(client, big) == 413
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(40):
+            yield b"x" * 32768  # 1.25 MiB, streamed without a declared length
+
+    response = await client.post("/webhook", content=chunks(), headers={SECRET_HEADER: SECRET})
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        {
+            "update_id": 1,
+            "callback_query": {"id": "1", "from": {"id": 1, "is_bot": False, "first_name": "A"}},
+        },
+        {"update_id": 1, "poll": {"id": "1", "question": "?", "options": []}},
+        {"update_id": 1, "my_chat_member": {"chat": {"id": -1, "type": "group"}}},
+        {"update_id": 1, "something_new": {"from": "the future"}},
+        message_update(1, -2, "just chatting"),
+    ],
+)
+async def test_updates_the_bot_does_not_handle_are_200_without_database_work(
+    client: httpx.AsyncClient, database_url: str, update: dict[str, Any]
+) -> None:
+    assert await post(client, update) == 200
+    assert await table_counts(database_url) == {"sessions": 0, "processed_updates": 0, "outbox": 0}
+
+
+async def test_a_handler_bug_is_rolled_back_and_acknowledged(
+    settings: Settings, fake: FakeTelegram, caplog: pytest.LogCaptureFixture
+) -> None:
+    bot = build_bot()
+
+    @bot.on_message(lambda m: m.text == "boom")
+    async def boom(ctx: Context[PizzaSession]) -> None:
+        ctx.session.pizza_count += 1000
+        raise ZeroDivisionError("bug")
+
+    async for client in open_client(settings, bot):
+        assert await post(client, message_update(1, -11, PIZZA)) == 200
+        assert await post(client, message_update(2, -11, "boom")) == 200
+        assert await post(client, hunger(3, -11)) == 200
+        assert await replies(fake, -11, 1) == ["Your hunger level is 1!"]
+        assert "update 2: handler failed" in caplog.text
+        metrics = (await client.get("/metrics")).text
+        assert "pizzabot_handler_errors_total 1" in metrics
+
+
+async def test_a_locked_row_past_lock_timeout_is_503_and_nothing_is_half_written(
+    database_url: str, telegram_root: str, fake: FakeTelegram
+) -> None:
+    settings = make_settings(database_url, telegram_root, DB_LOCK_TIMEOUT="0.3")
+    async for client in open_client(settings):
+        assert await post(client, message_update(1, -12, PIZZA)) == 200
+        blocker = await asyncpg.connect(database_url)
+        try:
+            async with blocker.transaction():
+                await blocker.execute("SELECT 1 FROM sessions WHERE key = '-12' FOR UPDATE")
+                assert await post(client, message_update(2, -12, PIZZA)) == 503
+        finally:
+            await blocker.close()
+        counts = await table_counts(database_url)
+        assert counts["processed_updates"] == 1  # update 2 was not recorded: its redelivery will apply it
+        assert await post(client, message_update(2, -12, PIZZA)) == 200
+        assert await post(client, hunger(3, -12)) == 200
+        assert await replies(fake, -12, 1) == ["Your hunger level is 2!"]
+
+
+async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).status_code == 200
+    assert (await client.get("/readyz")).status_code == 200
+    assert (await client.get("/webhook")).status_code == 405
+
+
+async def test_readiness_is_503_on_an_unmigrated_database(
+    empty_database_url: str, telegram_root: str
+) -> None:
+    async for client in open_client(make_settings(empty_database_url, telegram_root)):
+        response = await client.get("/readyz")
+        assert response.status_code == 503
+        assert "not ready" in json.loads(response.text)["error"]
