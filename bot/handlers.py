@@ -15,8 +15,13 @@ class PizzaSession:
     pizza_count: int = 0
 
 
+def merge(old: PizzaSession, new: PizzaSession) -> PizzaSession:
+    """A group upgraded to a supergroup keeps its count (and adds what the new chat already had)."""
+    return PizzaSession(old.pizza_count + new.pizza_count)
+
+
 def build_bot() -> Bot[PizzaSession]:
-    bot = Bot(session(initial=PizzaSession))
+    bot = Bot(session(initial=PizzaSession, merge=merge))
 
     @bot.command("hunger")
     async def hunger(ctx: Context[PizzaSession]) -> None:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from .context import BotIdentity, Context
 from .dispatch import Bot, Handler
 from .metrics import Metrics
+from .rules import chat_migration
 from .session import AlreadyApplied, SessionSlot
 from .storage import PendingCall, Storage, StorageUnavailable, Transaction
 from .telegram import Update
@@ -68,12 +71,18 @@ class Pipeline:
 
     async def process(self, update: Update) -> Outcome:
         """Apply the update exactly once. Raises StorageUnavailable when it could not be applied now."""
+        migration = chat_migration(update.message) if update.message is not None else None
         handler = self.bot.route(update, self.me)
-        if handler is None:
+        work: Callable[[], Awaitable[Outcome]] | None = None
+        if migration is not None and any(c.merge is not None for c in self.bot.sessions.values()):
+            work = partial(self._migrate, update, *migration)
+        elif handler is not None:
+            work = partial(self._apply, update, handler)
+        if work is None:
             outcome = Outcome(Status.IGNORED)
         else:
             try:
-                outcome = await self._apply(update, handler)
+                outcome = await work()
             except StorageUnavailable:
                 self.metrics.inc("storage_unavailable_total")
                 raise
@@ -115,3 +124,38 @@ class Pipeline:
             return Outcome(
                 Status.APPLIED, await tx.enqueue(self.me.id, update.update_id, ctx.calls, self.lease)
             )
+
+    async def _migrate(self, update: Update, old_chat: int, new_chat: int) -> Outcome:
+        """Move each mergeable session from a group's old chat id to its new one.
+
+        Both of Telegram's service messages (one per chat, in either order, racing with other updates)
+        do this; the second finds the old session gone and moves only what arrived since, so every
+        increment lands in the new chat exactly once. Both rows are locked in key order, like any
+        other multi-row transaction here, so the two messages cannot deadlock each other.
+        """
+        async with self.storage.transaction() as tx:
+            claim = _Claim(tx, self.me.id, update.update_id)
+            pairs = [
+                (
+                    config.merge,
+                    SessionSlot(config, config.prefix + str(old_chat), tx, claim),
+                    SessionSlot(config, config.prefix + str(new_chat), tx, claim),
+                )
+                for config in self.bot.sessions.values()
+                if config.merge is not None
+            ]
+            try:
+                for slot in sorted((s for _, *both in pairs for s in both), key=lambda s: s.key or ""):
+                    await slot.load()
+            except AlreadyApplied:
+                return Outcome(
+                    Status.DUPLICATE, await tx.claim_unsent(self.me.id, update.update_id, self.lease)
+                )
+            for merge, old, new in pairs:
+                if old.stored:
+                    new.set(merge(old.get(), new.get()))
+                    old.set(None)
+                await old.save()
+                await new.save()
+            log.info("update %d: moved sessions of chat %d to %d", update.update_id, old_chat, new_chat)
+            return Outcome(Status.APPLIED)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .telegram import Message
 
-__all__ = ["PIZZA", "Command", "contains_pizza", "parse_command"]
+__all__ = ["PIZZA", "Command", "chat_migration", "contains_pizza", "parse_command"]
 
 PIZZA = "\N{SLICE OF PIZZA}"  # U+1F355
 
@@ -47,3 +47,16 @@ def parse_command(message: Message, username: str) -> Command | None:
 def contains_pizza(message: Message) -> bool:
     """Text (not a caption) with at least one 🍕. Several in one message still count once."""
     return message.text is not None and PIZZA in message.text
+
+
+def chat_migration(message: Message) -> tuple[int, int] | None:
+    """(old chat id, new chat id) when the message announces a group's upgrade to a supergroup.
+
+    Telegram sends two service messages, one in each chat, in no guaranteed order: the old chat's last
+    message carries `migrate_to_chat_id`, the new chat's first carries `migrate_from_chat_id`.
+    """
+    if message.migrate_to_chat_id is not None:
+        return message.chat.id, message.migrate_to_chat_id
+    if message.migrate_from_chat_id is not None:
+        return message.migrate_from_chat_id, message.chat.id
+    return None

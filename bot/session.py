@@ -66,6 +66,7 @@ class SessionConfig(Generic[S]):
     ttl: float | None = None
     version: int = 0
     migrations: Mapping[int, Migration] = field(default_factory=dict)
+    merge: Callable[[S, S], S] | None = None
 
     def key(self, update: Update) -> str | None:
         key = self.get_session_key(update)
@@ -105,6 +106,7 @@ def session(
     ttl: float | None = None,
     version: int = 0,
     migrations: Mapping[int, Migration] | None = None,
+    merge: Callable[[S, S], S] | None = None,
 ) -> SessionConfig[S]:
     """Describe a session.
 
@@ -115,6 +117,10 @@ def session(
     `migrations` (a map from an old version to a function that upgrades its decoded JSON by one step)
     let the session's shape change while old rows are upgraded on read and written back in the new
     shape.
+
+    `merge(old, new)` follows a group when Telegram upgrades it to a supergroup (a new chat id): the
+    old chat's session is combined into the new chat's and removed, exactly once. It applies to
+    sessions keyed by chat id (the default key); without it, a migrated group starts afresh.
     """
     if data_type is None:
         if not isinstance(initial, type):
@@ -129,6 +135,7 @@ def session(
         ttl=ttl,
         version=version,
         migrations=dict(migrations or {}),
+        merge=merge,
     )
 
 
@@ -160,6 +167,11 @@ class SessionSlot(Generic[S]):
     @property
     def loaded(self) -> bool:
         return self._value is not _UNLOADED
+
+    @property
+    def stored(self) -> bool:
+        """Whether the storage held a session for this key when it was loaded."""
+        return self._stored is not None
 
     async def load(self) -> S | None:
         if self.loaded:

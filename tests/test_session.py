@@ -18,7 +18,8 @@ from bot.metrics import Metrics
 from bot.pipeline import Pipeline, Status
 from bot.session import NoSessionKey, SessionDecodeError, session
 from bot.storage import OutgoingCall, PendingCall, Storage, StoredSession, Transaction
-from bot.testing.updates import text_update
+from bot.telegram import decode_update
+from bot.testing.updates import encode, message_update, text_update
 
 pytestmark = pytest.mark.anyio
 
@@ -302,3 +303,46 @@ async def test_handler_bug_rolls_back_and_the_chat_keeps_working(
     assert run.metrics.get("handler_errors_total") == 1
     look = await run.process(text_update(3, chat_id=7, text="look"))
     assert [c.params["text"] for c in look.to_send] == ["1"]
+
+
+def merging_bot() -> Bot[Counted]:
+    bot = counter_bot(merge=lambda old, new: Counted(old.count + new.count))
+    return bot
+
+
+async def test_chat_migration_moves_the_session_once_whichever_message_comes_first(storage: Storage) -> None:
+    run = pipeline(merging_bot(), storage)
+    for i in range(3):
+        await run.process(text_update(i + 1, chat_id=-5, text="+"))
+    await run.process(text_update(10, chat_id=-1005, text="+"))
+    moved_from = message_update(20, -1005, None, extra={"migrate_from_chat_id": -5})
+    moved_to = message_update(21, -5, None, extra={"migrate_to_chat_id": -1005})
+    for update in (moved_from, moved_to, moved_from):
+        assert (await run.process(decode_update(encode(update)))).status in (Status.APPLIED, Status.DUPLICATE)
+    assert await stored(storage, "-5") is None
+    look = await run.process(text_update(30, chat_id=-1005, text="look"))
+    assert [c.params["text"] for c in look.to_send] == ["4"]
+
+
+async def test_chat_migration_racing_with_updates_on_both_ids_loses_nothing(storage: Storage) -> None:
+    run = pipeline(merging_bot(), storage)
+    old_pizzas = [text_update(i, chat_id=-6, text="+") for i in range(1, 101)]
+    new_pizzas = [text_update(i, chat_id=-1006, text="+") for i in range(101, 201)]
+    # Telegram sends the old chat's messages in order, ending with migrate_to; the new chat's start with
+    # migrate_from. The two chats' queues race each other.
+    moved_to = decode_update(encode(message_update(300, -6, None, extra={"migrate_to_chat_id": -1006})))
+    moved_from = decode_update(encode(message_update(301, -1006, None, extra={"migrate_from_chat_id": -6})))
+
+    async def old_chat() -> None:
+        for update in old_pizzas:
+            await run.process(update)
+        await run.process(moved_to)
+
+    async def new_chat() -> None:
+        await run.process(moved_from)
+        await asyncio.gather(*(run.process(u) for u in new_pizzas))
+
+    await asyncio.gather(old_chat(), new_chat())
+    assert await stored(storage, "-6") is None
+    look = await run.process(text_update(400, chat_id=-1006, text="look"))
+    assert [c.params["text"] for c in look.to_send] == ["200"]
