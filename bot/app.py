@@ -22,7 +22,7 @@ from starlette.routing import Route
 from .config import Settings
 from .dispatch import Bot
 from .runtime import Runtime, start
-from .storage import Storage, StorageUnavailable
+from .storage import PendingCall, Storage, StorageUnavailable
 from .telegram import InvalidUpdate, decode_update
 
 __all__ = ["SECRET_HEADER", "create_app"]
@@ -78,8 +78,26 @@ async def webhook(request: Request) -> Response:
             "update %d not applied, answering 503 so Telegram redelivers it: %s", update.update_id, reason
         )
         return _error(503, "temporarily unavailable, deliver again later")
+    if settings.webhook_reply and outcome.to_send:
+        return await _reply_in_response(runtime, outcome.to_send)
     runtime.outbox.send_soon(outcome.to_send)
     return Response(status_code=200)
+
+
+async def _reply_in_response(runtime: Runtime, calls: list[PendingCall]) -> Response:
+    """Opt-in (WEBHOOK_REPLY): the first call rides in the 200's body, saving a round trip.
+
+    Telegram gives no result for such a call, so it is marked sent on faith: if Telegram drops it (a bad
+    parameter, a flood limit), the reply is lost. The default, sending after the commit, cannot lose one.
+    """
+    first, rest = calls[0], calls[1:]
+    try:
+        await runtime.storage.mark_sent(first.id)
+    except StorageUnavailable:
+        runtime.outbox.send_soon(calls)
+        return Response(status_code=200)
+    runtime.outbox.send_soon(rest)
+    return JSONResponse({"method": first.method, **first.params})
 
 
 async def healthz(request: Request) -> Response:

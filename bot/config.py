@@ -51,6 +51,7 @@ class Settings:
     shutdown_timeout: float
     embedded_pg_dir: Path | None
     log_level: str
+    webhook_reply: bool
 
     @property
     def bot_id(self) -> int:
@@ -84,6 +85,15 @@ def _seconds(env: Mapping[str, str], name: str, default: float, low: float, high
     if not low <= value <= high:
         raise ConfigError(f"{name}: must be between {low:g} and {high:g} seconds, got {value:g}")
     return value
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
 
 
 def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
@@ -163,4 +173,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         shutdown_timeout=_seconds(env, "SHUTDOWN_TIMEOUT", 20.0, 1, 300),
         embedded_pg_dir=Path(pg_dir).expanduser() if pg_dir else None,
         log_level=log_level,
+        webhook_reply=_bool(env, "WEBHOOK_REPLY"),
     )

@@ -264,3 +264,20 @@ async def test_readiness_is_503_on_an_unmigrated_database(
         response = await client.get("/readyz")
         assert response.status_code == 503
         assert "not ready" in json.loads(response.text)["error"]
+
+
+async def test_webhook_reply_mode_answers_in_the_response_body_once(
+    database_url: str, telegram_root: str, fake: FakeTelegram
+) -> None:
+    settings = make_settings(database_url, telegram_root, WEBHOOK_REPLY="true")
+    async for client in open_client(settings):
+        await post(client, message_update(1, -13, PIZZA))
+        headers = {SECRET_HEADER: SECRET, "content-type": "application/json"}
+        response = await client.post("/webhook", content=encode(hunger(2, -13)), headers=headers)
+        assert response.status_code == 200
+        assert response.json() == {"method": "sendMessage", "chat_id": -13, "text": "Your hunger level is 1!"}
+        again = await client.post("/webhook", content=encode(hunger(2, -13)), headers=headers)
+        assert again.status_code == 200
+        assert again.content == b""  # a redelivery: already answered, nothing to send
+        await asyncio.sleep(0.3)
+        assert fake.sent_messages(-13) == []  # nothing went through the Bot API as well
