@@ -1,0 +1,119 @@
+"""Delivering updates the way Telegram does, for fault tests and benchmarks.
+
+Telegram keeps sending an update until it gets a 2xx: after a non-2xx, a dropped connection or a
+timeout it tries again (immediately, then with backoff). `deliver` does the same against our webhook,
+with a bounded number of requests in flight and, optionally, at most one update per chat in flight
+(Telegram's rule for a chat's messages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ..app import SECRET_HEADER
+from .updates import encode
+
+__all__ = ["DeliveryStats", "deliver"]
+
+
+@dataclass
+class DeliveryStats:
+    delivered: int = 0
+    attempts: int = 0
+    redelivered: int = 0
+    statuses: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    latencies: list[float] = field(default_factory=list)  # seconds, of the attempts that got a 2xx
+    elapsed: float = 0.0
+
+    def percentile(self, p: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else 0.0
+
+
+def _chat_of(update: dict[str, Any]) -> int | None:
+    for kind in ("message", "channel_post", "edited_message"):
+        if kind in update:
+            chat_id: int = update[kind]["chat"]["id"]
+            return chat_id
+    return None
+
+
+async def deliver(
+    client: httpx.AsyncClient,
+    url: Callable[[], str],
+    secret: str,
+    updates: Sequence[dict[str, Any]],
+    *,
+    in_flight: int = 32,
+    one_per_chat: bool = False,
+    duplicate_share: float = 0.0,
+    give_up_after: float = 120.0,
+    seed: int = 0,
+) -> DeliveryStats:
+    """Deliver every update until it gets a 2xx.
+
+    `url` is asked before every attempt, so a test can move the webhook to a restarted process.
+    `duplicate_share` sends that share of updates a second time, concurrently with the first attempt,
+    as Telegram does when a retry overlaps a slow first attempt.
+    """
+    stats = DeliveryStats()
+    rng = random.Random(seed)
+    gate = asyncio.Semaphore(in_flight)
+    chat_locks: dict[int | None, asyncio.Lock] = defaultdict(asyncio.Lock)
+    deadline = time.monotonic() + give_up_after
+    headers = {SECRET_HEADER: secret, "content-type": "application/json"}
+
+    async def attempt(body: bytes) -> bool:
+        started = time.perf_counter()
+        stats.attempts += 1
+        try:
+            response = await client.post(url(), content=body, headers=headers)
+        except httpx.HTTPError:
+            stats.statuses[0] += 1
+            return False
+        stats.statuses[response.status_code] += 1
+        if 200 <= response.status_code < 300:
+            stats.latencies.append(time.perf_counter() - started)
+            return True
+        return False
+
+    async def until_delivered(body: bytes) -> None:
+        delay = 0.05
+        while not await attempt(body):
+            stats.redelivered += 1
+            if time.monotonic() > deadline:
+                raise TimeoutError("an update was not accepted before give_up_after")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def one(update: dict[str, Any]) -> None:
+        body = encode(update)
+        # The chat's turn first, then a connection: a busy chat must not hold connections other
+        # chats could use. asyncio.Lock is FIFO, so a chat's updates keep their order.
+        lock = chat_locks[_chat_of(update)] if one_per_chat else None
+        if lock is not None:
+            await lock.acquire()
+        try:
+            async with gate:
+                if rng.random() < duplicate_share:
+                    await asyncio.gather(until_delivered(body), until_delivered(body))
+                    stats.redelivered += 1
+                else:
+                    await until_delivered(body)
+                stats.delivered += 1
+        finally:
+            if lock is not None:
+                lock.release()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(u) for u in updates))
+    stats.elapsed = time.perf_counter() - started
+    return stats
