@@ -10,7 +10,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from bot.testing.fake_telegram import FakeTelegram
 
 from bot.app import SECRET_HEADER, create_app
 from bot.config import Settings
@@ -18,6 +17,7 @@ from bot.context import Context
 from bot.dispatch import Bot
 from bot.handlers import PizzaSession, build_bot
 from bot.testing.env import SECRET, USERNAME, make_settings
+from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.updates import PIZZA, encode, hunger, message_update
 
 pytestmark = pytest.mark.anyio

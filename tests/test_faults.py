@@ -1,0 +1,249 @@
+"""Exactly once under faults, with real processes: `python -m bot serve` on real PostgreSQL.
+
+Each test delivers updates as Telegram does (redelivering anything that did not get a 2xx), injects a
+fault in the middle, and then checks every chat's count with /hunger and every /hunger's reply count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from bot.testing.delivery import DeliveryStats, deliver
+from bot.testing.env import SECRET, USERNAME, bot_env
+from bot.testing.fake_telegram import FakeTelegram
+from bot.testing.processes import BotProcess
+from bot.testing.updates import PIZZA, hunger, message_update
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+# Short leases and sweeps so that replies a killed process left behind are sent within the test.
+FAULT_ENV = {"OUTBOX_LEASE": "1", "OUTBOX_SWEEP_INTERVAL": "0.2", "DB_POOL_MAX": "8", "LOG_LEVEL": "WARNING"}
+
+RESULTS: dict[str, dict[str, Any]] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_results() -> Iterator[None]:
+    """Keep this run's numbers in bench/results/faults.txt for docs/RELIABILITY.md's table."""
+    yield
+    out = Path(__file__).parent.parent / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"{name}: {values}" for name, values in RESULTS.items()]
+    (out / "faults.txt").write_text(time.strftime("%Y-%m-%d %H:%M\n") + "\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def start_bot(database_url: str, telegram_root: str, tmp_path: Path) -> Iterator[Any]:
+    started: list[BotProcess] = []
+
+    def start(port: int | None = None, **env: str) -> BotProcess:
+        process = BotProcess(
+            bot_env(database_url, telegram_root, **{**FAULT_ENV, **env}),
+            tmp_path / f"bot-{len(started)}.log",
+            port=port,
+        )
+        started.append(process)
+        process.wait_ready()
+        return process
+
+    yield start
+    for process in started:
+        process.close()
+
+
+def workload(
+    chats: int, per_chat: int, first_id: int = 1, seed: int = 1
+) -> tuple[list[dict[str, Any]], Counter[int]]:
+    """Pizzas (and plain texts) for `chats` chats, shuffled; returns them and the expected counts."""
+    rng = random.Random(seed)
+    updates, expected = [], Counter[int]()
+    update_id = first_id
+    for chat in range(chats):
+        chat_id = -1000 - chat
+        for _ in range(per_chat):
+            pizza = rng.random() < 0.5
+            updates.append(message_update(update_id, chat_id, f"{PIZZA} yum" if pizza else "hello"))
+            expected[chat_id] += pizza
+            update_id += 1
+    rng.shuffle(updates)
+    return updates, expected
+
+
+async def check_counts(
+    client: httpx.AsyncClient, url: str, fake: FakeTelegram, expected: Counter[int], first_id: int
+) -> None:
+    """Ask /hunger in every chat; each must be answered exactly once, with the exact count."""
+    fake.reset()
+    asks = [hunger(first_id + i, chat_id, username=USERNAME) for i, chat_id in enumerate(sorted(expected))]
+    await deliver(client, lambda: url + "/webhook", SECRET, asks, in_flight=16)
+    await fake.wait_for_async(lambda: len(fake.sent_messages()) >= len(asks), timeout=30)
+    await asyncio.sleep(0.5)  # a doubled reply would arrive now
+    got = Counter((m["chat_id"], m["text"]) for m in fake.sent_messages())
+    want = Counter((chat_id, f"Your hunger level is {n}!") for chat_id, n in expected.items())
+    assert got == want
+
+
+def record(name: str, stats: DeliveryStats, **extra: Any) -> None:
+    RESULTS[name] = {
+        "sent": stats.delivered,
+        "attempts": stats.attempts,
+        "redelivered": stats.redelivered,
+        **extra,
+    }
+    print(f"\n{name}: {RESULTS[name]}")
+
+
+async def test_two_processes_share_one_hot_chat_without_losing_an_increment(
+    start_bot: Any, fake: FakeTelegram
+) -> None:
+    first, second = start_bot(), start_bot()
+    updates = [message_update(i, -77, PIZZA) for i in range(1, 2001)]
+    turn = iter(range(10**9))
+    urls = [first.url + "/webhook", second.url + "/webhook"]
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as client:
+        stats = await deliver(client, lambda: urls[next(turn) % 2], SECRET, updates, in_flight=64)
+        await check_counts(client, first.url, fake, Counter({-77: 2000}), 10**6)
+    record("two processes, one chat", stats, lost=0, doubled=0)
+
+
+async def test_redelivered_updates_are_applied_once(start_bot: Any, fake: FakeTelegram) -> None:
+    bot = start_bot()
+    updates, expected = workload(chats=25, per_chat=20)
+    asks = [hunger(10_000 + i, -1000 - i % 25) for i in range(50)]
+    async with httpx.AsyncClient(timeout=30) as client:
+        # Every update twice: half of the second copies overlap the first attempt.
+        stats = await deliver(
+            client, lambda: bot.url + "/webhook", SECRET, updates + asks, duplicate_share=0.5
+        )
+        again = await deliver(client, lambda: bot.url + "/webhook", SECRET, updates + asks, in_flight=32)
+        await fake.wait_for_async(lambda: len(fake.sent_messages()) >= len(asks), timeout=30)
+        await asyncio.sleep(0.5)
+        assert len(fake.sent_messages()) == len(asks)  # one reply per /hunger, however often delivered
+        await check_counts(client, bot.url, fake, expected, 10**6)
+    record("redelivery", stats, resent=again.delivered, lost=0, doubled=0)
+
+
+async def test_kill_9_mid_load_then_a_fresh_process_serves_the_rest(
+    start_bot: Any, fake: FakeTelegram
+) -> None:
+    bot = start_bot()
+    port = bot.port
+    updates, expected = workload(chats=50, per_chat=20)
+    asks = [hunger(50_000 + i, -1000 - i) for i in range(50)]
+    mixed = updates[:500] + asks + updates[500:]
+    current = [bot]
+
+    async def killer() -> None:
+        # Mid-load: some /hunger replies have gone out, more are committed and not yet sent.
+        await fake.wait_for_async(lambda: len(fake.sent_messages()) >= 10, timeout=60)
+        await asyncio.sleep(0.05)
+        current[0].kill()
+        current[0] = await asyncio.to_thread(start_bot, port)
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        kill = asyncio.create_task(killer())
+        stats = await deliver(client, lambda: f"http://127.0.0.1:{port}/webhook", SECRET, mixed, in_flight=16)
+        await kill
+        # Every mid-load /hunger is answered exactly once: the new process's sweeper sends what the killed
+        # one committed but never sent.
+        await fake.wait_for_async(lambda: len({m["chat_id"] for m in fake.sent_messages()}) >= len(asks), 30)
+        await asyncio.sleep(1.5)
+        per_chat = Counter(m["chat_id"] for m in fake.sent_messages())
+        assert per_chat == Counter({a["message"]["chat"]["id"]: 1 for a in asks})
+        await check_counts(client, current[0].url, fake, expected, 10**6)
+    record("kill -9 mid-load", stats, lost=0, doubled=0)
+
+
+async def test_postgres_restart_mid_load_the_bot_recovers_by_itself(
+    start_bot: Any, fake: FakeTelegram, pg_cluster: Any
+) -> None:
+    if not hasattr(pg_cluster, "restart"):
+        pytest.skip("TEST_DATABASE_URL points at a server this test cannot restart")
+    bot = start_bot()
+    updates, expected = workload(chats=40, per_chat=25)
+    async with httpx.AsyncClient(timeout=30) as client:
+        restarted = threading.Event()
+
+        async def restart_soon() -> None:
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(pg_cluster.restart)
+            restarted.set()
+
+        task = asyncio.create_task(restart_soon())
+        stats = await deliver(client, lambda: bot.url + "/webhook", SECRET, updates, in_flight=16)
+        await task
+        assert restarted.is_set()
+        assert bot.proc.poll() is None  # the same process, never restarted
+        await check_counts(client, bot.url, fake, expected, 10**6)
+    assert stats.statuses.get(503, 0) + stats.statuses.get(0, 0) > 0, "the restart should have been felt"
+    record("PostgreSQL restart", stats, answered_503=stats.statuses.get(503, 0), lost=0, doubled=0)
+
+
+async def test_terminated_backends_mid_load_lose_and_double_nothing(
+    start_bot: Any, fake: FakeTelegram, database_url: str
+) -> None:
+    bot = start_bot()
+    updates, expected = workload(chats=40, per_chat=25)
+    killed = 0
+
+    async def terminate_backends() -> None:
+        nonlocal killed
+        conn = await asyncpg.connect(database_url)
+        try:
+            for _ in range(20):
+                await asyncio.sleep(0.05)
+                killed += await conn.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = 'pizza-bot' AND datname = current_database()"
+                )
+        finally:
+            await conn.close()
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        task = asyncio.create_task(terminate_backends())
+        stats = await deliver(client, lambda: bot.url + "/webhook", SECRET, updates, in_flight=16)
+        await task
+        assert killed > 0
+        assert bot.proc.poll() is None
+        await check_counts(client, bot.url, fake, expected, 10**6)
+    record("pg_terminate_backend", stats, backends_killed=killed, lost=0, doubled=0)
+
+
+async def test_sigterm_finishes_requests_in_flight_and_exits_cleanly(
+    start_bot: Any, fake: FakeTelegram, database_url: str
+) -> None:
+    bot = start_bot(DB_LOCK_TIMEOUT="20")
+    updates = [message_update(i, -88, PIZZA) for i in range(1, 21)]
+    async with httpx.AsyncClient(timeout=30) as client:
+        blocker = await asyncpg.connect(database_url)
+        try:
+            await deliver(client, lambda: bot.url + "/webhook", SECRET, updates[:1])
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.execute("SELECT 1 FROM sessions WHERE key = '-88' FOR UPDATE")
+            sending = asyncio.create_task(
+                deliver(client, lambda: bot.url + "/webhook", SECRET, updates[1:], give_up_after=5)
+            )
+            await asyncio.sleep(0.5)  # all 19 are now waiting for the row lock inside the bot
+            stopping = asyncio.create_task(asyncio.to_thread(bot.terminate))
+            await asyncio.sleep(0.5)
+            await tx.rollback()
+            stats = await sending
+            assert await stopping == 0
+        finally:
+            await blocker.close()
+        assert stats.attempts == 19  # none needed a second try: the in-flight ones were finished
+        assert "Traceback" not in bot.output()
+        fresh = start_bot()
+        await check_counts(client, fresh.url, fake, Counter({-88: 20}), 10**6)
