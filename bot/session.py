@@ -161,7 +161,7 @@ class SessionSlot(Generic[S]):
         self._tx = tx
         self._claim = claim
         self._value: S | None = _UNLOADED
-        self._stored: str | None = None  # what the storage holds now (JSON), None for nothing
+        self._stored: str | None = None  # what the storage holds, as we encode it; None for nothing
         self._upgraded = False
 
     @property
@@ -185,7 +185,9 @@ class SessionSlot(Generic[S]):
             self._value = self.config.initial()
         else:
             self._value = self.config.decode(self.key, stored)
-            self._stored = stored.data
+            # Re-encoded rather than kept as read: PostgreSQL's jsonb reorders keys and spaces, and the
+            # comparison in save() must see "unchanged" as unchanged.
+            self._stored = self.config.encode(self._value)
             self._upgraded = stored.version != self.config.version
         return self._value
 

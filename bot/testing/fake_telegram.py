@@ -1,0 +1,294 @@
+"""A fake Telegram Bot API server that speaks the real HTTP protocol, for tests and benchmarks.
+
+`GET|POST /bot<token>/<method>` with parameters in the query string, a form or a JSON body, answered
+`{"ok": true, "result": ...}` or `{"ok": false, "error_code": ..., "description": ...}` like the real
+server. Every call is recorded; failures and delays can be injected. `serve()` runs it with uvicorn in
+a background thread, so it works from sync and async tests and for bot processes alike.
+
+    python -m bot.testing.fake_telegram --port 8081     # for benchmarks and local trials
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+__all__ = ["FakeTelegram", "RecordedCall", "serve"]
+
+_TOKEN = re.compile(r"^(\d+):[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    token: str
+    method: str
+    params: dict[str, Any]
+    at: float
+
+
+@dataclass
+class _Failure:
+    method: str
+    times: int
+    error_code: int
+    description: str
+    retry_after: int | None
+
+
+class _ApiError(Exception):
+    def __init__(self, code: int, description: str, retry_after: int | None = None) -> None:
+        self.code, self.description, self.retry_after = code, description, retry_after
+
+
+def _as_int(params: dict[str, Any], name: str) -> int:
+    try:
+        return int(params[name])
+    except (KeyError, TypeError, ValueError):
+        raise _ApiError(400, f"Bad Request: {name} is required") from None
+
+
+class FakeTelegram:
+    """State of the fake: recorded calls, the webhook, updates for getUpdates, injected failures."""
+
+    def __init__(self, username: str = "pizza_test_bot", privacy: bool = False) -> None:
+        self.username = username
+        self.privacy = privacy
+        self.delay = 0.0
+        self._lock = threading.Condition()
+        self._calls: list[RecordedCall] = []
+        self._failures: list[_Failure] = []
+        self._updates: list[dict[str, Any]] = []
+        self._webhook: dict[str, Any] = {}
+        self._next_message_id = 1
+        self.app = Starlette(routes=[Route("/bot{token}/{method}", self._endpoint, methods=["GET", "POST"])])
+
+    # --- what tests use ---
+
+    def calls(self, method: str | None = None) -> list[RecordedCall]:
+        with self._lock:
+            return [c for c in self._calls if method is None or c.method == method]
+
+    def sent_messages(self, chat_id: int | None = None) -> list[dict[str, Any]]:
+        """sendMessage parameters, in the order they arrived (chat_id as a number)."""
+        return [
+            c.params
+            for c in self.calls("sendMessage")
+            if chat_id is None or c.params.get("chat_id") == chat_id
+        ]
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Block until `condition()` holds (checked on every call), or raise TimeoutError."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not condition():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the fake Bot API did not see what was waited for")
+                self._lock.wait(min(left, 0.1))
+
+    async def wait_for_async(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the fake Bot API did not see what was waited for")
+            await asyncio.sleep(0.02)
+
+    def fail_next(
+        self,
+        method: str,
+        times: int = 1,
+        error_code: int = 500,
+        description: str = "Internal Server Error",
+        retry_after: int | None = None,
+    ) -> None:
+        with self._lock:
+            self._failures.append(_Failure(method, times, error_code, description, retry_after))
+
+    def push_update(self, update: dict[str, Any]) -> None:
+        with self._lock:
+            self._updates.append(update)
+            self._lock.notify_all()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._calls.clear()
+            self._failures.clear()
+            self._updates.clear()
+
+    # --- the protocol ---
+
+    async def _endpoint(self, request: Request) -> JSONResponse:
+        token, method = request.path_params["token"], request.path_params["method"]
+        params: dict[str, Any] = dict(request.query_params)
+        content_type = request.headers.get("content-type", "")
+        if "json" in content_type:
+            body = await request.body()
+            try:
+                params.update(json.loads(body) if body else {})
+            except (ValueError, TypeError):
+                return self._error(400, "Bad Request: can't parse JSON")
+        elif "form" in content_type:
+            params.update(dict(await request.form()))
+        match = _TOKEN.match(token)
+        if match is None:
+            return self._error(401, "Unauthorized")
+        with self._lock:
+            self._calls.append(RecordedCall(token, method, params, time.time()))
+            self._lock.notify_all()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        try:
+            self._maybe_fail(method)
+            handler = getattr(self, f"_m_{method}", None)
+            if handler is None:
+                raise _ApiError(404, "Not Found: method not found")
+            result = await handler(int(match.group(1)), params)
+        except _ApiError as exc:
+            return self._error(exc.code, exc.description, exc.retry_after)
+        return JSONResponse({"ok": True, "result": result})
+
+    def _maybe_fail(self, method: str) -> None:
+        with self._lock:
+            for failure in self._failures:
+                if failure.method == method and failure.times > 0:
+                    failure.times -= 1
+                    raise _ApiError(failure.error_code, failure.description, failure.retry_after)
+
+    @staticmethod
+    def _error(code: int, description: str, retry_after: int | None = None) -> JSONResponse:
+        body: dict[str, Any] = {"ok": False, "error_code": code, "description": description}
+        if retry_after is not None:
+            body["parameters"] = {"retry_after": retry_after}
+        return JSONResponse(body, status_code=code)
+
+    async def _m_getMe(self, bot_id: int, params: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": bot_id,
+            "is_bot": True,
+            "first_name": "Pizza",
+            "username": self.username,
+            "can_join_groups": True,
+            "can_read_all_group_messages": not self.privacy,
+            "supports_inline_queries": False,
+        }
+
+    async def _m_sendMessage(self, bot_id: int, params: dict[str, Any]) -> dict[str, Any]:
+        chat_id = _as_int(params, "chat_id")
+        text = params.get("text")
+        if not text:
+            raise _ApiError(400, "Bad Request: message text is empty")
+        with self._lock:
+            message_id = self._next_message_id
+            self._next_message_id += 1
+        message: dict[str, Any] = {
+            "message_id": message_id,
+            "from": {"id": bot_id, "is_bot": True, "first_name": "Pizza", "username": self.username},
+            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
+            "date": int(time.time()),
+            "text": text,
+        }
+        if "message_thread_id" in params:
+            message["message_thread_id"] = int(params["message_thread_id"])
+        return message
+
+    async def _m_setWebhook(self, bot_id: int, params: dict[str, Any]) -> bool:
+        if not params.get("url"):
+            raise _ApiError(400, "Bad Request: bad webhook: URL is empty")
+        with self._lock:
+            self._webhook = dict(params)
+            if str(params.get("drop_pending_updates")).lower() == "true":
+                self._updates.clear()
+        return True
+
+    async def _m_deleteWebhook(self, bot_id: int, params: dict[str, Any]) -> bool:
+        with self._lock:
+            self._webhook = {}
+            if str(params.get("drop_pending_updates")).lower() == "true":
+                self._updates.clear()
+        return True
+
+    async def _m_getWebhookInfo(self, bot_id: int, params: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            info: dict[str, Any] = {
+                "url": self._webhook.get("url", ""),
+                "has_custom_certificate": False,
+                "pending_update_count": len(self._updates),
+            }
+            if self._webhook:
+                info["max_connections"] = int(self._webhook.get("max_connections", 40))
+                if "allowed_updates" in self._webhook:
+                    info["allowed_updates"] = self._webhook["allowed_updates"]
+        return info
+
+    async def _m_getUpdates(self, bot_id: int, params: dict[str, Any]) -> list[dict[str, Any]]:
+        with self._lock:
+            if self._webhook:
+                raise _ApiError(409, "Conflict: can't use getUpdates method while webhook is active")
+        offset = int(params.get("offset", 0))
+        limit = int(params.get("limit", 100))
+        deadline = time.monotonic() + float(params.get("timeout", 0))
+        while True:
+            with self._lock:
+                if offset:
+                    # As the real server: asking from `offset` confirms every update before it.
+                    self._updates = [u for u in self._updates if u["update_id"] >= offset]
+                if self._updates or time.monotonic() >= deadline:
+                    return self._updates[:limit]
+            await asyncio.sleep(0.02)
+
+
+def _bound_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+@contextlib.contextmanager
+def serve(fake: FakeTelegram, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run the fake in a background thread; yield its root URL (use it as TELEGRAM_API_ROOT)."""
+    sock = _bound_socket(host, port)  # bound here, so the port is known and can't be taken meanwhile
+    server = uvicorn.Server(uvicorn.Config(fake.app, log_level="warning", access_log=False, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the fake Bot API server did not start")
+            time.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A fake Telegram Bot API server (for tests and benchmarks)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--username", default="pizza_test_bot")
+    args = parser.parse_args()
+    fake = FakeTelegram(username=args.username)
+    print(f"fake Bot API at http://{args.host}:{args.port} (TELEGRAM_API_ROOT)", flush=True)
+    uvicorn.run(fake.app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Shared fixtures: a real PostgreSQL, a fresh migrated database per test, a fake Bot API server.
+
+PostgreSQL: TEST_DATABASE_URL (or DATABASE_URL) when set, else a throwaway embedded server started here
+and deleted at the end, so the suite needs nothing installed. Each test gets its own database, copied
+from a template migrated once per run (a copy takes a few milliseconds; migrating takes longer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from bot.embedded import EmbeddedPostgres
+from bot.migrate import migrate
+from bot.storage import Storage
+from bot.storage.memory import MemoryStorage
+from bot.storage.postgres import PostgresStorage
+from bot.testing.env import USERNAME
+from bot.testing.fake_telegram import FakeTelegram, serve
+
+TEMPLATE = "bot_test_template"
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server URL (user, host, sslmode...), another database."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+class ExternalCluster:
+    """A server given by URL: usable, but not ours to restart."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def dsn(self, database: str = "postgres") -> str:
+        return with_database(self.url, database)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[EmbeddedPostgres | ExternalCluster]:
+    url = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
+    if url:
+        yield ExternalCluster(url)
+        return
+    server = EmbeddedPostgres.throwaway()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from sync code, even where an event loop is already running
+    (an async fixture asking for a sync one)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def _execute(cluster: EmbeddedPostgres | ExternalCluster, query: str) -> None:
+    conn = await asyncpg.connect(cluster.dsn("postgres"))
+    try:
+        await conn.execute(query)
+    finally:
+        await conn.close()
+
+
+def _admin(cluster: EmbeddedPostgres | ExternalCluster, query: str) -> None:
+    _run(_execute(cluster, query))
+
+
+@pytest.fixture(scope="session")
+def _template(pg_cluster: EmbeddedPostgres | ExternalCluster) -> str:
+    _admin(pg_cluster, f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+    _admin(pg_cluster, f"CREATE DATABASE {TEMPLATE}")
+    _run(migrate(pg_cluster.dsn(TEMPLATE)))
+    return TEMPLATE
+
+
+def _fresh_database(cluster: EmbeddedPostgres | ExternalCluster, template: str) -> Iterator[str]:
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    _admin(cluster, f"CREATE DATABASE {name} TEMPLATE {template}")
+    try:
+        yield cluster.dsn(name)
+    finally:
+        _admin(cluster, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def database_url(pg_cluster: EmbeddedPostgres | ExternalCluster, _template: str) -> Iterator[str]:
+    """A fresh database with every migration applied, dropped after the test."""
+    yield from _fresh_database(pg_cluster, _template)
+
+
+@pytest.fixture
+def empty_database_url(pg_cluster: EmbeddedPostgres | ExternalCluster) -> Iterator[str]:
+    """A fresh database with nothing in it, for migration tests."""
+    yield from _fresh_database(pg_cluster, "template0")
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
+    """Each storage in turn: tests using it prove a promise of the Storage protocol on both."""
+    if request.param == "memory":
+        yield MemoryStorage()
+        return
+    postgres = await PostgresStorage.connect(request.getfixturevalue("database_url"), max_size=20)
+    try:
+        yield postgres
+    finally:
+        await postgres.close()
+
+
+@pytest.fixture(scope="session")
+def _fake_server() -> Iterator[tuple[FakeTelegram, str]]:
+    fake = FakeTelegram(username=USERNAME)
+    with serve(fake) as root:
+        yield fake, root
+
+
+@pytest.fixture
+def fake(_fake_server: tuple[FakeTelegram, str]) -> FakeTelegram:
+    """The fake Bot API, emptied for each test."""
+    fake = _fake_server[0]
+    fake.reset()
+    fake.delay = 0.0
+    return fake
+
+
+@pytest.fixture
+def telegram_root(fake: FakeTelegram, _fake_server: tuple[FakeTelegram, str]) -> str:
+    """TELEGRAM_API_ROOT for a bot that talks to the fake."""
+    return _fake_server[1]
