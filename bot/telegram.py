@@ -105,8 +105,11 @@ def decode_update(body: bytes) -> Update:
         update: Update = _update_decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise InvalidUpdate(f"not a Telegram Update: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec reports invalid UTF-8 inside a string as UnicodeDecodeError, not DecodeError.
         raise InvalidUpdate(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidUpdate("body is nested too deeply to be a Telegram Update") from None
     return update
 
 
