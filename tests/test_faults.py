@@ -60,6 +60,9 @@ def start_bot(database_url: str, telegram_root: str, tmp_path: Path) -> Iterator
     yield start
     for process in started:
         process.close()
+    for process in started:
+        # A database fault is never a handler bug: that would acknowledge an update that was not kept.
+        assert "handler failed" not in process.output()
 
 
 def workload(

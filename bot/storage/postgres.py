@@ -19,6 +19,7 @@ Telegram delivers the update again).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -31,25 +32,18 @@ from . import OutgoingCall, PendingCall, StorageUnavailable, StoredSession
 
 __all__ = ["PostgresStorage"]
 
-# Failures that say nothing about the update itself: retrying later can succeed.
-_TRANSIENT: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.TransactionRollbackError,  # deadlock, serialization failure
-    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
-    asyncpg.exceptions.OperatorInterventionError,  # statement timeout, terminated backend, shutdown
-    asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
-    asyncpg.exceptions.UndefinedTableError,  # not migrated (yet)
-)
-
 
 @contextmanager
 def _unavailable_on_failure(what: str) -> Iterator[None]:
+    """Whatever the driver raises here (a lost connection, a timeout, a terminated backend, a protocol
+    state error after one, a missing table), the update was not stored. Reporting it as
+    StorageUnavailable makes the webhook answer 503 and Telegram deliver the update again; treating it
+    as a handler bug would acknowledge an update we never kept."""
     try:
         yield
-    except _TRANSIENT as exc:
+    except StorageUnavailable:
+        raise
+    except Exception as exc:
         raise StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -190,8 +184,10 @@ class _PostgresTransaction:
             else:
                 await tx.rollback()
         finally:
-            # A connection broken mid-transaction is closed by the pool on release, not reused.
-            await self._pool.release(conn)
+            # A connection broken mid-transaction fails its reset on release and is terminated by the
+            # pool, not reused; that failure says nothing about this transaction's outcome.
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn)
 
 
 class PostgresStorage:
@@ -244,7 +240,7 @@ class PostgresStorage:
         except BaseException:
             # Rolling back on a broken connection fails too; the original error is the one to report,
             # and release() in finish() still returns (or discards) the connection.
-            with _suppress_transient():
+            with contextlib.suppress(Exception):
                 await tx.finish(commit=False)
             raise
         await tx.finish(commit=True)
@@ -321,13 +317,3 @@ class PostgresStorage:
             await asyncio.wait_for(self._pool.close(), timeout=10)
         except TimeoutError:
             self._pool.terminate()
-
-
-@contextmanager
-def _suppress_transient() -> Iterator[None]:
-    try:
-        yield
-    except StorageUnavailable:
-        pass
-    except _TRANSIENT:
-        pass
