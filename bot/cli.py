@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import signal
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -87,6 +88,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
                 "X-Telegram-Bot-Api-Secret-Token",
                 settings.webhook_secret,
             )
+        # uvicorn stops gracefully on SIGTERM and then raises the signal again; exiting 0 from it tells
+        # the platform the stop was clean (anything still unsent stays in the outbox for the next start).
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         uvicorn.run(
             create_app(settings),
             host=host,

@@ -42,18 +42,20 @@ class BotProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"bot exited with {self.proc.returncode}:\n{self.output()}")
+                raise RuntimeError(f"bot exited with {self.proc.returncode}:\n{self.output()[-5000:]}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
-        raise TimeoutError(f"bot not ready within {timeout} s:\n{self.output()}")
+        raise TimeoutError(f"bot not ready within {timeout} s:\n{self.output()[-5000:]}")
 
     def output(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-5000:]
+        """Everything the process logged (its stdout and stderr)."""
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as when a PaaS host dies."""
