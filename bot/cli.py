@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bot: configuration error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request URL at INFO, and Bot API URLs contain the token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return _COMMANDS[args.command](settings, args)
     except (_Fail, StartupError, MigrationError, NotMigrated, StorageUnavailable) as exc:

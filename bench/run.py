@@ -1,0 +1,271 @@
+"""Benchmark: the ACCEPTANCE.md workloads over HTTP on loopback, and the raw-PostgreSQL limit beside them.
+
+    .venv/bin/python bench/run.py                 # all workloads, one bot process
+    .venv/bin/python bench/run.py -w A,T -p 2     # some workloads, two bot processes
+
+Each workload gets a fresh database and fresh `python -m bot serve` processes talking to the fake Bot
+API. Updates are delivered as Telegram does (redelivered until a 2xx), then every chat is asked /hunger
+and the answers are compared with what was sent: lost and extra increments are counted, not assumed.
+Uses DATABASE_URL when set, else a throwaway embedded PostgreSQL. Bounded: loopback only, fixed counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from bot.embedded import EmbeddedPostgres
+from bot.migrate import migrate
+from bot.testing.delivery import DeliveryStats, deliver
+from bot.testing.env import SECRET, USERNAME, bot_env
+from bot.testing.fake_telegram import FakeTelegram, serve
+from bot.testing.processes import BotProcess
+from bot.testing.updates import PIZZA, hunger, message_update
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    title: str
+    chats: int
+    per_chat: int
+    in_flight: int
+    pizza_share: float
+    duplicate_share: float = 0.0
+    one_per_chat: bool = False
+
+
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload("A", "many chats", 1000, 10, 32, 0.5),
+        Workload("B", "hot chat", 1, 2000, 32, 1.0),
+        Workload("C", "redeliveries", 100, 20, 16, 0.5, duplicate_share=0.1),
+        Workload("T", "Telegram-like", 1000, 10, 40, 0.5, one_per_chat=True),
+        Workload("G", "one busy group", 1, 1000, 1, 0.5),
+    )
+}
+
+
+def make_updates(w: Workload, seed: int = 7) -> tuple[list[dict[str, Any]], Counter[int]]:
+    rng = random.Random(seed)
+    updates: list[dict[str, Any]] = []
+    expected: Counter[int] = Counter()
+    update_id = 1
+    for chat in range(w.chats):
+        chat_id = -100_000 - chat
+        expected[chat_id] += 0
+        for _ in range(w.per_chat):
+            pizza = rng.random() < w.pizza_share
+            updates.append(message_update(update_id, chat_id, f"{PIZZA} please" if pizza else "hi all"))
+            expected[chat_id] += pizza
+            update_id += 1
+    if not w.one_per_chat and w.in_flight > 1:
+        rng.shuffle(updates)  # Telegram-like keeps each chat's order; the others don't need to
+    return updates, expected
+
+
+async def verify(
+    client: httpx.AsyncClient, url: str, fake: FakeTelegram, expected: Counter[int]
+) -> tuple[int, int]:
+    """Ask /hunger in every chat; return (lost, extra) increments summed over chats."""
+    fake.reset()
+    asks = [hunger(10_000_000 + i, chat, username=USERNAME) for i, chat in enumerate(sorted(expected))]
+    await deliver(client, lambda: url, SECRET, asks, in_flight=32)
+    await fake.wait_for_async(lambda: len(fake.sent_messages()) >= len(asks), timeout=120)
+    counts = {m["chat_id"]: int(re.findall(r"\d+", m["text"])[0]) for m in fake.sent_messages()}
+    lost = sum(max(0, n - counts.get(chat, 0)) for chat, n in expected.items())
+    extra = sum(max(0, counts.get(chat, 0) - n) for chat, n in expected.items())
+    return lost, extra
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+async def run_workload(
+    w: Workload, dsn: str, root: str, fake: FakeTelegram, processes: int, logs: Path
+) -> dict[str, Any]:
+    bots = [
+        BotProcess(bot_env(dsn, root, LOG_LEVEL="WARNING", DB_POOL_MAX="16"), logs / f"{w.name}-{i}.log")
+        for i in range(processes)
+    ]
+    try:
+        for bot in bots:
+            bot.wait_ready()
+        urls = [bot.url + "/webhook" for bot in bots]
+        turn = iter(range(10**9))
+        updates, expected = make_updates(w)
+        limits = httpx.Limits(max_connections=w.in_flight * 2, max_keepalive_connections=w.in_flight * 2)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            stats: DeliveryStats = await deliver(
+                client,
+                lambda: urls[next(turn) % len(urls)],
+                SECRET,
+                updates,
+                in_flight=w.in_flight,
+                one_per_chat=w.one_per_chat,
+                duplicate_share=w.duplicate_share,
+                give_up_after=600,
+            )
+            lost, extra = await verify(client, urls[0], fake, expected)
+    finally:
+        for bot in bots:
+            bot.close()
+    return {
+        "workload": f"{w.name} {w.title}",
+        "updates": len(updates),
+        "updates/s": f"{stats.delivered / stats.elapsed:.0f}",
+        "p50 ms": ms(stats.percentile(50)),
+        "p99 ms": ms(stats.percentile(99)),
+        "redelivered": stats.redelivered,
+        "non-2xx": sum(n for code, n in stats.statuses.items() if not 200 <= code < 300),
+        "lost": lost,
+        "extra": extra,
+    }
+
+
+async def raw_postgres(w: Workload, dsn: str) -> dict[str, Any]:
+    """What one update needs, straight on asyncpg: no HTTP, no framework. The ceiling for our numbers."""
+    updates, _ = make_updates(w)
+    pool = await asyncpg.create_pool(dsn, min_size=min(w.in_flight, 16), max_size=16)
+    gate = asyncio.Semaphore(w.in_flight)
+    latencies: list[float] = []
+
+    async def one(update: dict[str, Any]) -> None:
+        message = update["message"]
+        async with gate, pool.acquire() as conn:
+            started = time.perf_counter()
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO processed_updates (bot_id, update_id) VALUES (1, $1) ON CONFLICT DO NOTHING",
+                    update["update_id"],
+                )
+                key = str(message["chat"]["id"])
+                row = await conn.fetchrow("SELECT data FROM sessions WHERE key = $1 FOR UPDATE", key)
+                if row is None:
+                    await conn.execute(
+                        "INSERT INTO sessions (key, data) VALUES ($1, '{\"pizza_count\": 0}') ON CONFLICT DO NOTHING",
+                        key,
+                    )
+                    await conn.fetchrow("SELECT data FROM sessions WHERE key = $1 FOR UPDATE", key)
+                if PIZZA in message["text"]:
+                    await conn.execute(
+                        "UPDATE sessions SET data = jsonb_set(data, '{pizza_count}',"
+                        " to_jsonb((data->>'pizza_count')::int + 1)) WHERE key = $1",
+                        key,
+                    )
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(u) for u in updates))
+    finally:
+        await pool.close()
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "workload": f"{w.name} raw asyncpg",
+        "updates": len(updates),
+        "updates/s": f"{len(updates) / elapsed:.0f}",
+        "p50 ms": ms(statistics.median(latencies)),
+        "p99 ms": ms(latencies[int(0.99 * (len(latencies) - 1))]),
+        "redelivered": "-",
+        "non-2xx": "-",
+        "lost": "-",
+        "extra": "-",
+    }
+
+
+async def admin(dsn: str, query: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(query)
+    finally:
+        await conn.close()
+
+
+def with_database(url: str, database: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(url)._replace(path="/" + database))
+
+
+async def fresh_database(server_url: str) -> str:
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    await admin(server_url, f"CREATE DATABASE {name}")
+    dsn = with_database(server_url, name)
+    await migrate(dsn)
+    return dsn
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()}"
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-w", "--workloads", default="A,B,C,T,G")
+    parser.add_argument("-p", "--processes", type=int, default=1, help="bot processes sharing the database")
+    args = parser.parse_args()
+    chosen = [WORKLOADS[name.strip()] for name in args.workloads.split(",")]
+
+    embedded = None
+    server_url = os.environ.get("DATABASE_URL")
+    if server_url is None:
+        embedded = EmbeddedPostgres.throwaway()
+        server_url = embedded.dsn("postgres")
+    logs = Path(tempfile.mkdtemp(prefix="pizza-bench-"))
+    fake = FakeTelegram(username=USERNAME)
+    rows: list[dict[str, Any]] = []
+    try:
+        with serve(fake) as root:
+            for w in chosen:
+                rows.append(
+                    await run_workload(w, await fresh_database(server_url), root, fake, args.processes, logs)
+                )
+                rows.append(await raw_postgres(w, await fresh_database(server_url)))
+                print(table(rows[-2:]), file=sys.stderr, flush=True)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    print(
+        f"\n{time.strftime('%Y-%m-%d')}, {machine()}, {args.processes} bot process(es), PostgreSQL "
+        f"{'embedded' if embedded else 'from DATABASE_URL'}\n"
+    )
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

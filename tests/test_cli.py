@@ -1,0 +1,130 @@
+"""The command line as a PaaS and a developer use it: real processes, real exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.testing.env import TOKEN, bot_env
+from bot.testing.fake_telegram import FakeTelegram
+from bot.testing.updates import PIZZA, hunger, message_update
+
+
+def bot(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BOT_TOKEN", "WEBHOOK_SECRET")}
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BOT_TOKEN": "nope"}, "BOT_TOKEN: not a bot token"),
+        ({"BOT_TOKEN": TOKEN}, "WEBHOOK_SECRET: required when BOT_TOKEN is set"),
+        ({"DATABASE_URL": "mysql://db/x"}, "DATABASE_URL: must start with postgres:// or postgresql://"),
+        ({"PORT": "http"}, "PORT: expected a whole number"),
+    ],
+)
+def test_config_errors_are_one_line_naming_the_variable(env: dict[str, str], message: str) -> None:
+    result = bot("serve", env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"bot: configuration error: {message}")
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_refuses_an_unmigrated_database(empty_database_url: str, telegram_root: str) -> None:
+    result = bot("serve", env=bot_env(empty_database_url, telegram_root))
+    assert result.returncode == 1
+    assert "not migrated" in result.stderr
+    assert "python -m bot migrate" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_says_when_the_database_is_unreachable(telegram_root: str) -> None:
+    result = bot("serve", env=bot_env("postgresql://nobody@127.0.0.1:9/none", telegram_root))
+    assert result.returncode == 1
+    assert "DATABASE_URL: cannot connect" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_migrate_applies_then_reports_up_to_date(empty_database_url: str, telegram_root: str) -> None:
+    env = bot_env(empty_database_url, telegram_root)
+    first = bot("migrate", env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "applied: 001_sessions.sql"
+    assert bot("migrate", env=env).stdout.strip() == "database is up to date"
+
+
+def test_webhook_commands_call_the_bot_api(fake: FakeTelegram, telegram_root: str, database_url: str) -> None:
+    env = bot_env(database_url, telegram_root, WEBHOOK_URL="https://bot.example.com/webhook")
+    assert bot("set-webhook", "--max-connections", "20", env=env).returncode == 0
+    [call] = fake.calls("setWebhook")
+    assert call.params["url"] == "https://bot.example.com/webhook"
+    assert call.params["secret_token"] == env["WEBHOOK_SECRET"]
+    assert call.params["max_connections"] == 20
+    assert call.params["allowed_updates"] == ["message", "channel_post"]
+    info = bot("webhook-info", env=env)
+    assert '"url": "https://bot.example.com/webhook"' in info.stdout
+    assert bot("delete-webhook", env=env).returncode == 0
+    assert fake.calls("deleteWebhook")
+
+
+def test_set_webhook_without_a_url_names_the_variable(telegram_root: str, database_url: str) -> None:
+    result = bot("set-webhook", env=bot_env(database_url, telegram_root))
+    assert result.returncode == 1
+    assert result.stderr.startswith("bot: WEBHOOK_URL: required")
+
+
+def test_a_bot_api_refusal_is_reported_in_one_line(
+    fake: FakeTelegram, telegram_root: str, database_url: str
+) -> None:
+    fake.fail_next("getWebhookInfo", error_code=401, description="Unauthorized")
+    result = bot("webhook-info", env=bot_env(database_url, telegram_root))
+    assert result.returncode == 1
+    assert result.stderr.strip() == "bot: getWebhookInfo failed (401): Unauthorized"
+
+
+def test_poll_applies_updates_from_get_updates(
+    fake: FakeTelegram, telegram_root: str, database_url: str, tmp_path: Path
+) -> None:
+    for update in (message_update(1, -5, PIZZA), message_update(2, -5, PIZZA), hunger(3, -5)):
+        fake.push_update(update)
+    log = (tmp_path / "poll.log").open("w")
+    env = {**os.environ, **bot_env(database_url, telegram_root)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bot", "poll"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        fake.wait_for(lambda: len(fake.sent_messages(-5)) >= 1, timeout=30)
+        assert fake.sent_messages(-5)[0]["text"] == "Your hunger level is 2!"
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(20)
+        log.close()
+
+
+def test_poll_with_a_webhook_set_says_how_to_fix_it(
+    fake: FakeTelegram, telegram_root: str, database_url: str
+) -> None:
+    env = bot_env(database_url, telegram_root, WEBHOOK_URL="https://bot.example.com/webhook")
+    bot("set-webhook", env=env)
+    result = bot("poll", env=env)
+    assert result.returncode == 1
+    assert "delete-webhook" in result.stderr
+
+
+def test_the_token_never_appears_in_logs(fake: FakeTelegram, telegram_root: str, database_url: str) -> None:
+    result = bot("webhook-info", env=bot_env(database_url, telegram_root, LOG_LEVEL="DEBUG"))
+    assert result.returncode == 0
+    assert TOKEN.split(":")[1] not in result.stdout + result.stderr

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from bot.migrate import MIGRATIONS_DIR, MigrationError, NotMigrated, check_migrated, migrate, pending
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def migrations(tmp_path: Path) -> Path:
+    """A copy of the real migrations, plus a second one, to edit freely."""
+    directory = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS_DIR, directory)
+    (directory / "002_notes.sql").write_text("CREATE TABLE notes (id int PRIMARY KEY);\n")
+    return directory
+
+
+async def applied(dsn: str) -> list[tuple[int, str]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [
+            tuple(r) for r in await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+        ]
+    finally:
+        await conn.close()
+
+
+async def test_applies_every_file_in_order_and_rerunning_is_a_no_op(
+    empty_database_url: str, migrations: Path
+) -> None:
+    assert await migrate(empty_database_url, migrations) == ["001_sessions.sql", "002_notes.sql"]
+    assert await migrate(empty_database_url, migrations) == []
+    assert await applied(empty_database_url) == [(1, "001_sessions.sql"), (2, "002_notes.sql")]
+
+
+async def test_an_applied_file_that_was_edited_is_an_error_naming_it(
+    empty_database_url: str, migrations: Path
+) -> None:
+    await migrate(empty_database_url, migrations)
+    (migrations / "002_notes.sql").write_text("CREATE TABLE notes (id bigint PRIMARY KEY);\n")
+    with pytest.raises(MigrationError, match=r"002_notes\.sql was edited after it was applied"):
+        await migrate(empty_database_url, migrations)
+
+
+async def test_an_applied_file_missing_on_disk_is_an_error(empty_database_url: str, migrations: Path) -> None:
+    await migrate(empty_database_url, migrations)
+    (migrations / "002_notes.sql").unlink()
+    with pytest.raises(MigrationError, match=r"002_notes\.sql was applied to this database but is missing"):
+        await migrate(empty_database_url, migrations)
+
+
+async def test_a_failing_migration_leaves_nothing_of_itself(
+    empty_database_url: str, migrations: Path
+) -> None:
+    (migrations / "003_broken.sql").write_text("CREATE TABLE half (id int); SELECT no_such_function();\n")
+    with pytest.raises(asyncpg.PostgresError):
+        await migrate(empty_database_url, migrations)
+    assert await applied(empty_database_url) == [(1, "001_sessions.sql"), (2, "002_notes.sql")]
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('half')") is None
+    finally:
+        await conn.close()
+
+
+async def test_instances_starting_together_apply_each_file_once(
+    empty_database_url: str, migrations: Path
+) -> None:
+    results = await asyncio.gather(*(migrate(empty_database_url, migrations) for _ in range(5)))
+    assert sorted(len(r) for r in results) == [0, 0, 0, 0, 2]
+    assert await applied(empty_database_url) == [(1, "001_sessions.sql"), (2, "002_notes.sql")]
+
+
+async def test_check_migrated_refuses_an_unmigrated_database(
+    empty_database_url: str, migrations: Path
+) -> None:
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        with pytest.raises(NotMigrated, match="run `python -m bot migrate`"):
+            await check_migrated(conn, migrations)
+        await migrate(empty_database_url, MIGRATIONS_DIR)
+        assert await pending(conn, migrations) == ["002_notes.sql"]
+        await migrate(empty_database_url, migrations)
+        await check_migrated(conn, migrations)
+    finally:
+        await conn.close()
+
+
+def test_badly_named_files_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "create_things.sql").write_text("SELECT 1;")
+    with pytest.raises(MigrationError, match=r"NNN_name\.sql"):
+        asyncio.run(migrate("postgresql://unused/db", tmp_path))
