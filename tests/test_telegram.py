@@ -1,0 +1,118 @@
+"""Decoding Telegram's updates, and the Bot API client against the fake server over real HTTP."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from bot.telegram import BotApi, BotApiError, InvalidUpdate, decode_update
+from bot.testing.env import TOKEN, USERNAME
+from bot.testing.fake_telegram import FakeTelegram
+from bot.testing.updates import PIZZA, encode, message_update
+
+
+def test_a_group_message_decodes_with_what_the_bot_needs() -> None:
+    update = decode_update(encode(message_update(7, -100123, f"/hunger@{USERNAME} {PIZZA}")))
+    assert update.update_id == 7
+    message = update.new_message
+    assert message is not None
+    assert message.chat.id == -100123
+    assert message.chat.type == "supergroup"
+    assert message.from_user is not None
+    assert message.entities[0].type == "bot_command"
+    assert update.chat == message.chat
+
+
+def test_channel_posts_are_new_messages_and_edits_are_not() -> None:
+    post = decode_update(encode(message_update(1, -5, PIZZA, kind="channel_post")))
+    edit = decode_update(encode(message_update(2, -5, PIZZA, kind="edited_message")))
+    assert post.new_message is not None
+    assert edit.new_message is None
+    assert edit.chat is not None
+    assert edit.chat.id == -5
+
+
+def test_forum_topics_and_captions_are_kept_apart() -> None:
+    update = decode_update(encode(message_update(1, -5, None, caption=PIZZA, thread_id=9)))
+    message = update.message
+    assert message is not None
+    assert (message.text, message.caption, message.message_thread_id, message.is_topic_message) == (
+        None,
+        PIZZA,
+        9,
+        True,
+    )
+
+
+def test_unknown_fields_at_every_level_are_ignored() -> None:
+    raw = message_update(1, -5, PIZZA)
+    raw["brand_new_field"] = {"x": [1, 2]}
+    raw["message"]["chat"]["emoji_status"] = "🙂"
+    raw["message"]["story"] = {"id": 3}
+    raw["message"]["from"]["is_premium"] = True
+    assert decode_update(json.dumps(raw).encode()).message is not None
+
+
+@pytest.mark.parametrize(
+    ("body", "complaint"),
+    [
+        (b"", "not JSON"),
+        (b"{", "not JSON"),
+        (b"\xff", "not JSON"),
+        (b'{"update_id": 1, "message": {"text": "\xc3\x28"}}', "not JSON"),
+        (b"[]", "not a Telegram Update"),
+        (b"{}", "update_id"),
+        (b'{"update_id": "1"}', "update_id"),
+        (b'{"update_id": 1.5}', "update_id"),
+        (b'{"update_id": true}', "update_id"),
+        (b'{"update_id": 9223372036854775808}', "update_id"),
+        (
+            b'{"update_id": 1, "message": {"message_id": 1, "chat": {"id": -1e30, "type": "group"}}}',
+            "chat.id",
+        ),
+        (b'{"update_id": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
+    ],
+)
+def test_what_is_not_an_update_is_refused_with_a_reason(body: bytes, complaint: str) -> None:
+    with pytest.raises(InvalidUpdate, match=complaint):
+        decode_update(body)
+
+
+@pytest.fixture
+async def api(telegram_root: str) -> AsyncIterator[BotApi]:
+    async with httpx.AsyncClient(timeout=5) as client:
+        yield BotApi(TOKEN, client, telegram_root)
+
+
+@pytest.mark.anyio
+async def test_get_me_and_send_message_over_http(api: BotApi, fake: FakeTelegram) -> None:
+    me = await api.get_me()
+    assert (me.id, me.username, me.can_read_all_group_messages) == (123456789, USERNAME, True)
+    sent = await api.call("sendMessage", {"chat_id": -5, "text": "hi", "message_thread_id": 3})
+    assert sent["text"] == "hi"
+    assert fake.sent_messages(-5) == [{"chat_id": -5, "text": "hi", "message_thread_id": 3}]
+
+
+@pytest.mark.anyio
+async def test_bot_api_errors_carry_code_description_and_retry_after(api: BotApi, fake: FakeTelegram) -> None:
+    fake.fail_next(
+        "sendMessage", error_code=429, description="Too Many Requests: retry after 7", retry_after=7
+    )
+    with pytest.raises(BotApiError) as caught:
+        await api.call("sendMessage", {"chat_id": 1, "text": "x"})
+    assert (caught.value.error_code, caught.value.retry_after, caught.value.permanent) == (429, 7.0, False)
+    with pytest.raises(BotApiError) as caught:
+        await api.call("sendMessage", {"chat_id": 1, "text": ""})
+    assert caught.value.error_code == 400
+    assert caught.value.permanent
+    assert "message text is empty" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_bot_api_is_a_bot_api_error() -> None:
+    async with httpx.AsyncClient(timeout=2) as client:
+        with pytest.raises(BotApiError, match="no answer from the Bot API"):
+            await BotApi(TOKEN, client, "http://127.0.0.1:9").call("getMe")
