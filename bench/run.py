@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 
 from bot.embedded import EmbeddedPostgres
 from bot.migrate import migrate
-from bot.testing.delivery import DeliveryStats, deliver
+from bot.testing.delivery import DeliveryStats, LoopbackHttp, Poster, deliver
 from bot.testing.env import SECRET, USERNAME, bot_env
 from bot.testing.fake_telegram import FakeTelegram, serve
 from bot.testing.processes import BotProcess
@@ -81,9 +80,7 @@ def make_updates(w: Workload, seed: int = 7) -> tuple[list[dict[str, Any]], Coun
     return updates, expected
 
 
-async def verify(
-    client: httpx.AsyncClient, url: str, fake: FakeTelegram, expected: Counter[int]
-) -> tuple[int, int]:
+async def verify(client: Poster, url: str, fake: FakeTelegram, expected: Counter[int]) -> tuple[int, int]:
     """Ask /hunger in every chat; return (lost, extra) increments summed over chats."""
     fake.reset()
     asks = [hunger(10_000_000 + i, chat, username=USERNAME) for i, chat in enumerate(sorted(expected))]
@@ -112,8 +109,8 @@ async def run_workload(
         urls = [bot.url + "/webhook" for bot in bots]
         turn = iter(range(10**9))
         updates, expected = make_updates(w)
-        limits = httpx.Limits(max_connections=w.in_flight * 2, max_keepalive_connections=w.in_flight * 2)
-        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        client = LoopbackHttp()
+        try:
             stats: DeliveryStats = await deliver(
                 client,
                 lambda: urls[next(turn) % len(urls)],
@@ -125,6 +122,8 @@ async def run_workload(
                 give_up_after=600,
             )
             lost, extra = await verify(client, urls[0], fake, expected)
+        finally:
+            await client.aclose()
     finally:
         for bot in bots:
             bot.close()
