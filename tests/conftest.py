@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 import pytest
 
+from bot.app import create_app
+from bot.config import Settings
+from bot.dispatch import Bot
 from bot.embedded import EmbeddedPostgres
 from bot.migrate import migrate
 from bot.storage import Storage
@@ -123,6 +128,23 @@ async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
         yield postgres
     finally:
         await postgres.close()
+
+
+@asynccontextmanager
+async def _asgi_client(settings: Settings, bot: Bot[Any] | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, bot=bot)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://bot") as c,
+    ):
+        yield c
+
+
+@pytest.fixture
+def open_client() -> Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]:
+    """`async with open_client(settings, bot=None) as client`: the app in process, lifespan and all."""
+    return _asgi_client
 
 
 @pytest.fixture(scope="session")

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 
-from bot.app import SECRET_HEADER, create_app
+from bot.app import SECRET_HEADER
 from bot.config import Settings
 from bot.context import Context
-from bot.dispatch import Bot
 from bot.handlers import PizzaSession, build_bot
 from bot.testing.env import SECRET, USERNAME, make_settings
 from bot.testing.fake_telegram import FakeTelegram
@@ -22,23 +22,17 @@ from bot.testing.updates import PIZZA, encode, hunger, message_update
 
 pytestmark = pytest.mark.anyio
 
+OpenClient = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
+
 
 @pytest.fixture
 def settings(database_url: str, telegram_root: str) -> Settings:
     return make_settings(database_url, telegram_root)
 
 
-async def open_client(settings: Settings, bot: Bot[Any] | None = None) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, bot=bot)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://bot") as client:
-            yield client
-
-
 @pytest.fixture
-async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async for c in open_client(settings):
+async def client(settings: Settings, open_client: OpenClient) -> AsyncIterator[httpx.AsyncClient]:
+    async with open_client(settings) as c:
         yield c
 
 
@@ -212,7 +206,7 @@ async def test_updates_the_bot_does_not_handle_are_200_without_database_work(
 
 
 async def test_a_handler_bug_is_rolled_back_and_acknowledged(
-    settings: Settings, fake: FakeTelegram, caplog: pytest.LogCaptureFixture
+    open_client: OpenClient, settings: Settings, fake: FakeTelegram, caplog: pytest.LogCaptureFixture
 ) -> None:
     bot = build_bot()
 
@@ -221,7 +215,7 @@ async def test_a_handler_bug_is_rolled_back_and_acknowledged(
         ctx.session.pizza_count += 1000
         raise ZeroDivisionError("bug")
 
-    async for client in open_client(settings, bot):
+    async with open_client(settings, bot) as client:
         assert await post(client, message_update(1, -11, PIZZA)) == 200
         assert await post(client, message_update(2, -11, "boom")) == 200
         assert await post(client, hunger(3, -11)) == 200
@@ -232,10 +226,10 @@ async def test_a_handler_bug_is_rolled_back_and_acknowledged(
 
 
 async def test_a_locked_row_past_lock_timeout_is_503_and_nothing_is_half_written(
-    database_url: str, telegram_root: str, fake: FakeTelegram
+    open_client: OpenClient, database_url: str, telegram_root: str, fake: FakeTelegram
 ) -> None:
     settings = make_settings(database_url, telegram_root, DB_LOCK_TIMEOUT="0.3")
-    async for client in open_client(settings):
+    async with open_client(settings) as client:
         assert await post(client, message_update(1, -12, PIZZA)) == 200
         blocker = await asyncpg.connect(database_url)
         try:
@@ -258,19 +252,19 @@ async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
 
 
 async def test_readiness_is_503_on_an_unmigrated_database(
-    empty_database_url: str, telegram_root: str
+    open_client: OpenClient, empty_database_url: str, telegram_root: str
 ) -> None:
-    async for client in open_client(make_settings(empty_database_url, telegram_root)):
+    async with open_client(make_settings(empty_database_url, telegram_root)) as client:
         response = await client.get("/readyz")
         assert response.status_code == 503
         assert "not ready" in json.loads(response.text)["error"]
 
 
 async def test_webhook_reply_mode_answers_in_the_response_body_once(
-    database_url: str, telegram_root: str, fake: FakeTelegram
+    open_client: OpenClient, database_url: str, telegram_root: str, fake: FakeTelegram
 ) -> None:
     settings = make_settings(database_url, telegram_root, WEBHOOK_REPLY="true")
-    async for client in open_client(settings):
+    async with open_client(settings) as client:
         await post(client, message_update(1, -13, PIZZA))
         headers = {SECRET_HEADER: SECRET, "content-type": "application/json"}
         response = await client.post("/webhook", content=encode(hunger(2, -13)), headers=headers)

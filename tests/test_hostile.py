@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import asyncpg
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.app import SECRET_HEADER, create_app
+from bot.app import SECRET_HEADER
 from bot.testing.env import SECRET, make_settings
 from bot.testing.updates import PIZZA, encode, message_update
 
@@ -92,13 +93,12 @@ not_an_update = st.one_of(
 
 
 @pytest.fixture
-async def client(database_url: str, telegram_root: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(make_settings(database_url, telegram_root))
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://b") as c,
-    ):
+async def client(
+    database_url: str,
+    telegram_root: str,
+    open_client: Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]],
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with open_client(make_settings(database_url, telegram_root)) as c:
         yield c
 
 
