@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -17,7 +18,7 @@ from .context import BotIdentity, Context
 from .dispatch import Bot, Handler
 from .metrics import Metrics
 from .rules import chat_migration
-from .session import AlreadyApplied, SessionSlot
+from .session import AlreadyApplied, SessionConfig, SessionSlot
 from .storage import PendingCall, Storage, StorageUnavailable, Transaction
 from .telegram import Update
 
@@ -94,35 +95,49 @@ class Pipeline:
         self.metrics.inc("updates_total", outcome.status.value)
         return outcome
 
+    @asynccontextmanager
+    async def _unit(self, update: Update) -> AsyncIterator[_Unit]:
+        """The update's transactions: on the bot's storage (the claim, the outbox, sessions without a
+        storage of their own), plus one per other storage a session names.
+
+        On exit the others commit first and the bot's storage last, so a crash between the commits
+        leaves the update unclaimed: its redelivery applies it again to the other storages (at least
+        once there) and exactly once here. All of them roll back when anything raises.
+        """
+        async with AsyncExitStack() as stack:
+            main = await stack.enter_async_context(self.storage.transaction())
+            unit = _Unit(self.storage, main, _Claim(main, self.me.id, update.update_id))
+            for config in self.bot.sessions.values():
+                if config.storage is not None and id(config.storage) not in unit.transactions:
+                    tx = await stack.enter_async_context(config.storage.transaction())
+                    unit.transactions[id(config.storage)] = tx
+            yield unit
+
     async def _apply(self, update: Update, handler: Handler[Any]) -> Outcome:
-        async with self.storage.transaction() as tx:
-            claim = _Claim(tx, self.me.id, update.update_id)
+        async with self._unit(update) as unit:
             slots = {
-                name: SessionSlot(config, config.key(update), tx, claim)
-                for name, config in self.bot.sessions.items()
+                name: unit.slot(config, config.key(update)) for name, config in self.bot.sessions.items()
             }
             ctx: Context[Any] = Context(update, self.me, slots)
             try:
-                # A fixed lock order (by key) for bots with several sessions, so two updates can't
-                # each hold one row and wait for the other's.
-                for slot in sorted(slots.values(), key=lambda s: s.key or ""):
+                for slot in unit.in_lock_order(slots.values()):
                     if not slot.config.lazy:
                         await slot.load()
                 await handler(ctx)
                 if ctx.calls:
-                    await claim()  # replies are exactly-once too, even from a handler with no session
+                    await unit.claim()  # replies are exactly-once too, even from a handler with no session
             except AlreadyApplied:
                 pass
-            if claim.duplicate:
+            if unit.claim.duplicate:
                 # Checked here, not only in the except: a handler that swallowed AlreadyApplied must not
                 # get its changes saved.
                 return Outcome(
-                    Status.DUPLICATE, await tx.claim_unsent(self.me.id, update.update_id, self.lease)
+                    Status.DUPLICATE, await unit.main.claim_unsent(self.me.id, update.update_id, self.lease)
                 )
             for slot in slots.values():
                 await slot.save()
             return Outcome(
-                Status.APPLIED, await tx.enqueue(self.me.id, update.update_id, ctx.calls, self.lease)
+                Status.APPLIED, await unit.main.enqueue(self.me.id, update.update_id, ctx.calls, self.lease)
             )
 
     async def _migrate(self, update: Update, old_chat: int, new_chat: int) -> Outcome:
@@ -130,26 +145,25 @@ class Pipeline:
 
         Both of Telegram's service messages (one per chat, in either order, racing with other updates)
         do this; the second finds the old session gone and moves only what arrived since, so every
-        increment lands in the new chat exactly once. Both rows are locked in key order, like any
+        increment lands in the new chat exactly once. Both rows are locked in the same order as any
         other multi-row transaction here, so the two messages cannot deadlock each other.
         """
-        async with self.storage.transaction() as tx:
-            claim = _Claim(tx, self.me.id, update.update_id)
+        async with self._unit(update) as unit:
             pairs = [
                 (
                     config.merge,
-                    SessionSlot(config, config.prefix + str(old_chat), tx, claim),
-                    SessionSlot(config, config.prefix + str(new_chat), tx, claim),
+                    unit.slot(config, config.prefix + str(old_chat)),
+                    unit.slot(config, config.prefix + str(new_chat)),
                 )
                 for config in self.bot.sessions.values()
                 if config.merge is not None
             ]
             try:
-                for slot in sorted((s for _, *both in pairs for s in both), key=lambda s: s.key or ""):
+                for slot in unit.in_lock_order(s for _, *both in pairs for s in both):
                     await slot.load()
             except AlreadyApplied:
                 return Outcome(
-                    Status.DUPLICATE, await tx.claim_unsent(self.me.id, update.update_id, self.lease)
+                    Status.DUPLICATE, await unit.main.claim_unsent(self.me.id, update.update_id, self.lease)
                 )
             for merge, old, new in pairs:
                 if old.stored:
@@ -159,3 +173,22 @@ class Pipeline:
                 await new.save()
             log.info("update %d: moved sessions of chat %d to %d", update.update_id, old_chat, new_chat)
             return Outcome(Status.APPLIED)
+
+
+class _Unit:
+    def __init__(self, storage: Storage, main: Transaction, claim: _Claim) -> None:
+        self.main = main
+        self.claim = claim
+        self._storage = storage
+        # By storage identity, in the order opened: the bot's storage first.
+        self.transactions: dict[int, Transaction] = {id(storage): main}
+
+    def slot(self, config: SessionConfig[Any], key: str | None) -> SessionSlot[Any]:
+        tx = self.transactions[id(config.storage or self._storage)]
+        return SessionSlot(config, key, tx, self.claim)
+
+    def in_lock_order(self, slots: Iterable[SessionSlot[Any]]) -> list[SessionSlot[Any]]:
+        """Storage by storage (the bot's first), key by key: one global order for every update, so two
+        updates can't each hold a row the other waits for."""
+        order = {storage_id: n for n, storage_id in enumerate(self.transactions)}
+        return sorted(slots, key=lambda s: (order[id(s.config.storage or self._storage)], s.key or ""))

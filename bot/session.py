@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from .storage import StoredSession, Transaction
+from .storage import Storage, StoredSession, Transaction
 from .telegram import Update
 
 __all__ = [
@@ -67,6 +67,7 @@ class SessionConfig(Generic[S]):
     version: int = 0
     migrations: Mapping[int, Migration] = field(default_factory=dict)
     merge: Callable[[S, S], S] | None = None
+    storage: Storage | None = None  # None: the bot's storage, in the update's main transaction
 
     def key(self, update: Update) -> str | None:
         key = self.get_session_key(update)
@@ -107,6 +108,7 @@ def session(
     version: int = 0,
     migrations: Mapping[int, Migration] | None = None,
     merge: Callable[[S, S], S] | None = None,
+    storage: Storage | None = None,
 ) -> SessionConfig[S]:
     """Describe a session.
 
@@ -121,6 +123,9 @@ def session(
     `merge(old, new)` follows a group when Telegram upgrades it to a supergroup (a new chat id): the
     old chat's session is combined into the new chat's and removed, exactly once. It applies to
     sessions keyed by chat id (the default key); without it, a migrated group starts afresh.
+
+    `storage` keeps this session somewhere other than the bot's storage (see docs/SESSIONS.md for what
+    that costs: the two transactions commit one after the other, not atomically).
     """
     if data_type is None:
         if not isinstance(initial, type):
@@ -136,6 +141,7 @@ def session(
         version=version,
         migrations=dict(migrations or {}),
         merge=merge,
+        storage=storage,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -18,7 +19,8 @@ from bot.metrics import Metrics
 from bot.pipeline import Pipeline, Status
 from bot.session import NoSessionKey, SessionDecodeError, session
 from bot.storage import OutgoingCall, PendingCall, Storage, StoredSession, Transaction
-from bot.telegram import decode_update
+from bot.storage.memory import MemoryStorage
+from bot.telegram import Update, decode_update
 from bot.testing.updates import encode, message_update, text_update
 
 pytestmark = pytest.mark.anyio
@@ -346,3 +348,89 @@ async def test_chat_migration_racing_with_updates_on_both_ids_loses_nothing(stor
     assert await stored(storage, "-6") is None
     look = await run.process(text_update(400, chat_id=-1006, text="look"))
     assert [c.params["text"] for c in look.to_send] == ["200"]
+
+
+def user_key(update: Update) -> str | None:
+    message = update.new_message
+    return None if message is None or message.from_user is None else f"user:{message.from_user.id}"
+
+
+def multi_bot(user_storage: Storage | None = None) -> Bot[Any]:
+    bot: Bot[Any] = Bot(
+        sessions={
+            "chat": session(Counted),
+            "user": session(Counted, get_session_key=user_key, storage=user_storage),
+        }
+    )
+
+    @bot.on_message(lambda m: m.text == "+")
+    async def plus(ctx: Context[Any]) -> None:
+        ctx.fragment("chat").count += 1
+        ctx.fragment("user").count += 1
+
+    @bot.on_message(lambda m: m.text == "boom")
+    async def boom(ctx: Context[Any]) -> None:
+        ctx.fragment("chat").count += 1
+        ctx.fragment("user").count += 1
+        raise RuntimeError("handler bug")
+
+    return bot
+
+
+def from_user(update_id: int, chat_id: int, user_id: int, text: str) -> Update:
+    raw = message_update(update_id, chat_id, text)
+    raw["message"]["from"]["id"] = user_id
+    return decode_update(encode(raw))
+
+
+async def count_of(storage: Storage, key: str) -> int:
+    saved = await stored(storage, key)
+    return 0 if saved is None else int(json.loads(saved.data)["count"])
+
+
+async def test_multi_sessions_keep_per_chat_and_per_user_counts_exact_under_concurrency(
+    storage: Storage,
+) -> None:
+    run = pipeline(multi_bot(), storage)
+    rng = random.Random(3)
+    # Five users writing in five chats at once: every update locks a chat row and a user row, in one
+    # global order, so no two updates can deadlock on each other's rows.
+    updates = [(i, -(1 + rng.randrange(5)), 100 + rng.randrange(5)) for i in range(1, 301)]
+    results = await asyncio.gather(*(run.process(from_user(i, c, u, "+")) for i, c, u in updates))
+    assert {r.status for r in results} == {Status.APPLIED}
+    for chat in range(1, 6):
+        assert await count_of(storage, str(-chat)) == sum(1 for _, c, _ in updates if c == -chat)
+    for user in range(100, 105):
+        assert await count_of(storage, f"user:{user}") == sum(1 for _, _, u in updates if u == user)
+
+
+async def test_a_session_in_its_own_storage_is_written_there_and_rolled_back_with_the_rest(
+    storage: Storage,
+) -> None:
+    elsewhere = MemoryStorage()
+    run = pipeline(multi_bot(user_storage=elsewhere), storage)
+    await run.process(from_user(1, -1, 100, "+"))
+    await run.process(from_user(2, -1, 100, "+"))
+    assert (await count_of(storage, "-1"), await count_of(elsewhere, "user:100")) == (2, 2)
+    assert await stored(storage, "user:100") is None
+    assert (await run.process(from_user(3, -1, 100, "boom"))).status is Status.FAILED
+    assert (await count_of(storage, "-1"), await count_of(elsewhere, "user:100")) == (2, 2)
+    # The exactly-once record lives in the bot's storage: a redelivery changes neither storage.
+    assert (await run.process(from_user(2, -1, 100, "+"))).status is Status.DUPLICATE
+    assert (await count_of(storage, "-1"), await count_of(elsewhere, "user:100")) == (2, 2)
+
+
+async def test_lazy_fragments_are_loaded_only_when_touched(counting: CountingStorage) -> None:
+    bot: Bot[Any] = Bot(
+        sessions={
+            "chat": session(Counted, lazy=True),
+            "user": session(Counted, get_session_key=user_key, lazy=True),
+        }
+    )
+
+    @bot.on_message(lambda m: True)
+    async def only_user(ctx: Context[Any]) -> None:
+        (await ctx.get_session("user")).count += 1
+
+    await pipeline(bot, counting).process(from_user(1, -1, 100, "x"))
+    assert counting.ops == {("claim", "1"): 1, ("read", "user:100"): 1, ("write", "user:100"): 1}
