@@ -58,7 +58,7 @@ Migration = Callable[[Any], Any]
 class SessionConfig(Generic[S]):
     """How one kind of session is keyed, created, stored and upgraded. Build it with `session()`."""
 
-    initial: Callable[[], S]
+    initial: Callable[[], S] | None
     data_type: type[S]
     get_session_key: Callable[[Update], str | None] = chat_key
     prefix: str = ""
@@ -98,7 +98,7 @@ class SessionConfig(Generic[S]):
 
 
 def session(
-    initial: Callable[[], S],
+    initial: Callable[[], S] | None = None,
     *,
     data_type: type[S] | None = None,
     get_session_key: Callable[[Update], str | None] = chat_key,
@@ -113,7 +113,8 @@ def session(
     """Describe a session.
 
     `initial` builds a fresh session for a key that has none (a factory, so chats never share one
-    object); when it is a class, it is also the type the stored JSON is decoded into. `lazy` loads
+    object); when it is a class, it is also the type the stored JSON is decoded into. Without it, a
+    key with no session reads as None and handlers create it (`ctx.session = Pizza()`). `lazy` loads
     and locks the session only when a handler first asks for it (`await ctx.get_session()`). `ttl`
     makes a session read as new that many seconds after it was last written. `version` and
     `migrations` (a map from an old version to a function that upgrades its decoded JSON by one step)
@@ -129,7 +130,7 @@ def session(
     """
     if data_type is None:
         if not isinstance(initial, type):
-            raise TypeError("session(): pass data_type= when initial is not the session class itself")
+            raise TypeError("session(): pass data_type= (the session class) unless initial is that class")
         data_type = initial
     return SessionConfig(
         initial=initial,
@@ -166,7 +167,7 @@ class SessionSlot(Generic[S]):
         self.key = key
         self._tx = tx
         self._claim = claim
-        self._value: S | None = _UNLOADED
+        self._value: Any = _UNLOADED  # S, or None for "no session"
         self._stored: str | None = None  # what the storage holds, as we encode it; None for nothing
         self._upgraded = False
 
@@ -179,37 +180,36 @@ class SessionSlot(Generic[S]):
         """Whether the storage held a session for this key when it was loaded."""
         return self._stored is not None
 
-    async def load(self) -> S | None:
+    async def load(self) -> None:
         if self.loaded:
-            return self._value
+            return
         if self.key is None:
             self._value = None
-            return None
+            return
         await self._claim()
         stored = await self._tx.read(self.key)
         if stored is None:
-            self._value = self.config.initial()
+            self._value = None if self.config.initial is None else self.config.initial()
         else:
             self._value = self.config.decode(self.key, stored)
             # Re-encoded rather than kept as read: PostgreSQL's jsonb reorders keys and spaces, and the
             # comparison in save() must see "unchanged" as unchanged.
             self._stored = self.config.encode(self._value)
             self._upgraded = stored.version != self.config.version
-        return self._value
 
     def get(self) -> S:
+        """The session; None when there is none (no `initial`, or set to None in this update)."""
         if not self.loaded:
             raise NoSessionKey(
                 "the session is lazy and not loaded yet: use `await ctx.get_session()` before `ctx.session`"
             )
-        if self._value is None:
-            if self.key is None:
-                raise NoSessionKey(
-                    "this update has no session: get_session_key returned None for it "
-                    "(the default key is the chat id, and this update has no chat)"
-                )
-            raise NoSessionKey("the session was deleted (set to None) earlier in this update")
-        return self._value
+        if self.key is None:
+            raise NoSessionKey(
+                "this update has no session: get_session_key returned None for it "
+                "(the default key is the chat id, and this update has no chat)"
+            )
+        value: S = self._value
+        return value
 
     def set(self, value: S | None) -> None:
         if self.key is None:
@@ -226,6 +226,7 @@ class SessionSlot(Generic[S]):
             return
         data = self.config.encode(self._value)
         if data != self._stored or self._upgraded:
-            if self._stored is None and data == self.config.encode(self.config.initial()):
+            initial = self.config.initial
+            if self._stored is None and initial is not None and data == self.config.encode(initial()):
                 return  # a new session nobody changed: reading it again gives the same initial value
             await self._tx.write(self.key, StoredSession(data, self.config.version), self.config.ttl)
