@@ -91,26 +91,32 @@ class EmbeddedPostgres:
 
     def restart(self) -> None:
         """Stop (fast: open connections are cut) and start again, keeping the data."""
+        self._pg_ctl("-m", "fast", "restart")
+        self._track_postmaster()
+
+    def pause(self) -> None:
+        """Stop the server but keep this handle, as when a managed database goes away (for tests)."""
+        self._pg_ctl("-m", "fast", "stop")
+
+    def resume(self) -> None:
+        """Start a paused server again, on the same socket."""
+        socket_dir = self._server.get_postmaster_info().socket_dir
+        self._pg_ctl("-o", f'-h "" -k {socket_dir}', "start")
+        self._track_postmaster()
+
+    def _track_postmaster(self) -> None:
+        # The wheel remembers the postmaster it started and stops only that one at exit: point it at the
+        # new postmaster, or a restarted server would outlive us.
+        self._server._postmaster_info = PostmasterInfo.read_from_pgdata(self.data_dir)
+
+    def _pg_ctl(self, *args: str) -> None:
         subprocess.run(
-            [
-                POSTGRES_BIN_PATH / "pg_ctl",
-                "-D",
-                self.data_dir,
-                "-l",
-                self.data_dir / "log",
-                "-w",
-                "-m",
-                "fast",
-                "restart",
-            ],
+            [POSTGRES_BIN_PATH / "pg_ctl", "-D", self.data_dir, "-l", self.data_dir / "log", "-w", *args],
             user=self._server.system_user,
             check=True,
             capture_output=True,
             timeout=60,
         )
-        # The wheel remembers the postmaster it started and stops only that one at exit: point it at the
-        # new postmaster, or the restarted server would outlive us.
-        self._server._postmaster_info = PostmasterInfo.read_from_pgdata(self.data_dir)
 
     def stop(self) -> None:
         """Stop the server unless another live process still uses it; delete it if temporary."""

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
+from bot.app import SECRET_HEADER
 from bot.testing.env import TOKEN, bot_env
 from bot.testing.fake_telegram import FakeTelegram
-from bot.testing.updates import PIZZA, hunger, message_update
+from bot.testing.processes import BotProcess
+from bot.testing.updates import PIZZA, encode, hunger, message_update
 
 
 def bot(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -128,3 +132,24 @@ def test_the_token_never_appears_in_logs(fake: FakeTelegram, telegram_root: str,
     result = bot("webhook-info", env=bot_env(database_url, telegram_root, LOG_LEVEL="DEBUG"))
     assert result.returncode == 0
     assert TOKEN.split(":")[1] not in result.stdout + result.stderr
+
+
+def test_the_readme_run_command_serves_on_an_embedded_database(tmp_path: Path) -> None:
+    """No DATABASE_URL, no token: `python -m bot serve` starts its own PostgreSQL and counts pizzas."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BOT_TOKEN", "WEBHOOK_SECRET")}
+    env["EMBEDDED_PG_DIR"] = str(tmp_path / "pg")
+    with BotProcess(env, tmp_path / "serve.log") as process:
+        process.wait_ready(60)
+        secret = re.search(r"X-Telegram-Bot-Api-Secret-Token: (\S+)", process.output())
+        assert secret is not None
+        headers = {SECRET_HEADER: secret.group(1), "content-type": "application/json"}
+        for update in (message_update(1, -5, PIZZA), hunger(2, -5)):
+            assert (
+                httpx.post(process.url + "/webhook", content=encode(update), headers=headers).status_code
+                == 200
+            )
+        assert process.terminate() == 0
+        assert "not sent: sendMessage" in process.output()
+        assert "Your hunger level is 1!" in process.output()
+        assert "Traceback" not in process.output()
+    assert not (tmp_path / "pg" / "postmaster.pid").exists()  # and its database was stopped on exit

@@ -19,11 +19,12 @@ import asyncpg
 import httpx
 import pytest
 
+from bot.app import SECRET_HEADER
 from bot.testing.delivery import DeliveryStats, deliver
 from bot.testing.env import SECRET, USERNAME, bot_env
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess
-from bot.testing.updates import PIZZA, hunger, message_update
+from bot.testing.updates import PIZZA, encode, hunger, message_update
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -263,3 +264,29 @@ async def test_sigterm_finishes_requests_in_flight_and_exits_cleanly(
         assert "Traceback" not in bot.output()
         fresh = start_bot()
         await check_counts(client, fresh.url, fake, Counter({-88: 20}), 10**6)
+
+
+async def test_while_the_database_is_away_readiness_is_503_and_updates_wait_for_it(
+    start_bot: Any, fake: FakeTelegram, pg_cluster: Any
+) -> None:
+    if not hasattr(pg_cluster, "pause"):
+        pytest.skip("TEST_DATABASE_URL points at a server this test cannot stop")
+    bot = start_bot()
+    async with httpx.AsyncClient(timeout=30) as client:
+        await deliver(client, lambda: bot.url + "/webhook", SECRET, [message_update(1, -99, PIZZA)])
+        await asyncio.to_thread(pg_cluster.pause)
+        try:
+            assert (await client.get(bot.url + "/healthz")).status_code == 200  # the process still serves
+            assert (await client.get(bot.url + "/readyz")).status_code == 503
+            attempt = await client.post(
+                bot.url + "/webhook",
+                content=encode(message_update(2, -99, PIZZA)),
+                headers={SECRET_HEADER: SECRET, "content-type": "application/json"},
+            )
+            assert attempt.status_code == 503  # Telegram will deliver it again
+        finally:
+            await asyncio.to_thread(pg_cluster.resume)
+        assert (await client.get(bot.url + "/readyz")).status_code == 200  # no restart of the bot needed
+        await deliver(client, lambda: bot.url + "/webhook", SECRET, [message_update(2, -99, PIZZA)])
+        assert bot.proc.poll() is None
+        await check_counts(client, bot.url, fake, Counter({-99: 2}), 10**6)
