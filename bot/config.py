@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
@@ -61,30 +62,33 @@ class Settings:
         return int(self.bot_token.split(":", 1)[0])
 
 
-def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+N = TypeVar("N", int, float)
+
+
+def _number(env: Mapping[str, str], name: str, default: N, low: N, high: N, *, unit: str = "") -> N:
+    """An int or float setting (the type of `default`), checked against its range."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
+    kind = type(default)
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+        expected = "a whole number" if kind is int else f"a number of {unit}"
+        raise ConfigError(f"{name}: expected {expected}, got {raw!r}") from None
     if not low <= value <= high:
-        raise ConfigError(f"{name}: must be between {low} and {high}, got {value}")
+        shown = [f"{n:g}" if isinstance(n, float) else str(n) for n in (low, high, value)]
+        unit = f" {unit}" if unit else ""
+        raise ConfigError(f"{name}: must be between {shown[0]} and {shown[1]}{unit}, got {shown[2]}")
     return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    return _number(env, name, default, low, high)
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: expected a number of seconds, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name}: must be between {low:g} and {high:g} seconds, got {value:g}")
-    return value
+    return _number(env, name, float(default), float(low), float(high), unit="seconds")
 
 
 def _bool(env: Mapping[str, str], name: str) -> bool:
