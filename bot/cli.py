@@ -22,7 +22,7 @@ import msgspec
 
 from .config import ConfigError, Settings, load_settings
 from .migrate import MigrationError, NotMigrated, check_migrated, migrate
-from .runtime import StartupError, start
+from .runtime import StartupError, resolve_identity, start
 from .storage import StorageUnavailable
 from .telegram import BotApi, BotApiError, InvalidUpdate, decode_update
 
@@ -57,6 +57,18 @@ def _database(settings: Settings) -> Iterator[Settings]:
         server.stop()
 
 
+async def _preflight(settings: Settings, *, check_migrations: bool) -> Settings:
+    """The database is reachable and migrated, and Telegram knows the token: settings with our username."""
+    assert settings.database_url is not None
+    if check_migrations:
+        await _require_migrated(settings.database_url)
+    if settings.bot_token is None:
+        return settings
+    async with httpx.AsyncClient(timeout=20) as client:
+        me = await resolve_identity(settings, BotApi(settings.bot_token, client, settings.telegram_api_root))
+    return dataclasses.replace(settings, bot_username=me.username)
+
+
 async def _require_migrated(dsn: str) -> None:
     import asyncpg
 
@@ -76,8 +88,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from .app import create_app
 
     with _database(settings) as settings:
-        if settings.database_url is not None and args.skip_migration_check is False:
-            asyncio.run(_require_migrated(settings.database_url))
+        # Checked before uvicorn starts: a failure inside its lifespan would end in a traceback.
+        settings = asyncio.run(_preflight(settings, check_migrations=not args.skip_migration_check))
         host = args.host or settings.host
         port = args.port or settings.port
         if settings.bot_token is None:

@@ -48,15 +48,12 @@ class Runtime:
 
 
 async def resolve_identity(settings: Settings, api: BotApi | None) -> BotIdentity:
-    """Our username decides which `/cmd@name` commands are ours: from BOT_USERNAME, else from getMe."""
-    if api is None:
+    """Our username decides which `/cmd@name` commands are ours: BOT_USERNAME if set, else getMe's."""
+    if api is None or settings.bot_username is not None:
         return BotIdentity(settings.bot_id, settings.bot_username or TRIAL_USERNAME)
     try:
         me = await api.get_me()
     except BotApiError as exc:
-        if settings.bot_username is not None:
-            log.warning("getMe failed (%s); using BOT_USERNAME=%s", exc, settings.bot_username)
-            return BotIdentity(settings.bot_id, settings.bot_username)
         raise StartupError(f"BOT_TOKEN: getMe at {settings.telegram_api_root} failed: {exc}") from exc
     if me.can_read_all_group_messages is False:
         log.warning(
@@ -64,7 +61,7 @@ async def resolve_identity(settings: Settings, api: BotApi | None) -> BotIdentit
             " counted. Turn it off in @BotFather (/setprivacy → Disable), then remove and re-add the bot.",
             me.username,
         )
-    return BotIdentity(me.id, settings.bot_username or me.username or TRIAL_USERNAME)
+    return BotIdentity(me.id, me.username or TRIAL_USERNAME)
 
 
 @asynccontextmanager

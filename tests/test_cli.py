@@ -153,3 +153,26 @@ def test_the_readme_run_command_serves_on_an_embedded_database(tmp_path: Path) -
         assert "Your hunger level is 1!" in process.output()
         assert "Traceback" not in process.output()
     assert not (tmp_path / "pg" / "postmaster.pid").exists()  # and its database was stopped on exit
+
+
+def test_a_token_telegram_refuses_stops_serve_with_one_line(
+    fake: FakeTelegram, telegram_root: str, database_url: str
+) -> None:
+    fake.fail_next("getMe", error_code=401, description="Unauthorized")
+    result = bot("serve", env=bot_env(database_url, telegram_root))
+    assert result.returncode == 1
+    assert "bot: BOT_TOKEN: getMe at" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_warns_when_privacy_mode_hides_group_messages(
+    fake: FakeTelegram, telegram_root: str, database_url: str, tmp_path: Path
+) -> None:
+    fake.privacy = True
+    try:
+        with BotProcess(bot_env(database_url, telegram_root), tmp_path / "serve.log") as process:
+            process.wait_ready()
+            assert "privacy mode is on for @" in process.output()
+            assert "/setprivacy" in process.output()
+    finally:
+        fake.privacy = False
