@@ -275,3 +275,37 @@ async def test_webhook_reply_mode_answers_in_the_response_body_once(
         assert again.content == b""  # a redelivery: already answered, nothing to send
         await asyncio.sleep(0.3)
         assert fake.sent_messages(-13) == []  # nothing went through the Bot API as well
+
+
+async def test_an_exhausted_pool_is_503_and_nothing_is_half_written(
+    open_client: OpenClient, database_url: str, telegram_root: str, fake: FakeTelegram
+) -> None:
+    settings = make_settings(
+        database_url,
+        telegram_root,
+        DB_POOL_MIN="1",
+        DB_POOL_MAX="1",
+        DB_ACQUIRE_TIMEOUT="0.3",
+        DB_LOCK_TIMEOUT="10",
+    )
+    async with open_client(settings) as client:
+        assert await post(client, message_update(1, -14, PIZZA)) == 200
+        blocker = await asyncpg.connect(database_url)
+        try:
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.execute("SELECT 1 FROM sessions WHERE key = '-14' FOR UPDATE")
+            # This one takes the pool's only connection and waits for the row lock...
+            waiting = asyncio.create_task(post(client, message_update(2, -14, PIZZA)))
+            await asyncio.sleep(0.3)
+            # ...so this one, for another chat, finds no connection in time.
+            assert await post(client, message_update(3, -15, PIZZA)) == 503
+            await tx.rollback()
+            assert await waiting == 200
+        finally:
+            await blocker.close()
+        assert await post(client, message_update(3, -15, PIZZA)) == 200  # the redelivery
+        assert await post(client, hunger(4, -14)) == 200
+        assert await post(client, hunger(5, -15)) == 200
+        assert await replies(fake, -14, 1) == ["Your hunger level is 2!"]
+        assert await replies(fake, -15, 1) == ["Your hunger level is 1!"]
