@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 import uvicorn
 from starlette.applications import Starlette
@@ -142,8 +143,10 @@ class FakeTelegram:
                 params.update(json.loads(body) if body else {})
             except (ValueError, TypeError):
                 return self._error(400, "Bad Request: can't parse JSON")
-        elif "form" in content_type:
-            params.update(dict(await request.form()))
+        elif "x-www-form-urlencoded" in content_type:
+            # Parsed here rather than with request.form(), which needs python-multipart; multipart
+            # uploads (files) are not something this bot sends.
+            params.update(parse_qsl((await request.body()).decode()))
         match = _TOKEN.match(token)
         if match is None:
             return self._error(401, "Unauthorized")

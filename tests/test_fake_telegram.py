@@ -1,0 +1,90 @@
+"""The fake Bot API speaks the real protocol: the tests that lean on it are only as good as it is."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+
+from bot.testing.env import TOKEN
+from bot.testing.fake_telegram import FakeTelegram
+
+
+def call(root: str, method: str, token: str = TOKEN, **kwargs: object) -> httpx.Response:
+    return httpx.post(f"{root}/bot{token}/{method}", timeout=10, **kwargs)  # type: ignore[arg-type]
+
+
+def test_parameters_arrive_by_json_form_or_query(fake: FakeTelegram, telegram_root: str) -> None:
+    call(telegram_root, "sendMessage", json={"chat_id": 1, "text": "json"})
+    call(telegram_root, "sendMessage", data={"chat_id": "2", "text": "form"})
+    call(telegram_root, "sendMessage", params={"chat_id": "3", "text": "query"})
+    assert [(c.params["chat_id"], c.params["text"]) for c in fake.calls("sendMessage")] == [
+        (1, "json"),
+        ("2", "form"),
+        ("3", "query"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("token", "method", "status", "description"),
+    [
+        ("not-a-token", "getMe", 401, "Unauthorized"),
+        (TOKEN, "noSuchMethod", 404, "Not Found: method not found"),
+        (TOKEN, "sendMessage", 400, "Bad Request: chat_id is required"),
+    ],
+)
+def test_errors_look_like_the_real_api(
+    telegram_root: str, token: str, method: str, status: int, description: str
+) -> None:
+    response = call(telegram_root, method, token=token, json={})
+    assert response.status_code == status
+    assert response.json() == {"ok": False, "error_code": status, "description": description}
+
+
+def test_get_updates_confirms_by_offset_and_refuses_while_a_webhook_is_set(
+    fake: FakeTelegram, telegram_root: str
+) -> None:
+    for update_id in (10, 11, 12):
+        fake.push_update({"update_id": update_id})
+    assert [u["update_id"] for u in call(telegram_root, "getUpdates", json={}).json()["result"]] == [
+        10,
+        11,
+        12,
+    ]
+    assert [
+        u["update_id"] for u in call(telegram_root, "getUpdates", json={"offset": 12}).json()["result"]
+    ] == [12]
+    call(telegram_root, "setWebhook", json={"url": "https://example.com/webhook"})
+    conflict = call(telegram_root, "getUpdates", json={})
+    assert conflict.status_code == 409
+    call(telegram_root, "deleteWebhook", json={})
+    assert call(telegram_root, "getUpdates", json={}).status_code == 200
+
+
+def test_long_polling_wakes_up_when_an_update_arrives(fake: FakeTelegram, telegram_root: str) -> None:
+    timer = threading.Timer(0.3, fake.push_update, args=({"update_id": 1},))
+    timer.start()
+    result = call(telegram_root, "getUpdates", json={"timeout": 10}).json()["result"]
+    timer.join()
+    assert [u["update_id"] for u in result] == [1]
+
+
+def test_injected_failures_come_once_each_then_calls_succeed(fake: FakeTelegram, telegram_root: str) -> None:
+    fake.fail_next("sendMessage", times=2, error_code=429, description="Too Many Requests", retry_after=3)
+    first = call(telegram_root, "sendMessage", json={"chat_id": 1, "text": "x"})
+    assert first.status_code == 429
+    assert first.json()["parameters"] == {"retry_after": 3}
+    assert call(telegram_root, "sendMessage", json={"chat_id": 1, "text": "x"}).status_code == 429
+    assert call(telegram_root, "sendMessage", json={"chat_id": 1, "text": "x"}).json()["ok"] is True
+
+
+def test_wait_for_sees_calls_made_from_another_thread(fake: FakeTelegram, telegram_root: str) -> None:
+    sender = threading.Timer(
+        0.2, call, args=(telegram_root, "sendMessage"), kwargs={"json": {"chat_id": 5, "text": "hi"}}
+    )
+    sender.start()
+    fake.wait_for(lambda: len(fake.sent_messages(5)) == 1, timeout=10)
+    sender.join()
+    with pytest.raises(TimeoutError):
+        fake.wait_for(lambda: len(fake.sent_messages(5)) == 2, timeout=0.3)
