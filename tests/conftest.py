@@ -159,7 +159,6 @@ def fake(_fake_server: tuple[FakeTelegram, str]) -> FakeTelegram:
     """The fake Bot API, emptied for each test."""
     fake = _fake_server[0]
     fake.reset()
-    fake.delay = 0.0
     return fake
 
 

@@ -126,10 +126,13 @@ class FakeTelegram:
             self._lock.notify_all()
 
     def reset(self) -> None:
+        """Forget calls, failures, updates and the webhook, as for a new test."""
         with self._lock:
             self._calls.clear()
             self._failures.clear()
             self._updates.clear()
+            self._webhook = {}
+            self.delay = 0.0
 
     # --- the protocol ---
 
