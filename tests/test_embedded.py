@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -16,19 +20,33 @@ from bot.embedded import EmbeddedPostgres, default_data_dir
 
 pytestmark = pytest.mark.slow
 
-# A process that starts the server in DATA, prints the postmaster's pid, and then waits to be killed
-# (or, with "stop", stops it the way `serve` does on exit).
+# A process that starts the server in DATA, prints the postmaster's pid and the wheel's list of users of
+# the server, and then waits to be killed (or, with "stop", stops it the way `serve` does on exit).
 CHILD = """
-import sys, time
+import json, sys, time
 from pathlib import Path
 from bot.embedded import EmbeddedPostgres
-server = EmbeddedPostgres.start(Path(sys.argv[1]))
-print((Path(sys.argv[1]) / "postmaster.pid").read_text().split()[0], flush=True)
+data = Path(sys.argv[1])
+server = EmbeddedPostgres.start(data)
+pid = int((data / "postmaster.pid").read_text().split()[0])
+print(json.dumps([pid, json.loads((data / ".handle_pids.json").read_text())]), flush=True)
 if sys.argv[2] == "stop":
     server.stop()
 else:
     time.sleep(600)
 """
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """A data dir under /tmp itself: run as root, the wheel opens every parent folder to all users, and
+    pytest's tmp_path sits in a folder kept private (/tmp/pytest-of-root)."""
+    parent = Path(tempfile.mkdtemp(prefix="pizza-bot-test-"))
+    parent.chmod(0o755)
+    try:
+        yield parent / "data"
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def postmaster_alive(pid: int, settle: float = 0.0) -> bool:
@@ -54,36 +72,55 @@ async def query(dsn: str, *statements: str) -> object:
         await conn.close()
 
 
-def test_data_lives_outside_home_folders_when_run_as_root() -> None:
-    path = default_data_dir()
-    if os.geteuid() == 0:
-        assert path == Path("/var/lib/pizza-bot/postgres")
-    else:
-        assert path.is_relative_to(Path.home() / ".local" / "share") or "XDG_DATA_HOME" in os.environ
+def test_data_lives_outside_home_folders_when_run_as_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert default_data_dir() == Path("/var/lib/pizza-bot/postgres")
 
 
-def test_restart_keeps_the_data(tmp_path: Path) -> None:
-    with EmbeddedPostgres.start(tmp_path / "data", temporary=True) as server:
+def test_a_normal_user_keeps_the_data_in_xdg_data_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_DATA_HOME", "/home/u/.data")
+    assert default_data_dir() == Path("/home/u/.data/pizza-bot/postgres")
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert default_data_dir() == Path.home() / ".local/share/pizza-bot/postgres"
+
+
+def test_embedded_pg_dir_overrides_the_default() -> None:
+    assert default_data_dir(Path("~/pg")) == Path.home() / "pg"
+
+
+def test_a_temporary_server_serves_and_is_deleted_on_stop(data_dir: Path) -> None:
+    with EmbeddedPostgres.start(data_dir, temporary=True) as server:
+        assert asyncio.run(query(server.dsn(), "SELECT current_user || '@' || current_database()")) == (
+            "postgres@postgres"
+        )
+    assert not data_dir.exists()
+
+
+def test_restart_keeps_the_data(data_dir: Path) -> None:
+    with EmbeddedPostgres.start(data_dir, temporary=True) as server:
         asyncio.run(query(server.dsn(), "CREATE TABLE kept (n int)", "INSERT INTO kept VALUES (42)"))
         server.restart()
         assert asyncio.run(query(server.dsn(), "SELECT n FROM kept")) == 42
 
 
-def test_a_killed_bot_leaves_a_server_the_next_start_reuses_and_then_stops(tmp_path: Path) -> None:
-    data = tmp_path / "data"
+def test_a_killed_bot_leaves_a_server_the_next_start_reuses_and_then_stops(data_dir: Path) -> None:
     first = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(data), "wait"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", CHILD, str(data_dir), "wait"], stdout=subprocess.PIPE, text=True
     )
     assert first.stdout is not None
-    postmaster = int(first.stdout.readline())
+    postmaster, users = json.loads(first.stdout.readline())
+    assert users == [first.pid]
     first.kill()  # kill -9: no cleanup runs
     first.wait(10)
     first.stdout.close()
     assert postmaster_alive(postmaster)
 
     second = subprocess.run(
-        [sys.executable, "-c", CHILD, str(data), "stop"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", CHILD, str(data_dir), "stop"], capture_output=True, text=True, timeout=60
     )
     assert second.returncode == 0, second.stderr
-    assert int(second.stdout.split()[0]) == postmaster  # reused, not a second server on the same data
-    assert not postmaster_alive(postmaster, settle=10)  # and stopped on a clean exit, despite the dead user
+    reused, users = json.loads(second.stdout)
+    assert reused == postmaster  # reused, not a second server on the same data
+    assert first.pid not in users  # the dead user forgotten...
+    assert not postmaster_alive(postmaster, settle=10)  # ...so the clean exit stopped the server

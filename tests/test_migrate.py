@@ -77,6 +77,26 @@ async def test_instances_starting_together_apply_each_file_once(
     assert await applied(empty_database_url) == [(1, "001_sessions.sql"), (2, "002_notes.sql")]
 
 
+async def test_check_migrated_refuses_a_database_migrated_from_other_files(
+    empty_database_url: str, migrations: Path
+) -> None:
+    await migrate(empty_database_url, migrations)
+    (migrations / "002_notes.sql").write_text("CREATE TABLE notes (id bigint PRIMARY KEY);\n")
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        # NotMigrated, so /readyz answers 503 rather than failing with an unexpected error.
+        with pytest.raises(NotMigrated, match=r"002_notes\.sql was edited"):
+            await check_migrated(conn, migrations)
+    finally:
+        await conn.close()
+
+
+async def test_pending_takes_a_dsn_too(empty_database_url: str, migrations: Path) -> None:
+    assert await pending(empty_database_url, migrations) == ["001_sessions.sql", "002_notes.sql"]
+    await migrate(empty_database_url, migrations)
+    assert await pending(empty_database_url, migrations) == []
+
+
 async def test_check_migrated_refuses_an_unmigrated_database(
     empty_database_url: str, migrations: Path
 ) -> None:
