@@ -46,7 +46,7 @@ def _database(settings: Settings) -> Iterator[Settings]:
         return
     from .embedded import EmbeddedPostgres, default_data_dir
 
-    server = EmbeddedPostgres.start(settings.embedded_pg_dir or default_data_dir())
+    server = EmbeddedPostgres.start(default_data_dir(settings.embedded_pg_dir))
     try:
         dsn = server.dsn()
         applied = asyncio.run(migrate(dsn))

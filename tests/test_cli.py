@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -137,7 +139,10 @@ def test_the_token_never_appears_in_logs(fake: FakeTelegram, telegram_root: str,
 def test_the_readme_run_command_serves_on_an_embedded_database(tmp_path: Path) -> None:
     """No DATABASE_URL, no token: `python -m bot serve` starts its own PostgreSQL and counts pizzas."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BOT_TOKEN", "WEBHOOK_SECRET")}
-    env["EMBEDDED_PG_DIR"] = str(tmp_path / "pg")
+    # Not under tmp_path: run as root, the embedded server opens its data dir's parents to all users.
+    data_parent = Path(tempfile.mkdtemp(prefix="pizza-bot-pg-"))
+    data_parent.chmod(0o755)
+    env["EMBEDDED_PG_DIR"] = str(data_parent / "pg")
     with BotProcess(env, tmp_path / "serve.log") as process:
         process.wait_ready(60)
         secret = re.search(r"X-Telegram-Bot-Api-Secret-Token: (\S+)", process.output())
@@ -152,7 +157,8 @@ def test_the_readme_run_command_serves_on_an_embedded_database(tmp_path: Path) -
         assert "not sent: sendMessage" in process.output()
         assert "Your hunger level is 1!" in process.output()
         assert "Traceback" not in process.output()
-    assert not (tmp_path / "pg" / "postmaster.pid").exists()  # and its database was stopped on exit
+    assert not (data_parent / "pg" / "postmaster.pid").exists()  # and its database was stopped on exit
+    shutil.rmtree(data_parent)
 
 
 def test_a_token_telegram_refuses_stops_serve_with_one_line(
