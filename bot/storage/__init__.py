@@ -99,7 +99,9 @@ class Storage(Protocol):
         """Lease unsent calls whose lease ran out (their sender crashed or failed), oldest first."""
 
     async def prune(self, keep_updates: float, keep_sent: float) -> int:
-        """Forget processed update ids and sent calls older than the given ages (seconds)."""
+        """Forget processed update ids and sent (or abandoned) calls older than the given ages in seconds,
+        and delete expired sessions, without waiting on rows locked at the moment. Returns how many rows
+        it removed."""
 
     async def ping(self) -> None:
         """Raise StorageUnavailable unless the storage answers and is ready to serve."""

@@ -1,7 +1,8 @@
 """A conformance suite for session storages: what MemoryStorage and PostgresStorage both promise.
 
-Any adapter can run it. Each check is an async function taking a factory that returns a fresh, empty
-storage; it raises AssertionError when the storage breaks the contract. From pytest:
+Any adapter can run it, with or without pytest. Each check is an async function taking a factory that
+returns a fresh, empty storage (each check calls it once); it raises AssertionError, with the promise it
+saw broken, when the storage breaks the contract. With pytest (and the anyio plugin):
 
     import pytest
     from bot.testing.conformance import CHECKS
@@ -9,22 +10,33 @@ storage; it raises AssertionError when the storage breaks the contract. From pyt
     @pytest.mark.anyio
     @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
     async def test_my_storage(check):
-        await check(make_my_empty_storage)
+        async def make():
+            return await MyStorage.connect(...)  # empty
+        await check(make)
 
-`make_my_empty_storage` is an async function returning a storage with nothing in it; each check calls
-it once. `tests/test_storage_conformance.py` runs the suite against both of our storages.
+Without it: `failures = await run_checks(make)` returns the failed checks by name (empty: it conforms),
+each bounded by a timeout so that a storage that deadlocks fails instead of hanging.
+`tests/test_storage_conformance.py` runs the suite against both of our storages, and shows that it
+catches a storage without locks.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
-from ..storage import OutgoingCall, Storage, StoredSession
+from ..storage import OutgoingCall, Storage, StoredSession, Transaction
 
-__all__ = ["CHECKS", "StorageFactory"]
+__all__ = ["CHECKS", "Check", "StorageFactory", "run_checks"]
 
 StorageFactory = Callable[[], Awaitable[Storage]]
+Check = Callable[[StorageFactory], Awaitable[None]]
+
+# How long a blocked call is watched to be sure it is blocked, and how long any single wait may take.
+BLOCKED_FOR = 0.2
+WAIT_LIMIT = 5.0
 
 
 class _Boom(Exception):
@@ -48,23 +60,76 @@ async def _write(storage: Storage, key: str, data: str, version: int = 0, ttl: f
         await tx.write(key, StoredSession(data, version), ttl)
 
 
+class _Holder:
+    """A transaction, in its own task, that takes a lock and keeps it until `finish()`."""
+
+    def __init__(self, storage: Storage, lock: Callable[[Transaction], Awaitable[Any]]) -> None:
+        self.locked = asyncio.Event()
+        self.result: Any = None
+        self._go = asyncio.Event()
+        self._then: Callable[[Transaction], Awaitable[None]] | None = None
+        self._commit = True
+        self._task = asyncio.create_task(self._run(storage, lock))
+
+    async def _run(self, storage: Storage, lock: Callable[[Transaction], Awaitable[Any]]) -> None:
+        try:
+            async with storage.transaction() as tx:
+                self.result = await lock(tx)
+                self.locked.set()
+                await self._go.wait()
+                if self._then is not None:
+                    await self._then(tx)
+                if not self._commit:
+                    raise _Boom
+        except _Boom:
+            pass
+
+    async def finish(
+        self, then: Callable[[Transaction], Awaitable[None]] | None = None, *, commit: bool = True
+    ) -> None:
+        """Do `then` in the holder's transaction, commit it (or roll it back), and wait until it has."""
+        if not self._go.is_set():
+            self._then, self._commit = then, commit
+            self._go.set()
+        await asyncio.wait_for(asyncio.shield(self._task), WAIT_LIMIT)
+
+
+@asynccontextmanager
+async def _holding(storage: Storage, lock: Callable[[Transaction], Awaitable[Any]]) -> AsyncIterator[_Holder]:
+    holder = _Holder(storage, lock)
+    try:
+        await asyncio.wait_for(holder.locked.wait(), WAIT_LIMIT)
+        yield holder
+    finally:
+        # A failed check still ends the holder's transaction, so no lock or task outlives the check.
+        try:
+            await holder.finish(commit=False)
+        finally:
+            holder._task.cancel()
+
+
+async def _still_blocked(call: asyncio.Future[Any], promise: str) -> None:
+    await asyncio.sleep(BLOCKED_FOR)
+    assert not call.done(), promise
+
+
 async def read_missing_is_none(make: StorageFactory) -> None:
     storage = await make()
-    assert await _read(storage, "nobody") is None
-    assert await _read(storage, "nobody") is None  # reading creates nothing visible
+    assert await _read(storage, "nobody") is None, "a key never written reads as None"
+    assert await _read(storage, "nobody") is None, "reading a missing key creates nothing visible"
 
 
 async def write_then_read(make: StorageFactory) -> None:
     storage = await make()
     await _write(storage, "k", '{"n": 1}')
-    assert await _data(storage, "k") == '{"n":1}'
+    assert await _data(storage, "k") == '{"n":1}', "a committed write is read back"
 
 
 async def overwrite_replaces(make: StorageFactory) -> None:
     storage = await make()
     await _write(storage, "k", '{"n": 1}')
     await _write(storage, "k", '{"n": 2}')
-    assert await _data(storage, "k") == '{"n":2}'
+    assert await _data(storage, "k") == '{"n":2}', "a second write replaces the first"
 
 
 async def delete_removes(make: StorageFactory) -> None:
@@ -73,7 +138,7 @@ async def delete_removes(make: StorageFactory) -> None:
     async with storage.transaction() as tx:
         await tx.read("k")
         await tx.delete("k")
-    assert await _read(storage, "k") is None
+    assert await _read(storage, "k") is None, "a deleted key reads as None"
 
 
 async def versions_are_kept(make: StorageFactory) -> None:
@@ -81,29 +146,32 @@ async def versions_are_kept(make: StorageFactory) -> None:
     await _write(storage, "k", '{"n": 1}', version=3)
     stored = await _read(storage, "k")
     assert stored is not None
-    assert stored.version == 3
+    assert stored.version == 3, "the version is stored with the data"
 
 
 async def rollback_discards_writes(make: StorageFactory) -> None:
     storage = await make()
     await _write(storage, "k", '{"n": 1}')
+    await _write(storage, "gone", '{"n": 1}')
     try:
         async with storage.transaction() as tx:
             await tx.read("k")
             await tx.write("k", StoredSession('{"n": 99}'))
-            await tx.claim_update(1, 1)
+            await tx.read("gone")
+            await tx.delete("gone")
+            await tx.write("new", StoredSession('{"n": 1}'))
             await tx.enqueue(1, 1, [OutgoingCall("sendMessage", {"chat_id": 1, "text": "x"})], 0)
             raise _Boom
     except _Boom:
         pass
-    assert await _data(storage, "k") == '{"n":1}'
-    async with storage.transaction() as tx:
-        assert await tx.claim_update(1, 1)  # the rolled-back claim left nothing behind
-    assert await storage.claim_due(10, 30) == []
+    assert await _data(storage, "k") == '{"n":1}', "a rolled-back write is discarded"
+    assert await _data(storage, "gone") == '{"n":1}', "a rolled-back delete is discarded"
+    assert await _read(storage, "new") is None, "a rolled-back insert is discarded"
+    assert await storage.claim_due(10, 30) == [], "rolled-back calls are not queued"
 
 
 async def concurrent_writers_on_one_key_serialize(make: StorageFactory) -> None:
-    """N read-increment-write transactions at once: every increment survives."""
+    """N read-increment-write transactions at once on a key that does not exist yet: all N survive."""
     storage = await make()
 
     async def increment() -> None:
@@ -113,42 +181,53 @@ async def concurrent_writers_on_one_key_serialize(make: StorageFactory) -> None:
             await asyncio.sleep(0)  # let the others run between our read and write
             await tx.write("hot", StoredSession(f'{{"n": {n + 1}}}'))
 
-    await asyncio.gather(*(increment() for _ in range(50)))
-    assert await _data(storage, "hot") == '{"n":50}'
+    await asyncio.wait_for(asyncio.gather(*(increment() for _ in range(50))), WAIT_LIMIT * 2)
+    assert await _data(storage, "hot") == '{"n":50}', "concurrent read-increment-writes lose no increment"
 
 
 async def a_read_waits_for_the_holder_to_commit(make: StorageFactory) -> None:
     storage = await make()
-    holder_has_read = asyncio.Event()
-    release = asyncio.Event()
-
-    async def holder() -> None:
-        async with storage.transaction() as tx:
-            await tx.read("k")
-            holder_has_read.set()
-            await release.wait()
-            await tx.write("k", StoredSession('{"by": "holder"}'))
-
-    task = asyncio.create_task(holder())
-    await holder_has_read.wait()
-    async with storage.transaction() as tx:
+    await _write(storage, "k", '{"by": "setup"}')
+    async with _holding(storage, lambda tx: tx.read("k")) as holder, storage.transaction() as tx:
         reading = asyncio.ensure_future(tx.read("k"))
-        await asyncio.sleep(0.2)
-        assert not reading.done()  # blocked on the holder's lock
-        release.set()
-        stored = await reading
+        await _still_blocked(reading, "a read waits while another transaction holds the key")
+        await holder.finish(lambda tx: tx.write("k", StoredSession('{"by": "holder"}')))
+        stored = await asyncio.wait_for(reading, WAIT_LIMIT)
         assert stored is not None
-        assert "holder" in stored.data  # and then sees the holder's committed write
-    await task
+        assert "holder" in stored.data, "after the holder commits, the waiting read sees its write"
+
+
+async def a_read_of_a_missing_key_waits_too(make: StorageFactory) -> None:
+    """The first two updates of a new chat must take turns like any others, though there is no row."""
+    storage = await make()
+    async with _holding(storage, lambda tx: tx.read("new")) as holder, storage.transaction() as tx:
+        assert holder.result is None
+        reading = asyncio.ensure_future(tx.read("new"))
+        await _still_blocked(reading, "a read of a missing key waits while another transaction holds it")
+        await holder.finish(lambda tx: tx.write("new", StoredSession('{"by": "holder"}')))
+        stored = await asyncio.wait_for(reading, WAIT_LIMIT)
+        assert stored is not None, "after the holder commits, the waiting read sees what it created"
 
 
 async def claim_update_once(make: StorageFactory) -> None:
     storage = await make()
     async with storage.transaction() as tx:
-        assert await tx.claim_update(7, 100)
+        assert await tx.claim_update(7, 100), "the first claim of an update succeeds"
     async with storage.transaction() as tx:
-        assert not await tx.claim_update(7, 100)
-        assert await tx.claim_update(8, 100)  # another bot's update 100 is another update
+        assert not await tx.claim_update(7, 100), "a committed claim cannot be made again"
+        assert await tx.claim_update(8, 100), "another bot's update 100 is another update"
+
+
+async def a_rolled_back_claim_can_be_claimed_again(make: StorageFactory) -> None:
+    storage = await make()
+    try:
+        async with storage.transaction() as tx:
+            assert await tx.claim_update(1, 1)
+            raise _Boom
+    except _Boom:
+        pass
+    async with storage.transaction() as tx:
+        assert await tx.claim_update(1, 1), "a rolled-back claim leaves nothing behind"
 
 
 async def concurrent_claims_of_one_update_let_one_through(make: StorageFactory) -> None:
@@ -160,19 +239,60 @@ async def concurrent_claims_of_one_update_let_one_through(make: StorageFactory) 
             await asyncio.sleep(0.01)
             return claimed
 
-    assert sorted(await asyncio.gather(*(claim() for _ in range(10)))) == [False] * 9 + [True]
+    claims = await asyncio.wait_for(asyncio.gather(*(claim() for _ in range(10))), WAIT_LIMIT)
+    assert sorted(claims) == [False] * 9 + [True], "of concurrent claims of one update, exactly one wins"
 
 
-async def ttl_expires_and_prune_removes(make: StorageFactory) -> None:
+async def a_claim_waits_for_the_first_attempt(make: StorageFactory) -> None:
+    """A redelivery overlapping a slow first attempt waits for it, and takes over if it rolls back."""
+    storage = await make()
+    async with _holding(storage, lambda tx: tx.claim_update(1, 7)) as first, storage.transaction() as tx:
+        assert first.result is True
+        second = asyncio.ensure_future(tx.claim_update(1, 7))
+        await _still_blocked(second, "a second claim of an update waits for the first to end")
+        await first.finish(commit=False)
+        assert await asyncio.wait_for(second, WAIT_LIMIT), "the first attempt rolled back: the second wins"
+    async with storage.transaction() as tx:
+        assert not await tx.claim_update(1, 7), "the second attempt's claim was committed"
+
+
+async def ttl_expires(make: StorageFactory) -> None:
     storage = await make()
     await _write(storage, "brief", '{"n": 1}', ttl=0.3)
     await _write(storage, "lasting", '{"n": 1}')
-    assert await _read(storage, "brief") is not None
+    await _write(storage, "renewed", '{"n": 1}', ttl=0.3)
+    await _write(storage, "renewed", '{"n": 2}')
+    assert await _read(storage, "brief") is not None, "a session is there until its ttl runs out"
     await asyncio.sleep(0.6)
-    assert await _read(storage, "brief") is None
-    assert await _read(storage, "lasting") is not None
-    assert await storage.prune(keep_updates=3600, keep_sent=3600) >= 1
-    assert await _read(storage, "lasting") is not None
+    assert await _read(storage, "brief") is None, "an expired session reads as None"
+    assert await _read(storage, "lasting") is not None, "a session written without ttl does not expire"
+    assert await _data(storage, "renewed") == '{"n":2}', "a write without ttl clears an earlier expiry"
+
+
+async def prune_removes_expired_sessions(make: StorageFactory) -> None:
+    storage = await make()
+    await _write(storage, "brief", '{"n": 1}', ttl=0.2)
+    await _write(storage, "lasting", '{"n": 1}')
+    await asyncio.sleep(0.4)
+    assert await storage.prune(keep_updates=3600, keep_sent=3600) == 1, "prune deletes the expired session"
+    assert await storage.prune(keep_updates=3600, keep_sent=3600) == 0, "and it is gone"
+    assert await _read(storage, "lasting") is not None, "prune keeps sessions that have not expired"
+
+
+async def prune_forgets_old_update_ids_and_settled_calls(make: StorageFactory) -> None:
+    storage = await make()
+    calls = [OutgoingCall("sendMessage", {"chat_id": 1, "text": str(n)}) for n in range(2)]
+    async with storage.transaction() as tx:
+        await tx.claim_update(1, 1)
+        sent, pending = await tx.enqueue(1, 1, calls, lease=0.3)
+    await storage.mark_sent(sent.id)
+    await asyncio.sleep(0.05)
+    assert await storage.prune(keep_updates=0, keep_sent=0) == 2, "one update id and one sent call"
+    async with storage.transaction() as tx:
+        assert await tx.claim_update(1, 1), "a forgotten update id can be claimed again"
+    await asyncio.sleep(0.4)
+    due = await storage.claim_due(10, 30)
+    assert [p.id for p in due] == [pending.id], "prune keeps calls that are not sent yet"
 
 
 async def outbox_leases_and_confirmations(make: StorageFactory) -> None:
@@ -180,24 +300,25 @@ async def outbox_leases_and_confirmations(make: StorageFactory) -> None:
     calls = [OutgoingCall("sendMessage", {"chat_id": 1, "text": str(n)}) for n in range(3)]
     async with storage.transaction() as tx:
         pending = await tx.enqueue(5, 9, calls, lease=0.3)
-    assert [p.params["text"] for p in pending] == ["0", "1", "2"]
-    assert await storage.claim_due(10, 30) == []  # leased to the sender
+    assert [p.params["text"] for p in pending] == ["0", "1", "2"], "enqueue returns the calls in order"
+    assert await storage.claim_due(10, 30) == [], "a call leased to its sender is not due"
     async with storage.transaction() as tx:
-        assert await tx.claim_unsent(5, 9, 30) == []  # a redelivery does not take over a live lease
+        assert await tx.claim_unsent(5, 9, 30) == [], "a redelivery does not take over a live lease"
     await storage.mark_sent(pending[0].id)
     await storage.mark_failed(pending[1].id, "chat not found", retry_in=None)
     await asyncio.sleep(0.5)
     async with storage.transaction() as tx:
         retaken = await tx.claim_unsent(5, 9, 30)
-    assert [p.params["text"] for p in retaken] == ["2"]  # only the one nobody confirmed or gave up on
+    assert [p.params["text"] for p in retaken] == ["2"], "only calls nobody confirmed or gave up on"
     await storage.mark_failed(retaken[0].id, "flood", retry_in=0.2)
+    assert await storage.claim_due(10, 30) == [], "a call to retry is not due before retry_in"
     await asyncio.sleep(0.4)
     due = await storage.claim_due(10, 30)
-    assert [p.params["text"] for p in due] == ["2"]
-    assert await storage.claim_due(10, 30) == []  # leased again by that claim
+    assert [p.params["text"] for p in due] == ["2"], "a call to retry is due after retry_in"
+    assert await storage.claim_due(10, 30) == [], "claim_due leases what it returns"
 
 
-CHECKS: list[Callable[[StorageFactory], Awaitable[None]]] = [
+CHECKS: list[Check] = [
     read_missing_is_none,
     write_then_read,
     overwrite_replaces,
@@ -206,8 +327,24 @@ CHECKS: list[Callable[[StorageFactory], Awaitable[None]]] = [
     rollback_discards_writes,
     concurrent_writers_on_one_key_serialize,
     a_read_waits_for_the_holder_to_commit,
+    a_read_of_a_missing_key_waits_too,
     claim_update_once,
+    a_rolled_back_claim_can_be_claimed_again,
     concurrent_claims_of_one_update_let_one_through,
-    ttl_expires_and_prune_removes,
+    a_claim_waits_for_the_first_attempt,
+    ttl_expires,
+    prune_removes_expired_sessions,
+    prune_forgets_old_update_ids_and_settled_calls,
     outbox_leases_and_confirmations,
 ]
+
+
+async def run_checks(make: StorageFactory, *, seconds_per_check: float = 30.0) -> dict[str, BaseException]:
+    """Run every check in turn; return the ones that failed, by name, with what they raised."""
+    failures: dict[str, BaseException] = {}
+    for check in CHECKS:
+        try:
+            await asyncio.wait_for(check(make), seconds_per_check)
+        except Exception as exc:  # TimeoutError included: a storage that deadlocks fails its check
+            failures[check.__name__] = exc
+    return failures
