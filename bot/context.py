@@ -66,6 +66,10 @@ class Context(Generic[S]):
         """A named session of a bot with several (see `Bot(sessions=...)`)."""
         return self._slot(name).get()
 
+    def set_fragment(self, name: str, value: Any) -> None:
+        """Replace a named session; None deletes it (as `ctx.session = None` does for the default one)."""
+        self._slot(name).set(value)
+
     def call(self, method: str, **params: Any) -> None:
         """Queue a Bot API call. It is sent after the update's transaction commits, never before."""
         self.calls.append(OutgoingCall(method, params))

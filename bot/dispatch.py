@@ -39,6 +39,7 @@ class Bot(Generic[S]):
         self.sessions: dict[str, SessionConfig[Any]] = dict(sessions or {})
         if session is not None:
             self.sessions[DEFAULT_SESSION] = session
+        _check_distinct_keys(self.sessions)
         self._routes: list[tuple[Rule, Handler[S]]] = []
 
     def on(self, rule: Rule) -> Callable[[Handler[S]], Handler[S]]:
@@ -69,3 +70,18 @@ class Bot(Generic[S]):
 
     def route(self, update: Update, me: BotIdentity) -> Handler[S] | None:
         return next((handler for rule, handler in self._routes if rule(update, me)), None)
+
+
+def _check_distinct_keys(sessions: Mapping[str, SessionConfig[Any]]) -> None:
+    """Two sessions in one storage with the same key function and prefix would be one row, each update
+    overwriting the other's data with its own. Easy to do by accident, since every session is keyed by
+    chat id and kept in the bot's storage unless told otherwise."""
+    seen: dict[tuple[int, str, object], str] = {}
+    for name, config in sessions.items():
+        where = (id(config.storage), config.prefix, config.get_session_key)
+        if where in seen:
+            raise ValueError(
+                f"sessions {seen[where]!r} and {name!r} would share their rows (same storage, key function "
+                "and prefix): give one of them a prefix"
+            )
+        seen[where] = name

@@ -78,6 +78,13 @@ class SessionConfig(Generic[S]):
 
     def decode(self, key: str, stored: StoredSession) -> S:
         """Decode stored data, first upgrading it through `migrations` if an older version wrote it."""
+        if stored.version > self.version:
+            # Decoding it anyway would drop the fields this code does not know, and the write-back
+            # (at our older version) would make that loss permanent: typical after rolling back a deploy.
+            raise SessionDecodeError(
+                f"session {key!r} is version {stored.version}, newer than this code's version {self.version}: "
+                "not decoded, so that it is not downgraded"
+            )
         try:
             if stored.version == self.version:
                 return msgspec.json.decode(stored.data, type=self.data_type)
@@ -201,7 +208,7 @@ class SessionSlot(Generic[S]):
         """The session; None when there is none (no `initial`, or set to None in this update)."""
         if not self.loaded:
             raise NoSessionKey(
-                "the session is lazy and not loaded yet: use `await ctx.get_session()` before `ctx.session`"
+                "the session is lazy and not loaded yet: `await ctx.get_session()` (or `get_session(name)`) first"
             )
         if self.key is None:
             raise NoSessionKey(
@@ -214,6 +221,14 @@ class SessionSlot(Generic[S]):
     def set(self, value: S | None) -> None:
         if self.key is None:
             raise NoSessionKey("cannot set a session for an update without a session key")
+        if not self.loaded:
+            # grammY writes such a value blindly. Here the read is what locks the row and records the
+            # update as applied, and save() needs to know what is stored to delete it or to tell "reset
+            # to initial" from "unchanged"; so a lazy session is loaded first.
+            raise NoSessionKey(
+                "the session is lazy and not loaded yet: `await ctx.get_session()` (or `get_session(name)`) "
+                "before assigning to it"
+            )
         self._value = value
 
     async def save(self) -> None:

@@ -16,9 +16,10 @@ import pytest
 from bot.context import BotIdentity, Context
 from bot.dispatch import Bot
 from bot.metrics import Metrics
+from bot.outbox import Outbox
 from bot.pipeline import Pipeline, Status
 from bot.session import NoSessionKey, SessionDecodeError, session
-from bot.storage import OutgoingCall, PendingCall, Storage, StoredSession, Transaction
+from bot.storage import OutgoingCall, PendingCall, Storage, StorageUnavailable, StoredSession, Transaction
 from bot.storage.memory import MemoryStorage
 from bot.telegram import Update, decode_update
 from bot.testing.updates import encode, message_update, text_update
@@ -46,11 +47,13 @@ class PizzaV2:
 
 
 class CountingStorage:
-    """Wraps a real storage and counts what the session layer asks of it, per (operation, key)."""
+    """Wraps a real storage and counts what the session layer asks of it, per (operation, key); `log`
+    keeps the order (it may be shared by several wrapped storages)."""
 
-    def __init__(self, inner: Storage) -> None:
+    def __init__(self, inner: Storage, log: list[tuple[str, str]] | None = None) -> None:
         self.inner = inner
         self.ops: Counter[tuple[str, str]] = Counter()
+        self.log = [] if log is None else log
 
     def count(self, op: str) -> int:
         return sum(n for (o, _), n in self.ops.items() if o == op)
@@ -58,30 +61,34 @@ class CountingStorage:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
         async with self.inner.transaction() as tx:
-            yield _CountingTransaction(tx, self.ops)
+            yield _CountingTransaction(tx, self.ops, self.log)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
 class _CountingTransaction:
-    def __init__(self, tx: Transaction, ops: Counter[tuple[str, str]]) -> None:
-        self.tx, self.ops = tx, ops
+    def __init__(self, tx: Transaction, ops: Counter[tuple[str, str]], log: list[tuple[str, str]]) -> None:
+        self.tx, self.ops, self.log = tx, ops, log
+
+    def _count(self, op: str, key: str) -> None:
+        self.ops[op, key] += 1
+        self.log.append((op, key))
 
     async def claim_update(self, bot_id: int, update_id: int) -> bool:
-        self.ops["claim", str(update_id)] += 1
+        self._count("claim", str(update_id))
         return await self.tx.claim_update(bot_id, update_id)
 
     async def read(self, key: str) -> StoredSession | None:
-        self.ops["read", key] += 1
+        self._count("read", key)
         return await self.tx.read(key)
 
     async def write(self, key: str, session: StoredSession, ttl: float | None = None) -> None:
-        self.ops["write", key] += 1
+        self._count("write", key)
         await self.tx.write(key, session, ttl)
 
     async def delete(self, key: str) -> None:
-        self.ops["delete", key] += 1
+        self._count("delete", key)
         await self.tx.delete(key)
 
     async def enqueue(
@@ -210,6 +217,43 @@ async def test_lazy_session_untouched_costs_no_storage_work(counting: CountingSt
     assert counting.ops == {("claim", "2"): 1, ("read", "7"): 1, ("write", "7"): 1}
 
 
+async def test_assigning_a_lazy_session_before_loading_it_fails_and_writes_nothing(
+    counting: CountingStorage,
+) -> None:
+    bot = counter_bot(lazy=True)
+
+    @bot.on_message(lambda m: m.text == "blind")
+    async def blind(ctx: Context[Counted]) -> None:
+        ctx.session = Counted(5)
+
+    run = pipeline(bot, counting)
+    await run.process(text_update(1, chat_id=7, text="+"))
+    counting.ops.clear()
+    assert (await run.process(text_update(2, chat_id=7, text="blind"))).status is Status.FAILED
+    assert counting.ops == {}
+    assert await count_of(counting.inner, "7") == 1
+
+
+async def test_a_lazy_session_loaded_then_reset_to_initial_or_set_to_none_is_written(
+    counting: CountingStorage,
+) -> None:
+    bot = counter_bot(lazy=True)
+
+    @bot.on_message(lambda m: m.text == "reset")
+    async def reset(ctx: Context[Counted]) -> None:
+        await ctx.get_session()
+        ctx.session = Counted()
+
+    run = pipeline(bot, counting)
+    await run.process(text_update(1, chat_id=7, text="+"))
+    await run.process(text_update(2, chat_id=7, text="reset"))
+    saved = await stored(counting.inner, "7")
+    assert saved is not None and json.loads(saved.data)["count"] == 0  # not mistaken for "new, untouched"
+    await run.process(text_update(3, chat_id=7, text="forget"))
+    assert counting.ops["delete", "7"] == 1
+    assert await stored(counting.inner, "7") is None
+
+
 async def test_eager_session_is_loaded_before_the_handler(counting: CountingStorage) -> None:
     await pipeline(counter_bot(), counting).process(text_update(1, chat_id=7, text="nothing"))
     assert counting.ops == {("claim", "1"): 1, ("read", "7"): 1}
@@ -240,6 +284,44 @@ async def test_old_versions_are_upgraded_on_read_and_written_back(counting: Coun
     assert saved is not None
     assert saved.version == 2
     assert json.loads(saved.data)["pizza"]["count"] == 3  # the new shape
+
+
+def pizza_v2_bot() -> Bot[PizzaV2]:
+    bot: Bot[PizzaV2] = Bot(
+        session(PizzaV2, version=2, migrations={1: lambda old: {"pizza": {"count": old["pizza_count"]}}})
+    )
+
+    @bot.on_message(lambda m: True)
+    async def eat(ctx: Context[PizzaV2]) -> None:
+        ctx.session.pizza.count += 1
+
+    return bot
+
+
+async def test_a_version_with_no_migration_step_fails_naming_the_key_and_the_step(
+    counting: CountingStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with counting.inner.transaction() as tx:
+        await tx.write("7", StoredSession('{"pizzaCount": 3}', version=0))
+    result = await pipeline(pizza_v2_bot(), counting).process(text_update(1, chat_id=7, text="🍕"))
+    assert result.status is Status.FAILED
+    assert "session '7' is version 0, and no migration upgrades version 0 (known: [1])" in caplog.text
+    assert counting.count("write") == 0
+
+
+async def test_a_session_written_by_a_newer_version_is_refused_not_downgraded(
+    counting: CountingStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Version 3 added a field this code does not know; decoding would drop it and the write-back would
+    # make the loss permanent (a rolled-back deploy reading the new deploy's rows).
+    newer = '{"pizza": {"count": 3, "last_at": null}, "favourite": "margherita"}'
+    async with counting.inner.transaction() as tx:
+        await tx.write("7", StoredSession(newer, version=3))
+    result = await pipeline(pizza_v2_bot(), counting).process(text_update(1, chat_id=7, text="🍕"))
+    assert result.status is Status.FAILED
+    assert "session '7' is version 3, newer than this code's version 2" in caplog.text
+    saved = await stored(counting.inner, "7")
+    assert saved is not None and saved.version == 3 and json.loads(saved.data)["favourite"] == "margherita"
 
 
 async def test_undecodable_session_fails_the_update_naming_the_key(
@@ -388,10 +470,13 @@ async def count_of(storage: Storage, key: str) -> int:
     return 0 if saved is None else int(json.loads(saved.data)["count"])
 
 
+@pytest.mark.parametrize("user_storage", ["shared", "own"])
 async def test_multi_sessions_keep_per_chat_and_per_user_counts_exact_under_concurrency(
-    storage: Storage,
+    storage: Storage, user_storage: str
 ) -> None:
-    run = pipeline(multi_bot(), storage)
+    # "own": the chats in a MemoryStorage, the users in the storage under test, each with its transaction.
+    chats, users = (storage, storage) if user_storage == "shared" else (MemoryStorage(), storage)
+    run = pipeline(multi_bot(user_storage=users if users is not chats else None), chats)
     rng = random.Random(3)
     # Five users writing in five chats at once: every update locks a chat row and a user row, in one
     # global order, so no two updates can deadlock on each other's rows.
@@ -399,9 +484,9 @@ async def test_multi_sessions_keep_per_chat_and_per_user_counts_exact_under_conc
     results = await asyncio.gather(*(run.process(from_user(i, c, u, "+")) for i, c, u in updates))
     assert {r.status for r in results} == {Status.APPLIED}
     for chat in range(1, 6):
-        assert await count_of(storage, str(-chat)) == sum(1 for _, c, _ in updates if c == -chat)
+        assert await count_of(chats, str(-chat)) == sum(1 for _, c, _ in updates if c == -chat)
     for user in range(100, 105):
-        assert await count_of(storage, f"user:{user}") == sum(1 for _, _, u in updates if u == user)
+        assert await count_of(users, f"user:{user}") == sum(1 for _, _, u in updates if u == user)
 
 
 async def test_a_session_in_its_own_storage_is_written_there_and_rolled_back_with_the_rest(
@@ -434,3 +519,115 @@ async def test_lazy_fragments_are_loaded_only_when_touched(counting: CountingSto
 
     await pipeline(bot, counting).process(from_user(1, -1, 100, "x"))
     assert counting.ops == {("claim", "1"): 1, ("read", "user:100"): 1, ("write", "user:100"): 1}
+
+
+class MainCommitFails:
+    """The bot's storage, failing at its commit once, as if the process died right before it."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStorage()
+        self.fail_next_commit = True
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        async with self.inner.transaction() as tx:
+            yield tx
+            if self.fail_next_commit:
+                self.fail_next_commit = False
+                raise StorageUnavailable("connection lost at commit")  # rolls the inner transaction back
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_session_in_its_own_storage_commits_first_so_a_crash_between_commits_applies_it_twice(
+    storage: Storage,
+) -> None:
+    main = MainCommitFails()
+    run = pipeline(multi_bot(user_storage=storage), main)
+    with pytest.raises(StorageUnavailable):
+        await run.process(from_user(1, -1, 100, "+"))
+    # The other storage committed; the bot's did not, so the update is not recorded as applied...
+    assert (await count_of(main.inner, "-1"), await count_of(storage, "user:100")) == (0, 1)
+    # ...and Telegram's redelivery applies it again: exactly once in the bot's storage, twice in the other.
+    assert (await run.process(from_user(1, -1, 100, "+"))).status is Status.APPLIED
+    assert (await count_of(main.inner, "-1"), await count_of(storage, "user:100")) == (1, 2)
+
+
+async def test_eager_sessions_are_locked_in_one_global_order_whatever_their_declared_order(
+    storage: Storage,
+) -> None:
+    log: list[tuple[str, str]] = []
+    main, other = CountingStorage(storage, log), CountingStorage(MemoryStorage(), log)
+    bot: Bot[Any] = Bot(
+        sessions={
+            "elsewhere": session(Counted, prefix="e:", storage=other),
+            "user": session(Counted, get_session_key=user_key),
+            "chat": session(Counted),
+        }
+    )
+
+    @bot.on_message(lambda m: True)
+    async def nothing(ctx: Context[Any]) -> None:
+        return None
+
+    await pipeline(bot, main).process(from_user(1, -1, 100, "x"))
+    # The claim, then the bot's storage key by key, then the other storages in the order declared.
+    assert log == [("claim", "1"), ("read", "-1"), ("read", "user:100"), ("read", "e:-1")]
+
+
+async def test_named_sessions_can_be_replaced_and_deleted(storage: Storage) -> None:
+    bot = multi_bot()
+
+    @bot.on_message(lambda m: m.text == "reset me")
+    async def reset_me(ctx: Context[Any]) -> None:
+        ctx.set_fragment("user", Counted(10))
+
+    @bot.on_message(lambda m: m.text == "forget me")
+    async def forget_me(ctx: Context[Any]) -> None:
+        ctx.set_fragment("user", None)
+
+    run = pipeline(bot, storage)
+    await run.process(from_user(1, -1, 100, "+"))
+    await run.process(from_user(2, -1, 100, "reset me"))
+    assert (await count_of(storage, "-1"), await count_of(storage, "user:100")) == (1, 10)
+    await run.process(from_user(3, -1, 100, "forget me"))
+    assert await stored(storage, "user:100") is None
+    assert await count_of(storage, "-1") == 1
+
+
+def test_two_sessions_that_would_share_rows_are_refused() -> None:
+    with pytest.raises(ValueError, match="sessions 'chat' and 'stats' would share their rows"):
+        Bot(sessions={"chat": session(Counted), "stats": session(Pizza)})
+    Bot(sessions={"chat": session(Counted), "stats": session(Pizza, prefix="stats:")})
+    Bot(sessions={"chat": session(Counted), "stats": session(Pizza, storage=MemoryStorage())})
+
+
+class PruneSpy:
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.pruned: list[int] = []
+        self.done = asyncio.Event()
+
+    async def prune(self, keep_updates: float, keep_sent: float) -> int:
+        removed = await self.inner.prune(keep_updates, keep_sent)
+        self.pruned.append(removed)
+        self.done.set()
+        return removed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_the_background_sweeper_deletes_expired_sessions(storage: Storage) -> None:
+    run = pipeline(counter_bot(ttl=0.05), storage)
+    await run.process(text_update(1, chat_id=7, text="+"))
+    await asyncio.sleep(0.1)
+    spy = PruneSpy(storage)
+    sweeper = asyncio.create_task(Outbox(spy, None, Metrics()).run_sweeper(interval=0.01))
+    try:
+        await asyncio.wait_for(spy.done.wait(), 5)
+    finally:
+        sweeper.cancel()
+    assert spy.pruned == [1]
+    assert await storage.prune(3600, 3600) == 0  # the row is gone, not just reading as expired
