@@ -100,9 +100,10 @@ class Pipeline:
         """The update's transactions: on the bot's storage (the claim, the outbox, sessions without a
         storage of their own), plus one per other storage a session names.
 
-        On exit the others commit first and the bot's storage last, so a crash between the commits
-        leaves the update unclaimed: its redelivery applies it again to the other storages (at least
-        once there) and exactly once here. All of them roll back when anything raises.
+        On exit the others commit first (the last opened first) and the bot's storage last, so a crash
+        between the commits leaves the update unclaimed: its redelivery applies it again to the other
+        storages (at least once there) and exactly once here. A failed commit rolls back those not yet
+        committed; all of them roll back when anything raises before.
         """
         async with AsyncExitStack() as stack:
             main = await stack.enter_async_context(self.storage.transaction())
@@ -188,7 +189,8 @@ class _Unit:
         return SessionSlot(config, key, tx, self.claim)
 
     def in_lock_order(self, slots: Iterable[SessionSlot[Any]]) -> list[SessionSlot[Any]]:
-        """Storage by storage (the bot's first), key by key: one global order for every update, so two
-        updates can't each hold a row the other waits for."""
+        """The bot's storage first, then the others in the order their first session is declared; key by
+        key within each. One order for every update, so two updates can't each hold a row the other
+        waits for. (A lazy session is locked when first asked for, outside this order.)"""
         order = {storage_id: n for n, storage_id in enumerate(self.transactions)}
         return sorted(slots, key=lambda s: (order[id(s.config.storage or self._storage)], s.key or ""))
