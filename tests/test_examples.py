@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 from bot.context import BotIdentity
+from bot.dispatch import Bot
 from bot.metrics import Metrics
-from bot.pipeline import Pipeline
+from bot.pipeline import Pipeline, Status
 from bot.storage import Storage
+from bot.storage.memory import MemoryStorage
 from bot.telegram import decode_update
-from bot.testing.updates import PIZZA, encode, hunger, message_update
+from bot.testing.updates import PIZZA, encode, hunger, message_update, text_update
 
 pytestmark = pytest.mark.anyio
 
@@ -50,3 +56,56 @@ async def test_every_example_counts_pizzas_per_chat(storage: Storage, path: Path
     for raw in updates:
         replies += [c.params["text"] for c in (await run.process(decode_update(encode(raw)))).to_send]
     assert replies == ["Your hunger level is 0!", "Your hunger level is 2!"]
+
+
+SESSIONS_MD = Path(__file__).parent.parent / "docs" / "SESSIONS.md"
+PIZZA_BOT_REPLY = "Your hunger level is 1!"
+
+
+def python_blocks(markdown: str) -> list[tuple[int, str]]:
+    """Each ```python block with the line it starts on."""
+    return [
+        (markdown.count("\n", 0, match.start()) + 1, match.group(1))
+        for match in re.finditer(r"```python\n(.*?)```", markdown, re.DOTALL)
+    ]
+
+
+async def replies(bot: Bot[Any]) -> list[str]:
+    """A 🍕 and then /hunger, in a group, from a user: what the bot answers."""
+    run = Pipeline(bot, MemoryStorage(), BotIdentity(1, "pizza_bot"), Metrics())
+    outcomes = [
+        await run.process(text_update(1, -1, PIZZA)),
+        await run.process(text_update(2, -1, "/hunger")),
+    ]
+    assert Status.FAILED not in {o.status for o in outcomes}
+    return [c.params["text"] for o in outcomes for c in o.to_send]
+
+
+def test_every_python_block_in_sessions_md_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read top to bottom like a notebook: each block runs after the ones above it, and each bot a block
+    builds answers a 🍕 and a /hunger without failing (the full pizza bots count the 🍕)."""
+
+    @dataclass
+    class Pizza:
+        count: int = 0
+
+    module = ModuleType("sessions_md")
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look their module up
+    namespace = module.__dict__
+    namespace["Pizza"] = Pizza
+    blocks = python_blocks(SESSIONS_MD.read_text())
+    assert len(blocks) > 10
+    bots_run = 0
+    for line, code in blocks:
+        bot_before = namespace.get("bot")
+        try:
+            exec(compile(code, f"{SESSIONS_MD.name}:{line}", "exec"), namespace)  # noqa: S102
+            bot = namespace.get("bot")
+            if bot is not bot_before:
+                answered = asyncio.run(replies(bot))
+                if "contains_pizza" in code and "hunger" in code:
+                    assert answered == [PIZZA_BOT_REPLY]
+                bots_run += 1
+        except Exception as exc:
+            raise AssertionError(f"docs/SESSIONS.md, the block at line {line}: {exc!r}") from exc
+    assert bots_run >= 10
