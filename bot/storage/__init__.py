@@ -66,7 +66,8 @@ class Transaction(Protocol):
         """
 
     async def read(self, key: str) -> StoredSession | None:
-        """Lock `key` for the rest of the transaction and return its session (None: missing or expired)."""
+        """Lock `key` for the rest of the transaction, even a key that has no session yet (the first two
+        updates of a new chat must take turns too), and return its session (None: missing or expired)."""
 
     async def write(self, key: str, session: StoredSession, ttl: float | None = None) -> None:
         """Store the session, to read as missing `ttl` seconds from now when ttl is set."""
