@@ -1,4 +1,4 @@
-"""The ASGI app: Telegram's webhook, health and readiness probes, metrics.
+"""The ASGI app: Telegram's webhook, health and readiness probes, metrics, and the local playground.
 
 POST /webhook: secret → body (bounded) → decode → pipeline (claim, lock, handlers, commit) → 200, and
 only then the replies go out. Anything that keeps the update from being committed answers 503, so
@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from .config import Settings
 from .dispatch import Bot
+from .playground import Playground, absent_routes
 from .runtime import Runtime, start
 from .storage import PendingCall, Storage, StorageUnavailable
 from .telegram import InvalidUpdate, decode_update
@@ -122,9 +123,12 @@ async def metrics(request: Request) -> Response:
 def create_app(
     settings: Settings, *, bot: Bot[Any] | None = None, storage: Storage | None = None
 ) -> Starlette:
+    playground = Playground(settings) if settings.playground else None
+    transport = playground.bot_api_transport() if playground is not None else None
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with start(settings, bot=bot, storage=storage) as runtime:
+        async with start(settings, bot=bot, storage=storage, bot_api_transport=transport) as runtime:
             app.state.runtime = runtime
             yield
 
@@ -134,6 +138,7 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            *(playground.routes() if playground is not None else absent_routes()),
         ],
         lifespan=lifespan,
     )

@@ -53,6 +53,7 @@ class Settings:
     embedded_pg_dir: Path | None
     log_level: str
     webhook_reply: bool
+    playground: bool
 
     @property
     def bot_id(self) -> int:
@@ -153,6 +154,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR, got {log_level!r}")
 
     pg_dir = env.get("EMBEDDED_PG_DIR", "").strip()
+    # The playground injects updates into the bot, so a bot with a token gets it only when asked for.
+    playground = _bool(env, "PLAYGROUND") if env.get("PLAYGROUND", "").strip() else token is None
 
     return Settings(
         bot_token=token,
@@ -178,4 +181,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         embedded_pg_dir=Path(pg_dir).expanduser() if pg_dir else None,
         log_level=log_level,
         webhook_reply=_bool(env, "WEBHOOK_REPLY"),
+        playground=playground,
     )

@@ -31,6 +31,9 @@ __all__ = ["Runtime", "StartupError", "start"]
 
 log = logging.getLogger("bot.runtime")
 
+# What a trial's Bot API client puts in its URLs; only the in-process stand-in ever sees it.
+_TRIAL_TOKEN = "0:local-trial"  # noqa: S105
+
 
 class StartupError(Exception):
     """The bot cannot start; the message says why and which setting to look at."""
@@ -66,14 +69,25 @@ async def resolve_identity(settings: Settings, api: BotApi | None) -> BotIdentit
 
 @asynccontextmanager
 async def start(
-    settings: Settings, *, bot: Bot[Any] | None = None, storage: Storage | None = None
+    settings: Settings,
+    *,
+    bot: Bot[Any] | None = None,
+    storage: Storage | None = None,
+    bot_api_transport: httpx.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[Runtime]:
-    """Open everything, yield, close everything. A given `storage` is used, not closed."""
+    """Open everything, yield, close everything. A given `storage` is used, not closed.
+
+    `bot_api_transport` carries the Bot API calls (the playground's in-process stand-in); with it, a
+    local trial without a token sends its replies there instead of only logging them.
+    """
     metrics = Metrics()
     timeout = httpx.Timeout(10.0, connect=5.0)
-    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=100)) as http:
-        api = BotApi(settings.bot_token, http, settings.telegram_api_root) if settings.bot_token else None
-        me = await resolve_identity(settings, api)
+    limits = httpx.Limits(max_connections=100)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=bot_api_transport) as http:
+        token = settings.bot_token or (_TRIAL_TOKEN if bot_api_transport is not None else None)
+        api = BotApi(token, http, settings.telegram_api_root) if token else None
+        # Without a token there is nobody to ask getMe: the trial's name comes from the settings.
+        me = await resolve_identity(settings, api if settings.bot_token else None)
         owned: Storage | None = None
         if storage is None:
             if settings.database_url is None:

@@ -28,7 +28,7 @@ from typing import Any
 import asyncpg
 
 from ..migrate import NotMigrated, check_migrated
-from . import OutgoingCall, PendingCall, StorageUnavailable, StoredSession
+from . import OutgoingCall, PendingCall, SessionRow, StorageUnavailable, StoredSession
 
 __all__ = ["PostgresStorage"]
 
@@ -303,6 +303,18 @@ class PostgresStorage:
             status = await self._execute(what, query, age)
             total += int(status.rsplit(" ", 1)[-1])
         return total
+
+    async def peek(self, key: str) -> SessionRow | None:
+        """The committed row for display (the playground), read without a lock: never waits on, or
+        holds up, an update. Lock placeholders (data IS NULL) are nobody's session."""
+        with _unavailable_on_failure(f"peek at session {key!r}"):
+            row = await self._pool.fetchrow(
+                "SELECT key, data::text AS data, version, updated_at, expires_at FROM sessions"
+                " WHERE key = $1 AND data IS NOT NULL",
+                key,
+                timeout=self._acquire_timeout * 2,
+            )
+        return None if row is None else SessionRow(**dict(row))
 
     async def ping(self) -> None:
         with _unavailable_on_failure("ping"):

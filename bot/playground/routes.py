@@ -1,0 +1,333 @@
+"""The playground's HTTP side: the page, and the small API behind it.
+
+Nothing underneath is faked: the API builds Telegram-shaped updates and POSTs them, with the webhook
+secret, to this same app's `POST /webhook` (in process, through the app's full HTTP handling). A
+delivery that is not answered 2xx is delivered again, as Telegram does. The replies come back through
+the outbox to the Bot API stand-in (`stand_in.py`), which publishes them to the page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from importlib.resources import files
+from typing import Annotated, Any
+
+import httpx
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ..config import Settings
+from ..runtime import Runtime
+from ..storage import SessionRow, StorageUnavailable
+from ..telegram import Update, decode_update
+from .chats import PEOPLE, ChatRef, ChatType, Ids, Person, message_update
+from .events import EventLog
+from .stand_in import bot_api_transport
+
+__all__ = ["Playground", "absent_routes"]
+
+log = logging.getLogger("bot.playground")
+
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"  # noqa: S105 (a header name)
+PAGE = files("bot.playground") / "static" / "index.html"
+# The quick messages the page offers: the default app's 🍕 and its command, with and without our name.
+QUICK_TEXTS = ("\N{SLICE OF PIZZA}", "/hunger", "/hunger@{username}")
+DELIVERY_ATTEMPTS = 6  # Telegram keeps trying far longer; six (about 12 s) is enough to show it here
+KEEP_UPDATES = 2000  # sent updates remembered for "deliver again"
+
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+
+
+class _Send(msgspec.Struct, frozen=True):
+    chat: ChatRef
+    text: Text
+    sender: int = PEOPLE[0].id
+    thread_id: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class _Burst(msgspec.Struct, frozen=True):
+    chat: ChatRef
+    text: Text
+    sender: int = PEOPLE[0].id
+    thread_id: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    count: Annotated[int, msgspec.Meta(ge=1, le=100)] = 20
+
+
+class _NewChat(msgspec.Struct, frozen=True):
+    type: ChatType
+    title: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    forum: bool = False
+    sender: int = PEOPLE[0].id
+
+
+class _Upgrade(msgspec.Struct, frozen=True):
+    chat: ChatRef
+    sender: int = PEOPLE[0].id
+
+
+class _Redeliver(msgspec.Struct, frozen=True):
+    update_id: int
+
+
+class _Peek(msgspec.Struct, frozen=True):
+    chat: ChatRef
+    sender: int = PEOPLE[0].id
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _person(person_id: int) -> Person:
+    for person in PEOPLE:
+        if person.id == person_id:
+            return person
+    raise _BadRequest(f"sender: no such person {person_id}")
+
+
+def _row(name: str, key: str, row: SessionRow | None) -> dict[str, Any]:
+    if row is None:
+        return {"name": name, "key": key, "stored": False}
+    return {
+        "name": name,
+        "key": key,
+        "stored": True,
+        "data": json.loads(row.data),
+        "version": row.version,
+        "updated_at": row.updated_at.isoformat(),
+        "expires_at": row.expires_at.isoformat() if row.expires_at else None,
+    }
+
+
+async def _not_here(request: Request) -> Response:
+    return PlainTextResponse(
+        "no playground here: BOT_TOKEN is set and PLAYGROUND is not 1\n", status_code=404
+    )
+
+
+def absent_routes() -> list[BaseRoute]:
+    """With a token and no PLAYGROUND=1: the page and its API answer 404, saying why in one line."""
+    return [Route("/", _not_here), Route("/playground/{rest:path}", _not_here)]
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _json_api(handler: Callable[[Request, Runtime], Awaitable[Any]]) -> Endpoint:
+    """JSON in and out. A POST must say it is JSON: a cross-site form or `text/plain` fetch (which
+    browsers send without asking) is refused, so a web page elsewhere cannot drive a local bot."""
+
+    async def endpoint(request: Request) -> Response:
+        if request.method == "POST" and request.headers.get("content-type") != "application/json":
+            return JSONResponse({"error": "content-type must be application/json"}, status_code=415)
+        try:
+            return JSONResponse(await handler(request, request.app.state.runtime))
+        except _BadRequest as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
+    return endpoint
+
+
+async def _decode(request: Request, kind: type[Any]) -> Any:
+    try:
+        return msgspec.json.decode(await request.body(), type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise _BadRequest(str(exc)) from None
+
+
+class Playground:
+    """One per app: the event log, the id source, and the updates sent lately (for "deliver again")."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.events = EventLog()
+        self._ids = Ids()
+        self._sent: OrderedDict[int, dict[str, Any]] = OrderedDict()
+
+    def bot_api_transport(self) -> httpx.AsyncBaseTransport:
+        return bot_api_transport(self.events, with_telegram=self.settings.bot_token is not None)
+
+    def routes(self) -> list[BaseRoute]:
+        api = {
+            "info": self._info,
+            "events": self._poll,
+            "chats": self._new_chat,
+            "send": self._send,
+            "burst": self._burst,
+            "redeliver": self._redeliver,
+            "upgrade": self._upgrade,
+            "peek": self._peek,
+        }
+        return [
+            Route("/", self._page, methods=["GET"]),
+            *(
+                Route(
+                    f"/playground/api/{name}",
+                    _json_api(handler),
+                    methods=["GET" if name in ("info", "events") else "POST"],
+                )
+                for name, handler in api.items()
+            ),
+            Mount("/playground/static", StaticFiles(packages=[("bot.playground", "static")])),
+        ]
+
+    async def _page(self, request: Request) -> Response:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    # --- the API ---
+
+    async def _info(self, request: Request, runtime: Runtime) -> Any:
+        username = runtime.me.username
+        return {
+            "username": username,
+            "people": [msgspec.to_builtins(p) for p in PEOPLE],
+            "quick": [text.format(username=username) for text in QUICK_TEXTS],
+            "epoch": self.events.epoch,
+        }
+
+    async def _poll(self, request: Request, runtime: Runtime) -> Any:
+        try:
+            after = int(request.query_params.get("after", "0"))
+            hold = min(float(request.query_params.get("hold", "2")), 10.0)
+        except ValueError:
+            raise _BadRequest("after: a whole number; hold: seconds") from None
+        if request.query_params.get("epoch", self.events.epoch) != self.events.epoch:
+            after = 0  # the server restarted: numbering began again
+        return {"epoch": self.events.epoch, "events": await self.events.wait(after, hold)}
+
+    async def _new_chat(self, request: Request, runtime: Runtime) -> Any:
+        ask: _NewChat = await _decode(request, _NewChat)
+        if ask.type == "private":
+            person = _person(ask.sender)
+            chat = ChatRef(person.id, "private", person.first_name)
+        else:
+            title = ask.title.strip() or f"Playground {ask.type}"
+            chat = ChatRef(-self._ids.next(), ask.type, title, ask.forum and ask.type == "supergroup")
+        self.events.publish("chat", chat=msgspec.to_builtins(chat))
+        return {"chat": msgspec.to_builtins(chat)}
+
+    async def _send(self, request: Request, runtime: Runtime) -> Any:
+        ask: _Send = await _decode(request, _Send)
+        update = self._new_update(ask.chat, _person(ask.sender), ask.text, ask.thread_id)
+        status = await self._deliver(request.app, update)
+        await self._show_sessions(runtime, update)
+        return {"update_id": update["update_id"], "status": status}
+
+    async def _burst(self, request: Request, runtime: Runtime) -> Any:
+        """`count` updates at once, as Telegram sends a busy chat's backlog over parallel connections."""
+        ask: _Burst = await _decode(request, _Burst)
+        sender = _person(ask.sender)
+        updates = [self._new_update(ask.chat, sender, ask.text, ask.thread_id) for _ in range(ask.count)]
+        statuses = await asyncio.gather(*(self._deliver(request.app, u) for u in updates))
+        await self._show_sessions(runtime, updates[-1])
+        return {"update_ids": [u["update_id"] for u in updates], "statuses": statuses}
+
+    async def _redeliver(self, request: Request, runtime: Runtime) -> Any:
+        ask: _Redeliver = await _decode(request, _Redeliver)
+        update = self._sent.get(ask.update_id)
+        if update is None:
+            raise _BadRequest(
+                f"update {ask.update_id} is not among the {KEEP_UPDATES} sent last by this process"
+            )
+        self.events.publish("redelivery", update_id=ask.update_id, chat_id=_chat_of(update))
+        status = await self._deliver(request.app, update)
+        await self._show_sessions(runtime, update)
+        return {"update_id": ask.update_id, "status": status}
+
+    async def _upgrade(self, request: Request, runtime: Runtime) -> Any:
+        """What Telegram does when a group becomes a supergroup: a new chat id, and a service message in
+        each chat naming the other (the old chat's last, the new chat's first)."""
+        ask: _Upgrade = await _decode(request, _Upgrade)
+        if ask.chat.type != "group":
+            raise _BadRequest("only a group can be upgraded to a supergroup")
+        sender = _person(ask.sender)
+        new = ChatRef(-self._ids.next(), "supergroup", ask.chat.title)
+        self.events.publish("chat", chat=msgspec.to_builtins(new), upgraded_from=ask.chat.id)
+        last = self._new_update(ask.chat, sender, None, None, migrate_to_chat_id=new.id)
+        first = self._new_update(new, sender, None, None, migrate_from_chat_id=ask.chat.id)
+        statuses = [await self._deliver(request.app, last), await self._deliver(request.app, first)]
+        await self._show_sessions(runtime, last)
+        await self._show_sessions(runtime, first)
+        return {"chat": msgspec.to_builtins(new), "statuses": statuses}
+
+    async def _peek(self, request: Request, runtime: Runtime) -> Any:
+        ask: _Peek = await _decode(request, _Peek)
+        return {"rows": await self._rows(runtime, self._example(ask.chat, _person(ask.sender)))}
+
+    # --- underneath ---
+
+    def _new_update(
+        self, chat: ChatRef, sender: Person, text: str | None, thread_id: int | None, **service: Any
+    ) -> dict[str, Any]:
+        thread_id = thread_id if chat.is_forum else None
+        update = message_update(self._ids.next(), chat, sender, text=text, thread_id=thread_id, **service)
+        self._sent[update["update_id"]] = update
+        while len(self._sent) > KEEP_UPDATES:
+            self._sent.popitem(last=False)
+        message = update.get("message") or update["channel_post"]
+        self.events.publish(
+            "update",
+            update_id=update["update_id"],
+            chat_id=chat.id,
+            thread_id=thread_id,
+            sender=None if chat.type == "channel" else sender.first_name,
+            text=text,
+            service={k: v for k, v in service.items()} or None,
+            date=message["date"],
+        )
+        return update
+
+    async def _deliver(self, app: Starlette, update: dict[str, Any]) -> int:
+        """POST the update to our own /webhook until it is answered 2xx, as Telegram would (a 4xx is
+        final: the same body would be refused again). Returns the last status."""
+        body = json.dumps(update, ensure_ascii=False).encode()
+        headers = {SECRET_HEADER: self.settings.webhook_secret, "content-type": "application/json"}
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        status = 0
+        async with httpx.AsyncClient(transport=transport, base_url="http://playground") as client:
+            for attempt in range(1, DELIVERY_ATTEMPTS + 1):
+                status = (await client.post("/webhook", content=body, headers=headers)).status_code
+                self.events.publish("delivery", update_id=update["update_id"], status=status, attempt=attempt)
+                if status < 500 and status != 429:
+                    break
+                await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 4.0))
+        if not 200 <= status < 300:
+            log.warning("playground: update %d answered %d", update["update_id"], status)
+        return status
+
+    def _example(self, chat: ChatRef, sender: Person) -> dict[str, Any]:
+        """An update of this chat, never sent: what the session keys of the chat's messages are."""
+        return message_update(0, chat, sender, text="")
+
+    async def _rows(self, runtime: Runtime, update: dict[str, Any]) -> list[dict[str, Any]]:
+        """Each session of the bot that this update would use, as stored now."""
+        peek = getattr(runtime.storage, "peek", None)
+        decoded: Update = decode_update(json.dumps(update).encode())
+        rows = []
+        for name, config in runtime.pipeline.bot.sessions.items():
+            key = config.key(decoded)
+            if key is not None and peek is not None:
+                rows.append(_row(name, key, await peek(key)))
+        return rows
+
+    async def _show_sessions(self, runtime: Runtime, update: dict[str, Any]) -> None:
+        try:
+            rows = await self._rows(runtime, update)
+        except StorageUnavailable as exc:
+            log.warning("playground: could not read the sessions: %s", exc)
+            return
+        self.events.publish("session", chat_id=_chat_of(update), rows=rows)
+
+
+def _chat_of(update: dict[str, Any]) -> int:
+    message = update.get("message") or update["channel_post"]
+    chat_id: int = message["chat"]["id"]
+    return chat_id

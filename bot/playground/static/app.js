@@ -1,0 +1,315 @@
+// The playground page: plain JavaScript, no build step. The server does the Telegram part; this file
+// only asks it to send things and draws what it reports (its event log, polled).
+"use strict";
+
+const STORE = "playground:v1";
+const TOPICS = [[null, "General"], [2, "Ideas"], [3, "Off-topic"]];
+const KEEP_MESSAGES = 300;
+
+const $ = (id) => document.getElementById(id);
+let info = null;
+let state = load();
+
+function load() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(STORE));
+    if (saved && Array.isArray(saved.chats)) return saved;
+  } catch (e) { /* a damaged store starts over */ }
+  return { chats: [], messages: {}, sessions: {}, current: null, topic: null, sender: null, epoch: null, after: 0 };
+}
+
+function save() {
+  localStorage.setItem(STORE, JSON.stringify(state));
+}
+
+async function api(name, body) {
+  const init = body === undefined ? {} : {
+    method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body),
+  };
+  const response = await fetch("/playground/api/" + name, init);
+  const answer = await response.json();
+  if (!response.ok) throw new Error(answer.error || response.status);
+  return answer;
+}
+
+function currentChat() {
+  return state.chats.find((c) => c.id === state.current) || null;
+}
+
+function chatRef(chat) {
+  return { id: chat.id, type: chat.type, title: chat.title, is_forum: chat.is_forum };
+}
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const child of children) if (child !== null && child !== undefined) node.append(child);
+  return node;
+}
+
+// --- events from the server ---
+
+function messagesOf(chatId) {
+  return (state.messages[chatId] = state.messages[chatId] || []);
+}
+
+function push(chatId, message) {
+  const list = messagesOf(chatId);
+  list.push(message);
+  if (list.length > KEEP_MESSAGES) list.splice(0, list.length - KEEP_MESSAGES);
+}
+
+function findUpdate(updateId) {
+  for (const list of Object.values(state.messages)) {
+    const found = list.find((m) => m.update_id === updateId);
+    if (found) return found;
+  }
+  return null;
+}
+
+function apply(event) {
+  switch (event.kind) {
+    case "chat":
+      if (!state.chats.some((c) => c.id === event.chat.id)) state.chats.push(event.chat);
+      if (event.upgraded_from !== undefined) {
+        const old = state.chats.find((c) => c.id === event.upgraded_from);
+        if (old) old.upgraded_to = event.chat.id;
+        if (state.current === event.upgraded_from) state.current = event.chat.id;
+      }
+      if (state.current === null) state.current = event.chat.id;
+      break;
+    case "update":
+      if (!findUpdate(event.update_id)) {
+        push(event.chat_id, { kind: "in", update_id: event.update_id, sender: event.sender, text: event.text,
+          service: event.service, thread_id: event.thread_id, status: null, redelivered: 0 });
+      }
+      break;
+    case "delivery": {
+      const message = findUpdate(event.update_id);
+      if (message) { message.status = event.status; message.attempt = event.attempt; }
+      break;
+    }
+    case "redelivery": {
+      const message = findUpdate(event.update_id);
+      if (message) { message.redelivered += 1; message.status = null; }
+      break;
+    }
+    case "reply":
+      push(event.chat_id, { kind: "bot", text: event.text, thread_id: event.thread_id });
+      break;
+    case "call":
+      if (event.params && typeof event.params.chat_id === "number") {
+        push(event.params.chat_id, { kind: "call", text: event.method + " " + JSON.stringify(event.params) });
+      }
+      break;
+    case "session":
+      state.sessions[event.chat_id] = event.rows;
+      break;
+  }
+}
+
+async function pollForever() {
+  for (;;) {
+    try {
+      const query = new URLSearchParams({ after: state.after, hold: 10 });
+      if (state.epoch) query.set("epoch", state.epoch);
+      const answer = await api("events?" + query);
+      if (answer.epoch !== state.epoch) { state.epoch = answer.epoch; state.after = 0; }
+      for (const event of answer.events) { apply(event); state.after = event.seq; }
+      setLink(true);
+      if (answer.events.length) { save(); render(); }
+    } catch (e) {
+      setLink(false);
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+    }
+  }
+}
+
+function setLink(up) {
+  const link = $("link");
+  link.textContent = up ? "connected" : "bot not reachable, retrying…";
+  link.classList.toggle("down", !up);
+}
+
+// --- drawing ---
+
+function describe(chat) {
+  const kind = chat.type === "supergroup" && chat.is_forum ? "supergroup with topics" : chat.type;
+  return kind + " · id " + chat.id + (chat.upgraded_to ? " · upgraded" : "");
+}
+
+function renderChats() {
+  const list = $("chat-list");
+  list.replaceChildren(...state.chats.map((chat) => el("li", {},
+    el("button", {
+      type: "button", class: "chat" + (chat.id === state.current ? " current" : ""),
+      "aria-current": chat.id === state.current ? "true" : "false",
+      onclick: () => { state.current = chat.id; state.topic = null; save(); render(); refreshSession(); },
+    }, el("span", { class: "title" }, chat.title), el("span", { class: "meta" }, describe(chat))))));
+}
+
+function serviceText(message) {
+  const service = message.service || {};
+  if (service.migrate_to_chat_id) return "Group upgraded to a supergroup (migrate_to_chat_id " + service.migrate_to_chat_id + ")";
+  if (service.migrate_from_chat_id) return "Supergroup created from a group (migrate_from_chat_id " + service.migrate_from_chat_id + ")";
+  return JSON.stringify(service);
+}
+
+function statusText(message) {
+  if (message.status === null) return "sending…";
+  const again = message.redelivered ? " · delivered again ×" + message.redelivered : "";
+  const tries = message.attempt > 1 ? " after " + message.attempt + " tries" : "";
+  return (message.status >= 200 && message.status < 300 ? "✓ " : "✗ ") + message.status + tries + again;
+}
+
+function renderMessage(message) {
+  if (message.kind === "bot") {
+    return el("li", { class: "msg bot" }, el("span", { class: "who" }, "bot"), el("p", {}, message.text));
+  }
+  if (message.kind === "call") return el("li", { class: "msg service" }, el("p", {}, "bot called " + message.text));
+  if (message.service) {
+    return el("li", { class: "msg service", "data-update": message.update_id },
+      el("p", {}, serviceText(message)), el("span", { class: "status" }, statusText(message)));
+  }
+  return el("li", { class: "msg in", "data-update": message.update_id },
+    message.sender ? el("span", { class: "who" }, message.sender) : null,
+    el("p", {}, message.text),
+    el("div", { class: "foot" },
+      el("span", { class: "status" }, statusText(message)),
+      el("button", {
+        type: "button", class: "redeliver", "aria-label": "Deliver update " + message.update_id + " again",
+        onclick: () => api("redeliver", { update_id: message.update_id }).catch(report),
+      }, "Deliver again")));
+}
+
+function renderConversation() {
+  const chat = currentChat();
+  $("chat-title").textContent = chat ? chat.title : "No chat yet";
+  $("chat-meta").textContent = chat ? describe(chat) : "";
+  $("upgrade").hidden = !chat || chat.type !== "group" || Boolean(chat.upgraded_to);
+  const forum = Boolean(chat && chat.is_forum);
+  $("topics").hidden = !forum;
+  const channel = Boolean(chat && chat.type === "channel");
+  $("sender").disabled = channel;
+  $("sender").title = channel ? "A channel's posts come from the channel" : "";
+  const shown = chat ? messagesOf(chat.id).filter((m) => !forum || (m.thread_id ?? null) === state.topic) : [];
+  const list = $("messages");
+  const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 40;
+  list.replaceChildren(...shown.map(renderMessage));
+  if (atBottom) list.scrollTop = list.scrollHeight;
+}
+
+function renderSession() {
+  const chat = currentChat();
+  const rows = chat ? state.sessions[chat.id] : null;
+  const box = $("session-rows");
+  if (!rows) { box.replaceChildren(el("p", { class: "meta" }, "Send something to see the stored row.")); return; }
+  if (!rows.length) { box.replaceChildren(el("p", { class: "meta" }, "This storage cannot be read from outside.")); return; }
+  box.replaceChildren(...rows.map((row) => el("dl", { class: "row" },
+    el("dt", {}, "key"), el("dd", {}, el("code", {}, row.key)),
+    ...(row.stored ? [
+      el("dt", {}, "data"), el("dd", {}, el("code", { class: "data" }, JSON.stringify(row.data))),
+      el("dt", {}, "version"), el("dd", {}, String(row.version)),
+      el("dt", {}, "updated"), el("dd", {}, new Date(row.updated_at).toLocaleTimeString()),
+    ] : [el("dt", {}, "data"), el("dd", {}, "no row")]))));
+}
+
+function render() {
+  renderChats();
+  renderConversation();
+  renderSession();
+}
+
+function report(error) {
+  $("link").textContent = "error: " + error.message;
+}
+
+// --- controls ---
+
+function sendBody(text) {
+  const chat = currentChat();
+  return { chat: chatRef(chat), text, sender: state.sender, thread_id: chat.is_forum ? state.topic : null };
+}
+
+function send(text) {
+  if (!currentChat() || !text) return Promise.resolve();
+  return api("send", sendBody(text)).catch(report);
+}
+
+async function refreshSession() {
+  const chat = currentChat();
+  if (!chat) return;
+  try {
+    state.sessions[chat.id] = (await api("peek", { chat: chatRef(chat), sender: state.sender })).rows;
+    save();
+    renderSession();
+  } catch (e) { report(e); }
+}
+
+async function createChat(type, title) {
+  const forum = type === "forum";
+  const answer = await api("chats", { type: forum ? "supergroup" : type, title, forum, sender: state.sender });
+  apply({ kind: "chat", chat: answer.chat });
+  state.current = answer.chat.id;
+  state.topic = null;
+  save();
+  render();
+  refreshSession();
+}
+
+function setup() {
+  $("bot-name").textContent = "@" + info.username;
+  const people = info.people;
+  if (!people.some((p) => p.id === state.sender)) state.sender = people[0].id;
+  $("sender").replaceChildren(...people.map((p) => el("option", { value: p.id }, p.first_name)));
+  $("sender").value = String(state.sender);
+  $("sender").addEventListener("change", () => { state.sender = Number($("sender").value); save(); });
+  $("topic").replaceChildren(...TOPICS.map(([id, name]) => el("option", { value: id === null ? "" : id }, name)));
+  $("topic").addEventListener("change", () => {
+    state.topic = $("topic").value === "" ? null : Number($("topic").value);
+    save();
+    renderConversation();
+  });
+  const [pizza] = info.quick;
+  $("quick").replaceChildren(
+    ...info.quick.map((text) => el("button", { type: "button", class: "quick-send", onclick: () => send(text) }, text)),
+    el("button", {
+      type: "button", id: "burst",
+      onclick: () => currentChat() && api("burst", { ...sendBody(pizza), count: 20 }).catch(report),
+    }, "Send 20 " + pizza + " at once"));
+  $("composer").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = $("text").value.trim();
+    $("text").value = "";
+    send(text);
+  });
+  $("new-chat").addEventListener("submit", (event) => {
+    event.preventDefault();
+    createChat($("new-type").value, $("new-title").value.trim()).catch(report);
+    $("new-title").value = "";
+  });
+  $("upgrade").addEventListener("click", () => {
+    const chat = currentChat();
+    if (chat) api("upgrade", { chat: chatRef(chat), sender: state.sender }).catch(report);
+  });
+}
+
+async function main() {
+  for (;;) {
+    try { info = await api("info"); break; } catch (e) {
+      setLink(false);
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+    }
+  }
+  setup();
+  render();
+  if (!state.chats.length) await createChat("group", "First group").catch(report);
+  else refreshSession();
+  pollForever();
+}
+
+main();
