@@ -115,7 +115,11 @@ async def _not_here(request: Request) -> Response:
 
 def absent_routes() -> list[BaseRoute]:
     """With a token and no PLAYGROUND=1: the page and its API answer 404, saying why in one line."""
-    return [Route("/", _not_here), Route("/playground/{rest:path}", _not_here)]
+    methods = ["GET", "HEAD", "POST"]
+    return [
+        Route("/", _not_here, methods=methods),
+        Route("/playground/{rest:path}", _not_here, methods=methods),
+    ]
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
