@@ -1,0 +1,138 @@
+"""The playground in a real headless Chromium, against a real `python -m bot serve` in the local trial.
+
+Needs Debian's `chromium` and `chromium-driver` (and `fonts-noto-color-emoji` for 🍕 in the screenshot),
+which .ci/run installs; skipped, saying so, where they are not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.testing.processes import BotProcess
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None or CHROMEDRIVER is None,
+        reason="needs Chromium and its driver: apt-get install chromium chromium-driver (as .ci/run does)",
+    ),
+]
+
+# Per the machine notes: root needs --no-sandbox; nothing may reach out to the network.
+FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1280,860",
+)
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    assert CHROMIUM is not None and CHROMEDRIVER is not None
+    options.binary_location = CHROMIUM
+    for flag in (*FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def local_bot(database_url: str, tmp_path: Path) -> Iterator[BotProcess]:
+    """`python -m bot serve` as in the README's run command: no token, so the local trial."""
+    assert "BOT_TOKEN" not in os.environ, "the local trial is a bot without a token"
+    with BotProcess({"DATABASE_URL": database_url}, tmp_path / "bot.log") as bot:
+        bot.wait_ready()
+        yield bot
+
+
+def test_the_playground_counts_in_two_groups_and_ignores_a_redelivery(
+    browser: Any, local_bot: BotProcess, tmp_path: Path
+) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 20)
+
+    def texts(selector: str) -> list[str]:
+        # In one script: the page redraws its lists, and an element found a moment ago may be gone.
+        found: list[str] = browser.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].map((e) => e.textContent)", selector
+        )
+        return found
+
+    def click(selector: str, containing: str = "") -> None:
+        """Click the first match, found afresh until the click lands (the page may redraw meanwhile)."""
+
+        def attempt(_: Any) -> bool:
+            for element in browser.find_elements(By.CSS_SELECTOR, selector):
+                try:
+                    if containing in element.text:
+                        element.click()
+                        return True
+                except StaleElementReferenceException:
+                    return False
+            return False
+
+        wait.until(attempt)
+
+    def delivered(count: int) -> None:
+        wait.until(lambda _: sum(t.startswith("✓ 200") for t in texts(".msg.in .status")) == count)
+
+    browser.get(local_bot.url + "/")
+    # A first visit opens a group of its own.
+    wait.until(lambda _: texts("#chat-title") == ["First group"] and texts("#link") == ["connected"])
+    for _ in range(3):
+        click("#quick button", "🍕")
+    delivered(3)
+    click("#quick button", "/hunger")  # the first: without @name
+    wait.until(lambda _: "Your hunger level is 3!" in texts(".msg.bot p"))
+    wait.until(lambda _: texts("#session-rows .data") == ['{"pizza_count":3}'])
+
+    Select(browser.find_element(By.ID, "new-type")).select_by_value("group")
+    browser.find_element(By.ID, "new-title").send_keys("Second group")
+    browser.find_element(By.ID, "create-chat").click()
+    wait.until(lambda _: texts("#chat-title") == ["Second group"])
+    click("#quick button", "🍕")
+    delivered(1)
+    click("#quick button", "/hunger")  # the first: without @name
+    wait.until(lambda _: "Your hunger level is 1!" in texts(".msg.bot p"))
+
+    # Telegram delivering the 🍕 message again: recognised, nothing counted twice.
+    click(".msg.in .redeliver")
+    wait.until(lambda _: any("delivered again ×1" in t for t in texts(".msg.in .status")))
+    delivered(2)
+    click("#quick button", "/hunger")  # the first: without @name
+    wait.until(lambda _: texts(".msg.bot p") == ["Your hunger level is 1!"] * 2)
+    assert texts("#session-rows .data") == ['{"pizza_count":1}']
+
+    screenshot = tmp_path / "playground.png"
+    browser.save_screenshot(str(screenshot))
+    print(f"screenshot: {screenshot}")
+
+    # The first group kept its own count.
+    click("#chat-list button", "First group")
+    wait.until(lambda _: texts("#session-rows .data") == ['{"pizza_count":3}'])
