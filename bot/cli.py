@@ -1,4 +1,4 @@
-"""`python -m bot <command>` (also installed as `bot`): serve, migrate, poll, and webhook management.
+"""`python -m bot <command>` (also installed as `bot`): serve, migrate, poll, chat, and webhook management.
 
 Errors a user can fix (configuration, an unmigrated or unreachable database, Telegram refusing the
 token) end the process with one line on stderr and a non-zero status, never a traceback.
@@ -86,14 +86,16 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .playground.banner import describe_database, trial_banner
 
+    database = describe_database(settings)  # before an embedded database fills in DATABASE_URL
     with _database(settings) as settings:
         # Checked before uvicorn starts: a failure inside its lifespan would end in a traceback.
         settings = asyncio.run(_preflight(settings, check_migrations=not args.skip_migration_check))
         host = args.host or settings.host
         port = args.port or settings.port
         if settings.bot_token is None:
-            log.warning("local trial: no BOT_TOKEN, so replies are logged instead of sent")
+            print(trial_banner(settings, host, port, database), flush=True)
         if settings.webhook_secret_generated:
             log.warning(
                 "no WEBHOOK_SECRET set; this run accepts updates with the header %s: %s",
@@ -207,6 +209,17 @@ def _poll(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(settings: Settings, args: argparse.Namespace) -> int:
+    from .playground.terminal import ChatError, run
+
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
+    try:
+        run(args, f"http://{host}:{settings.port}")
+    except ChatError as exc:
+        raise _Fail(str(exc)) from exc
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bot", description="A Telegram 🍕 counter with durable sessions.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -227,6 +240,12 @@ def _parser() -> argparse.ArgumentParser:
     delete = sub.add_parser("delete-webhook", help="stop webhook delivery (needed before poll)")
     delete.add_argument("--drop-pending-updates", action="store_true")
     sub.add_parser("poll", help="long-poll getUpdates instead of serving a webhook (local use)")
+    chat = sub.add_parser("chat", help="talk to a running local bot from this terminal (its playground)")
+    chat.add_argument("--chat-type", choices=["group", "supergroup", "private", "channel"], default="group")
+    chat.add_argument("--chat-id", type=int, help="continue a chat made before (its id was printed)")
+    chat.add_argument("--title", default="Terminal chat")
+    chat.add_argument("--as", dest="sender", default="Ann", help="who is typing: Ann, Bob or Cleo")
+    chat.add_argument("--url", help="the bot (default: http://HOST:PORT, else http://127.0.0.1:8000)")
     return parser
 
 
@@ -237,6 +256,7 @@ _COMMANDS = {
     "webhook-info": _webhook_info,
     "delete-webhook": _delete_webhook,
     "poll": _poll,
+    "chat": _chat,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,7 +19,7 @@ import pytest
 from bot.app import SECRET_HEADER
 from bot.testing.env import TOKEN, bot_env
 from bot.testing.fake_telegram import FakeTelegram
-from bot.testing.processes import BotProcess
+from bot.testing.processes import BotProcess, free_port
 from bot.testing.updates import PIZZA, encode, hunger, message_update
 
 
@@ -136,15 +138,33 @@ def test_the_token_never_appears_in_logs(fake: FakeTelegram, telegram_root: str,
     assert TOKEN.split(":")[1] not in result.stdout + result.stderr
 
 
-def test_the_readme_run_command_serves_on_an_embedded_database(tmp_path: Path) -> None:
-    """No DATABASE_URL, no token: `python -m bot serve` starts its own PostgreSQL and counts pizzas."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BOT_TOKEN", "WEBHOOK_SECRET")}
-    # Not under tmp_path: run as root, the embedded server opens its data dir's parents to all users.
+@contextlib.contextmanager
+def embedded_data_dir() -> Iterator[Path]:
+    """A data dir for the embedded PostgreSQL, removed afterwards. Not under tmp_path: run as root,
+    the embedded server opens its data dir's parents to all users."""
     data_parent = Path(tempfile.mkdtemp(prefix="pizza-bot-pg-"))
     data_parent.chmod(0o755)
-    env["EMBEDDED_PG_DIR"] = str(data_parent / "pg")
-    with BotProcess(env, tmp_path / "serve.log") as process:
+    try:
+        yield data_parent / "pg"
+    finally:
+        shutil.rmtree(data_parent)
+
+
+def trial_env(data_dir: Path) -> dict[str, str]:
+    """The README's run command: no DATABASE_URL, no token."""
+    return {"DATABASE_URL": "", "BOT_TOKEN": "", "WEBHOOK_SECRET": "", "EMBEDDED_PG_DIR": str(data_dir)}
+
+
+def test_the_readme_run_command_serves_on_an_embedded_database(tmp_path: Path) -> None:
+    """No DATABASE_URL, no token: `python -m bot serve` starts its own PostgreSQL and counts pizzas; the
+    banner says where to look, where the data is, and how to go live."""
+    with embedded_data_dir() as data_dir, BotProcess(trial_env(data_dir), tmp_path / "serve.log") as process:
         process.wait_ready(60)
+        banner = process.output()
+        assert f"Playground:  {process.url}/" in banner
+        assert f"Database:    embedded PostgreSQL, data in {data_dir}" in banner
+        assert "WEBHOOK_URL=https://<your host>/webhook python -m bot serve" in banner
+        assert "python -m bot poll" in banner
         secret = re.search(r"X-Telegram-Bot-Api-Secret-Token: (\S+)", process.output())
         assert secret is not None
         headers = {SECRET_HEADER: secret.group(1), "content-type": "application/json"}
@@ -153,12 +173,56 @@ def test_the_readme_run_command_serves_on_an_embedded_database(tmp_path: Path) -
                 httpx.post(process.url + "/webhook", content=encode(update), headers=headers).status_code
                 == 200
             )
+        # The reply went out through the outbox to the playground's stand-in for the Bot API.
+        events = httpx.get(process.url + "/playground/api/events?hold=5").json()["events"]
+        assert {"kind": "reply", "chat_id": -5, "text": "Your hunger level is 1!"}.items() <= next(
+            e for e in events if e["kind"] == "reply"
+        ).items()
         assert process.terminate() == 0
-        assert "not sent: sendMessage" in process.output()
-        assert "Your hunger level is 1!" in process.output()
         assert "Traceback" not in process.output()
-    assert not (data_parent / "pg" / "postmaster.pid").exists()  # and its database was stopped on exit
-    shutil.rmtree(data_parent)
+        assert not (data_dir / "postmaster.pid").exists()  # and its database was stopped on exit
+
+
+def chat(*args: str, port: int, lines: str) -> subprocess.CompletedProcess[str]:
+    """`python -m bot chat` with `lines` typed at its prompt."""
+    return subprocess.run(
+        [sys.executable, "-m", "bot", "chat", *args],
+        env={**os.environ, "PORT": str(port), "BOT_TOKEN": "", "WEBHOOK_SECRET": ""},
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_chat_counts_survive_a_restart_of_the_local_bot(tmp_path: Path) -> None:
+    with embedded_data_dir() as data_dir:
+        with BotProcess(trial_env(data_dir), tmp_path / "first.log") as first:
+            first.wait_ready(60)
+            before = chat("--chat-type", "group", port=first.port, lines=f"{PIZZA}\n{PIZZA} again\n/hunger\n")
+            assert before.returncode == 0, before.stderr
+            assert before.stdout.splitlines()[1:] == ["bot: Your hunger level is 2!"]
+            chat_id = re.search(r"--chat-id (-?\d+)", before.stdout)
+            assert chat_id is not None
+            assert first.terminate() == 0
+        with BotProcess(trial_env(data_dir), tmp_path / "second.log", port=first.port) as second:
+            second.wait_ready(60)
+            after = chat(
+                "--chat-id", chat_id.group(1), port=second.port, lines=f"/hunger\n{PIZZA}\n/hunger\n"
+            )
+            assert after.returncode == 0, after.stderr
+            assert after.stdout.splitlines()[1:] == [
+                "bot: Your hunger level is 2!",
+                "bot: Your hunger level is 3!",
+            ]
+            assert second.terminate() == 0
+
+
+def test_chat_without_a_running_bot_says_so_in_one_line() -> None:
+    result = chat(port=free_port(), lines="")
+    assert result.returncode == 1
+    assert result.stderr.startswith("bot: no bot answers at http://127.0.0.1:")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_a_token_telegram_refuses_stops_serve_with_one_line(

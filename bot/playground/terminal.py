@@ -1,0 +1,123 @@
+"""`python -m bot chat`: the playground from a terminal. Lines typed at the prompt go to a running local
+bot as updates (through its playground API, so through its `POST /webhook`), and its replies are
+printed as they arrive."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from typing import Any, TextIO
+
+import httpx
+
+from .chats import PEOPLE
+
+__all__ = ["ChatError", "chat"]
+
+
+class ChatError(Exception):
+    """Why the chat could not start, in one line."""
+
+
+class _Session:
+    def __init__(self, client: httpx.AsyncClient, out: TextIO) -> None:
+        self.client = client
+        self.out = out
+        self.epoch = ""
+        self.after = 0
+
+    async def post(self, name: str, body: dict[str, Any]) -> Any:
+        response = await self.client.post(f"/playground/api/{name}", json=body)
+        if response.status_code != 200:
+            raise ChatError(f"{name}: {response.status_code} {response.text.strip()}")
+        return response.json()
+
+    async def events(self, hold: float) -> list[dict[str, Any]]:
+        params = {"after": str(self.after), "hold": str(hold), "epoch": self.epoch}
+        answer = (await self.client.get("/playground/api/events", params=params)).json()
+        self.epoch = answer["epoch"]
+        events: list[dict[str, Any]] = answer["events"]
+        if events:
+            self.after = events[-1]["seq"]
+        return events
+
+    def show(self, chat_id: int, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            if event["kind"] == "reply" and event["chat_id"] == chat_id:
+                print(f"bot: {event['text']}", file=self.out, flush=True)
+            elif event["kind"] == "delivery" and event["status"] != 200:
+                print(f"(update {event['update_id']}: HTTP {event['status']})", file=self.out, flush=True)
+
+    async def follow(self, chat_id: int) -> None:
+        while True:
+            self.show(chat_id, await self.events(hold=5))
+
+
+async def _open(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
+    try:
+        response = await client.get("/playground/api/info")
+    except httpx.HTTPError as exc:
+        raise ChatError(f"no bot answers at {url} ({exc}); start one with `python -m bot serve`") from exc
+    if response.status_code == 404:
+        raise ChatError(f"the bot at {url} has no playground: {response.text.strip()}")
+    info: dict[str, Any] = response.json()
+    return info
+
+
+async def chat(
+    url: str, chat_type: str, *, title: str, sender: str, chat_id: int | None, stdin: TextIO, out: TextIO
+) -> None:
+    person = next((p for p in PEOPLE if p.first_name.lower() == sender.lower()), None)
+    if person is None:
+        raise ChatError(f"--as: one of {', '.join(p.first_name for p in PEOPLE)}")
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        await _open(client, url)
+        session = _Session(client, out)
+        await session.events(hold=0)  # from here on: what happened before is not this chat's
+        if chat_id is None:
+            made = await session.post("chats", {"type": chat_type, "title": title, "sender": person.id})
+            room = made["chat"]
+        else:
+            name = person.first_name if chat_type == "private" else title
+            room = {"id": chat_id, "type": chat_type, "title": name}
+        print(
+            f"{room['type']} {room['title']!r} (id {room['id']}), typing as {person.first_name}."
+            f" Ctrl-D leaves; come back with --chat-type {room['type']} --chat-id {room['id']}",
+            file=out,
+            flush=True,
+        )
+        follower = asyncio.create_task(session.follow(room["id"]))
+        try:
+            while True:
+                if stdin.isatty():
+                    print("> ", end="", file=out, flush=True)
+                line = await asyncio.to_thread(stdin.readline)
+                if not line:
+                    break
+                if line.strip():
+                    await session.post("send", {"chat": room, "text": line.strip(), "sender": person.id})
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+        # Every line was committed before its send returned; its replies follow within moments.
+        while events := await session.events(hold=1):
+            session.show(room["id"], events)
+
+
+def run(args: argparse.Namespace, default_url: str) -> None:
+    """The command line's entry: a one-line ChatError for the caller to print, Ctrl-C ends quietly."""
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            chat(
+                args.url or default_url,
+                args.chat_type,
+                title=args.title,
+                sender=args.sender,
+                chat_id=args.chat_id,
+                stdin=sys.stdin,
+                out=sys.stdout,
+            )
+        )
