@@ -74,3 +74,23 @@ def test_bad_settings_name_the_variable_and_the_problem(
 def test_unix_socket_database_url_is_accepted() -> None:
     url = "postgresql://postgres@/bot?host=/tmp/pg"
     assert load_settings({"DATABASE_URL": url}).database_url == url
+
+
+@pytest.mark.parametrize(
+    ("env", "playground"),
+    [
+        ({}, True),  # the local trial
+        ({"PLAYGROUND": "0"}, False),
+        (PRODUCTION, False),  # a bot with a token never shows it unasked
+        ({**PRODUCTION, "PLAYGROUND": "1"}, True),
+    ],
+)
+def test_the_playground_is_on_in_the_trial_and_opt_in_with_a_token(
+    env: dict[str, str], playground: bool
+) -> None:
+    assert load_settings(env).playground is playground
+
+
+def test_a_malformed_playground_setting_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"^PLAYGROUND: expected true or false"):
+        load_settings({"PLAYGROUND": "maybe"})

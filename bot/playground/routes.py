@@ -200,7 +200,8 @@ class Playground:
     async def _poll(self, request: Request, runtime: Runtime) -> Any:
         try:
             after = int(request.query_params.get("after", "0"))
-            hold = min(float(request.query_params.get("hold", "2")), 10.0)
+            # Short: uvicorn's graceful shutdown waits for a poll being held.
+            hold = min(float(request.query_params.get("hold", "2")), 5.0)
         except ValueError:
             raise _BadRequest("after: a whole number; hold: seconds") from None
         if request.query_params.get("epoch", self.events.epoch) != self.events.epoch:

@@ -35,8 +35,10 @@ def stand_in_app(events: EventLog) -> Starlette:
     async def endpoint(request: Request) -> JSONResponse:
         method = request.path_params["method"]
         try:
-            params: dict[str, Any] = json.loads(await request.body() or b"{}")
+            params: Any = json.loads(await request.body() or b"{}")
         except ValueError:
+            params = None
+        if not isinstance(params, dict):
             return _error(400, "Bad Request: can't parse JSON")
         if method != "sendMessage":
             # Shown in the conversation as it is: the playground draws only text messages.

@@ -52,7 +52,7 @@ class _Session:
 
     async def follow(self, chat_id: int) -> None:
         while True:
-            self.show(chat_id, await self.events(hold=5))
+            self.show(chat_id, await self.events(hold=2))
 
 
 async def _open(client: httpx.AsyncClient, url: str) -> dict[str, Any]:

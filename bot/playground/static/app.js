@@ -115,7 +115,7 @@ function apply(event) {
 async function pollForever() {
   for (;;) {
     try {
-      const query = new URLSearchParams({ after: state.after, hold: 10 });
+      const query = new URLSearchParams({ after: state.after, hold: 2 });
       if (state.epoch) query.set("epoch", state.epoch);
       const answer = await api("events?" + query);
       if (answer.epoch !== state.epoch) { state.epoch = answer.epoch; state.after = 0; }
