@@ -138,7 +138,7 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
-            *(playground.routes() if playground is not None else absent_routes()),
+            *(playground.routes() if playground is not None else absent_routes(settings)),
         ],
         lifespan=lifespan,
     )

@@ -91,6 +91,12 @@ async def test_with_a_token_the_page_and_its_api_are_absent_saying_why_in_one_li
         assert sent.status_code == 404
 
 
+async def test_a_trial_with_the_playground_off_says_so(database_url: str, open_client: OpenClient) -> None:
+    async with open_client(load_settings({"DATABASE_URL": database_url, "PLAYGROUND": "0"})) as client:
+        response = await client.get("/")
+        assert response.status_code == 404 and response.text == "no playground here: PLAYGROUND is off\n"
+
+
 async def test_the_trial_serves_the_page_its_script_and_stylesheet(page: Page) -> None:
     html = await page.client.get("/")
     assert html.status_code == 200

@@ -36,7 +36,6 @@ __all__ = ["Playground", "absent_routes"]
 
 log = logging.getLogger("bot.playground")
 
-SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"  # noqa: S105 (a header name)
 PAGE = files("bot.playground") / "static" / "index.html"
 # The quick messages the page offers: the default app's 🍕 and its command, with and without our name.
 QUICK_TEXTS = ("\N{SLICE OF PIZZA}", "/hunger", "/hunger@{username}")
@@ -107,18 +106,18 @@ def _row(name: str, key: str, row: SessionRow | None) -> dict[str, Any]:
     }
 
 
-async def _not_here(request: Request) -> Response:
-    return PlainTextResponse(
-        "no playground here: BOT_TOKEN is set and PLAYGROUND is not 1\n", status_code=404
-    )
+def absent_routes(settings: Settings) -> list[BaseRoute]:
+    """The playground is off: its page and API answer 404, saying why in one line."""
+    why = "BOT_TOKEN is set and PLAYGROUND is not 1" if settings.bot_token else "PLAYGROUND is off"
+    answer = PlainTextResponse(f"no playground here: {why}\n", status_code=404)
 
+    async def not_here(request: Request) -> Response:
+        return answer
 
-def absent_routes() -> list[BaseRoute]:
-    """With a token and no PLAYGROUND=1: the page and its API answer 404, saying why in one line."""
     methods = ["GET", "HEAD", "POST"]
     return [
-        Route("/", _not_here, methods=methods),
-        Route("/playground/{rest:path}", _not_here, methods=methods),
+        Route("/", not_here, methods=methods),
+        Route("/playground/{rest:path}", not_here, methods=methods),
     ]
 
 
@@ -130,7 +129,8 @@ def _json_api(handler: Callable[[Request, Runtime], Awaitable[Any]]) -> Endpoint
     browsers send without asking) is refused, so a web page elsewhere cannot drive a local bot."""
 
     async def endpoint(request: Request) -> Response:
-        if request.method == "POST" and request.headers.get("content-type") != "application/json":
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if request.method == "POST" and media_type != "application/json":
             return JSONResponse({"error": "content-type must be application/json"}, status_code=415)
         try:
             return JSONResponse(await handler(request, request.app.state.runtime))
@@ -160,9 +160,8 @@ class Playground:
         return bot_api_transport(self.events, with_telegram=self.settings.bot_token is not None)
 
     def routes(self) -> list[BaseRoute]:
-        api = {
-            "info": self._info,
-            "events": self._poll,
+        reads = {"info": self._info, "events": self._poll}
+        writes = {
             "chats": self._new_chat,
             "send": self._send,
             "burst": self._burst,
@@ -172,14 +171,8 @@ class Playground:
         }
         return [
             Route("/", self._page, methods=["GET"]),
-            *(
-                Route(
-                    f"/playground/api/{name}",
-                    _json_api(handler),
-                    methods=["GET" if name in ("info", "events") else "POST"],
-                )
-                for name, handler in api.items()
-            ),
+            *(Route(f"/playground/api/{n}", _json_api(h), methods=["GET"]) for n, h in reads.items()),
+            *(Route(f"/playground/api/{n}", _json_api(h), methods=["POST"]) for n, h in writes.items()),
             Mount("/playground/static", StaticFiles(packages=[("bot.playground", "static")])),
         ]
 
@@ -285,7 +278,7 @@ class Playground:
             thread_id=thread_id,
             sender=None if chat.type == "channel" else sender.first_name,
             text=text,
-            service={k: v for k, v in service.items()} or None,
+            service=dict(service) or None,
             date=message["date"],
         )
         return update
@@ -293,6 +286,8 @@ class Playground:
     async def _deliver(self, app: Starlette, update: dict[str, Any]) -> int:
         """POST the update to our own /webhook until it is answered 2xx, as Telegram would (a 4xx is
         final: the same body would be refused again). Returns the last status."""
+        from ..app import SECRET_HEADER  # here: bot.app imports this module
+
         body = json.dumps(update, ensure_ascii=False).encode()
         headers = {SECRET_HEADER: self.settings.webhook_secret, "content-type": "application/json"}
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
