@@ -15,7 +15,7 @@ from bot.app import SECRET_HEADER, create_app
 from bot.config import load_settings
 from bot.playground.chats import BASE, Ids, is_playground_id
 from bot.storage.memory import MemoryStorage
-from bot.testing.env import SECRET, make_settings
+from bot.testing.env import SECRET, USERNAME, make_settings
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.updates import PIZZA, encode, hunger
 
@@ -213,7 +213,7 @@ async def test_with_a_token_and_playground_on_only_playground_chats_are_answered
     async with open_client(settings) as client:
         page = Page(client)
         chat = await page.chat()
-        await page.say(chat, f"/hunger@{settings.bot_username or 'pizza_test_bot'}")
+        await page.say(chat, f"/hunger@{USERNAME}")
         await page.reply_in(chat, "Your hunger level is 0!")
         headers = {SECRET_HEADER: SECRET, "content-type": "application/json"}
         assert (

@@ -73,6 +73,7 @@ def test_the_playground_counts_in_two_groups_and_ignores_a_redelivery(
 ) -> None:
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     wait = WebDriverWait(browser, 20)
@@ -125,7 +126,8 @@ def test_the_playground_counts_in_two_groups_and_ignores_a_redelivery(
     click(".msg.in .redeliver")
     wait.until(lambda _: any("delivered again ×1" in t for t in texts(".msg.in .status")))
     delivered(2)
-    click("#quick button", "/hunger")  # the first: without @name
+    # By keyboard: type, then Enter.
+    browser.find_element(By.ID, "text").send_keys("/hunger" + Keys.ENTER)
     wait.until(lambda _: texts(".msg.bot p") == ["Your hunger level is 1!"] * 2)
     assert texts("#session-rows .data") == ['{"pizza_count":1}']
 

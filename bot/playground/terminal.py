@@ -61,7 +61,7 @@ async def _open(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
     except httpx.HTTPError as exc:
         raise ChatError(f"no bot answers at {url} ({exc}); start one with `python -m bot serve`") from exc
     if response.status_code == 404:
-        raise ChatError(f"the bot at {url} has no playground: {response.text.strip()}")
+        raise ChatError(f"{url}: {response.text.strip()}")
     info: dict[str, Any] = response.json()
     return info
 
