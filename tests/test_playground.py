@@ -235,6 +235,23 @@ async def test_without_a_readable_storage_the_session_panel_is_empty() -> None:
         assert (await page.post("peek", {"chat": chat}))["rows"] == []
 
 
+async def test_update_ids_continue_above_those_recorded_even_if_the_clock_went_back(
+    database_url: str, open_client: OpenClient
+) -> None:
+    # A run whose clock was a day ahead (or whose ids ran ahead of it) left this id behind.
+    ahead = Ids().next() + 86_400 * 10**6
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO processed_updates (bot_id, update_id) VALUES (0, $1)", ahead)
+    finally:
+        await conn.close()
+    async with open_client(load_settings({"DATABASE_URL": database_url})) as client:
+        page = Page(client)
+        chat = await page.chat()
+        assert await page.say(chat, PIZZA) > ahead
+        assert await page.stored(chat) == {"pizza_count": 1}  # counted, not taken for a redelivery
+
+
 def test_playground_ids_rise_and_stay_out_of_telegrams_range() -> None:
     ids = Ids()
     made = [ids.next() for _ in range(1000)]

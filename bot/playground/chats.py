@@ -57,11 +57,16 @@ class ChatRef(msgspec.Struct, frozen=True):
 
 
 class Ids:
-    """Ids from the clock (µs since 2025), one apart at least: unique across restarts, since the clock
-    has moved on by then, and across processes unless two ask in the same microsecond."""
+    """Ids from the clock (µs since 2025), one apart at least, and above any id `seen` (the database's
+    latest, so a clock set back since the last run cannot repeat an update id: a repeated one would be
+    taken for a redelivery and dropped). Unique across processes unless two ask in the same µs."""
 
     def __init__(self) -> None:
         self._last = 0
+
+    def seen(self, used: int) -> None:
+        if is_playground_id(used):
+            self._last = max(self._last, used - BASE)
 
     def next(self) -> int:
         self._last = max(self._last + 1, time.time_ns() // 1000 - _EPOCH_US)

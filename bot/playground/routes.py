@@ -154,6 +154,7 @@ class Playground:
         self.settings = settings
         self.events = EventLog()
         self._ids = Ids()
+        self._ids_checked = False
         self._sent: OrderedDict[int, dict[str, Any]] = OrderedDict()
 
     def bot_api_transport(self) -> httpx.AsyncBaseTransport:
@@ -203,6 +204,7 @@ class Playground:
 
     async def _new_chat(self, request: Request, runtime: Runtime) -> Any:
         ask: _NewChat = await _decode(request, _NewChat)
+        await self._check_ids(runtime)
         if ask.type == "private":
             person = _person(ask.sender)
             chat = ChatRef(person.id, "private", person.first_name)
@@ -214,6 +216,7 @@ class Playground:
 
     async def _send(self, request: Request, runtime: Runtime) -> Any:
         ask: _Send = await _decode(request, _Send)
+        await self._check_ids(runtime)
         update = self._new_update(ask.chat, _person(ask.sender), ask.text, ask.thread_id)
         status = await self._deliver(request.app, update)
         await self._show_sessions(runtime, update)
@@ -222,6 +225,7 @@ class Playground:
     async def _burst(self, request: Request, runtime: Runtime) -> Any:
         """`count` updates at once, as Telegram sends a busy chat's backlog over parallel connections."""
         ask: _Burst = await _decode(request, _Burst)
+        await self._check_ids(runtime)
         sender = _person(ask.sender)
         updates = [self._new_update(ask.chat, sender, ask.text, ask.thread_id) for _ in range(ask.count)]
         statuses = await asyncio.gather(*(self._deliver(request.app, u) for u in updates))
@@ -244,6 +248,7 @@ class Playground:
         """What Telegram does when a group becomes a supergroup: a new chat id, and a service message in
         each chat naming the other (the old chat's last, the new chat's first)."""
         ask: _Upgrade = await _decode(request, _Upgrade)
+        await self._check_ids(runtime)
         if ask.chat.type != "group":
             raise _BadRequest("only a group can be upgraded to a supergroup")
         sender = _person(ask.sender)
@@ -261,6 +266,18 @@ class Playground:
         return {"rows": await self._rows(runtime, self._example(ask.chat, _person(ask.sender)))}
 
     # --- underneath ---
+
+    async def _check_ids(self, runtime: Runtime) -> None:
+        """Once per process, before the first id is made: continue above the ids already recorded."""
+        latest = getattr(runtime.storage, "latest_update_id", None)
+        if not self._ids_checked and latest is not None:
+            try:
+                used = await latest(runtime.me.id)
+            except StorageUnavailable as exc:
+                raise _BadRequest(f"the database is not answering: {exc}") from exc
+            if used is not None:
+                self._ids.seen(used)
+        self._ids_checked = True
 
     def _new_update(
         self, chat: ChatRef, sender: Person, text: str | None, thread_id: int | None, **service: Any

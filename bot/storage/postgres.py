@@ -316,6 +316,16 @@ class PostgresStorage:
             )
         return None if row is None else SessionRow(**dict(row))
 
+    async def latest_update_id(self, bot_id: int) -> int | None:
+        """The highest update id recorded for the bot: the playground numbers its own updates above it."""
+        with _unavailable_on_failure("read the latest update id"):
+            latest: int | None = await self._pool.fetchval(
+                "SELECT max(update_id) FROM processed_updates WHERE bot_id = $1",
+                bot_id,
+                timeout=self._acquire_timeout * 2,
+            )
+        return latest
+
     async def ping(self) -> None:
         with _unavailable_on_failure("ping"):
             async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
