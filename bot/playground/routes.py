@@ -136,6 +136,8 @@ def _json_api(handler: Callable[[Request, Runtime], Awaitable[Any]]) -> Endpoint
             return JSONResponse(await handler(request, request.app.state.runtime))
         except _BadRequest as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        except StorageUnavailable as exc:
+            return JSONResponse({"error": f"the database is not answering: {exc}"}, status_code=503)
 
     return endpoint
 
@@ -271,10 +273,7 @@ class Playground:
         """Once per process, before the first id is made: continue above the ids already recorded."""
         latest = getattr(runtime.storage, "latest_update_id", None)
         if not self._ids_checked and latest is not None:
-            try:
-                used = await latest(runtime.me.id)
-            except StorageUnavailable as exc:
-                raise _BadRequest(f"the database is not answering: {exc}") from exc
+            used = await latest(runtime.me.id)
             if used is not None:
                 self._ids.seen(used)
         self._ids_checked = True
