@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -14,6 +14,7 @@ import pytest
 from bot.app import SECRET_HEADER, create_app
 from bot.config import load_settings
 from bot.playground.chats import BASE, Ids, is_playground_id
+from bot.storage import StorageUnavailable
 from bot.storage.memory import MemoryStorage
 from bot.testing.env import SECRET, USERNAME, make_settings
 from bot.testing.fake_telegram import FakeTelegram
@@ -223,12 +224,18 @@ async def test_with_a_token_and_playground_on_only_playground_chats_are_answered
     assert [m["chat_id"] for m in fake.sent_messages()] == [-100]
 
 
-async def test_without_a_readable_storage_the_session_panel_is_empty() -> None:
-    app = create_app(load_settings({}), storage=MemoryStorage())
+@asynccontextmanager
+async def trial_on(storage: MemoryStorage) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(load_settings({}), storage=storage)
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bot") as client,
     ):
+        yield client
+
+
+async def test_without_a_readable_storage_the_session_panel_is_empty() -> None:
+    async with trial_on(MemoryStorage()) as client:
         page = Page(client)
         chat = await page.chat()
         await page.say(chat, PIZZA)
@@ -250,6 +257,17 @@ async def test_update_ids_continue_above_those_recorded_even_if_the_clock_went_b
         chat = await page.chat()
         assert await page.say(chat, PIZZA) > ahead
         assert await page.stored(chat) == {"pizza_count": 1}  # counted, not taken for a redelivery
+
+
+async def test_a_database_that_does_not_answer_is_a_503() -> None:
+    class Down(MemoryStorage):
+        async def latest_update_id(self, bot_id: int) -> int | None:
+            raise StorageUnavailable("connection refused")
+
+    async with trial_on(Down()) as client:
+        response = await client.post("/playground/api/chats", json={"type": "group"})
+    assert response.status_code == 503
+    assert response.json() == {"error": "the database is not answering: connection refused"}
 
 
 def test_playground_ids_rise_and_stay_out_of_telegrams_range() -> None:
