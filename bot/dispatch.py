@@ -41,6 +41,9 @@ class Bot(Generic[S]):
             self.sessions[DEFAULT_SESSION] = session
         _check_distinct_keys(self.sessions)
         self._routes: list[tuple[Rule, Handler[S]]] = []
+        # Messages the playground offers as one-click buttons ("{username}" becomes the bot's); the
+        # first is also what its "send 20 at once" sends.
+        self.examples: list[str] = []
 
     def on(self, rule: Rule) -> Callable[[Handler[S]], Handler[S]]:
         def register(handler: Handler[S]) -> Handler[S]:

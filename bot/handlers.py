@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .context import Context
 from .dispatch import Bot
-from .rules import contains_pizza
+from .rules import PIZZA, contains_pizza
 from .session import session
 
 
@@ -22,6 +22,7 @@ def merge(old: PizzaSession, new: PizzaSession) -> PizzaSession:
 
 def build_bot() -> Bot[PizzaSession]:
     bot = Bot(session(initial=PizzaSession, merge=merge))
+    bot.examples = [PIZZA, "/hunger", "/hunger@{username}"]
 
     @bot.command("hunger")
     async def hunger(ctx: Context[PizzaSession]) -> None:

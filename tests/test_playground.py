@@ -13,6 +13,7 @@ import pytest
 
 from bot.app import SECRET_HEADER, create_app
 from bot.config import load_settings
+from bot.dispatch import Bot
 from bot.playground.chats import BASE, Ids, is_playground_id
 from bot.storage import StorageUnavailable
 from bot.storage.memory import MemoryStorage
@@ -107,6 +108,22 @@ async def test_the_trial_serves_the_page_its_script_and_stylesheet(page: Page) -
     for path, kind in (("app.js", "javascript"), ("style.css", "text/css")):
         response = await page.client.get("/playground/static/" + path)
         assert response.status_code == 200 and kind in response.headers["content-type"]
+
+
+async def test_the_quick_buttons_are_the_apps_examples(database_url: str, open_client: OpenClient) -> None:
+    async with open_client(load_settings({"DATABASE_URL": database_url})) as client:
+        assert (await client.get("/playground/api/info")).json()["quick"] == [
+            PIZZA,
+            "/hunger",
+            "/hunger@pizza_trial_bot",
+        ]
+    other: Bot[None] = Bot()
+    other.examples = ["hello", "/start@{username}"]
+    async with open_client(load_settings({"DATABASE_URL": database_url}), bot=other) as client:
+        assert (await client.get("/playground/api/info")).json()["quick"] == [
+            "hello",
+            "/start@pizza_trial_bot",
+        ]
 
 
 async def test_messages_go_through_the_webhook_and_replies_through_the_outbox(

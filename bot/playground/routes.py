@@ -37,8 +37,6 @@ __all__ = ["Playground", "absent_routes"]
 log = logging.getLogger("bot.playground")
 
 PAGE = files("bot.playground") / "static" / "index.html"
-# The quick messages the page offers: the default app's 🍕 and its command, with and without our name.
-QUICK_TEXTS = ("\N{SLICE OF PIZZA}", "/hunger", "/hunger@{username}")
 DELIVERY_ATTEMPTS = 6  # Telegram keeps trying far longer; six (about 12 s) is enough to show it here
 KEEP_UPDATES = 2000  # sent updates remembered for "deliver again"
 
@@ -189,7 +187,7 @@ class Playground:
         return {
             "username": username,
             "people": [msgspec.to_builtins(p) for p in PEOPLE],
-            "quick": [text.format(username=username) for text in QUICK_TEXTS],
+            "quick": [text.replace("{username}", username) for text in runtime.pipeline.bot.examples],
             "epoch": self.events.epoch,
         }
 

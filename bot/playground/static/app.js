@@ -274,13 +274,14 @@ function setup() {
     save();
     renderConversation();
   });
-  const [pizza] = info.quick;
+  // The app's examples; the first one also goes twenty at once, as parallel deliveries.
+  const [first] = info.quick;
   $("quick").replaceChildren(
     ...info.quick.map((text) => el("button", { type: "button", class: "quick-send", onclick: () => send(text) }, text)),
-    el("button", {
+    first === undefined ? null : el("button", {
       type: "button", id: "burst",
-      onclick: () => currentChat() && api("burst", { ...sendBody(pizza), count: 20 }).catch(report),
-    }, "Send 20 " + pizza + " at once"));
+      onclick: () => currentChat() && api("burst", { ...sendBody(first), count: 20 }).catch(report),
+    }, "Send 20 " + first + " at once"));
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();
     const text = $("text").value.trim();
