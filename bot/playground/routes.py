@@ -220,7 +220,11 @@ class Playground:
         update = self._new_update(ask.chat, _person(ask.sender), ask.text, ask.thread_id)
         status = await self._deliver(request.app, update)
         await self._show_sessions(runtime, update)
-        return {"update_id": update["update_id"], "status": status}
+        # How many replies are on their way (None: this storage can't say), so a client knows what to
+        # wait for.
+        count = getattr(runtime.storage, "queued_calls", None)
+        replies = None if count is None else await count(runtime.me.id, update["update_id"])
+        return {"update_id": update["update_id"], "status": status, "replies": replies}
 
     async def _burst(self, request: Request, runtime: Runtime) -> Any:
         """`count` updates at once, as Telegram sends a busy chat's backlog over parallel connections."""

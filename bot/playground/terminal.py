@@ -27,6 +27,7 @@ class _Session:
         self.out = out
         self.epoch = ""
         self.after = 0
+        self.answers = 0  # the bot's calls to this chat seen so far
 
     async def post(self, name: str, body: dict[str, Any]) -> Any:
         response = await self.client.post(f"/playground/api/{name}", json=body)
@@ -46,7 +47,11 @@ class _Session:
     def show(self, chat_id: int, events: list[dict[str, Any]]) -> None:
         for event in events:
             if event["kind"] == "reply" and event["chat_id"] == chat_id:
+                self.answers += 1
                 print(f"bot: {event['text']}", file=self.out, flush=True)
+            elif event["kind"] == "call" and event["params"].get("chat_id") == chat_id:
+                self.answers += 1
+                print(f"bot called {event['method']} {event['params']}", file=self.out, flush=True)
             elif event["kind"] == "delivery" and event["status"] != 200:
                 print(f"(update {event['update_id']}: HTTP {event['status']})", file=self.out, flush=True)
 
@@ -89,6 +94,7 @@ async def chat(
             flush=True,
         )
         follower = asyncio.create_task(session.follow(room["id"]))
+        expected: int | None = 0
         try:
             while True:
                 if stdin.isatty():
@@ -97,14 +103,32 @@ async def chat(
                 if not line:
                     break
                 if line.strip():
-                    await session.post("send", {"chat": room, "text": line.strip(), "sender": person.id})
+                    sent = await session.post(
+                        "send", {"chat": room, "text": line.strip(), "sender": person.id}
+                    )
+                    expected = (
+                        None if expected is None or sent["replies"] is None else expected + sent["replies"]
+                    )
         finally:
             follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
-        # Every line was committed before its send returned; its replies follow within moments.
+        await _last_replies(session, room["id"], expected)
+
+
+async def _last_replies(session: _Session, chat_id: int, expected: int | None) -> None:
+    """After the last line: print the replies still on their way. Each line was committed before its
+    send returned, with its replies queued; the outbox may hold them back a while (rate limits)."""
+    if expected is None:  # the bot's storage can't say how many: wait for a quiet second
         while events := await session.events(hold=1):
-            session.show(room["id"], events)
+            session.show(chat_id, events)
+        return
+    try:
+        async with asyncio.timeout(60):
+            while session.answers < expected:
+                session.show(chat_id, await session.events(hold=2))
+    except TimeoutError:
+        print(f"({expected - session.answers} more still queued in the bot)", file=session.out, flush=True)
 
 
 def run(args: argparse.Namespace, default_url: str) -> None:

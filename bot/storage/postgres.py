@@ -326,6 +326,17 @@ class PostgresStorage:
             )
         return latest
 
+    async def queued_calls(self, bot_id: int, update_id: int) -> int:
+        """How many Bot API calls the update queued: the replies `python -m bot chat` waits for."""
+        with _unavailable_on_failure("count queued calls"):
+            count: int = await self._pool.fetchval(
+                "SELECT count(*) FROM outbox WHERE bot_id = $1 AND update_id = $2",
+                bot_id,
+                update_id,
+                timeout=self._acquire_timeout * 2,
+            )
+        return count
+
     async def ping(self) -> None:
         with _unavailable_on_failure("ping"):
             async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
