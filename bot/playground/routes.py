@@ -26,7 +26,8 @@ from starlette.staticfiles import StaticFiles
 
 from ..config import Settings
 from ..runtime import Runtime
-from ..storage import SessionRow, StorageUnavailable
+from ..storage import StorageUnavailable
+from ..storage.postgres import SessionRow
 from ..telegram import Update, decode_update
 from .chats import PEOPLE, ChatRef, ChatType, Ids, Person, message_update
 from .events import EventLog

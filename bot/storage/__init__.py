@@ -14,13 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Protocol
 
 __all__ = [
     "OutgoingCall",
     "PendingCall",
-    "SessionRow",
     "Storage",
     "StorageUnavailable",
     "StoredSession",
@@ -34,17 +32,6 @@ class StoredSession:
 
     data: str
     version: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class SessionRow:
-    """A stored session with its bookkeeping, as `PostgresStorage.peek` shows it (no lock taken)."""
-
-    key: str
-    data: str
-    version: int
-    updated_at: datetime
-    expires_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

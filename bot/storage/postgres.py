@@ -23,14 +23,16 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
 from ..migrate import NotMigrated, check_migrated
-from . import OutgoingCall, PendingCall, SessionRow, StorageUnavailable, StoredSession
+from . import OutgoingCall, PendingCall, StorageUnavailable, StoredSession
 
-__all__ = ["PostgresStorage"]
+__all__ = ["PostgresStorage", "SessionRow"]
 
 
 @contextmanager
@@ -190,6 +192,17 @@ class _PostgresTransaction:
                 await self._pool.release(conn)
 
 
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    """A stored session with its bookkeeping, as `PostgresStorage.peek` shows it."""
+
+    key: str
+    data: str
+    version: int
+    updated_at: datetime
+    expires_at: datetime | None
+
+
 class PostgresStorage:
     """Sessions, processed update ids and the outbox in PostgreSQL. The pool is owned by this object."""
 
@@ -304,6 +317,22 @@ class PostgresStorage:
             total += int(status.rsplit(" ", 1)[-1])
         return total
 
+    async def ping(self) -> None:
+        with _unavailable_on_failure("ping"):
+            async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+                try:
+                    await check_migrated(conn)
+                except NotMigrated as exc:
+                    raise StorageUnavailable(str(exc)) from exc
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout=10)
+        except TimeoutError:
+            self._pool.terminate()
+
+    # --- read-only looks for the playground: no locks taken, none waited for ---
+
     async def peek(self, key: str) -> SessionRow | None:
         """The committed row for display (the playground), read without a lock: never waits on, or
         holds up, an update. Lock placeholders (data IS NULL) are nobody's session."""
@@ -336,17 +365,3 @@ class PostgresStorage:
                 timeout=self._acquire_timeout * 2,
             )
         return count
-
-    async def ping(self) -> None:
-        with _unavailable_on_failure("ping"):
-            async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
-                try:
-                    await check_migrated(conn)
-                except NotMigrated as exc:
-                    raise StorageUnavailable(str(exc)) from exc
-
-    async def close(self) -> None:
-        try:
-            await asyncio.wait_for(self._pool.close(), timeout=10)
-        except TimeoutError:
-            self._pool.terminate()
