@@ -14,7 +14,7 @@ import pytest
 from bot.app import SECRET_HEADER, create_app
 from bot.config import load_settings
 from bot.dispatch import Bot
-from bot.playground.chats import BASE, Ids, is_playground_id
+from bot.playground.chats import BASE, PEOPLE, Ids, is_playground_id
 from bot.storage import StorageUnavailable
 from bot.storage.memory import MemoryStorage
 from bot.testing.env import SECRET, USERNAME, make_settings
@@ -197,6 +197,15 @@ async def test_a_reply_in_a_forum_topic_stays_in_that_topic(page: Page) -> None:
     await page.say(forum, "/hunger", thread_id=2)
     reply = await page.reply_in(forum, "Your hunger level is 0!")
     assert reply["thread_id"] == 2
+
+
+async def test_in_a_private_chat_its_user_is_the_one_writing(page: Page) -> None:
+    ann, bob = PEOPLE[:2]
+    chat = await page.chat("private", sender=bob.id)
+    assert (chat["id"], chat["title"]) == (bob.id, "Bob")
+    await page.say(chat, PIZZA, sender=ann.id)  # Ann picked in the page: still Bob's message
+    sent = await page.wait_for(lambda e: e["kind"] == "update" and e["chat_id"] == chat["id"])
+    assert sent["sender"] == "Bob"
 
 
 @pytest.mark.parametrize("kind", ["private", "channel"])

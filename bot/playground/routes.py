@@ -91,6 +91,11 @@ def _person(person_id: int) -> Person:
     raise _BadRequest(f"sender: no such person {person_id}")
 
 
+def _sender(chat: ChatRef, person_id: int) -> Person:
+    """Who writes: the chosen person, except in a private chat, where it is always its one user."""
+    return _person(chat.id if chat.type == "private" else person_id)
+
+
 def _row(name: str, key: str, row: SessionRow | None) -> dict[str, Any]:
     if row is None:
         return {"name": name, "key": key, "stored": False}
@@ -218,7 +223,7 @@ class Playground:
     async def _send(self, request: Request, runtime: Runtime) -> Any:
         ask: _Send = await _decode(request, _Send)
         await self._check_ids(runtime)
-        update = self._new_update(ask.chat, _person(ask.sender), ask.text, ask.thread_id)
+        update = self._new_update(ask.chat, _sender(ask.chat, ask.sender), ask.text, ask.thread_id)
         status = await self._deliver(request.app, update)
         await self._show_sessions(runtime, update)
         # How many replies are on their way (None: this storage can't say), so a client knows what to
@@ -231,7 +236,7 @@ class Playground:
         """`count` updates at once, as Telegram sends a busy chat's backlog over parallel connections."""
         ask: _Burst = await _decode(request, _Burst)
         await self._check_ids(runtime)
-        sender = _person(ask.sender)
+        sender = _sender(ask.chat, ask.sender)
         updates = [self._new_update(ask.chat, sender, ask.text, ask.thread_id) for _ in range(ask.count)]
         statuses = await asyncio.gather(*(self._deliver(request.app, u) for u in updates))
         await self._show_sessions(runtime, updates[-1])
@@ -268,7 +273,7 @@ class Playground:
 
     async def _peek(self, request: Request, runtime: Runtime) -> Any:
         ask: _Peek = await _decode(request, _Peek)
-        return {"rows": await self._rows(runtime, self._example(ask.chat, _person(ask.sender)))}
+        return {"rows": await self._rows(runtime, self._example(ask.chat, _sender(ask.chat, ask.sender)))}
 
     # --- underneath ---
 

@@ -193,9 +193,10 @@ function renderConversation() {
   $("upgrade").hidden = !chat || chat.type !== "group" || Boolean(chat.upgraded_to);
   const forum = Boolean(chat && chat.is_forum);
   $("topics").hidden = !forum;
-  const channel = Boolean(chat && chat.type === "channel");
-  $("sender").disabled = channel;
-  $("sender").title = channel ? "A channel's posts come from the channel" : "";
+  // A channel posts as itself; a private chat has one user, who is the one typing.
+  const fixed = Boolean(chat && (chat.type === "channel" || chat.type === "private"));
+  $("sender").disabled = fixed;
+  $("sender").title = fixed ? "Fixed by the kind of chat" : "";
   const shown = chat ? messagesOf(chat.id).filter((m) => !forum || (m.thread_id ?? null) === state.topic) : [];
   const list = $("messages");
   const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 40;
