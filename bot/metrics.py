@@ -27,9 +27,9 @@ class Metrics:
     def render(self) -> str:
         lines: list[str] = []
         for name, help_text in _HELP.items():
-            lines += [f"# HELP pizzabot_{name} {help_text}", f"# TYPE pizzabot_{name} counter"]
+            lines += [f"# HELP bot_{name} {help_text}", f"# TYPE bot_{name} counter"]
             for (counted, label), value in sorted(self._counts.items()):
                 if counted == name:
                     labels = f'{{outcome="{label}"}}' if label else ""
-                    lines.append(f"pizzabot_{name}{labels} {value}")
+                    lines.append(f"bot_{name}{labels} {value}")
         return "\n".join(lines) + "\n"

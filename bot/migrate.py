@@ -23,7 +23,8 @@ __all__ = ["MIGRATIONS_DIR", "MigrationError", "NotMigrated", "check_migrated", 
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
-# Any fixed 64-bit number, the same in every instance: "the pizza-bot migration lock".
+# Any fixed 64-bit number, the same in every instance and release: were it to change, an old and a new
+# release could migrate at the same time.
 _LOCK_ID = 0x70697A7A61_6D6967
 
 _NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")

@@ -1,4 +1,5 @@
-"""One update, start to finish: route → claim → load (lock) → handler → save → queue replies → commit.
+"""One update, start to finish: route → claim → load (lock) → middleware and handlers → save → queue
+replies → commit.
 
 The replies come back to the caller to send after the commit (`bot.outbox`), so no Bot API call is
 ever made while a session row is locked, and none is made for an update that was rolled back.
@@ -14,13 +15,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from .context import BotIdentity, Context
-from .dispatch import Bot, Handler
+from .context import BotIdentity, Context, ImmediateApi
+from .dispatch import Bot, ErrorHook
 from .metrics import Metrics
+from .router import Match
 from .rules import chat_migration
 from .session import AlreadyApplied, SessionConfig, SessionSlot
 from .storage import PendingCall, Storage, StorageUnavailable, Transaction
-from .telegram import Update
+from .telegram import BotApi, Update
 
 __all__ = ["Outcome", "Pipeline", "Status"]
 
@@ -31,7 +33,7 @@ class Status(enum.Enum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"  # a redelivery: nothing applied again, unconfirmed replies sent again
     IGNORED = "ignored"  # no handler for this update: no database work at all
-    FAILED = "failed"  # a handler raised: rolled back, logged, acknowledged
+    FAILED = "failed"  # a handler raised: rolled back (or handed to the error hook), logged, acknowledged
 
 
 @dataclass(frozen=True)
@@ -62,23 +64,35 @@ class _Claim:
 
 class Pipeline:
     def __init__(
-        self, bot: Bot[Any], storage: Storage, me: BotIdentity, metrics: Metrics, *, lease: float = 30.0
+        self,
+        bot: Bot[Any],
+        storage: Storage,
+        me: BotIdentity,
+        metrics: Metrics,
+        *,
+        lease: float = 30.0,
+        api: BotApi | None = None,
+        api_timeout: float = 5.0,
     ) -> None:
         self.bot = bot
         self.storage = storage
         self.me = me
         self.metrics = metrics
         self.lease = lease
+        self.api = ImmediateApi(api, api_timeout)
 
     async def process(self, update: Update) -> Outcome:
         """Apply the update exactly once. Raises StorageUnavailable when it could not be applied now."""
         migration = chat_migration(update.message) if update.message is not None else None
-        handler = self.bot.route(update, self.me)
+        ctx: Context[Any] = Context(update, self.me, self.api)
+        kind = update.kind
+        # Filters are pure: an update no handler wants is known here, before any database work.
+        found = await self.bot.match(ctx, kind) if kind is not None else []
         work: Callable[[], Awaitable[Outcome]] | None = None
         if migration is not None and any(c.merge is not None for c in self.bot.sessions.values()):
             work = partial(self._migrate, update, *migration)
-        elif handler is not None:
-            work = partial(self._apply, update, handler)
+        elif found:
+            work = partial(self._apply, ctx, found)
         if work is None:
             outcome = Outcome(Status.IGNORED)
         else:
@@ -90,8 +104,9 @@ class Pipeline:
             except Exception:
                 # One bad update must not wedge the chat's queue: Telegram would redeliver it forever.
                 log.exception("update %d: handler failed; rolled back and acknowledged", update.update_id)
-                self.metrics.inc("handler_errors_total")
                 outcome = Outcome(Status.FAILED)
+        if outcome.status is Status.FAILED:
+            self.metrics.inc("handler_errors_total")
         self.metrics.inc("updates_total", outcome.status.value)
         return outcome
 
@@ -114,17 +129,28 @@ class Pipeline:
                     unit.transactions[id(config.storage)] = tx
             yield unit
 
-    async def _apply(self, update: Update, handler: Handler[Any]) -> Outcome:
+    async def _apply(self, ctx: Context[Any], found: Match) -> Outcome:
+        update = ctx.update
+        status = Status.APPLIED
         async with self._unit(update) as unit:
             slots = {
                 name: unit.slot(config, config.key(update)) for name, config in self.bot.sessions.items()
             }
-            ctx: Context[Any] = Context(update, self.me, slots)
+            ctx.attach_sessions(slots)
             try:
-                for slot in unit.in_lock_order(slots.values()):
-                    if not slot.config.lazy:
-                        await slot.load()
-                await handler(ctx)
+                try:
+                    for slot in unit.in_lock_order(slots.values()):
+                        if not slot.config.lazy:
+                            await slot.load()
+                    await self.bot.run(ctx, found)
+                except (AlreadyApplied, StorageUnavailable):
+                    raise
+                except Exception as error:
+                    hook = self.bot.error_hook
+                    if hook is None:
+                        raise
+                    await self._on_error(hook, error, ctx, slots.values())
+                    status = Status.FAILED
                 if ctx.calls:
                     await unit.claim()  # replies are exactly-once too, even from a handler with no session
             except AlreadyApplied:
@@ -138,8 +164,24 @@ class Pipeline:
             for slot in slots.values():
                 await slot.save()
             return Outcome(
-                Status.APPLIED, await unit.main.enqueue(self.me.id, update.update_id, ctx.calls, self.lease)
+                status, await unit.main.enqueue(self.me.id, update.update_id, ctx.calls, self.lease)
             )
+
+    async def _on_error(
+        self, hook: ErrorHook, error: Exception, ctx: Context[Any], slots: Iterable[SessionSlot[Any]]
+    ) -> None:
+        """Hand a handler's exception to the bot's error hook, on the state from before the handler: its
+        session changes and queued calls are dropped, as a rollback would. The hook's own effects then
+        commit with the update (claimed, so a redelivery does not run the hook again)."""
+        log.error(
+            "update %d: handler failed; its changes are discarded and the error hook runs",
+            ctx.update.update_id,
+            exc_info=error,
+        )
+        for slot in slots:
+            slot.discard_changes()
+        ctx.calls.clear()
+        await hook(error, ctx)
 
     async def _migrate(self, update: Update, old_chat: int, new_chat: int) -> Outcome:
         """Move each mergeable session from a group's old chat id to its new one.

@@ -1,4 +1,4 @@
-"""Pure rules about messages: which command a message is, and whether it carries a pizza.
+"""Pure rules about messages: which command a message is, and whether it announces a group's upgrade.
 
 No I/O here, so every rule is a table-driven test away.
 """
@@ -9,9 +9,7 @@ from dataclasses import dataclass
 
 from .telegram import Message
 
-__all__ = ["PIZZA", "Command", "chat_migration", "contains_pizza", "parse_command"]
-
-PIZZA = "\N{SLICE OF PIZZA}"  # U+1F355
+__all__ = ["Command", "chat_migration", "parse_command"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +40,6 @@ def parse_command(message: Message, username: str) -> Command | None:
     if not name or (addressee and addressee.lower() != username.lower()):
         return None
     return Command(name, text[len(token) :].strip())
-
-
-def contains_pizza(message: Message) -> bool:
-    """Text (not a caption) with at least one 🍕. Several in one message still count once."""
-    return message.text is not None and PIZZA in message.text
 
 
 def chat_migration(message: Message) -> tuple[int, int] | None:

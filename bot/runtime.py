@@ -19,7 +19,7 @@ import httpx
 from .config import TRIAL_USERNAME, Settings
 from .context import BotIdentity
 from .dispatch import Bot
-from .handlers import build_bot
+from .importer import AppError, load_app
 from .metrics import Metrics
 from .outbox import Outbox
 from .pipeline import Pipeline
@@ -60,8 +60,8 @@ async def resolve_identity(settings: Settings, api: BotApi | None) -> BotIdentit
         raise StartupError(f"BOT_TOKEN: getMe at {settings.telegram_api_root} failed: {exc}") from exc
     if me.can_read_all_group_messages is False:
         log.warning(
-            "privacy mode is on for @%s: in groups it only sees commands, so 🍕 messages there are not"
-            " counted. Turn it off in @BotFather (/setprivacy → Disable), then remove and re-add the bot.",
+            "privacy mode is on for @%s: in groups it sees only commands and replies to it, not other"
+            " messages. Turn it off in @BotFather (/setprivacy → Disable), then remove and re-add the bot.",
             me.username,
         )
     return BotIdentity(me.id, me.username or TRIAL_USERNAME)
@@ -75,11 +75,17 @@ async def start(
     storage: Storage | None = None,
     bot_api_transport: httpx.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[Runtime]:
-    """Open everything, yield, close everything. A given `storage` is used, not closed.
+    """Open everything, yield, close everything. Without a `bot`, the one the APP setting names runs. A
+    given `storage` is used, not closed.
 
     `bot_api_transport` carries the Bot API calls (the playground's in-process stand-in); with it, a
     local trial without a token sends its replies there instead of only logging them.
     """
+    if bot is None:
+        try:
+            bot = load_app(settings.app)
+        except AppError as exc:
+            raise StartupError(f"APP: {exc}") from exc
     metrics = Metrics()
     timeout = httpx.Timeout(10.0, connect=5.0)
     limits = httpx.Limits(max_connections=100)
@@ -99,10 +105,19 @@ async def start(
                 acquire_timeout=settings.db_acquire_timeout,
                 lock_timeout=settings.db_lock_timeout,
                 statement_timeout=settings.db_statement_timeout,
+                application_name=bot.name,
             )
         try:
             outbox = Outbox(storage, api, metrics, lease=settings.outbox_lease)
-            pipeline = Pipeline(bot or build_bot(), storage, me, metrics, lease=settings.outbox_lease)
+            pipeline = Pipeline(
+                bot,
+                storage,
+                me,
+                metrics,
+                lease=settings.outbox_lease,
+                api=api,
+                api_timeout=settings.api_call_timeout,
+            )
             sweeper = asyncio.create_task(outbox.run_sweeper(settings.sweep_interval))
             try:
                 yield Runtime(settings, storage, api, me, pipeline, outbox, metrics)

@@ -23,11 +23,16 @@ from .telegram import Update
 __all__ = [
     "AlreadyApplied",
     "NoSessionKey",
+    "NoSuchSession",
     "SessionConfig",
     "SessionDecodeError",
+    "SessionError",
+    "SessionNotLoaded",
     "SessionSlot",
     "chat_key",
+    "chat_user_key",
     "session",
+    "user_key",
 ]
 
 S = TypeVar("S")
@@ -39,8 +44,46 @@ def chat_key(update: Update) -> str | None:
     return None if chat is None else str(chat.id)
 
 
-class NoSessionKey(AttributeError):
-    """A handler used the session of an update that has none (its key function returned None)."""
+def user_key(update: Update) -> str | None:
+    """One session per person, following them across chats (grammY's `ctx.from?.id`). None for updates
+    with no sender (channel posts, anonymous reactions).
+
+    The caveat grammY gives for webhooks: one person's updates from different chats, and their button
+    presses and reactions, arrive concurrently, unlike one chat's messages. With a read and a write as two
+    separate calls, two of them would overwrite each other's change. Here the row lock makes them take turns
+    (docs/SESSIONS.md, "What goes wrong with other keys"), so this key is exact, at the price that one
+    person's updates in different chats wait for each other.
+    """
+    user = update.from_user
+    return None if user is None else str(user.id)
+
+
+def chat_user_key(update: Update) -> str | None:
+    """One session per person per chat (grammY's `${ctx.from?.id}/${ctx.chat?.id}`), for example a
+    player's score in one group. None unless the update has both a chat and a sender. The caveat of
+    `user_key` applies: a person's button presses race their messages in the same chat, and the row lock
+    is what keeps that exact."""
+    chat, user = update.chat, update.from_user
+    return None if chat is None or user is None else f"{chat.id}/{user.id}"
+
+
+class SessionError(Exception):
+    """Base of the errors a handler gets for using a session wrongly. Not an AttributeError, so that
+    `getattr(ctx, "session", None)` raises instead of quietly answering None."""
+
+
+class NoSessionKey(SessionError):
+    """This update has no session: the key function returned None for it (for instance the chat key for
+    an update without a chat)."""
+
+
+class SessionNotLoaded(SessionError):
+    """A lazy session used before `await ctx.get_session()`, or any session used by a filter (filters run
+    before the database is touched)."""
+
+
+class NoSuchSession(SessionError):
+    """No session of that name is configured for the bot."""
 
 
 class SessionDecodeError(Exception):
@@ -121,16 +164,21 @@ def session(
 
     `initial` builds a fresh session for a key that has none (a factory, so chats never share one
     object); when it is a class, it is also the type the stored JSON is decoded into. Without it, a
-    key with no session reads as None and handlers create it (`ctx.session = Pizza()`). `lazy` loads
+    key with no session reads as None and handlers create it (`ctx.session = Counter()`). `lazy` loads
     and locks the session only when a handler first asks for it (`await ctx.get_session()`). `ttl`
     makes a session read as new that many seconds after it was last written. `version` and
     `migrations` (a map from an old version to a function that upgrades its decoded JSON by one step)
     let the session's shape change while old rows are upgraded on read and written back in the new
     shape.
 
+    `get_session_key` maps an update to its session's key (None: no session for this update). The
+    default, `chat_key`, is one session per chat; `user_key` and `chat_user_key` key by person (read
+    their caveat about webhooks), and any function of the update will do.
+
     `merge(old, new)` follows a group when Telegram upgrades it to a supergroup (a new chat id): the
-    old chat's session is combined into the new chat's and removed, exactly once. It applies to
-    sessions keyed by chat id (the default key); without it, a migrated group starts afresh.
+    old chat's session is combined into the new chat's and removed, exactly once. It applies only to
+    sessions keyed by chat id (the default key), and `Bot` refuses it with any other key function, which
+    it could not follow; without it, a migrated group starts afresh.
 
     `storage` keeps this session somewhere other than the bot's storage (see docs/SESSIONS.md for what
     that costs: the two transactions commit one after the other, not atomically).
@@ -207,7 +255,7 @@ class SessionSlot(Generic[S]):
     def get(self) -> S:
         """The session; None when there is none (no `initial`, or set to None in this update)."""
         if not self.loaded:
-            raise NoSessionKey(
+            raise SessionNotLoaded(
                 "the session is lazy and not loaded yet: `await ctx.get_session()` (or `get_session(name)`) first"
             )
         if self.key is None:
@@ -225,11 +273,21 @@ class SessionSlot(Generic[S]):
             # grammY writes such a value blindly. Here the read is what locks the row and records the
             # update as applied, and save() needs to know what is stored to delete it or to tell "reset
             # to initial" from "unchanged"; so a lazy session is loaded first.
-            raise NoSessionKey(
+            raise SessionNotLoaded(
                 "the session is lazy and not loaded yet: `await ctx.get_session()` (or `get_session(name)`) "
                 "before assigning to it"
             )
         self._value = value
+
+    def discard_changes(self) -> None:
+        """Back to the session as loaded: a handler failed, and the error hook must see (and save) the
+        state before it, as if the handler never ran. The row stays locked and the update claimed."""
+        if not self.loaded or self.key is None:
+            return
+        if self._stored is not None:
+            self._value = msgspec.json.decode(self._stored, type=self.config.data_type)
+        else:
+            self._value = None if self.config.initial is None else self.config.initial()
 
     async def save(self) -> None:
         """Write back what changed: nothing if unchanged, a delete if the session was set to None."""

@@ -12,13 +12,18 @@ import httpx
 import msgspec
 
 __all__ = [
+    "UPDATE_KINDS",
     "BotApi",
     "BotApiError",
     "CallbackQuery",
     "Chat",
+    "ChatMember",
+    "ChatMemberUpdated",
     "InvalidUpdate",
     "Message",
     "MessageEntity",
+    "MessageReactionUpdated",
+    "ReactionType",
     "Update",
     "User",
     "decode_update",
@@ -68,9 +73,64 @@ class Message(msgspec.Struct, frozen=True):
 
 
 class CallbackQuery(msgspec.Struct, frozen=True):
+    """A press on an inline keyboard button. `message` is the message the keyboard is attached to (absent
+    for inline-mode messages, which have `inline_message_id` instead; when the message is older than 48 h
+    Telegram sends only its chat and id, with `date` 0)."""
+
     id: str
     from_user: User = msgspec.field(name="from")
+    chat_instance: str = ""
+    message: Message | None = None
+    inline_message_id: str | None = None
     data: str | None = None
+
+
+class ChatMember(msgspec.Struct, frozen=True):
+    """One member's status in a chat: creator, administrator, member, restricted, left or kicked."""
+
+    status: str
+    user: User
+
+
+class ChatMemberUpdated(msgspec.Struct, frozen=True):
+    """`my_chat_member`: the bot itself was added, promoted, removed...; `chat_member`: someone else."""
+
+    chat: Chat
+    from_user: User = msgspec.field(name="from")
+    date: int = 0
+    old_chat_member: ChatMember | None = None
+    new_chat_member: ChatMember | None = None
+
+
+class ReactionType(msgspec.Struct, frozen=True):
+    type: str  # "emoji", "custom_emoji" or "paid"
+    emoji: str | None = None
+    custom_emoji_id: str | None = None
+
+
+class MessageReactionUpdated(msgspec.Struct, frozen=True):
+    """A user changed their reactions to a message (the bot must be an administrator to receive it)."""
+
+    chat: Chat
+    message_id: int
+    date: int = 0
+    user: User | None = None  # absent when an anonymous administrator or a channel reacted
+    old_reaction: tuple[ReactionType, ...] = ()
+    new_reaction: tuple[ReactionType, ...] = ()
+
+
+# Every field of Update that this framework routes, in Telegram's order. Telegram sends exactly one per
+# update; an update of another kind (a poll, an inline query...) decodes with none of them and is ignored.
+UPDATE_KINDS = (
+    "message",
+    "edited_message",
+    "channel_post",
+    "edited_channel_post",
+    "message_reaction",
+    "callback_query",
+    "my_chat_member",
+    "chat_member",
+)
 
 
 class Update(msgspec.Struct, frozen=True):
@@ -79,7 +139,18 @@ class Update(msgspec.Struct, frozen=True):
     edited_message: Message | None = None
     channel_post: Message | None = None
     edited_channel_post: Message | None = None
+    message_reaction: MessageReactionUpdated | None = None
     callback_query: CallbackQuery | None = None
+    my_chat_member: ChatMemberUpdated | None = None
+    chat_member: ChatMemberUpdated | None = None
+
+    @property
+    def kind(self) -> str | None:
+        """Which kind of update this is (one of UPDATE_KINDS), None for a kind not routed here."""
+        for kind in UPDATE_KINDS:
+            if getattr(self, kind) is not None:
+                return kind
+        return None
 
     @property
     def new_message(self) -> Message | None:
@@ -87,9 +158,36 @@ class Update(msgspec.Struct, frozen=True):
         return self.message or self.channel_post
 
     @property
-    def chat(self) -> Chat | None:
+    def any_message(self) -> Message | None:
+        """The message this update is about: new, edited, or the one a pressed button is attached to."""
         message = self.message or self.channel_post or self.edited_message or self.edited_channel_post
-        return message.chat if message is not None else None
+        if message is None and self.callback_query is not None:
+            return self.callback_query.message
+        return message
+
+    @property
+    def chat(self) -> Chat | None:
+        """The chat this update happened in; None for kinds without one (an inline-mode button press)."""
+        message = self.any_message
+        if message is not None:
+            return message.chat
+        member = self.my_chat_member or self.chat_member
+        if member is not None:
+            return member.chat
+        return self.message_reaction.chat if self.message_reaction is not None else None
+
+    @property
+    def from_user(self) -> User | None:
+        """Who caused this update; None for channel posts and anonymous reactions."""
+        if self.callback_query is not None:
+            return self.callback_query.from_user
+        member = self.my_chat_member or self.chat_member
+        if member is not None:
+            return member.from_user
+        if self.message_reaction is not None:
+            return self.message_reaction.user
+        message = self.any_message
+        return message.from_user if message is not None else None
 
 
 class InvalidUpdate(ValueError):

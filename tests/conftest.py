@@ -148,8 +148,10 @@ async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
 
 
 @asynccontextmanager
-async def _asgi_client(settings: Settings, bot: Bot[Any] | None = None) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, bot=bot)
+async def _asgi_client(
+    settings: Settings, bot: Bot[Any] | None = None, storage: Storage | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, bot=bot, storage=storage)
     transport = httpx.ASGITransport(app=app)
     async with (
         app.router.lifespan_context(app),
@@ -160,7 +162,8 @@ async def _asgi_client(settings: Settings, bot: Bot[Any] | None = None) -> Async
 
 @pytest.fixture
 def open_client() -> Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]:
-    """`async with open_client(settings, bot=None) as client`: the app in process, lifespan and all."""
+    """`async with open_client(settings, bot=None, storage=None) as client`: the app in process, lifespan
+    and all (no bot: the one the APP setting names; no storage: PostgreSQL at DATABASE_URL)."""
     return _asgi_client
 
 

@@ -13,9 +13,10 @@ import httpx
 import pytest
 
 from bot.app import SECRET_HEADER
+from bot.apps.pizza import PizzaSession, build_bot
 from bot.config import Settings
 from bot.context import Context
-from bot.handlers import PizzaSession, build_bot
+from bot.filters import text
 from bot.testing.env import SECRET, USERNAME, make_settings
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.updates import PIZZA, encode, hunger, message_update
@@ -193,7 +194,16 @@ async def test_oversize_body_is_413_with_or_without_content_length(client: httpx
             "callback_query": {"id": "1", "from": {"id": 1, "is_bot": False, "first_name": "A"}},
         },
         {"update_id": 1, "poll": {"id": "1", "question": "?", "options": []}},
-        {"update_id": 1, "my_chat_member": {"chat": {"id": -1, "type": "group"}}},
+        {  # the pizza bot has no handler for it (the bot was added to a group)
+            "update_id": 1,
+            "my_chat_member": {
+                "chat": {"id": -1, "type": "group"},
+                "from": {"id": 1, "is_bot": False, "first_name": "A"},
+                "date": 0,
+                "old_chat_member": {"status": "left", "user": {"id": 9, "is_bot": True, "first_name": "B"}},
+                "new_chat_member": {"status": "member", "user": {"id": 9, "is_bot": True, "first_name": "B"}},
+            },
+        },
         {"update_id": 1, "something_new": {"from": "the future"}},
         message_update(1, -2, "just chatting"),
     ],
@@ -210,7 +220,7 @@ async def test_a_handler_bug_is_rolled_back_and_acknowledged(
 ) -> None:
     bot = build_bot()
 
-    @bot.on_message(lambda m: m.text == "boom")
+    @bot.message(text(equals="boom"))
     async def boom(ctx: Context[PizzaSession]) -> None:
         ctx.session.pizza_count += 1000
         raise ZeroDivisionError("bug")
@@ -222,7 +232,7 @@ async def test_a_handler_bug_is_rolled_back_and_acknowledged(
         assert await replies(fake, -11, 1) == ["Your hunger level is 1!"]
         assert "update 2: handler failed" in caplog.text
         metrics = (await client.get("/metrics")).text
-        assert "pizzabot_handler_errors_total 1" in metrics
+        assert "bot_handler_errors_total 1" in metrics
 
 
 async def test_a_locked_row_past_lock_timeout_is_503_and_nothing_is_half_written(

@@ -20,7 +20,9 @@ from bot.app import SECRET_HEADER
 from bot.testing.env import TOKEN, bot_env
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess, free_port
-from bot.testing.updates import PIZZA, encode, hunger, message_update
+from bot.testing.updates import PIZZA, callback_update, encode, hunger, message_update
+
+TODO_APP = "examples.todo:build_bot"
 
 
 def bot(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -88,6 +90,33 @@ def test_webhook_commands_call_the_bot_api(fake: FakeTelegram, telegram_root: st
     assert fake.calls("deleteWebhook")
 
 
+def test_set_webhook_asks_for_the_update_kinds_the_apps_handlers_receive(
+    fake: FakeTelegram, telegram_root: str, database_url: str
+) -> None:
+    env = bot_env(database_url, telegram_root, WEBHOOK_URL="https://bot.example.com/webhook")
+    assert bot("set-webhook", "--app", TODO_APP, env=env).returncode == 0
+    [call] = fake.calls("setWebhook")
+    assert "callback_query" in call.params["allowed_updates"]
+    assert "my_chat_member" in call.params["allowed_updates"]
+
+
+@pytest.mark.parametrize(
+    ("app", "message"),
+    [
+        ("nowhere.at_all:build_bot", "no module named 'nowhere'"),
+        ("bot.apps.pizza:no_such_thing", "module 'bot.apps.pizza' has no attribute 'no_such_thing'"),
+        ("bot.apps.pizza:PIZZA", "gave a str, not a bot.dispatch.Bot"),
+    ],
+)
+def test_an_app_that_does_not_load_is_one_line(
+    telegram_root: str, database_url: str, app: str, message: str
+) -> None:
+    result = bot("serve", "--app", app, env=bot_env(database_url, telegram_root))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"bot: --app: '{app}': {message}")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_set_webhook_without_a_url_names_the_variable(telegram_root: str, database_url: str) -> None:
     result = bot("set-webhook", env=bot_env(database_url, telegram_root))
     assert result.returncode == 1
@@ -120,6 +149,45 @@ def test_poll_applies_updates_from_get_updates(
         process.send_signal(signal.SIGINT)
         process.wait(20)
         log.close()
+
+
+def test_poll_runs_the_app_given_with_app_and_receives_its_update_kinds(
+    fake: FakeTelegram, telegram_root: str, database_url: str, tmp_path: Path
+) -> None:
+    fake.push_update(message_update(1, -5, "/add water the plants", from_id=7))
+    fake.push_update(callback_update(2, -5, 7, "done:1", message_id=3))
+    log = (tmp_path / "poll.log").open("w")
+    env = {**os.environ, **bot_env(database_url, telegram_root)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bot", "poll", "--app", TODO_APP],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        fake.wait_for(lambda: len(fake.calls("editMessageText")) >= 1, timeout=30)
+        assert fake.sent_messages(-5)[0]["text"] == "▫️ 1. water the plants"
+        assert fake.calls("editMessageText")[0].params["text"] == "✅ 1. water the plants"
+        [get_updates, *_] = fake.calls("getUpdates")
+        assert "callback_query" in get_updates.params["allowed_updates"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(20)
+        log.close()
+
+
+def test_serve_runs_the_app_the_app_setting_names(
+    fake: FakeTelegram, telegram_root: str, database_url: str, tmp_path: Path
+) -> None:
+    env = bot_env(database_url, telegram_root, APP=TODO_APP)
+    with BotProcess(env, tmp_path / "serve.log") as process:
+        process.wait_ready()
+        headers = {SECRET_HEADER: env["WEBHOOK_SECRET"], "content-type": "application/json"}
+        for update in (message_update(1, -5, "/add water the plants"), message_update(2, -5, "/list")):
+            response = httpx.post(process.url + "/webhook", content=encode(update), headers=headers)
+            assert response.status_code == 200
+        fake.wait_for(lambda: len(fake.sent_messages(-5)) >= 2)
+        assert [m["text"] for m in fake.sent_messages(-5)] == ["▫️ 1. water the plants"] * 2
 
 
 def test_poll_with_a_webhook_set_says_how_to_fix_it(

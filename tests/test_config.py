@@ -54,6 +54,8 @@ def test_sslmode_in_database_url_is_kept_for_the_driver() -> None:
         ({"PORT": "eighty"}, "PORT", "whole number"),
         ({"PORT": "70000"}, "PORT", "between 1 and 65535"),
         ({"DB_POOL_MIN": "5", "DB_POOL_MAX": "2"}, "DB_POOL_MIN", "more than DB_POOL_MAX"),
+        ({"APP": "examples/todo.py"}, "APP", "expected module:factory"),
+        ({"API_CALL_TIMEOUT": "60"}, "API_CALL_TIMEOUT", "between 0.1 and 30 seconds"),
         ({"DB_LOCK_TIMEOUT": "soon"}, "DB_LOCK_TIMEOUT", "number of seconds"),
         ({"REQUEST_DEADLINE": "90"}, "REQUEST_DEADLINE", "between 1 and 55"),
         ({"MAX_BODY_BYTES": "1000"}, "MAX_BODY_BYTES", "between 1048576"),

@@ -74,15 +74,15 @@ async def query(dsn: str, *statements: str) -> object:
 
 def test_data_lives_outside_home_folders_when_run_as_root(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert default_data_dir() == Path("/var/lib/pizza-bot/postgres")
+    assert default_data_dir(None, "pizza-bot") == Path("/var/lib/pizza-bot/postgres")
 
 
 def test_a_normal_user_keeps_the_data_in_xdg_data_home(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_DATA_HOME", "/home/u/.data")
-    assert default_data_dir() == Path("/home/u/.data/pizza-bot/postgres")
+    assert default_data_dir(None, "pizza-bot") == Path("/home/u/.data/pizza-bot/postgres")
     monkeypatch.delenv("XDG_DATA_HOME")
-    assert default_data_dir() == Path.home() / ".local/share/pizza-bot/postgres"
+    assert default_data_dir(None, "todo-bot") == Path.home() / ".local/share/todo-bot/postgres"
 
 
 def test_embedded_pg_dir_overrides_the_default() -> None:

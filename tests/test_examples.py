@@ -20,7 +20,7 @@ from bot.pipeline import Pipeline, Status
 from bot.storage import Storage
 from bot.storage.memory import MemoryStorage
 from bot.telegram import decode_update
-from bot.testing.updates import PIZZA, encode, hunger, message_update, text_update
+from bot.testing.updates import PIZZA, callback_update, encode, hunger, message_update, text_update
 
 pytestmark = pytest.mark.anyio
 
@@ -103,9 +103,46 @@ def test_every_python_block_in_sessions_md_runs(monkeypatch: pytest.MonkeyPatch)
             bot = namespace.get("bot")
             if bot is not bot_before:
                 answered = asyncio.run(replies(bot))
-                if "contains_pizza" in code and "hunger" in code:
+                if "has_pizza" in code and "hunger" in code:
                     assert answered == [PIZZA_BOT_REPLY]
                 bots_run += 1
         except Exception as exc:
             raise AssertionError(f"docs/SESSIONS.md, the block at line {line}: {exc!r}") from exc
     assert bots_run >= 10
+
+
+GUIDE_MD = Path(__file__).parent.parent / "docs" / "GUIDE.md"
+
+
+def test_the_guides_python_blocks_run_and_its_to_do_bot_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guide read top to bottom: its first bot passes its own test block, and the to-do bot that its
+    later blocks assemble adds, ticks off, clears, and answers a mistake through the error hook."""
+    module = ModuleType("guide_md")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace = module.__dict__
+    for line, code in python_blocks(GUIDE_MD.read_text()):
+        try:
+            exec(compile(code, f"{GUIDE_MD.name}:{line}", "exec"), namespace)  # noqa: S102
+        except Exception as exc:
+            raise AssertionError(f"docs/GUIDE.md, the block at line {line}: {exc!r}") from exc
+
+    async def conversation() -> list[str]:
+        run = Pipeline(namespace["bot"], MemoryStorage(), BotIdentity(1, "todo_bot"), Metrics())
+        updates = [
+            message_update(1, 5, "/add milk", from_id=5),
+            callback_update(2, 5, 5, "done:1"),
+            message_update(3, 5, "/clear", from_id=5),
+        ]
+        sent = []
+        for raw in updates:
+            outcome = await run.process(decode_update(encode(raw)))
+            assert outcome.status is Status.APPLIED
+            sent += [(c.method, c.params.get("text")) for c in outcome.to_send]
+        return sent
+
+    assert asyncio.run(conversation()) == [
+        ("sendMessage", "▫️ 1. milk"),
+        ("answerCallbackQuery", "Done: milk"),
+        ("editMessageText", "✅ 1. milk"),
+        ("sendMessage", "The list is cleared."),
+    ]

@@ -115,14 +115,14 @@ async def test_the_quick_buttons_are_the_apps_examples(database_url: str, open_c
         assert (await client.get("/playground/api/info")).json()["quick"] == [
             PIZZA,
             "/hunger",
-            "/hunger@pizza_trial_bot",
+            "/hunger@local_trial_bot",
         ]
     other: Bot[None] = Bot()
     other.examples = ["hello", "/start@{username}"]
     async with open_client(load_settings({"DATABASE_URL": database_url}), bot=other) as client:
         assert (await client.get("/playground/api/info")).json()["quick"] == [
             "hello",
-            "/start@pizza_trial_bot",
+            "/start@local_trial_bot",
         ]
 
 
@@ -212,7 +212,7 @@ async def test_in_a_private_chat_its_user_is_the_one_writing(page: Page) -> None
 async def test_private_chats_and_channels_count_too(page: Page, kind: str) -> None:
     chat = await page.chat(kind)
     await page.say(chat, PIZZA)
-    await page.say(chat, "/hunger@pizza_trial_bot")
+    await page.say(chat, "/hunger@local_trial_bot")
     await page.reply_in(chat, "Your hunger level is 1!")
 
 

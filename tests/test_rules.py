@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from bot.rules import Command, contains_pizza, parse_command
+from bot.rules import Command, parse_command
 from bot.telegram import Chat, Message, MessageEntity
 
 PIZZA = "\U0001f355"
@@ -42,19 +42,3 @@ def test_parse_command_measures_entities_in_utf16_units() -> None:
     # "/hunger" then a 🍕 (two UTF-16 units): the entity covers 7 units, the text after it is the pizza.
     msg = message(f"/hunger{PIZZA}", command_len=7)
     assert parse_command(msg, "pizza_bot") == Command("hunger", PIZZA)
-
-
-@pytest.mark.parametrize(
-    ("msg", "expected"),
-    [
-        (message(PIZZA), True),
-        (message(f"I want {PIZZA}{PIZZA}{PIZZA} now"), True),
-        (message("pizza"), False),
-        (message("\U0001f354"), False),  # a hamburger
-        (message(None, caption=PIZZA), False),  # captions don't count
-        (message(""), False),
-        (message(None), False),
-    ],
-)
-def test_contains_pizza_counts_text_only(msg: Message, expected: bool) -> None:
-    assert contains_pizza(msg) is expected

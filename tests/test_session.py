@@ -15,10 +15,18 @@ import pytest
 
 from bot.context import BotIdentity, Context
 from bot.dispatch import Bot
+from bot.filters import text
 from bot.metrics import Metrics
 from bot.outbox import Outbox
 from bot.pipeline import Pipeline, Status
-from bot.session import NoSessionKey, SessionDecodeError, session
+from bot.session import (
+    NoSessionKey,
+    NoSuchSession,
+    SessionDecodeError,
+    SessionError,
+    SessionNotLoaded,
+    session,
+)
 from bot.storage import OutgoingCall, PendingCall, Storage, StorageUnavailable, StoredSession, Transaction
 from bot.storage.memory import MemoryStorage
 from bot.telegram import Update, decode_update
@@ -112,20 +120,20 @@ def pipeline(bot: Bot[Any], storage: Any) -> Pipeline:
 def counter_bot(**options: Any) -> Bot[Counted]:
     bot: Bot[Counted] = Bot(session(Counted, **options))
 
-    @bot.on_message(lambda m: m.text == "+")
+    @bot.message(text(equals="+"))
     async def plus(ctx: Context[Counted]) -> None:
         (await ctx.get_session()).count += 1
 
-    @bot.on_message(lambda m: m.text == "look")
+    @bot.message(text(equals="look"))
     async def look(ctx: Context[Counted]) -> None:
         ctx.reply(str((await ctx.get_session()).count))
 
-    @bot.on_message(lambda m: m.text == "forget")
+    @bot.message(text(equals="forget"))
     async def forget(ctx: Context[Counted]) -> None:
         await ctx.get_session()
         ctx.session = None
 
-    @bot.on_message(lambda m: m.text == "nothing")
+    @bot.message(text(equals="nothing"))
     async def nothing(ctx: Context[Counted]) -> None:
         return None
 
@@ -173,7 +181,7 @@ async def test_key_none_means_no_session_and_no_storage_work(counting: CountingS
     bot: Bot[Counted] = Bot(session(Counted, get_session_key=lambda update: None))
     seen: list[str] = []
 
-    @bot.on_message(lambda m: True)
+    @bot.message()
     async def handler(ctx: Context[Counted]) -> None:
         with pytest.raises(NoSessionKey, match="get_session_key returned None"):
             ctx.session.count += 1
@@ -186,10 +194,41 @@ async def test_key_none_means_no_session_and_no_storage_work(counting: CountingS
     assert counting.ops == {}
 
 
+async def test_each_session_mistake_has_its_own_error_and_none_is_an_attribute_error(
+    storage: Storage,
+) -> None:
+    bot: Bot[Counted] = Bot(
+        session(Counted, lazy=True),
+        sessions={"keyless": session(Counted, get_session_key=lambda update: None, prefix="k")},
+    )
+    raised: dict[str, type[Exception]] = {}
+
+    @bot.message()
+    async def handler(ctx: Context[Counted]) -> None:
+        for name, use in {
+            "lazy, not loaded": lambda: ctx.session,
+            "getattr on a lazy one": lambda: getattr(ctx, "session", None),
+            "no key": lambda: ctx.fragment("keyless"),
+            "no such name": lambda: ctx.fragment("nope"),
+        }.items():
+            with pytest.raises(SessionError) as caught:
+                use()
+            assert not isinstance(caught.value, AttributeError)
+            raised[name] = caught.type
+
+    await pipeline(bot, storage).process(text_update(1, chat_id=7, text="x"))
+    assert raised == {
+        "lazy, not loaded": SessionNotLoaded,
+        "getattr on a lazy one": SessionNotLoaded,
+        "no key": NoSessionKey,
+        "no such name": NoSuchSession,
+    }
+
+
 async def test_initial_builds_a_fresh_object_per_chat(counting: CountingStorage) -> None:
     bot: Bot[Counted] = Bot(session(Counted))
 
-    @bot.on_message(lambda m: True)
+    @bot.message()
     async def tag(ctx: Context[Counted]) -> None:
         ctx.session.tags.append(str(ctx.update.update_id))
 
@@ -222,7 +261,7 @@ async def test_assigning_a_lazy_session_before_loading_it_fails_and_writes_nothi
 ) -> None:
     bot = counter_bot(lazy=True)
 
-    @bot.on_message(lambda m: m.text == "blind")
+    @bot.message(text(equals="blind"))
     async def blind(ctx: Context[Counted]) -> None:
         ctx.session = Counted(5)
 
@@ -239,7 +278,7 @@ async def test_a_lazy_session_loaded_then_reset_to_initial_or_set_to_none_is_wri
 ) -> None:
     bot = counter_bot(lazy=True)
 
-    @bot.on_message(lambda m: m.text == "reset")
+    @bot.message(text(equals="reset"))
     async def reset(ctx: Context[Counted]) -> None:
         await ctx.get_session()
         ctx.session = Counted()
@@ -274,7 +313,7 @@ async def test_old_versions_are_upgraded_on_read_and_written_back(counting: Coun
         )
     )
 
-    @bot.on_message(lambda m: True)
+    @bot.message()
     async def look(ctx: Context[PizzaV2]) -> None:
         ctx.reply(str(ctx.session.pizza.count))
 
@@ -291,7 +330,7 @@ def pizza_v2_bot() -> Bot[PizzaV2]:
         session(PizzaV2, version=2, migrations={1: lambda old: {"pizza": {"count": old["pizza_count"]}}})
     )
 
-    @bot.on_message(lambda m: True)
+    @bot.message()
     async def eat(ctx: Context[PizzaV2]) -> None:
         ctx.session.pizza.count += 1
 
@@ -373,7 +412,7 @@ async def test_handler_bug_rolls_back_and_the_chat_keeps_working(
 ) -> None:
     bot = counter_bot()
 
-    @bot.on_message(lambda m: m.text == "boom")
+    @bot.message(text(equals="boom"))
     async def boom(ctx: Context[Counted]) -> None:
         ctx.session.count += 100
         ctx.reply("never sent")
@@ -445,12 +484,12 @@ def multi_bot(user_storage: Storage | None = None) -> Bot[Any]:
         }
     )
 
-    @bot.on_message(lambda m: m.text == "+")
+    @bot.message(text(equals="+"))
     async def plus(ctx: Context[Any]) -> None:
         ctx.fragment("chat").count += 1
         ctx.fragment("user").count += 1
 
-    @bot.on_message(lambda m: m.text == "boom")
+    @bot.message(text(equals="boom"))
     async def boom(ctx: Context[Any]) -> None:
         ctx.fragment("chat").count += 1
         ctx.fragment("user").count += 1
@@ -513,7 +552,7 @@ async def test_lazy_fragments_are_loaded_only_when_touched(counting: CountingSto
         }
     )
 
-    @bot.on_message(lambda m: True)
+    @bot.message()
     async def only_user(ctx: Context[Any]) -> None:
         (await ctx.get_session("user")).count += 1
 
@@ -567,7 +606,7 @@ async def test_eager_sessions_are_locked_in_one_global_order_whatever_their_decl
         }
     )
 
-    @bot.on_message(lambda m: True)
+    @bot.message()
     async def nothing(ctx: Context[Any]) -> None:
         return None
 
@@ -579,11 +618,11 @@ async def test_eager_sessions_are_locked_in_one_global_order_whatever_their_decl
 async def test_named_sessions_can_be_replaced_and_deleted(storage: Storage) -> None:
     bot = multi_bot()
 
-    @bot.on_message(lambda m: m.text == "reset me")
+    @bot.message(text(equals="reset me"))
     async def reset_me(ctx: Context[Any]) -> None:
         ctx.set_fragment("user", Counted(10))
 
-    @bot.on_message(lambda m: m.text == "forget me")
+    @bot.message(text(equals="forget me"))
     async def forget_me(ctx: Context[Any]) -> None:
         ctx.set_fragment("user", None)
 

@@ -11,7 +11,14 @@ import pytest
 from bot.telegram import BotApi, BotApiError, InvalidUpdate, decode_update
 from bot.testing.env import TOKEN, USERNAME
 from bot.testing.fake_telegram import FakeTelegram
-from bot.testing.updates import PIZZA, encode, message_update
+from bot.testing.updates import (
+    PIZZA,
+    callback_update,
+    encode,
+    member_update,
+    message_update,
+    reaction_update,
+)
 
 
 def test_a_group_message_decodes_with_what_the_bot_needs() -> None:
@@ -24,6 +31,30 @@ def test_a_group_message_decodes_with_what_the_bot_needs() -> None:
     assert message.from_user is not None
     assert message.entities[0].type == "bot_command"
     assert update.chat == message.chat
+
+
+def test_every_routed_kind_decodes_typed_and_names_its_kind() -> None:
+    press = decode_update(encode(callback_update(1, -5, 7, "done:1", message_id=9)))
+    assert press.kind == "callback_query"
+    assert press.callback_query is not None and press.callback_query.message is not None
+    assert (press.callback_query.message.message_id, press.callback_query.data) == (9, "done:1")
+    member = decode_update(encode(member_update(2, -5, 7, "left", "administrator")))
+    assert member.kind == "my_chat_member" and member.my_chat_member is not None
+    assert member.my_chat_member.new_chat_member is not None
+    assert member.my_chat_member.new_chat_member.status == "administrator"
+    reaction = decode_update(encode(reaction_update(3, -5, 7, 4, "👍", "🔥")))
+    assert reaction.kind == "message_reaction" and reaction.message_reaction is not None
+    assert [r.emoji for r in reaction.message_reaction.new_reaction] == ["👍", "🔥"]
+    edit = decode_update(encode(message_update(4, -5, "x", kind="edited_channel_post")))
+    assert edit.kind == "edited_channel_post"
+
+
+def test_unknown_kinds_and_fields_decode_and_are_ignored() -> None:
+    raw = message_update(1, -5, "x")
+    raw["message"]["some_future_field"] = {"nested": [1, 2]}
+    assert decode_update(encode(raw)).kind == "message"
+    poll = decode_update(json.dumps({"update_id": 2, "poll": {"id": "1", "question": "?"}}).encode())
+    assert (poll.kind, poll.chat, poll.from_user) == (None, None, None)
 
 
 def test_channel_posts_are_new_messages_and_edits_are_not() -> None:

@@ -9,12 +9,13 @@ from ..config import Settings
 __all__ = ["describe_database", "trial_banner"]
 
 
-def describe_database(settings: Settings) -> str:
-    """Which database, without its password: the embedded one (and its folder) or DATABASE_URL's."""
+def describe_database(settings: Settings, app_name: str) -> str:
+    """Which database, without its password: the embedded one (and its folder, one per app) or
+    DATABASE_URL's."""
     if settings.database_url is None:
         from ..embedded import default_data_dir
 
-        return f"embedded PostgreSQL, data in {default_data_dir(settings.embedded_pg_dir)}"
+        return f"embedded PostgreSQL, data in {default_data_dir(settings.embedded_pg_dir, app_name)}"
     parts = urlsplit(settings.database_url)
     host = parts.hostname or parse_qs(parts.query).get("host", ["local socket"])[0]
     return f"DATABASE_URL, {host}{parts.path}"

@@ -221,6 +221,7 @@ class PostgresStorage:
         lock_timeout: float = 5.0,
         statement_timeout: float = 10.0,
         connect_timeout: float = 5.0,
+        application_name: str = "bot",
     ) -> PostgresStorage:
         """Open a pool. Connections are made lazily after the first, so a database that is down at
         start-up is reported here, and one that goes away later is reconnected by the pool."""
@@ -236,7 +237,7 @@ class PostgresStorage:
                     "lock_timeout": f"{int(lock_timeout * 1000)}ms",
                     "statement_timeout": f"{int(statement_timeout * 1000)}ms",
                     "idle_in_transaction_session_timeout": f"{int(statement_timeout * 3000)}ms",
-                    "application_name": "pizza-bot",
+                    "application_name": application_name,  # names the bot in pg_stat_activity
                 },
             )
         return cls(pool, acquire_timeout=acquire_timeout)

@@ -8,7 +8,7 @@ __all__ = ["SECRET", "TOKEN", "USERNAME", "bot_env", "make_settings"]
 
 TOKEN = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"
 SECRET = "test-secret_0123456789"
-USERNAME = "pizza_test_bot"
+USERNAME = "test_bot"
 
 
 def bot_env(database_url: str, telegram_root: str, **overrides: str) -> dict[str, str]:

@@ -66,7 +66,7 @@ def _as_int(params: dict[str, Any], name: str) -> int:
 class FakeTelegram:
     """State of the fake: recorded calls, the webhook, updates for getUpdates, injected failures."""
 
-    def __init__(self, username: str = "pizza_test_bot", privacy: bool = False) -> None:
+    def __init__(self, username: str = "test_bot", privacy: bool = False) -> None:
         self.username = username
         self.privacy = privacy
         self.delay = 0.0
@@ -76,6 +76,8 @@ class FakeTelegram:
         self._updates: list[dict[str, Any]] = []
         self._webhook: dict[str, Any] = {}
         self._next_message_id = 1
+        self.admins: dict[int, set[int]] = {}  # chat id → user ids getChatMember calls administrators
+        self._generation = 0  # bumped by reset(): ends long polls of a previous test's (dead) client
         self.app = Starlette(routes=[Route("/bot{token}/{method}", self._endpoint, methods=["GET", "POST"])])
 
     # --- what tests use ---
@@ -133,6 +135,8 @@ class FakeTelegram:
             self._updates.clear()
             self._webhook = {}
             self.delay = 0.0
+            self.admins = {}
+            self._generation += 1
 
     # --- the protocol ---
 
@@ -186,7 +190,7 @@ class FakeTelegram:
         return {
             "id": bot_id,
             "is_bot": True,
-            "first_name": "Pizza",
+            "first_name": "Test bot",
             "username": self.username,
             "can_join_groups": True,
             "can_read_all_group_messages": not self.privacy,
@@ -203,7 +207,7 @@ class FakeTelegram:
             self._next_message_id += 1
         message: dict[str, Any] = {
             "message_id": message_id,
-            "from": {"id": bot_id, "is_bot": True, "first_name": "Pizza", "username": self.username},
+            "from": {"id": bot_id, "is_bot": True, "first_name": "Test bot", "username": self.username},
             "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
             "date": int(time.time()),
             "text": text,
@@ -211,6 +215,37 @@ class FakeTelegram:
         if "message_thread_id" in params:
             message["message_thread_id"] = int(params["message_thread_id"])
         return message
+
+    async def _m_answerCallbackQuery(self, bot_id: int, params: dict[str, Any]) -> bool:
+        if not params.get("callback_query_id"):
+            raise _ApiError(
+                400, "Bad Request: query is too old and response timeout expired or query ID is invalid"
+            )
+        return True
+
+    async def _m_editMessageText(self, bot_id: int, params: dict[str, Any]) -> dict[str, Any] | bool:
+        if not params.get("text"):
+            raise _ApiError(400, "Bad Request: message text is empty")
+        if params.get("inline_message_id"):
+            return True
+        chat_id, message_id = _as_int(params, "chat_id"), _as_int(params, "message_id")
+        return {
+            "message_id": message_id,
+            "from": {"id": bot_id, "is_bot": True, "first_name": "Bot", "username": self.username},
+            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
+            "date": int(time.time()),
+            "edit_date": int(time.time()),
+            "text": params["text"],
+        }
+
+    async def _m_getChatMember(self, bot_id: int, params: dict[str, Any]) -> dict[str, Any]:
+        chat_id, user_id = _as_int(params, "chat_id"), _as_int(params, "user_id")
+        with self._lock:
+            admin = user_id in self.admins.get(chat_id, set())
+        return {
+            "status": "administrator" if admin else "member",
+            "user": {"id": user_id, "is_bot": False, "first_name": "User"},
+        }
 
     async def _m_setWebhook(self, bot_id: int, params: dict[str, Any]) -> bool:
         if not params.get("url"):
@@ -247,12 +282,23 @@ class FakeTelegram:
                 raise _ApiError(409, "Conflict: can't use getUpdates method while webhook is active")
         offset = int(params.get("offset", 0))
         limit = int(params.get("limit", 100))
+        allowed = params.get("allowed_updates")
+        if isinstance(allowed, str):
+            allowed = json.loads(allowed)
         deadline = time.monotonic() + float(params.get("timeout", 0))
+        with self._lock:
+            generation = self._generation
         while True:
             with self._lock:
+                if generation != self._generation:
+                    # Its client is gone with its test; confirming its offset would drop this test's updates.
+                    return []
                 if offset:
                     # As the real server: asking from `offset` confirms every update before it.
                     self._updates = [u for u in self._updates if u["update_id"] >= offset]
+                if allowed:
+                    # Kinds not asked for are never delivered (the real server does not even keep them).
+                    self._updates = [u for u in self._updates if set(u) - {"update_id"} <= set(allowed)]
                 if self._updates or time.monotonic() >= deadline:
                     return self._updates[:limit]
             await asyncio.sleep(0.02)
@@ -289,7 +335,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="A fake Telegram Bot API server (for tests and benchmarks)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
-    parser.add_argument("--username", default="pizza_test_bot")
+    parser.add_argument("--username", default="test_bot")
     args = parser.parse_args()
     fake = FakeTelegram(username=args.username)
     print(f"fake Bot API at http://{args.host}:{args.port} (TELEGRAM_API_ROOT)", flush=True)

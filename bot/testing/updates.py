@@ -8,13 +8,35 @@ from typing import Any
 
 from ..telegram import Update, decode_update
 
-__all__ = ["PIZZA", "encode", "hunger", "message_update", "text_update"]
+__all__ = [
+    "PIZZA",
+    "callback_update",
+    "encode",
+    "hunger",
+    "member_update",
+    "message_update",
+    "reaction_update",
+    "text_update",
+    "user",
+]
 
 PIZZA = "\U0001f355"
 
 
 def _utf16_len(text: str) -> int:
     return len(text.encode("utf-16-le")) // 2
+
+
+def user(user_id: int, first_name: str = "Ann", *, is_bot: bool = False) -> dict[str, Any]:
+    return {"id": user_id, "is_bot": is_bot, "first_name": first_name, "language_code": "en"}
+
+
+def _chat(chat_id: int, chat_type: str | None = None) -> dict[str, Any]:
+    chat_type = chat_type or ("private" if chat_id > 0 else "supergroup")
+    chat: dict[str, Any] = {"id": chat_id, "type": chat_type}
+    if chat_type != "private":
+        chat["title"] = f"Chat {chat_id}"
+    return chat
 
 
 def message_update(
@@ -26,9 +48,11 @@ def message_update(
     chat_type: str | None = None,
     caption: str | None = None,
     thread_id: int | None = None,
+    from_id: int | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """An Update as Telegram would send it. A text starting with "/" gets its bot_command entity."""
+    """An Update as Telegram would send it. A text starting with "/" gets its bot_command entity. The
+    sender is `from_id`, else one of 97 users picked by the update id."""
     if chat_type is None:
         chat_type = "private" if chat_id > 0 else ("channel" if kind == "channel_post" else "supergroup")
     chat: dict[str, Any] = {"id": chat_id, "type": chat_type}
@@ -42,12 +66,7 @@ def message_update(
         "chat": chat,
     }
     if kind != "channel_post":
-        message["from"] = {
-            "id": 1000 + update_id % 97,
-            "is_bot": False,
-            "first_name": "Ann",
-            "language_code": "en",
-        }
+        message["from"] = user(from_id if from_id is not None else 1000 + update_id % 97)
     if thread_id is not None:
         message["message_thread_id"] = thread_id
         message["is_topic_message"] = True
@@ -72,3 +91,59 @@ def text_update(update_id: int, chat_id: int, text: str, **kwargs: Any) -> Updat
 
 def hunger(update_id: int, chat_id: int, username: str | None = None, **kwargs: Any) -> dict[str, Any]:
     return message_update(update_id, chat_id, "/hunger" + (f"@{username}" if username else ""), **kwargs)
+
+
+def callback_update(
+    update_id: int, chat_id: int, from_id: int, data: str, *, message_id: int = 1, text: str = "…"
+) -> dict[str, Any]:
+    """A press on a button of message `message_id` (a message the bot sent) in `chat_id`."""
+    return {
+        "update_id": update_id,
+        "callback_query": {
+            "id": f"{update_id}{from_id}",
+            "from": user(from_id),
+            "chat_instance": str(-chat_id),
+            "message": {
+                "message_id": message_id,
+                "from": user(1, "Bot", is_bot=True),
+                "chat": _chat(chat_id),
+                "date": int(time.time()),
+                "text": text,
+            },
+            "data": data,
+        },
+    }
+
+
+def member_update(
+    update_id: int, chat_id: int, from_id: int, old: str, new: str, *, bot_id: int = 1
+) -> dict[str, Any]:
+    """`my_chat_member`: user `from_id` changed the bot's status in the chat, e.g. "left" → "member"."""
+    bot = user(bot_id, "Bot", is_bot=True)
+    return {
+        "update_id": update_id,
+        "my_chat_member": {
+            "chat": _chat(chat_id),
+            "from": user(from_id),
+            "date": int(time.time()),
+            "old_chat_member": {"status": old, "user": bot},
+            "new_chat_member": {"status": new, "user": bot},
+        },
+    }
+
+
+def reaction_update(
+    update_id: int, chat_id: int, from_id: int, message_id: int, *emoji: str
+) -> dict[str, Any]:
+    """`message_reaction`: the user's reactions to the message are now `emoji`."""
+    return {
+        "update_id": update_id,
+        "message_reaction": {
+            "chat": _chat(chat_id),
+            "message_id": message_id,
+            "user": user(from_id),
+            "date": int(time.time()),
+            "old_reaction": [],
+            "new_reaction": [{"type": "emoji", "emoji": e} for e in emoji],
+        },
+    }

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bot.apps.pizza import has_pizza
 from bot.context import Context
 from bot.dispatch import Bot
-from bot.rules import contains_pizza
 from bot.session import session
 
 
@@ -22,7 +22,7 @@ def build_bot() -> Bot[Pizza]:
     async def hunger(ctx: Context[Pizza]) -> None:
         ctx.reply(f"Your hunger level is {ctx.session.count}!")
 
-    @bot.on_message(contains_pizza)
+    @bot.message(has_pizza)
     async def pizza(ctx: Context[Pizza]) -> None:
         ctx.session.count += 1
 

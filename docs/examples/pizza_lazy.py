@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bot.apps.pizza import has_pizza
 from bot.context import Context
 from bot.dispatch import Bot
-from bot.rules import contains_pizza
 from bot.session import session
 
 
@@ -27,7 +27,7 @@ def build_bot() -> Bot[Pizza]:
     async def start(ctx: Context[Pizza]) -> None:
         ctx.reply("Send 🍕 and ask /hunger.")  # no session touched: no row read, none locked
 
-    @bot.on_message(contains_pizza)
+    @bot.message(has_pizza)
     async def pizza(ctx: Context[Pizza]) -> None:
         (await ctx.get_session()).count += 1
 

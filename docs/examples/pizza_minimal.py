@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bot.apps.pizza import has_pizza
 from bot.context import Context
 from bot.dispatch import Bot
-from bot.rules import contains_pizza
 from bot.session import session
 
 
@@ -23,7 +23,7 @@ def build_bot() -> Bot[Pizza | None]:
         count = ctx.session.count if ctx.session is not None else 0
         ctx.reply(f"Your hunger level is {count}!")
 
-    @bot.on_message(contains_pizza)
+    @bot.message(has_pizza)
     async def pizza(ctx: Context[Pizza | None]) -> None:
         if ctx.session is None:
             ctx.session = Pizza()

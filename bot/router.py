@@ -1,0 +1,199 @@
+"""Routers: handlers with their filters and middleware, included into one another and into the bot
+(aiogram's `Router.include_router`, grammY's `Composer`).
+
+An update is routed in two steps. `match` (pure, before any database work) evaluates the filters of every
+handler registered for the update's kind and keeps the routers that have a match; `run` (inside the
+update's transaction, sessions loaded) calls the first matching handler, wrapped in the middleware of the
+routers on its way from the bot. A handler that raises SkipHandler falls through to the next match, as a
+grammY handler calling `next()` does; a router's middleware runs once, around all its matches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeAlias, TypeVar
+
+from .context import Context
+from .filters import Check, Filter, as_filter, command
+from .telegram import UPDATE_KINDS
+
+__all__ = ["Handler", "Middleware", "Next", "Router", "SkipHandler"]
+
+S = TypeVar("S")
+
+Handler: TypeAlias = Callable[[Context[S]], Awaitable[None]]
+Next: TypeAlias = Callable[[], Awaitable[None]]
+Middleware: TypeAlias = Callable[[Context[S], Next], Awaitable[None]]
+H = TypeVar("H", bound=Callable[..., Awaitable[None]])
+
+# What each registration method listens to. `message` is a new message in any chat, channel posts
+# included (aiogram splits those; a bot counting messages wants both); `edited_message` likewise.
+MESSAGE = ("message", "channel_post")
+EDITED = ("edited_message", "edited_channel_post")
+
+
+class SkipHandler(Exception):
+    """Raised by a handler that, after looking, does not want this update: the next matching handler
+    gets it. Session changes it made so far stay."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Route(Generic[S]):
+    kinds: frozenset[str]
+    filters: tuple[Filter, ...]
+    handler: Handler[S]
+
+    async def wants(self, ctx: Context[S]) -> bool:
+        for check in self.filters:
+            if not await check(ctx):
+                return False
+        return True
+
+
+# What `match` found in one router: its matching handlers and matching child routers, in the order
+# they were registered or included.
+Match: TypeAlias = "list[Handler[Any] | tuple[Router[Any], Match]]"
+
+
+class Router(Generic[S]):
+    """Handlers, their filters and middleware. `Bot` is a Router too: register on it directly for a small
+    bot, or on routers included into it for a bigger one."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name or f"router@{id(self):x}"
+        self._entries: list[_Route[S] | Router[S]] = []
+        self._middleware: list[Middleware[S]] = []
+        self._parent: Router[S] | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    # --- registration ------------------------------------------------------------------------------
+
+    def on(self, kinds: str | Iterable[str], *filters: Check) -> Callable[[H], H]:
+        """Register a handler for these update kinds (see `bot.telegram.UPDATE_KINDS`), run when every
+        filter agrees."""
+        wanted = frozenset([kinds] if isinstance(kinds, str) else kinds)
+        unknown = wanted - set(UPDATE_KINDS)
+        if unknown or not wanted:
+            raise ValueError(f"{self!r}: unknown update kinds {sorted(unknown)}; known: {UPDATE_KINDS}")
+        checks = tuple(as_filter(f) for f in filters)
+
+        def register(handler: H) -> H:
+            self._entries.append(_Route(wanted, checks, handler))
+            return handler
+
+        return register
+
+    def message(self, *filters: Check) -> Callable[[H], H]:
+        """New messages in any chat, channel posts included."""
+        return self.on(MESSAGE, *filters)
+
+    def command(self, name: str, *filters: Check) -> Callable[[H], H]:
+        """`/name`, `/name@ourbot` and `/name with arguments` in a new message."""
+        return self.on(MESSAGE, command(name), *filters)
+
+    def edited_message(self, *filters: Check) -> Callable[[H], H]:
+        return self.on(EDITED, *filters)
+
+    def callback_query(self, *filters: Check) -> Callable[[H], H]:
+        """Inline keyboard button presses. Answer each one (`ctx.answer()`), or the user's client shows a
+        spinner until it times out."""
+        return self.on("callback_query", *filters)
+
+    def my_chat_member(self, *filters: Check) -> Callable[[H], H]:
+        """The bot's own membership changed: added to a group, made admin, removed, blocked by a user."""
+        return self.on("my_chat_member", *filters)
+
+    def chat_member(self, *filters: Check) -> Callable[[H], H]:
+        """Someone else's membership changed (the bot must be an admin, and Telegram sends these only when
+        asked for in allowed_updates: registering a handler does that)."""
+        return self.on("chat_member", *filters)
+
+    def message_reaction(self, *filters: Check) -> Callable[[H], H]:
+        """A user changed their reactions to a message (the bot must be an admin of the chat)."""
+        return self.on("message_reaction", *filters)
+
+    def use(self, middleware: Middleware[S]) -> Middleware[S]:
+        """Add a middleware, `async def mw(ctx, next)`, around this router's handlers (and those of the
+        routers included in it). It runs inside the update's transaction with the sessions loaded, only
+        for updates one of those handlers wants; code after `await next()` runs after the handler, and
+        not calling `next` stops the update there. Usable as a decorator."""
+        self._middleware.append(middleware)
+        return middleware
+
+    def include_router(self, router: Router[S]) -> Router[S]:
+        """Route to `router` too, after the handlers and routers registered here so far."""
+        if router._parent is not None:
+            raise ValueError(f"{router!r} is already included in {router._parent!r}")
+        ancestor: Router[S] | None = self
+        while ancestor is not None:
+            if ancestor is router:
+                raise ValueError(f"including {router!r} in {self!r} would make a cycle")
+            ancestor = ancestor._parent
+        router._parent = self
+        self._entries.append(router)
+        return router
+
+    # --- what is registered ------------------------------------------------------------------------
+
+    def update_kinds(self) -> set[str]:
+        """The update kinds some handler here or below listens to."""
+        kinds: set[str] = set()
+        for entry in self._entries:
+            kinds |= entry.update_kinds() if isinstance(entry, Router) else entry.kinds
+        return kinds
+
+    # --- routing -----------------------------------------------------------------------------------
+
+    async def match(self, ctx: Context[S], kind: str) -> Match:
+        """Every handler here or below whose kind and filters accept the update. Pure: no database."""
+        found: Match = []
+        for entry in self._entries:
+            if isinstance(entry, Router):
+                below = await entry.match(ctx, kind)
+                if below:
+                    found.append((entry, below))
+            elif kind in entry.kinds and await entry.wants(ctx):
+                found.append(entry.handler)
+        return found
+
+    async def run(self, ctx: Context[S], found: Match) -> bool:
+        """Run this router's middleware around its first match that does not skip; True if one handled
+        the update, False if every match skipped (or a middleware did not call next)."""
+        handled = False
+
+        async def handlers() -> None:
+            nonlocal handled
+            for item in found:
+                if isinstance(item, tuple):
+                    router, below = item
+                    if await router.run(ctx, below):
+                        handled = True
+                        return
+                    continue
+                try:
+                    await item(ctx)
+                except SkipHandler:
+                    continue
+                handled = True
+                return
+
+        await self._wrapped(ctx, handlers, 0)
+        return handled
+
+    async def _wrapped(self, ctx: Context[S], inner: Next, index: int) -> None:
+        if index == len(self._middleware):
+            await inner()
+            return
+        called = False
+
+        async def next_() -> None:
+            nonlocal called
+            if called:
+                raise RuntimeError(f"middleware {self._middleware[index]!r} called next() twice")
+            called = True
+            await self._wrapped(ctx, inner, index + 1)
+
+        await self._middleware[index](ctx, next_)

@@ -1,0 +1,110 @@
+"""What handlers call on the context: queued calls (awaitable or not), replies, buttons, ctx.api."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+
+from bot.context import BotIdentity, Context, ImmediateApi, QueuedCall
+from bot.telegram import BotApi, BotApiError, decode_update
+from bot.testing.env import TOKEN
+from bot.testing.fake_telegram import FakeTelegram
+from bot.testing.updates import callback_update, encode, member_update, message_update, reaction_update
+
+pytestmark = pytest.mark.anyio
+
+
+def ctx(raw: dict[str, Any], api: ImmediateApi | None = None) -> Context[Any]:
+    update = decode_update(encode(raw))
+    return (
+        Context(update, BotIdentity(1, "todo_bot"))
+        if api is None
+        else Context(update, BotIdentity(1, "x"), api)
+    )
+
+
+async def test_reply_works_with_and_without_await_and_says_it_is_not_sent_yet() -> None:
+    c = ctx(message_update(1, -5, "hi"))
+    plain = c.reply("one")
+    awaited = await c.reply("two")
+    assert isinstance(plain, QueuedCall)
+    assert awaited.params == {"chat_id": -5, "text": "two"}
+    assert "sent after commit" in repr(awaited)
+    assert [call.params["text"] for call in c.calls] == ["one", "two"]  # queued once each
+
+
+async def test_a_button_press_replies_in_the_chat_of_its_message_and_its_topic() -> None:
+    raw = callback_update(1, -5, 7, "x", message_id=9)
+    raw["callback_query"]["message"].update(message_thread_id=3, is_topic_message=True)
+    c = ctx(raw)
+    assert c.reply("hi").params == {"chat_id": -5, "text": "hi", "message_thread_id": 3}
+    assert c.answer("ok", show_alert=True).params == {
+        "callback_query_id": raw["callback_query"]["id"],
+        "text": "ok",
+        "show_alert": True,
+    }
+    assert c.edit_text("new").params == {"chat_id": -5, "message_id": 9, "text": "new"}
+
+
+async def test_an_inline_mode_button_edits_by_inline_message_id_and_has_no_chat() -> None:
+    raw = callback_update(1, -5, 7, "x")
+    del raw["callback_query"]["message"]
+    raw["callback_query"]["inline_message_id"] = "AbC"
+    c = ctx(raw)
+    assert c.edit_text("new").params == {"inline_message_id": "AbC", "text": "new"}
+    with pytest.raises(ValueError, match="callback_query has no chat"):
+        c.reply("hi")
+
+
+async def test_button_methods_outside_a_button_press_say_so() -> None:
+    c = ctx(message_update(1, -5, "hi"))
+    with pytest.raises(ValueError, match="answer\\(\\): this message is not a button press"):
+        c.answer()
+    with pytest.raises(ValueError, match="edit_text\\(\\): this message is not a button press"):
+        c.edit_text("x")
+
+
+@pytest.mark.parametrize(
+    ("raw", "chat", "user"),
+    [
+        (message_update(1, -5, "hi", from_id=7), -5, 7),
+        (message_update(1, -5, "hi", kind="edited_message", from_id=7), -5, 7),
+        (message_update(1, -5, "hi", kind="channel_post"), -5, None),
+        (callback_update(1, -5, 7, "x"), -5, 7),
+        (member_update(1, -5, 7, "left", "member"), -5, 7),
+        (reaction_update(1, -5, 7, 3, "👍"), -5, 7),
+    ],
+)
+async def test_every_update_kind_has_its_chat_and_sender(
+    raw: dict[str, Any], chat: int, user: int | None
+) -> None:
+    c = ctx(raw)
+    assert c.chat is not None and c.chat.id == chat
+    assert (c.from_user.id if c.from_user is not None else None) == user
+
+
+async def test_ctx_api_calls_now_and_is_bounded_by_its_timeout(
+    fake: FakeTelegram, telegram_root: str
+) -> None:
+    async with httpx.AsyncClient() as http:
+        api = ImmediateApi(BotApi(TOKEN, http, telegram_root), timeout=0.2)
+        c = ctx(message_update(1, -5, "hi"), api)
+        fake.admins[-5] = {7}
+        member = await c.api.call("getChatMember", chat_id=-5, user_id=7)
+        assert member["status"] == "administrator"
+        fake.fail_next("getChat", error_code=400, description="Bad Request: chat not found")
+        with pytest.raises(BotApiError, match="chat not found"):
+            await c.api.call("getChat", chat_id=-5)
+        fake.delay = 1.0
+        with pytest.raises(TimeoutError):
+            await c.api.call("getChatMember", chat_id=-5, user_id=7)
+        fake.delay = 0.0
+        await asyncio.sleep(0)
+
+
+async def test_ctx_api_without_a_token_says_why() -> None:
+    with pytest.raises(RuntimeError, match="no BOT_TOKEN"):
+        await ctx(message_update(1, -5, "hi")).api.call("getChat", chat_id=-5)

@@ -1,0 +1,142 @@
+"""The bot object: what it asks Telegram for, what it refuses when built, and its error hook."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from bot.context import BotIdentity, Context
+from bot.dispatch import Bot, Router
+from bot.filters import text
+from bot.metrics import Metrics
+from bot.pipeline import Pipeline, Status
+from bot.session import chat_user_key, session, user_key
+from bot.storage import Storage, StorageUnavailable
+from bot.storage.memory import MemoryStorage
+from bot.testing.updates import text_update
+
+pytestmark = pytest.mark.anyio
+
+ME = BotIdentity(42, "todo_bot")
+
+
+@dataclass
+class Counted:
+    count: int = 0
+
+
+def add(old: Counted, new: Counted) -> Counted:
+    return Counted(old.count + new.count)
+
+
+def test_allowed_updates_are_the_kinds_of_every_registered_handler_in_telegrams_order() -> None:
+    bot: Bot[None] = Bot()
+    inner: Router[None] = Router()
+    assert bot.allowed_updates() == []
+
+    @inner.message_reaction()
+    @inner.callback_query()
+    async def handler(ctx: Context[None]) -> None: ...
+
+    bot.include_router(inner)
+    bot.edited_message()(handler)
+    assert bot.allowed_updates() == [
+        "edited_message",
+        "edited_channel_post",
+        "message_reaction",
+        "callback_query",
+    ]
+
+
+def test_a_session_that_follows_group_upgrades_asks_for_messages_even_without_a_message_handler() -> None:
+    bot = Bot(session(initial=Counted, merge=add))
+    assert bot.allowed_updates() == ["message"]
+
+
+@pytest.mark.parametrize("key", [user_key, chat_user_key, lambda update: "global"])
+def test_merge_with_a_custom_key_is_refused_when_the_bot_is_built(key: Any) -> None:
+    with pytest.raises(ValueError, match="merge= works only with the default key"):
+        Bot(session(initial=Counted, merge=add, get_session_key=key))
+    with pytest.raises(ValueError, match="session 'user'"):
+        Bot(sessions={"user": session(initial=Counted, merge=add, get_session_key=key)})
+
+
+def counting_bot() -> Bot[Counted]:
+    bot = Bot(session(initial=Counted))
+
+    @bot.message(text(equals="+"))
+    async def plus(ctx: Context[Counted]) -> None:
+        ctx.session.count += 1
+
+    @bot.message(text(equals="boom"))
+    async def boom(ctx: Context[Counted]) -> None:
+        ctx.session.count += 100
+        ctx.reply("never sent")
+        raise ZeroDivisionError("a bug")
+
+    return bot
+
+
+async def test_the_error_hook_sees_the_state_before_the_handler_and_its_reply_is_sent_once(
+    storage: Storage,
+) -> None:
+    bot = counting_bot()
+    seen: list[tuple[str, int]] = []
+
+    @bot.catch
+    async def on_error(error: Exception, ctx: Context[Counted]) -> None:
+        seen.append((type(error).__name__, ctx.session.count))
+        ctx.session.count += 10  # the hook's own change is kept
+        ctx.reply(f"sorry: {error}")
+
+    run = Pipeline(bot, storage, ME, Metrics())
+    await run.process(text_update(1, -1, "+"))
+    failed = await run.process(text_update(2, -1, "boom"))
+    assert failed.status is Status.FAILED
+    assert [c.params["text"] for c in failed.to_send] == ["sorry: a bug"]
+    assert seen == [("ZeroDivisionError", 1)]
+    again = await run.process(text_update(2, -1, "boom"))  # Telegram redelivers it
+    assert again.status is Status.DUPLICATE
+    assert seen == [("ZeroDivisionError", 1)]
+    assert run.metrics.get("handler_errors_total") == 1
+    async with storage.transaction() as tx:
+        stored = await tx.read("-1")
+    assert stored is not None and '"count":11' in stored.data.replace(" ", "")
+
+
+async def test_an_error_hook_that_raises_rolls_the_update_back(storage: Storage) -> None:
+    bot = counting_bot()
+
+    @bot.catch
+    async def on_error(error: Exception, ctx: Context[Counted]) -> None:
+        ctx.session.count += 10
+        raise error
+
+    run = Pipeline(bot, storage, ME, Metrics())
+    await run.process(text_update(1, -1, "+"))
+    outcome = await run.process(text_update(2, -1, "boom"))
+    assert (outcome.status, outcome.to_send) == (Status.FAILED, [])
+    assert run.metrics.get("handler_errors_total") == 1  # one failed update, counted once
+    async with storage.transaction() as tx:
+        stored = await tx.read("-1")
+        assert await tx.claim_update(ME.id, 2)  # not recorded: a rolled-back update left nothing
+    assert stored is not None and '"count":1' in stored.data.replace(" ", "")
+
+
+async def test_database_errors_never_reach_the_error_hook() -> None:
+    bot: Bot[None] = Bot()
+    hooked: list[Exception] = []
+
+    @bot.message()
+    async def handler(ctx: Context[None]) -> None:
+        raise StorageUnavailable("lock timeout")
+
+    @bot.catch
+    async def on_error(error: Exception, ctx: Context[None]) -> None:
+        hooked.append(error)
+
+    with pytest.raises(StorageUnavailable):
+        await Pipeline(bot, MemoryStorage(), ME, Metrics()).process(text_update(1, -1, "x"))
+    assert hooked == []

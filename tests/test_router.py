@@ -1,0 +1,260 @@
+"""Routers, middleware and fall-through, driven through the pipeline as an update would be."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import pytest
+
+from bot.context import BotIdentity, Context
+from bot.dispatch import Bot, Router, SkipHandler
+from bot.filters import Filter, text
+from bot.metrics import Metrics
+from bot.pipeline import Outcome, Pipeline, Status
+from bot.session import session
+from bot.storage import Storage
+from bot.storage.memory import MemoryStorage
+from bot.telegram import decode_update
+from bot.testing.updates import callback_update, encode, message_update, text_update
+
+pytestmark = pytest.mark.anyio
+
+ME = BotIdentity(42, "todo_bot")
+Next = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class Seen:
+    count: int = 0
+
+
+class NoDatabase:
+    """A storage any use of which fails the test: proves that routing did not touch the database."""
+
+    def transaction(self) -> NoReturn:
+        raise AssertionError("the database was used")
+
+
+async def process(bot: Bot[Any], raw: dict[str, Any], storage: Any = None) -> Outcome:
+    run = Pipeline(bot, storage if storage is not None else MemoryStorage(), ME, Metrics())
+    return await run.process(decode_update(encode(raw)))
+
+
+def texts(outcome: Outcome) -> list[str]:
+    return [c.params["text"] for c in outcome.to_send]
+
+
+async def test_an_included_routers_handlers_run_after_the_ones_registered_before_it() -> None:
+    bot: Bot[None] = Bot()
+    admin: Router[None] = Router("admin")
+
+    @bot.message(text(equals="hi"))
+    async def hi(ctx: Context[None]) -> None:
+        ctx.reply("bot")
+
+    @admin.message()
+    async def anything(ctx: Context[None]) -> None:
+        ctx.reply("admin")
+
+    bot.include_router(admin)
+    assert texts(await process(bot, message_update(1, -1, "hi"))) == ["bot"]
+    assert texts(await process(bot, message_update(2, -1, "other"))) == ["admin"]
+
+
+async def test_a_routers_middleware_wraps_only_its_own_handlers_and_sees_the_session(
+    storage: Storage,
+) -> None:
+    bot = Bot(session(initial=Seen))
+    admin: Router[Seen] = Router("admin")
+    order: list[str] = []
+
+    @bot.use
+    async def outer(ctx: Context[Seen], next: Next) -> None:
+        order.append(f"bot in, session {ctx.session.count}")
+        ctx.session.count += 1
+        await next()
+        order.append("bot out")
+
+    @admin.use
+    async def inner(ctx: Context[Seen], next: Next) -> None:
+        order.append("admin in")
+        await next()
+
+    @bot.command("plain")
+    async def plain(ctx: Context[Seen]) -> None:
+        order.append("plain")
+
+    @admin.command("ban")
+    async def ban(ctx: Context[Seen]) -> None:
+        order.append(f"ban, session {ctx.session.count}")
+
+    bot.include_router(admin)
+    run = Pipeline(bot, storage, ME, Metrics())
+    await run.process(text_update(1, -1, "/plain"))
+    assert order == ["bot in, session 0", "plain", "bot out"]
+    order.clear()
+    await run.process(text_update(2, -1, "/ban"))
+    assert order == ["bot in, session 1", "admin in", "ban, session 2", "bot out"]
+
+
+async def test_a_middleware_that_does_not_call_next_stops_the_update_and_its_changes_commit(
+    storage: Storage,
+) -> None:
+    bot = Bot(session(initial=Seen))
+
+    @bot.use
+    async def gate(ctx: Context[Seen], next: Next) -> None:
+        ctx.session.count += 1
+        if ctx.message is not None and ctx.message.text == "stop":
+            ctx.reply("stopped")
+            return
+        await next()
+
+    @bot.message()
+    async def report(ctx: Context[Seen]) -> None:
+        ctx.reply(str(ctx.session.count))
+
+    run = Pipeline(bot, storage, ME, Metrics())
+    assert texts(await run.process(text_update(1, -1, "stop"))) == ["stopped"]
+    assert texts(await run.process(text_update(2, -1, "go"))) == ["2"]
+
+
+async def test_skip_handler_falls_through_to_the_next_match_even_in_another_router() -> None:
+    bot: Bot[None] = Bot()
+    later: Router[None] = Router("later")
+    calls: list[str] = []
+
+    @bot.message()
+    async def first(ctx: Context[None]) -> None:
+        calls.append("first")
+        raise SkipHandler
+
+    @bot.message(text(equals="never"))
+    async def not_matching(ctx: Context[None]) -> None:
+        calls.append("not matching")
+
+    @later.message()
+    async def second(ctx: Context[None]) -> None:
+        calls.append("second")
+        ctx.reply("second")
+
+    @later.message()
+    async def third(ctx: Context[None]) -> None:
+        calls.append("third")
+
+    bot.include_router(later)
+    assert texts(await process(bot, message_update(1, -1, "x"))) == ["second"]
+    assert calls == ["first", "second"]
+
+
+async def test_without_fall_through_the_first_match_wins() -> None:
+    bot: Bot[None] = Bot()
+
+    @bot.command("help")
+    async def help_(ctx: Context[None]) -> None:
+        ctx.reply("help")
+
+    @bot.message()
+    async def echo(ctx: Context[None]) -> None:
+        ctx.reply("echo")
+
+    assert texts(await process(bot, message_update(1, -1, "/help"))) == ["help"]
+
+
+async def test_an_update_no_filter_wants_costs_no_database_work_even_with_async_filters() -> None:
+    bot = Bot(session(initial=Seen))
+    asked: list[int] = []
+
+    async def never(ctx: Context[Seen]) -> bool:
+        asked.append(ctx.update.update_id)
+        return False
+
+    @bot.message(never)
+    async def handler(ctx: Context[Seen]) -> None:
+        raise AssertionError("not wanted")
+
+    @bot.callback_query()
+    async def press(ctx: Context[Seen]) -> None:
+        raise AssertionError("not a message")
+
+    outcome = await process(bot, message_update(1, -1, "x"), NoDatabase())
+    assert outcome.status is Status.IGNORED
+    assert asked == [1]
+
+
+async def test_filters_are_checked_only_for_handlers_of_the_updates_kind() -> None:
+    bot: Bot[None] = Bot()
+    checked: list[str] = []
+
+    @bot.message(lambda ctx: checked.append("message") is None)
+    async def message(ctx: Context[None]) -> None:
+        ctx.reply("message")
+
+    @bot.callback_query(lambda ctx: checked.append("callback") is None)
+    async def press(ctx: Context[None]) -> None:
+        ctx.answer()
+
+    await process(bot, callback_update(1, -1, 7, "x"))
+    assert checked == ["callback"]
+
+
+async def test_a_filter_reading_a_session_fails_saying_filters_run_before_the_database() -> None:
+    bot = Bot(session(initial=Seen))
+
+    @bot.message(Filter(lambda ctx: ctx.session.count > 0))
+    async def handler(ctx: Context[Seen]) -> None:
+        raise AssertionError("unreachable")
+
+    with pytest.raises(Exception, match="filters run before the database is touched"):
+        await process(bot, message_update(1, -1, "x"), NoDatabase())
+
+
+def test_a_router_is_included_once_and_never_in_itself() -> None:
+    bot: Bot[None] = Bot()
+    child: Router[None] = Router("child")
+    bot.include_router(child)
+    with pytest.raises(ValueError, match="already included"):
+        Bot[None]().include_router(child)
+    with pytest.raises(ValueError, match="cycle"):
+        child.include_router(bot)
+
+
+def test_unknown_update_kinds_are_refused_at_registration() -> None:
+    with pytest.raises(ValueError, match="unknown update kinds"):
+        Router[None]().on("inline_query")
+
+
+async def test_a_middleware_calling_next_twice_is_a_bug_not_a_double_apply() -> None:
+    bot: Bot[None] = Bot()
+
+    @bot.use
+    async def twice(ctx: Context[None], next: Next) -> None:
+        await next()
+        await next()
+
+    @bot.message()
+    async def handler(ctx: Context[None]) -> None:
+        ctx.reply("once")
+
+    outcome = await process(bot, message_update(1, -1, "x"))
+    assert outcome.status is Status.FAILED
+    assert outcome.to_send == []
+
+
+async def test_edits_go_to_edited_message_handlers_and_new_messages_do_not() -> None:
+    bot: Bot[None] = Bot()
+
+    @bot.edited_message()
+    async def edited(ctx: Context[None]) -> None:
+        message = ctx.update.any_message
+        assert ctx.message is None and message is not None
+        ctx.reply(f"you edited: {message.text}")
+
+    assert texts(await process(bot, message_update(1, -1, "new"))) == []
+    assert texts(await process(bot, message_update(2, -1, "fixed", kind="edited_message"))) == [
+        "you edited: fixed"
+    ]
+    channel_edit = message_update(3, -1, "post", kind="edited_channel_post")
+    assert texts(await process(bot, channel_edit)) == ["you edited: post"]
