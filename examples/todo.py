@@ -113,6 +113,7 @@ def build_bot() -> Bot[TodoList]:
         sessions={"me": session(initial=Stats, get_session_key=user_key, prefix="todo-user:", lazy=True)},
         name="todo-bot",
     )
+    bot.examples = ["/add buy milk", "/list", "/me"]  # the local playground's one-click messages
     bot.use(timing)
 
     @bot.command("add")
