@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
 
@@ -27,6 +27,9 @@ TRIAL_USERNAME = "local_trial_bot"
 # string, so that the framework imports no app.
 DEFAULT_APP = "bot.apps.pizza:build_bot"
 _APP = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+# What libpq (and asyncpg) accept; anything else fails deep inside the driver at the first connection.
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 class ConfigError(ValueError):
@@ -52,6 +55,9 @@ class Settings:
     request_deadline: float
     max_body_bytes: int
     outbox_lease: float
+    bot_api_timeout: float
+    http_read_timeout: float
+    http_max_connections: int
     sweep_interval: float
     shutdown_timeout: float
     embedded_pg_dir: Path | None
@@ -118,7 +124,26 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
         )
     if not parts.netloc and not parts.query:
         raise ConfigError(f"{name}: has no host")
+    # Each of `host:port,host:port` (PostgreSQL URLs may list several hosts).
+    for host in parts.netloc.rpartition("@")[2].split(","):
+        port = host.rpartition("]")[2].partition(":")[2] if host.startswith("[") else host.partition(":")[2]
+        if port and not (port.isdigit() and int(port) <= 65535):
+            raise ConfigError(f"{name}: the port is not a number from 0 to 65535, got {port[:12]!r}")
     return raw
+
+
+def _database_url(env: Mapping[str, str], name: str) -> str | None:
+    """A postgres URL whose parts the driver will accept: checked here, so that a typo is one line at
+    start-up, not a traceback from inside asyncpg at the first connection."""
+    url = _url(env, name, ("postgres", "postgresql"))
+    if url is None:
+        return None
+    for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        if key == "sslmode" and value not in _SSLMODES:
+            raise ConfigError(f"{name}: sslmode must be one of {', '.join(_SSLMODES)}, got {value!r}")
+        if key == "port" and not all(p.isdigit() and int(p) <= 65535 for p in value.split(",")):
+            raise ConfigError(f"{name}: the port is not a number from 0 to 65535, got {value[:12]!r}")
+    return url
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -142,7 +167,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "WEBHOOK_SECRET: must be 1-256 characters, only A-Z a-z 0-9 _ and - (Telegram's rule)"
         )
 
-    database_url = _url(env, "DATABASE_URL", ("postgres", "postgresql"))
+    database_url = _database_url(env, "DATABASE_URL")
     api_root = _url(env, "TELEGRAM_API_ROOT", ("https", "http")) or "https://api.telegram.org"
     webhook_url = _url(env, "WEBHOOK_URL", ("https", "http"))
 
@@ -167,6 +192,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not _APP.match(app):
         raise ConfigError(f"APP: expected module:factory (like {DEFAULT_APP}), got {app!r}")
 
+    # A call still in flight when its lease runs out would be sent again by a sweeper: a doubled reply.
+    api_timeout = _seconds(env, "BOT_API_TIMEOUT", 30.0, 0.5, 300)
+    lease = _seconds(env, "OUTBOX_LEASE", 60.0, 0.5, 3600)
+    if lease <= api_timeout:
+        raise ConfigError(
+            f"OUTBOX_LEASE: must be longer than BOT_API_TIMEOUT ({api_timeout:g} s), got {lease:g} s"
+        )
+
     return Settings(
         bot_token=token,
         webhook_secret=secret,
@@ -185,7 +218,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         # Well under Telegram's 60 s, after which it would redeliver while we may still be working.
         request_deadline=_seconds(env, "REQUEST_DEADLINE", 25.0, 1, 55),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 1024 * 1024, 1024 * 1024, 64 * 1024 * 1024),
-        outbox_lease=_seconds(env, "OUTBOX_LEASE", 30.0, 0.5, 3600),
+        outbox_lease=lease,
+        bot_api_timeout=api_timeout,
+        http_read_timeout=_seconds(env, "HTTP_READ_TIMEOUT", 10.0, 0.5, 60),
+        http_max_connections=_int(env, "HTTP_MAX_CONNECTIONS", 1000, 1, 100_000),
         sweep_interval=_seconds(env, "OUTBOX_SWEEP_INTERVAL", 5.0, 0.1, 3600),
         shutdown_timeout=_seconds(env, "SHUTDOWN_TIMEOUT", 20.0, 1, 300),
         embedded_pg_dir=Path(pg_dir).expanduser() if pg_dir else None,

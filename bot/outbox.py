@@ -57,17 +57,30 @@ class Outbox:
                 log.warning(
                     "outbox %d: %s (%s)", call.id, exc, "gave up" if retry_in is None else "will retry"
                 )
+                if retry_in is not None and exc.may_have_arrived:
+                    # Telegram has no idempotency key: this is the one doubling window besides a crash.
+                    log.warning(
+                        "outbox %d: the first attempt may have reached Telegram; if it did, the retry"
+                        " sends this reply twice",
+                        call.id,
+                    )
                 await self._record(self._storage.mark_failed(call.id, str(exc), retry_in=retry_in), call)
                 if retry_in is not None:
                     return
                 continue
+            except Exception:
+                # A bug, not a Bot API answer. The call stays leased and is retried after the lease; the
+                # task must not die with it (nobody awaits it, so nobody would hear of it).
+                log.exception("outbox %d: unexpected error while sending; retried after the lease", call.id)
+                return
             self._metrics.inc("replies_total", "sent")
             await self._record(self._storage.mark_sent(call.id), call)
 
     async def _record(self, marking: Awaitable[None], call: PendingCall) -> None:
         try:
             await marking
-        except StorageUnavailable as exc:
+        except Exception as exc:
+            # StorageUnavailable, or anything else: the send's result is what matters, and it is logged.
             log.warning("outbox %d: could not record the result (%s); it may be sent again", call.id, exc)
 
     async def sweep(self, limit: int = 100) -> int:
@@ -89,6 +102,10 @@ class Outbox:
                     next_prune = loop.time() + 3600
             except StorageUnavailable as exc:
                 log.warning("outbox sweeper: %s", exc)
+            except Exception:
+                # Whatever it was, the sweeper is the only thing that resends after a failure: it must
+                # outlive it. Calls it had leased are tried again once their lease runs out.
+                log.exception("outbox sweeper: this round failed and was skipped; trying again")
             await asyncio.sleep(interval)
 
     async def drain(self, within: float) -> None:

@@ -7,7 +7,6 @@ shutdown order: stop the sweeper, let in-flight replies finish, then close the p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -87,7 +86,9 @@ async def start(
         except AppError as exc:
             raise StartupError(f"APP: {exc}") from exc
     metrics = Metrics()
-    timeout = httpx.Timeout(10.0, connect=5.0)
+    # Long enough for Telegram's own latency under load: a call that times out and is retried may be
+    # sent twice (docs/RELIABILITY.md), so the timeout must not fire while Telegram is merely slow.
+    timeout = httpx.Timeout(settings.bot_api_timeout, connect=5.0)
     limits = httpx.Limits(max_connections=100)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=bot_api_transport) as http:
         token = settings.bot_token or (_TRIAL_TOKEN if bot_api_transport is not None else None)
@@ -123,9 +124,14 @@ async def start(
                 yield Runtime(settings, storage, api, me, pipeline, outbox, metrics)
             finally:
                 sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await sweeper
-                await outbox.drain(settings.shutdown_timeout)
+                except asyncio.CancelledError:
+                    pass
+                except Exception:
+                    log.exception("outbox sweeper had stopped with an error")
+                finally:
+                    await outbox.drain(settings.shutdown_timeout)
         finally:
             if owned is not None:
                 await owned.close()

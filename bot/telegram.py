@@ -212,10 +212,21 @@ def decode_update(body: bytes) -> Update:
 
 
 class BotApiError(Exception):
-    """The Bot API answered `ok: false`, or not in its own format."""
+    """A Bot API call failed: Telegram said `ok: false`, or no usable answer came back.
+
+    Every way a call can fail ends here, so a sender only has to ask two questions: retry it or give
+    up (`permanent`), and could the first attempt have reached Telegram anyway (`may_have_arrived`: the
+    request was sent, and the answer was lost, late or unreadable, so a retry may double it).
+    """
 
     def __init__(
-        self, method: str, description: str, error_code: int | None = None, retry_after: float | None = None
+        self,
+        method: str,
+        description: str,
+        error_code: int | None = None,
+        retry_after: float | None = None,
+        *,
+        may_have_arrived: bool = False,
     ) -> None:
         code = f" ({error_code})" if error_code is not None else ""
         super().__init__(f"{method} failed{code}: {description}")
@@ -223,6 +234,7 @@ class BotApiError(Exception):
         self.description = description
         self.error_code = error_code
         self.retry_after = retry_after
+        self.may_have_arrived = may_have_arrived
 
     @property
     def permanent(self) -> bool:
@@ -240,30 +252,73 @@ class _ApiResponse(msgspec.Struct):
 
 _response_decoder = msgspec.json.Decoder(_ApiResponse)
 
+# getUpdates' 100 updates stay far below this; more is not the Bot API, and is not held in memory.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+
+class _AnswerTooLarge(Exception):
+    pass
+
+
+async def _read_answer(response: httpx.Response, limit: int) -> bytes:
+    """The (decompressed) body, given up on as soon as it passes `limit`."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise _AnswerTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
 
 class BotApi:
     """Calls `{api_root}/bot{token}/{method}` on one shared httpx client (connection reuse, timeouts).
 
-    The client is owned by whoever created it (the app's lifespan), not by this object.
+    The client is owned by whoever created it (the app's lifespan), not by this object. `call` raises
+    only BotApiError, whatever the network or the server does.
     """
 
-    def __init__(self, token: str, client: httpx.AsyncClient, api_root: str = "https://api.telegram.org"):
+    def __init__(
+        self,
+        token: str,
+        client: httpx.AsyncClient,
+        api_root: str = "https://api.telegram.org",
+        *,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+    ):
         self._base = f"{api_root.rstrip('/')}/bot{token}/"
         self._client = client
+        self._max_answer = max_answer_bytes
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        content = msgspec.json.encode(params or {})
+        sent = False  # once the request is out, Telegram may have acted on it whatever happens next
         try:
-            response = await self._client.post(
-                self._base + method,
-                content=msgspec.json.encode(params or {}),
-                headers={"content-type": "application/json"},
-            )
+            async with self._client.stream(
+                "POST", self._base + method, content=content, headers={"content-type": "application/json"}
+            ) as response:
+                sent = True
+                body = await _read_answer(response, self._max_answer)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Never sent: a retry cannot double anything.
+            raise BotApiError(method, f"no connection to the Bot API: {exc!r}") from exc
         except httpx.HTTPError as exc:
-            raise BotApiError(method, f"no answer from the Bot API: {exc!r}") from exc
+            # Sent (or half sent) and then: a read timeout, a reset, a truncated or malformed answer.
+            raise BotApiError(method, f"no answer from the Bot API: {exc!r}", may_have_arrived=True) from exc
+        except _AnswerTooLarge:
+            raise BotApiError(
+                method, f"answer over {self._max_answer} bytes: not the Bot API", may_have_arrived=sent
+            ) from None
         try:
-            answer = _response_decoder.decode(response.content)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            raise BotApiError(method, f"unexpected HTTP {response.status_code} answer", None) from None
+            answer = _response_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as exc:
+            # An HTML error page from a proxy, an empty body, invalid UTF-8, absurd nesting... msgspec
+            # raises the last two as UnicodeDecodeError and RecursionError, not as DecodeError.
+            what = "empty" if not body else f"{type(exc).__name__}: {str(exc)[:200]}"
+            raise BotApiError(
+                method, f"unreadable HTTP {response.status_code} answer ({what})", may_have_arrived=True
+            ) from None
         if not answer.ok:
             retry_after = answer.parameters.get("retry_after")
             raise BotApiError(

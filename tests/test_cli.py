@@ -43,10 +43,16 @@ def bot(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.Comp
         ({"BOT_TOKEN": TOKEN}, "WEBHOOK_SECRET: required when BOT_TOKEN is set"),
         ({"DATABASE_URL": "mysql://db/x"}, "DATABASE_URL: must start with postgres:// or postgresql://"),
         ({"PORT": "http"}, "PORT: expected a whole number"),
+        ({"DATABASE_URL": "postgresql://u@db:54x2/bot"}, "DATABASE_URL: the port is not a number"),
+        ({"DATABASE_URL": "postgresql://u@db:99999/bot"}, "DATABASE_URL: the port is not a number"),
+        ({"DATABASE_URL": "postgresql://u@db/bot?sslmode=yes"}, "DATABASE_URL: sslmode must be one of"),
     ],
 )
-def test_config_errors_are_one_line_naming_the_variable(env: dict[str, str], message: str) -> None:
-    result = bot("serve", env=env)
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+def test_config_errors_are_one_line_naming_the_variable(
+    env: dict[str, str], message: str, command: str
+) -> None:
+    result = bot(command, env=env)
     assert result.returncode == 2
     assert result.stderr.startswith(f"bot: configuration error: {message}")
     assert "Traceback" not in result.stderr

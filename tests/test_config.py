@@ -61,6 +61,14 @@ def test_sslmode_in_database_url_is_kept_for_the_driver() -> None:
         ({"MAX_BODY_BYTES": "1000"}, "MAX_BODY_BYTES", "between 1048576"),
         ({"BOT_USERNAME": "x"}, "BOT_USERNAME", "not a Telegram username"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", "one of DEBUG"),
+        ({"DATABASE_URL": "postgresql://u@db:5o32/x"}, "DATABASE_URL", "port is not a number"),
+        ({"DATABASE_URL": "postgresql://u@db:65536/x"}, "DATABASE_URL", "port is not a number"),
+        ({"DATABASE_URL": "postgresql://u@/x?host=/tmp&port=x"}, "DATABASE_URL", "port is not a number"),
+        ({"DATABASE_URL": "postgresql://u@db/x?sslmode=on"}, "DATABASE_URL", "sslmode must be one of"),
+        ({"OUTBOX_LEASE": "20"}, "OUTBOX_LEASE", "longer than BOT_API_TIMEOUT (30 s)"),
+        ({"BOT_API_TIMEOUT": "5", "OUTBOX_LEASE": "5"}, "OUTBOX_LEASE", "longer than BOT_API_TIMEOUT"),
+        ({"HTTP_READ_TIMEOUT": "0"}, "HTTP_READ_TIMEOUT", "between 0.5 and 60"),
+        ({"HTTP_MAX_CONNECTIONS": "0"}, "HTTP_MAX_CONNECTIONS", "between 1 and 100000"),
     ],
 )
 def test_bad_settings_name_the_variable_and_the_problem(
@@ -71,6 +79,18 @@ def test_bad_settings_name_the_variable_and_the_problem(
     message = str(caught.value)
     assert message.startswith(f"{variable}: ")
     assert complaint in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:p@h1:5432,h2:5433/bot?sslmode=verify-full",
+        "postgresql://u@[::1]:5432/bot",
+        "postgres://u@db/bot?sslmode=disable&port=6432",
+    ],
+)
+def test_well_formed_database_urls_pass_the_checks(url: str) -> None:
+    assert load_settings({"DATABASE_URL": url}).database_url == url
 
 
 def test_unix_socket_database_url_is_accepted() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from bot.telegram import BotApi, BotApiError, InvalidUpdate, decode_update
 from bot.testing.env import TOKEN, USERNAME
-from bot.testing.fake_telegram import FakeTelegram
+from bot.testing.fake_telegram import MISBEHAVIOURS, FakeTelegram, Misbehaviour
 from bot.testing.updates import (
     PIZZA,
     callback_update,
@@ -145,5 +145,38 @@ async def test_bot_api_errors_carry_code_description_and_retry_after(api: BotApi
 @pytest.mark.anyio
 async def test_an_unreachable_bot_api_is_a_bot_api_error() -> None:
     async with httpx.AsyncClient(timeout=2) as client:
-        with pytest.raises(BotApiError, match="no answer from the Bot API"):
+        with pytest.raises(BotApiError, match="no connection to the Bot API"):
             await BotApi(TOKEN, client, "http://127.0.0.1:9").call("getMe")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", MISBEHAVIOURS)
+async def test_every_broken_answer_is_a_retryable_bot_api_error(
+    api: BotApi, fake: FakeTelegram, kind: Misbehaviour
+) -> None:
+    fake.misbehave_next("sendMessage", kind)
+    with pytest.raises(BotApiError) as caught:
+        await api.call("sendMessage", {"chat_id": 1, "text": "x"})
+    assert not caught.value.permanent
+    # The request went out and its answer was lost or unreadable: Telegram may have acted on it. Only a
+    # readable `ok: false` says for sure that it did not.
+    assert caught.value.may_have_arrived == (kind != "ok_false_200")
+    assert fake.delivered_messages() == []
+    # The shared client is still usable: the next call goes through.
+    assert (await api.call("sendMessage", {"chat_id": 1, "text": "x"}))["text"] == "x"
+
+
+@pytest.mark.anyio
+async def test_a_read_timeout_may_have_arrived_and_a_refused_connection_did_not(
+    fake: FakeTelegram, telegram_root: str
+) -> None:
+    fake.delay = 1.0
+    async with httpx.AsyncClient(timeout=httpx.Timeout(0.2, connect=2)) as client:
+        with pytest.raises(BotApiError) as late:
+            await BotApi(TOKEN, client, telegram_root).call("sendMessage", {"chat_id": 1, "text": "x"})
+        with pytest.raises(BotApiError) as refused:
+            await BotApi(TOKEN, client, "http://127.0.0.1:9").call("sendMessage", {"chat_id": 1, "text": "x"})
+    assert (late.value.may_have_arrived, late.value.permanent) == (True, False)
+    assert (refused.value.may_have_arrived, refused.value.permanent) == (False, False)
+    # Telegram carries on with a call whose answer we stopped waiting for: exactly why a retry can double.
+    await fake.wait_for_async(lambda: len(fake.delivered_messages(1)) == 1, timeout=5)

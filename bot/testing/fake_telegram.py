@@ -2,7 +2,7 @@
 
 `GET|POST /bot<token>/<method>` with parameters in the query string, a form or a JSON body, answered
 `{"ok": true, "result": ...}` or `{"ok": false, "error_code": ..., "description": ...}` like the real
-server. Every call is recorded; failures and delays can be injected. `serve()` runs it with uvicorn in
+server. Every call is recorded; failures, delays and broken answers (`misbehave_next`) can be injected. `serve()` runs it with uvicorn in
 a background thread, so it works from sync and async tests and for bot processes alike.
 
     python -m bot.testing.fake_telegram --port 8081     # for benchmarks and local trials
@@ -18,18 +18,36 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-__all__ = ["FakeTelegram", "RecordedCall", "serve"]
+__all__ = ["MISBEHAVIOURS", "FakeTelegram", "Misbehaviour", "RecordedCall", "serve"]
+
+# Answers the real Bot API (or a proxy in front of it) has been seen to give, or could: each one is
+# given instead of carrying out the call, so the call did not take effect.
+Misbehaviour = Literal[
+    "invalid_utf8", "truncated_json", "deep_nesting", "html_page", "ok_false_200", "huge", "no_body", "reset"
+]
+MISBEHAVIOURS: tuple[Misbehaviour, ...] = (
+    "invalid_utf8",
+    "truncated_json",
+    "deep_nesting",
+    "html_page",
+    "ok_false_200",
+    "huge",
+    "no_body",
+    "reset",
+)
+HUGE_ANSWER_BYTES = 17 * 1024 * 1024  # past the client's 16 MiB limit
 
 _TOKEN = re.compile(r"^(\d+):[A-Za-z0-9_-]+$")
 
@@ -49,6 +67,43 @@ class _Failure:
     error_code: int
     description: str
     retry_after: int | None
+
+
+class _ResetMidBody(Response):
+    """Promises 1000 bytes, sends a few, then drops the connection."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"1000")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b'{"ok": true, "res', "more_body": True})
+        raise ConnectionResetError("the fake Bot API drops the connection mid-body (on purpose)")
+
+
+async def _huge_answer() -> AsyncIterator[bytes]:
+    yield b'{"ok": true, "result": "'
+    chunk = b"a" * (1024 * 1024)
+    for _ in range(HUGE_ANSWER_BYTES // len(chunk)):
+        yield chunk
+    yield b'"}'
+
+
+def _misbehave(kind: Misbehaviour) -> Response:
+    if kind == "invalid_utf8":
+        return Response(b'{"ok": true, "result": {"text": "\xc3\x28"}}', media_type="application/json")
+    if kind == "truncated_json":
+        return Response(b'{"ok": true, "result": {"message_id": 1, "te', media_type="application/json")
+    if kind == "deep_nesting":
+        depth = 100_000
+        return Response(b'{"ok": true, "result": ' + b"[" * depth + b"]" * depth + b"}")
+    if kind == "html_page":
+        return Response(b"<html><body><h1>502 Bad Gateway</h1></body></html>", 502, media_type="text/html")
+    if kind == "ok_false_200":
+        return Response(b'{"ok": false, "description": "Internal error"}', media_type="application/json")
+    if kind == "huge":
+        return StreamingResponse(_huge_answer(), media_type="application/json")
+    if kind == "no_body":
+        return Response(b"", 200)
+    return _ResetMidBody()
 
 
 class _ApiError(Exception):
@@ -73,6 +128,8 @@ class FakeTelegram:
         self._lock = threading.Condition()
         self._calls: list[RecordedCall] = []
         self._failures: list[_Failure] = []
+        self._misbehaviours: dict[str, list[Misbehaviour]] = {}
+        self._delivered: list[dict[str, Any]] = []
         self._updates: list[dict[str, Any]] = []
         self._webhook: dict[str, Any] = {}
         self._next_message_id = 1
@@ -93,6 +150,12 @@ class FakeTelegram:
             for c in self.calls("sendMessage")
             if chat_id is None or c.params.get("chat_id") == chat_id
         ]
+
+    def delivered_messages(self, chat_id: int | None = None) -> list[dict[str, Any]]:
+        """Messages the fake actually sent to a chat (a call answered with a failure or a broken answer
+        sent nothing), in order, as sendMessage's result."""
+        with self._lock:
+            return [m for m in self._delivered if chat_id is None or m["chat"]["id"] == chat_id]
 
     def wait_for(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
         """Block until `condition()` holds (checked on every call), or raise TimeoutError."""
@@ -122,6 +185,11 @@ class FakeTelegram:
         with self._lock:
             self._failures.append(_Failure(method, times, error_code, description, retry_after))
 
+    def misbehave_next(self, method: str, *kinds: Misbehaviour) -> None:
+        """Answer the next calls of `method` with these broken answers, one per call, in order."""
+        with self._lock:
+            self._misbehaviours.setdefault(method, []).extend(kinds)
+
     def push_update(self, update: dict[str, Any]) -> None:
         with self._lock:
             self._updates.append(update)
@@ -132,6 +200,8 @@ class FakeTelegram:
         with self._lock:
             self._calls.clear()
             self._failures.clear()
+            self._misbehaviours.clear()
+            self._delivered.clear()
             self._updates.clear()
             self._webhook = {}
             self.delay = 0.0
@@ -140,7 +210,7 @@ class FakeTelegram:
 
     # --- the protocol ---
 
-    async def _endpoint(self, request: Request) -> JSONResponse:
+    async def _endpoint(self, request: Request) -> Response:
         token, method = request.path_params["token"], request.path_params["method"]
         params: dict[str, Any] = dict(request.query_params)
         content_type = request.headers.get("content-type", "")
@@ -160,6 +230,10 @@ class FakeTelegram:
         with self._lock:
             self._calls.append(RecordedCall(token, method, params, time.time()))
             self._lock.notify_all()
+            broken = self._misbehaviours.get(method)
+            misbehaviour = broken.pop(0) if broken else None
+        if misbehaviour is not None:
+            return _misbehave(misbehaviour)
         if self.delay:
             await asyncio.sleep(self.delay)
         try:
@@ -214,6 +288,9 @@ class FakeTelegram:
         }
         if "message_thread_id" in params:
             message["message_thread_id"] = int(params["message_thread_id"])
+        with self._lock:
+            self._delivered.append(message)
+            self._lock.notify_all()
         return message
 
     async def _m_answerCallbackQuery(self, bot_id: int, params: dict[str, Any]) -> bool:
