@@ -19,7 +19,7 @@ from .context import BotIdentity, Context, ImmediateApi
 from .dispatch import Bot, ErrorHook
 from .metrics import Metrics
 from .router import Match
-from .rules import chat_migration
+from .rules import ImplausibleMigration, chat_migration
 from .session import AlreadyApplied, SessionConfig, SessionSlot
 from .storage import PendingCall, Storage, StorageUnavailable, Transaction
 from .telegram import BotApi, Update
@@ -27,6 +27,10 @@ from .telegram import BotApi, Update
 __all__ = ["Outcome", "Pipeline", "Status"]
 
 log = logging.getLogger("bot.pipeline")
+
+# How long a moved chat's old id keeps pointing at the new one: as long as processed update ids are
+# kept, past Telegram's 24 h of redelivering an update.
+KEEP_MOVES = 25 * 3600.0
 
 
 class Status(enum.Enum):
@@ -83,14 +87,20 @@ class Pipeline:
 
     async def process(self, update: Update) -> Outcome:
         """Apply the update exactly once. Raises StorageUnavailable when it could not be applied now."""
-        migration = chat_migration(update.message) if update.message is not None else None
         ctx: Context[Any] = Context(update, self.me, self.api)
-        kind = update.kind
+        try:
+            migration = chat_migration(update.message) if update.message is not None else None
+        except ImplausibleMigration as exc:
+            # Telegram never sends one; whoever did must not move or double a count. 200, logged.
+            log.warning("update %d: chat migration ignored: %s", update.update_id, exc)
+            migration, kind = None, None
+        else:
+            kind = update.kind
         # Filters are pure: an update no handler wants is known here, before any database work.
         found = await self.bot.match(ctx, kind) if kind is not None else []
         work: Callable[[], Awaitable[Outcome]] | None = None
         if migration is not None and any(c.merge is not None for c in self.bot.sessions.values()):
-            work = partial(self._migrate, update, *migration)
+            work = partial(self._migrate, update, migration.old_chat_id, migration.new_chat_id)
         elif found:
             work = partial(self._apply, ctx, found)
         if work is None:
@@ -184,17 +194,18 @@ class Pipeline:
         await hook(error, ctx)
 
     async def _migrate(self, update: Update, old_chat: int, new_chat: int) -> Outcome:
-        """Move each mergeable session from a group's old chat id to its new one.
+        """Move each mergeable session from a group's old chat id to its new one, leaving a forward.
 
         Both of Telegram's service messages (one per chat, in either order, racing with other updates)
-        do this; the second finds the old session gone and moves only what arrived since, so every
-        increment lands in the new chat exactly once. Both rows are locked in the same order as any
-        other multi-row transaction here, so the two messages cannot deadlock each other.
+        get here; the first merges the old session into the new one and leaves a forward at the old key
+        (so that a late update for the old id lands in the new chat too), the second finds the forward
+        and has nothing left to do, so every increment lands in the new chat exactly once. Each pair is
+        locked old key first, as an update following a forward does, so none of them can deadlock.
         """
         async with self._unit(update) as unit:
             pairs = [
                 (
-                    config.merge,
+                    config,
                     unit.slot(config, config.prefix + str(old_chat)),
                     unit.slot(config, config.prefix + str(new_chat)),
                 )
@@ -202,18 +213,21 @@ class Pipeline:
                 if config.merge is not None
             ]
             try:
-                for slot in unit.in_lock_order(s for _, *both in pairs for s in both):
-                    await slot.load()
+                for _, old, new in pairs:
+                    await old.load()
+                    await new.load()
             except AlreadyApplied:
                 return Outcome(
                     Status.DUPLICATE, await unit.main.claim_unsent(self.me.id, update.update_id, self.lease)
                 )
-            for merge, old, new in pairs:
+            for config, old, new in pairs:
+                if old.key == new.key:
+                    continue  # the old key already forwards here: the other message moved it
+                assert config.merge is not None and old.key is not None and new.key is not None
                 if old.stored:
-                    new.set(merge(old.get(), new.get()))
-                    old.set(None)
-                await old.save()
+                    new.set(config.merge(old.get(), new.get()))
                 await new.save()
+                await unit.transaction_of(config).move(old.key, new.key, KEEP_MOVES)
             log.info("update %d: moved sessions of chat %d to %d", update.update_id, old_chat, new_chat)
             return Outcome(Status.APPLIED)
 
@@ -226,9 +240,11 @@ class _Unit:
         # By storage identity, in the order opened: the bot's storage first.
         self.transactions: dict[int, Transaction] = {id(storage): main}
 
+    def transaction_of(self, config: SessionConfig[Any]) -> Transaction:
+        return self.transactions[id(config.storage or self._storage)]
+
     def slot(self, config: SessionConfig[Any], key: str | None) -> SessionSlot[Any]:
-        tx = self.transactions[id(config.storage or self._storage)]
-        return SessionSlot(config, key, tx, self.claim)
+        return SessionSlot(config, key, self.transaction_of(config), self.claim)
 
     def in_lock_order(self, slots: Iterable[SessionSlot[Any]]) -> list[SessionSlot[Any]]:
         """The bot's storage first, then the others in the order their first session is declared; key by

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .telegram import Message
 
-__all__ = ["Command", "chat_migration", "parse_command"]
+__all__ = ["ChatMigration", "Command", "ImplausibleMigration", "chat_migration", "parse_command"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +42,45 @@ def parse_command(message: Message, username: str) -> Command | None:
     return Command(name, text[len(token) :].strip())
 
 
-def chat_migration(message: Message) -> tuple[int, int] | None:
-    """(old chat id, new chat id) when the message announces a group's upgrade to a supergroup.
+# Bot API chat ids (core.telegram.org/api/bots/ids): a basic group is -id with 1 <= id <= 999999999999;
+# supergroups and channels are -(10^12 + id), private chats positive.
+_SUPERGROUP_IDS_FROM = -(10**12)
 
-    Telegram sends two service messages, one in each chat, in no guaranteed order: the old chat's last
-    message carries `migrate_to_chat_id`, the new chat's first carries `migrate_from_chat_id`.
+
+@dataclass(frozen=True, slots=True)
+class ChatMigration:
+    old_chat_id: int
+    new_chat_id: int
+
+
+class ImplausibleMigration(ValueError):
+    """A message claims a chat migration that Telegram never sends; the message says why."""
+
+
+def chat_migration(message: Message) -> ChatMigration | None:
+    """The move a message announces when a group is upgraded to a supergroup, if it announces one.
+
+    Telegram sends two service messages, one in each chat, in no guaranteed order: the old group's last
+    message carries `migrate_to_chat_id`, the new supergroup's first carries `migrate_from_chat_id`.
+    Only a basic group ("group") is ever upgraded. Anything else (both ids the same, a private chat or a
+    channel as the source) raises ImplausibleMigration: followed, it would double a count or carry off
+    another chat's.
     """
+    chat = message.chat
     if message.migrate_to_chat_id is not None:
-        return message.chat.id, message.migrate_to_chat_id
-    if message.migrate_from_chat_id is not None:
-        return message.migrate_from_chat_id, message.chat.id
-    return None
+        if chat.type != "group":
+            raise ImplausibleMigration(f"migrate_to_chat_id in a {chat.type} chat: only a group is upgraded")
+        old, new = chat.id, message.migrate_to_chat_id
+    elif message.migrate_from_chat_id is not None:
+        old, new = message.migrate_from_chat_id, chat.id
+        if chat.type != "supergroup":
+            raise ImplausibleMigration(
+                f"migrate_from_chat_id in a {chat.type} chat: only a supergroup comes from a group"
+            )
+        if not _SUPERGROUP_IDS_FROM < old < 0:
+            raise ImplausibleMigration(f"migrate_from_chat_id {old} is not the id of a group")
+    else:
+        return None
+    if old == new:
+        raise ImplausibleMigration(f"chat {old} cannot migrate to itself")
+    return ChatMigration(old, new)

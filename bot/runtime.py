@@ -7,6 +7,7 @@ shutdown order: stop the sweeper, let in-flight replies finish, then close the p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -124,14 +125,11 @@ async def start(
                 yield Runtime(settings, storage, api, me, pipeline, outbox, metrics)
             finally:
                 sweeper.cancel()
-                try:
+                # The sweeper ends only by this cancellation (it survives every error), so the drain
+                # below always runs.
+                with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
-                except asyncio.CancelledError:
-                    pass
-                except Exception:
-                    log.exception("outbox sweeper had stopped with an error")
-                finally:
-                    await outbox.drain(settings.shutdown_timeout)
+                await outbox.drain(settings.shutdown_timeout)
         finally:
             if owned is not None:
                 await owned.close()

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from .storage import Storage, StoredSession, Transaction
+from .storage import Moved, Storage, StoredSession, Transaction
 from .telegram import Update
 
 __all__ = [
@@ -243,6 +243,15 @@ class SessionSlot(Generic[S]):
             return
         await self._claim()
         stored = await self._tx.read(self.key)
+        if isinstance(stored, Moved):
+            # The chat was a group and is a supergroup now: a late update for its old id (a redelivery)
+            # belongs to the new chat's session. The forward stays locked until the end, so the move
+            # is not undone meanwhile; old then new is the order the move itself locks them in.
+            self.key = stored.key
+            stored = await self._tx.read(self.key)
+            if isinstance(stored, Moved):
+                # Only a basic group moves, and only to a supergroup, which never moves again.
+                raise SessionDecodeError(f"session {self.key!r} moved again, to {stored.key!r}")
         if stored is None:
             self._value = None if self.config.initial is None else self.config.initial()
         else:

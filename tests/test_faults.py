@@ -29,7 +29,13 @@ from bot.testing.updates import PIZZA, encode, hunger, message_update
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 # Short leases and sweeps so that replies a killed process left behind are sent within the test.
-FAULT_ENV = {"OUTBOX_LEASE": "1", "BOT_API_TIMEOUT": "0.9", "OUTBOX_SWEEP_INTERVAL": "0.2", "DB_POOL_MAX": "8", "LOG_LEVEL": "WARNING"}
+FAULT_ENV = {
+    "OUTBOX_LEASE": "1",
+    "BOT_API_TIMEOUT": "0.9",
+    "OUTBOX_SWEEP_INTERVAL": "0.2",
+    "DB_POOL_MAX": "8",
+    "LOG_LEVEL": "WARNING",
+}
 
 RESULTS: dict[str, dict[str, Any]] = {}
 

@@ -11,13 +11,19 @@ from bot.migrate import MIGRATIONS_DIR, MigrationError, NotMigrated, check_migra
 
 pytestmark = pytest.mark.anyio
 
+REAL = sorted(path.name for path in MIGRATIONS_DIR.glob("*.sql"))
+REAL_APPLIED = [(int(name.split("_", 1)[0]), name) for name in REAL]
+# The tests' own migration comes after every real one, whatever their number.
+NOTES_VERSION = REAL_APPLIED[-1][0] + 1
+NOTES = f"{NOTES_VERSION:03d}_notes.sql"
+
 
 @pytest.fixture
 def migrations(tmp_path: Path) -> Path:
     """A copy of the real migrations, plus a second one, to edit freely."""
     directory = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS_DIR, directory)
-    (directory / "002_notes.sql").write_text("CREATE TABLE notes (id int PRIMARY KEY);\n")
+    (directory / NOTES).write_text("CREATE TABLE notes (id int PRIMARY KEY);\n")
     return directory
 
 
@@ -34,34 +40,36 @@ async def applied(dsn: str) -> list[tuple[int, str]]:
 async def test_applies_every_file_in_order_and_rerunning_is_a_no_op(
     empty_database_url: str, migrations: Path
 ) -> None:
-    assert await migrate(empty_database_url, migrations) == ["001_sessions.sql", "002_notes.sql"]
+    assert await migrate(empty_database_url, migrations) == [*REAL, NOTES]
     assert await migrate(empty_database_url, migrations) == []
-    assert await applied(empty_database_url) == [(1, "001_sessions.sql"), (2, "002_notes.sql")]
+    assert await applied(empty_database_url) == [*REAL_APPLIED, (NOTES_VERSION, NOTES)]
 
 
 async def test_an_applied_file_that_was_edited_is_an_error_naming_it(
     empty_database_url: str, migrations: Path
 ) -> None:
     await migrate(empty_database_url, migrations)
-    (migrations / "002_notes.sql").write_text("CREATE TABLE notes (id bigint PRIMARY KEY);\n")
-    with pytest.raises(MigrationError, match=r"002_notes\.sql was edited after it was applied"):
+    (migrations / NOTES).write_text("CREATE TABLE notes (id bigint PRIMARY KEY);\n")
+    with pytest.raises(MigrationError, match=rf"{NOTES} was edited after it was applied"):
         await migrate(empty_database_url, migrations)
 
 
 async def test_an_applied_file_missing_on_disk_is_an_error(empty_database_url: str, migrations: Path) -> None:
     await migrate(empty_database_url, migrations)
-    (migrations / "002_notes.sql").unlink()
-    with pytest.raises(MigrationError, match=r"002_notes\.sql was applied to this database but is missing"):
+    (migrations / NOTES).unlink()
+    with pytest.raises(MigrationError, match=rf"{NOTES} was applied to this database but is missing"):
         await migrate(empty_database_url, migrations)
 
 
 async def test_a_failing_migration_leaves_nothing_of_itself(
     empty_database_url: str, migrations: Path
 ) -> None:
-    (migrations / "003_broken.sql").write_text("CREATE TABLE half (id int); SELECT no_such_function();\n")
+    (migrations / f"{NOTES_VERSION + 1:03d}_broken.sql").write_text(
+        "CREATE TABLE half (id int); SELECT no_such_function();\n"
+    )
     with pytest.raises(asyncpg.PostgresError):
         await migrate(empty_database_url, migrations)
-    assert await applied(empty_database_url) == [(1, "001_sessions.sql"), (2, "002_notes.sql")]
+    assert await applied(empty_database_url) == [*REAL_APPLIED, (NOTES_VERSION, NOTES)]
     conn = await asyncpg.connect(empty_database_url)
     try:
         assert await conn.fetchval("SELECT to_regclass('half')") is None
@@ -73,26 +81,26 @@ async def test_instances_starting_together_apply_each_file_once(
     empty_database_url: str, migrations: Path
 ) -> None:
     results = await asyncio.gather(*(migrate(empty_database_url, migrations) for _ in range(5)))
-    assert sorted(len(r) for r in results) == [0, 0, 0, 0, 2]
-    assert await applied(empty_database_url) == [(1, "001_sessions.sql"), (2, "002_notes.sql")]
+    assert sorted(len(r) for r in results) == [0, 0, 0, 0, len(REAL) + 1]
+    assert await applied(empty_database_url) == [*REAL_APPLIED, (NOTES_VERSION, NOTES)]
 
 
 async def test_check_migrated_refuses_a_database_migrated_from_other_files(
     empty_database_url: str, migrations: Path
 ) -> None:
     await migrate(empty_database_url, migrations)
-    (migrations / "002_notes.sql").write_text("CREATE TABLE notes (id bigint PRIMARY KEY);\n")
+    (migrations / NOTES).write_text("CREATE TABLE notes (id bigint PRIMARY KEY);\n")
     conn = await asyncpg.connect(empty_database_url)
     try:
         # NotMigrated, so /readyz answers 503 rather than failing with an unexpected error.
-        with pytest.raises(NotMigrated, match=r"002_notes\.sql was edited"):
+        with pytest.raises(NotMigrated, match=rf"{NOTES} was edited"):
             await check_migrated(conn, migrations)
     finally:
         await conn.close()
 
 
 async def test_pending_takes_a_dsn_too(empty_database_url: str, migrations: Path) -> None:
-    assert await pending(empty_database_url, migrations) == ["001_sessions.sql", "002_notes.sql"]
+    assert await pending(empty_database_url, migrations) == [*REAL, NOTES]
     await migrate(empty_database_url, migrations)
     assert await pending(empty_database_url, migrations) == []
 
@@ -105,7 +113,7 @@ async def test_check_migrated_refuses_an_unmigrated_database(
         with pytest.raises(NotMigrated, match="run `python -m bot migrate`"):
             await check_migrated(conn, migrations)
         await migrate(empty_database_url, MIGRATIONS_DIR)
-        assert await pending(conn, migrations) == ["002_notes.sql"]
+        assert await pending(conn, migrations) == [NOTES]
         await migrate(empty_database_url, migrations)
         await check_migrated(conn, migrations)
     finally:

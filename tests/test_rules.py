@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from bot.rules import Command, parse_command
+from bot.rules import ChatMigration, Command, ImplausibleMigration, chat_migration, parse_command
 from bot.telegram import Chat, Message, MessageEntity
 
 PIZZA = "\U0001f355"
@@ -42,3 +42,38 @@ def test_parse_command_measures_entities_in_utf16_units() -> None:
     # "/hunger" then a 🍕 (two UTF-16 units): the entity covers 7 units, the text after it is the pizza.
     msg = message(f"/hunger{PIZZA}", command_len=7)
     assert parse_command(msg, "pizza_bot") == Command("hunger", PIZZA)
+
+
+def service(chat_id: int, chat_type: str, **ids: int) -> Message:
+    return Message(message_id=1, chat=Chat(id=chat_id, type=chat_type), **ids)
+
+
+GROUP, SUPERGROUP = -4001, -1_000_000_004_001
+
+
+@pytest.mark.parametrize(
+    ("msg", "expected"),
+    [
+        (service(GROUP, "group", migrate_to_chat_id=SUPERGROUP), ChatMigration(GROUP, SUPERGROUP)),
+        (service(SUPERGROUP, "supergroup", migrate_from_chat_id=GROUP), ChatMigration(GROUP, SUPERGROUP)),
+        (service(GROUP, "group"), None),
+        (service(GROUP, "group", migrate_to_chat_id=GROUP), "cannot migrate to itself"),
+        (service(GROUP, "supergroup", migrate_from_chat_id=GROUP), "cannot migrate to itself"),
+        (
+            service(SUPERGROUP, "supergroup", migrate_to_chat_id=-1_000_000_000_009),
+            "only a group is upgraded",
+        ),
+        (service(77, "private", migrate_to_chat_id=SUPERGROUP), "only a group is upgraded"),
+        (service(SUPERGROUP, "supergroup", migrate_from_chat_id=77), "not the id of a group"),
+        (service(SUPERGROUP, "supergroup", migrate_from_chat_id=-1_000_000_000_009), "not the id of a group"),
+        (service(SUPERGROUP, "channel", migrate_from_chat_id=GROUP), "only a supergroup comes from a group"),
+    ],
+)
+def test_chat_migration_believes_only_a_group_becoming_a_supergroup(
+    msg: Message, expected: ChatMigration | str | None
+) -> None:
+    if isinstance(expected, str):
+        with pytest.raises(ImplausibleMigration, match=expected):
+            chat_migration(msg)
+    else:
+        assert chat_migration(msg) == expected

@@ -27,7 +27,15 @@ from bot.session import (
     SessionNotLoaded,
     session,
 )
-from bot.storage import OutgoingCall, PendingCall, Storage, StorageUnavailable, StoredSession, Transaction
+from bot.storage import (
+    Moved,
+    OutgoingCall,
+    PendingCall,
+    Storage,
+    StorageUnavailable,
+    StoredSession,
+    Transaction,
+)
 from bot.storage.memory import MemoryStorage
 from bot.telegram import Update, decode_update
 from bot.testing.updates import encode, message_update, text_update
@@ -87,7 +95,7 @@ class _CountingTransaction:
         self._count("claim", str(update_id))
         return await self.tx.claim_update(bot_id, update_id)
 
-    async def read(self, key: str) -> StoredSession | None:
+    async def read(self, key: str) -> StoredSession | Moved | None:
         self._count("read", key)
         return await self.tx.read(key)
 
@@ -98,6 +106,10 @@ class _CountingTransaction:
     async def delete(self, key: str) -> None:
         self._count("delete", key)
         await self.tx.delete(key)
+
+    async def move(self, key: str, to: str, keep: float) -> None:
+        self._count("move", key)
+        await self.tx.move(key, to, keep)
 
     async def enqueue(
         self, bot_id: int, update_id: int, calls: Sequence[OutgoingCall], lease: float
@@ -140,7 +152,7 @@ def counter_bot(**options: Any) -> Bot[Counted]:
     return bot
 
 
-async def stored(storage: Storage, key: str) -> StoredSession | None:
+async def stored(storage: Storage, key: str) -> StoredSession | Moved | None:
     async with storage.transaction() as tx:
         return await tx.read(key)
 
@@ -439,10 +451,10 @@ async def test_chat_migration_moves_the_session_once_whichever_message_comes_fir
         await run.process(text_update(i + 1, chat_id=-5, text="+"))
     await run.process(text_update(10, chat_id=-1005, text="+"))
     moved_from = message_update(20, -1005, None, extra={"migrate_from_chat_id": -5})
-    moved_to = message_update(21, -5, None, extra={"migrate_to_chat_id": -1005})
+    moved_to = message_update(21, -5, None, chat_type="group", extra={"migrate_to_chat_id": -1005})
     for update in (moved_from, moved_to, moved_from):
         assert (await run.process(decode_update(encode(update)))).status in (Status.APPLIED, Status.DUPLICATE)
-    assert await stored(storage, "-5") is None
+    assert await stored(storage, "-5") == Moved("-1005")
     look = await run.process(text_update(30, chat_id=-1005, text="look"))
     assert [c.params["text"] for c in look.to_send] == ["4"]
 
@@ -453,7 +465,9 @@ async def test_chat_migration_racing_with_updates_on_both_ids_loses_nothing(stor
     new_pizzas = [text_update(i, chat_id=-1006, text="+") for i in range(101, 201)]
     # Telegram sends the old chat's messages in order, ending with migrate_to; the new chat's start with
     # migrate_from. The two chats' queues race each other.
-    moved_to = decode_update(encode(message_update(300, -6, None, extra={"migrate_to_chat_id": -1006})))
+    moved_to = decode_update(
+        encode(message_update(300, -6, None, chat_type="group", extra={"migrate_to_chat_id": -1006}))
+    )
     moved_from = decode_update(encode(message_update(301, -1006, None, extra={"migrate_from_chat_id": -6})))
 
     async def old_chat() -> None:
@@ -466,9 +480,66 @@ async def test_chat_migration_racing_with_updates_on_both_ids_loses_nothing(stor
         await asyncio.gather(*(run.process(u) for u in new_pizzas))
 
     await asyncio.gather(old_chat(), new_chat())
-    assert await stored(storage, "-6") is None
+    assert await stored(storage, "-6") == Moved("-1006")
     look = await run.process(text_update(400, chat_id=-1006, text="look"))
     assert [c.params["text"] for c in look.to_send] == ["200"]
+
+
+def migration(update_id: int, chat_id: int, chat_type: str, **ids: int) -> Update:
+    """A service message announcing a move: migrate_to_chat_id=… or migrate_from_chat_id=…."""
+    return decode_update(encode(message_update(update_id, chat_id, None, chat_type=chat_type, extra=ids)))
+
+
+async def test_a_migration_to_the_same_chat_id_is_ignored_and_doubles_nothing(storage: Storage) -> None:
+    # The issue's case: a count of 3 became 6 and then 12.
+    run = pipeline(merging_bot(), storage)
+    for i in range(3):
+        await run.process(text_update(i + 1, chat_id=-2001, text="+"))
+    to_itself = migration(10, -2001, "group", migrate_to_chat_id=-2001)
+    from_itself = migration(11, -2001, "supergroup", migrate_from_chat_id=-2001)
+    assert (await run.process(to_itself)).status is Status.IGNORED
+    assert (await run.process(from_itself)).status is Status.IGNORED
+    look = await run.process(text_update(12, chat_id=-2001, text="look"))
+    assert [c.params["text"] for c in look.to_send] == ["3"]
+
+
+@pytest.mark.parametrize(
+    ("chat_id", "chat_type", "ids"),
+    [
+        (-1_000_000_002_002, "supergroup", {"migrate_from_chat_id": 555}),  # a private chat as the source
+        (-1_000_000_002_002, "supergroup", {"migrate_from_chat_id": -1_000_000_000_777}),  # a channel
+        (-1_000_000_002_002, "channel", {"migrate_from_chat_id": -2002}),  # only a supergroup comes from one
+        (555, "private", {"migrate_to_chat_id": -1_000_000_002_002}),  # only a group is upgraded
+        (-1_000_000_000_777, "supergroup", {"migrate_to_chat_id": -1_000_000_002_002}),
+    ],
+)
+async def test_a_migration_whose_source_is_not_a_group_moves_nothing(
+    storage: Storage, chat_id: int, chat_type: str, ids: dict[str, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    run = pipeline(merging_bot(), storage)
+    for n, source in enumerate((555, -1_000_000_000_777)):
+        await run.process(text_update(n + 1, chat_id=source, text="+"))
+    assert (await run.process(migration(10, chat_id, chat_type, **ids))).status is Status.IGNORED
+    assert "chat migration ignored" in caplog.text
+    for n, chat in enumerate((555, -1_000_000_000_777, -1_000_000_002_002)):
+        look = await run.process(text_update(20 + n, chat_id=chat, text="look"))
+        assert [c.params["text"] for c in look.to_send] == ["0" if chat == -1_000_000_002_002 else "1"]
+
+
+async def test_a_late_update_for_the_old_chat_id_lands_in_the_new_chat(storage: Storage) -> None:
+    # The issue's case: 3 in group O, both migration messages, then a late 🍕 for O (the redelivery of
+    # an earlier 503): the new chat said 3, and O kept a 1 nobody would ever see.
+    run = pipeline(merging_bot(), storage)
+    old, new = -3001, -1_000_000_003_001
+    for i in range(3):
+        await run.process(text_update(i + 1, chat_id=old, text="+", chat_type="group"))
+    await run.process(migration(10, old, "group", migrate_to_chat_id=new))
+    await run.process(migration(11, new, "supergroup", migrate_from_chat_id=old))
+    late = await run.process(text_update(4, chat_id=old, text="+", chat_type="group"))
+    assert late.status is Status.APPLIED
+    look = await run.process(text_update(12, chat_id=new, text="look"))
+    assert [c.params["text"] for c in look.to_send] == ["4"]
+    assert await stored(storage, str(old)) == Moved(str(new))  # no count of its own for the old id
 
 
 def user_key(update: Update) -> str | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 __all__ = [
+    "Moved",
     "OutgoingCall",
     "PendingCall",
     "Storage",
@@ -32,6 +33,13 @@ class StoredSession:
 
     data: str
     version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """What `read` finds at a key whose session moved (a group upgraded to a supergroup): where it went."""
+
+    key: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +73,19 @@ class Transaction(Protocol):
         A concurrent attempt at the same update waits here until the first one commits or rolls back.
         """
 
-    async def read(self, key: str) -> StoredSession | None:
+    async def read(self, key: str) -> StoredSession | Moved | None:
         """Lock `key` for the rest of the transaction, even a key that has no session yet (the first two
-        updates of a new chat must take turns too), and return its session (None: missing or expired)."""
+        updates of a new chat must take turns too), and return its session (None: missing or expired),
+        or where it moved to (see `move`)."""
 
     async def write(self, key: str, session: StoredSession, ttl: float | None = None) -> None:
         """Store the session, to read as missing `ttl` seconds from now when ttl is set."""
 
     async def delete(self, key: str) -> None: ...
+
+    async def move(self, key: str, to: str, keep: float) -> None:
+        """Replace the session at `key` with a forward to `to`: for `keep` seconds `read(key)` returns
+        `Moved(to)`, then the key reads as missing. A later `write` or `delete` replaces the forward."""
 
     async def enqueue(
         self, bot_id: int, update_id: int, calls: Sequence[OutgoingCall], lease: float

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import OutgoingCall, PendingCall, StoredSession
+from . import Moved, OutgoingCall, PendingCall, StoredSession
 
 __all__ = ["MemoryStorage"]
 
@@ -23,6 +23,7 @@ __all__ = ["MemoryStorage"]
 class _Row:
     session: StoredSession
     expires_at: float | None
+    moved_to: str | None = None  # a forward left by `move`; `session` is then empty
 
 
 @dataclass
@@ -86,12 +87,12 @@ class _MemoryTransaction:
         self._claimed.append((bot_id, update_id))
         return True
 
-    async def read(self, key: str) -> StoredSession | None:
+    async def read(self, key: str) -> StoredSession | Moved | None:
         await self._lock(("session", key))
         row = self._writes[key] if key in self._writes else self._storage._sessions.get(key)
         if row is None or (row.expires_at is not None and row.expires_at <= time.time()):
             return None
-        return row.session
+        return row.session if row.moved_to is None else Moved(row.moved_to)
 
     async def write(self, key: str, session: StoredSession, ttl: float | None = None) -> None:
         await self._lock(("session", key))
@@ -100,6 +101,10 @@ class _MemoryTransaction:
     async def delete(self, key: str) -> None:
         await self._lock(("session", key))
         self._writes[key] = None
+
+    async def move(self, key: str, to: str, keep: float) -> None:
+        await self._lock(("session", key))
+        self._writes[key] = _Row(StoredSession(""), time.time() + keep, moved_to=to)
 
     async def enqueue(
         self, bot_id: int, update_id: int, calls: Sequence[OutgoingCall], lease: float

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from ..storage import OutgoingCall, Storage, StoredSession, Transaction
+from ..storage import Moved, OutgoingCall, Storage, StoredSession, Transaction
 
 __all__ = ["CHECKS", "Check", "StorageFactory", "run_checks"]
 
@@ -43,7 +43,7 @@ class _Boom(Exception):
     pass
 
 
-async def _read(storage: Storage, key: str) -> StoredSession | None:
+async def _read(storage: Storage, key: str) -> StoredSession | Moved | None:
     async with storage.transaction() as tx:
         return await tx.read(key)
 
@@ -51,6 +51,8 @@ async def _read(storage: Storage, key: str) -> StoredSession | None:
 async def _data(storage: Storage, key: str) -> str | None:
     """The stored JSON without spaces (PostgreSQL's jsonb adds its own)."""
     stored = await _read(storage, key)
+    if isinstance(stored, Moved):
+        return f"moved to {stored.key}"
     return None if stored is None else stored.data.replace(" ", "")
 
 
@@ -145,7 +147,7 @@ async def versions_are_kept(make: StorageFactory) -> None:
     storage = await make()
     await _write(storage, "k", '{"n": 1}', version=3)
     stored = await _read(storage, "k")
-    assert stored is not None
+    assert isinstance(stored, StoredSession)
     assert stored.version == 3, "the version is stored with the data"
 
 
@@ -177,6 +179,7 @@ async def concurrent_writers_on_one_key_serialize(make: StorageFactory) -> None:
     async def increment() -> None:
         async with storage.transaction() as tx:
             stored = await tx.read("hot")
+            assert not isinstance(stored, Moved), "nothing moved this key"
             n = 0 if stored is None else int(stored.data.split(":")[1].strip(" }"))
             await asyncio.sleep(0)  # let the others run between our read and write
             await tx.write("hot", StoredSession(f'{{"n": {n + 1}}}'))
@@ -193,7 +196,7 @@ async def a_read_waits_for_the_holder_to_commit(make: StorageFactory) -> None:
         await _still_blocked(reading, "a read waits while another transaction holds the key")
         await holder.finish(lambda tx: tx.write("k", StoredSession('{"by": "holder"}')))
         stored = await asyncio.wait_for(reading, WAIT_LIMIT)
-        assert stored is not None
+        assert isinstance(stored, StoredSession)
         assert "holder" in stored.data, "after the holder commits, the waiting read sees its write"
 
 
@@ -318,6 +321,23 @@ async def outbox_leases_and_confirmations(make: StorageFactory) -> None:
     assert await storage.claim_due(10, 30) == [], "claim_due leases what it returns"
 
 
+async def a_move_leaves_a_forward_until_it_expires(make: StorageFactory) -> None:
+    storage = await make()
+    await _write(storage, "old", '{"n": 1}')
+    async with storage.transaction() as tx:
+        await tx.read("old")
+        await tx.move("old", "new", 0.3)
+    assert await _read(storage, "old") == Moved("new"), "a moved key reads as a forward to the new key"
+    await asyncio.sleep(0.4)
+    assert await _read(storage, "old") is None, "a forward reads as missing once `keep` has passed"
+    assert await storage.prune(3600, 3600) == 1, "prune removes an expired forward"
+    async with storage.transaction() as tx:
+        await tx.read("again")
+        await tx.move("again", "new", 60)
+    await _write(storage, "again", '{"n": 2}')
+    assert await _data(storage, "again") == '{"n":2}', "a write replaces a forward"
+
+
 CHECKS: list[Check] = [
     read_missing_is_none,
     write_then_read,
@@ -336,6 +356,7 @@ CHECKS: list[Check] = [
     prune_removes_expired_sessions,
     prune_forgets_old_update_ids_and_settled_calls,
     outbox_leases_and_confirmations,
+    a_move_leaves_a_forward_until_it_expires,
 ]
 
 
