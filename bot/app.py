@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -66,6 +66,10 @@ async def webhook(request: Request) -> Response:
         body = await _read_body(request, settings.max_body_bytes)
     except _TooLarge:
         return _error(413, f"body is over the limit of {settings.max_body_bytes} bytes")
+    except ClientDisconnect:
+        # The client left, or the server gave up on a body too slow or cut short by a shutdown and
+        # answered it already (bot.server): nothing was read, nothing to do, nobody to answer.
+        return Response(status_code=400)
     try:
         update = decode_update(body)
     except InvalidUpdate as exc:

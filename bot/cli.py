@@ -91,8 +91,7 @@ async def _require_migrated(dsn: str) -> None:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from . import server
     from .app import create_app
     from .playground.banner import describe_database, trial_banner
 
@@ -114,15 +113,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         # uvicorn stops gracefully on SIGTERM and then raises the signal again; exiting 0 from it tells
         # the platform the stop was clean (anything still unsent stays in the outbox for the next start).
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        uvicorn.run(
-            create_app(settings, bot=bot),
-            host=host,
-            port=port,
-            log_level=settings.log_level.lower(),
-            access_log=False,
-            server_header=False,
-            timeout_graceful_shutdown=int(settings.shutdown_timeout),
-        )
+        server.run(create_app(settings, bot=bot), settings, host, port)
     return 0
 
 

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -28,8 +29,9 @@ from bot.migrate import migrate
 from bot.storage import Storage
 from bot.storage.memory import MemoryStorage
 from bot.storage.postgres import PostgresStorage
-from bot.testing.env import USERNAME
+from bot.testing.env import USERNAME, bot_env
 from bot.testing.fake_telegram import FakeTelegram, serve
+from bot.testing.processes import BotProcess
 
 TEMPLATE = "bot_test_template"
 T = TypeVar("T")
@@ -189,3 +191,25 @@ def fake(_fake_server: tuple[FakeTelegram, str]) -> FakeTelegram:
 def telegram_root(fake: FakeTelegram, _fake_server: tuple[FakeTelegram, str]) -> str:
     """TELEGRAM_API_ROOT for a bot that talks to the fake."""
     return _fake_server[1]
+
+
+# --- Bot processes ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def serve_bot(database_url: str, telegram_root: str, tmp_path: Path) -> Iterator[Callable[..., BotProcess]]:
+    """`serve_bot(**env)`: a ready `python -m bot serve` on this test's database and the fake Bot API,
+    with the test's settings on top; killed at the end."""
+    started: list[BotProcess] = []
+
+    def start(**env: str) -> BotProcess:
+        process = BotProcess(
+            bot_env(database_url, telegram_root, **env), tmp_path / f"bot-{len(started)}.log"
+        )
+        started.append(process)
+        process.wait_ready()
+        return process
+
+    yield start
+    for process in started:
+        process.close()
