@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -268,6 +269,21 @@ async def test_readiness_is_503_on_an_unmigrated_database(
         response = await client.get("/readyz")
         assert response.status_code == 503
         assert "not ready" in json.loads(response.text)["error"]
+
+
+async def test_readiness_hides_driver_details(
+    client: httpx.AsyncClient, database_url: str, pg_cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The probe needs no secret: a driver's error names databases, users and addresses.
+    admin = await asyncpg.connect(pg_cluster.dsn("postgres"))
+    try:
+        await admin.execute(f"DROP DATABASE {urlsplit(database_url).path.lstrip('/')} WITH (FORCE)")
+    finally:
+        await admin.close()
+    response = await client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json() == {"ok": False, "error": "database not ready"}
+    assert "does not exist" in caplog.text  # the details are in the log
 
 
 async def test_webhook_reply_mode_answers_in_the_response_body_once(
