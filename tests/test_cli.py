@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from bot.app import SECRET_HEADER
+from bot.migrate import MIGRATIONS_DIR
 from bot.testing.env import TOKEN, bot_env
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess, free_port
@@ -78,7 +79,8 @@ def test_migrate_applies_then_reports_up_to_date(empty_database_url: str, telegr
     env = bot_env(empty_database_url, telegram_root)
     first = bot("migrate", env=env)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == "applied: 001_sessions.sql"
+    every = sorted(path.name for path in MIGRATIONS_DIR.glob("*.sql"))
+    assert first.stdout.strip() == "applied: " + ", ".join(every)
     assert bot("migrate", env=env).stdout.strip() == "database is up to date"
 
 
