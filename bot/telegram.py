@@ -279,36 +279,27 @@ class BotApi:
     only BotApiError, whatever the network or the server does.
     """
 
-    def __init__(
-        self,
-        token: str,
-        client: httpx.AsyncClient,
-        api_root: str = "https://api.telegram.org",
-        *,
-        max_answer_bytes: int = MAX_ANSWER_BYTES,
-    ):
+    def __init__(self, token: str, client: httpx.AsyncClient, api_root: str = "https://api.telegram.org"):
         self._base = f"{api_root.rstrip('/')}/bot{token}/"
         self._client = client
-        self._max_answer = max_answer_bytes
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         content = msgspec.json.encode(params or {})
-        sent = False  # once the request is out, Telegram may have acted on it whatever happens next
         try:
             async with self._client.stream(
                 "POST", self._base + method, content=content, headers={"content-type": "application/json"}
             ) as response:
-                sent = True
-                body = await _read_answer(response, self._max_answer)
+                body = await _read_answer(response, MAX_ANSWER_BYTES)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Never sent: a retry cannot double anything.
             raise BotApiError(method, f"no connection to the Bot API: {exc!r}") from exc
+        # From here on the request went out: whatever happened to the answer, Telegram may have acted on it.
         except httpx.HTTPError as exc:
-            # Sent (or half sent) and then: a read timeout, a reset, a truncated or malformed answer.
+            # A read timeout, a reset, a truncated or malformed answer.
             raise BotApiError(method, f"no answer from the Bot API: {exc!r}", may_have_arrived=True) from exc
         except _AnswerTooLarge:
             raise BotApiError(
-                method, f"answer over {self._max_answer} bytes: not the Bot API", may_have_arrived=sent
+                method, f"answer over {MAX_ANSWER_BYTES} bytes: not the Bot API", may_have_arrived=True
             ) from None
         try:
             answer = _response_decoder.decode(body)
