@@ -82,7 +82,8 @@ async def _require_migrated(dsn: str) -> None:
 
     try:
         conn = await asyncpg.connect(dsn, timeout=10)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # InterfaceError: asyncpg refusing a parameter of the URL that the settings check let through.
         raise _Fail(f"DATABASE_URL: cannot connect: {exc}") from exc
     try:
         await check_migrated(conn)
@@ -118,9 +119,14 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncpg
+
     with _database(settings, _app(settings, args).name) as settings:
         assert settings.database_url is not None
-        applied = asyncio.run(migrate(settings.database_url))
+        try:
+            applied = asyncio.run(migrate(settings.database_url))
+        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            raise _Fail(f"DATABASE_URL: cannot connect: {exc}") from exc
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
     return 0
 

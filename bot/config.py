@@ -30,6 +30,7 @@ _APP = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 # What libpq (and asyncpg) accept; anything else fails deep inside the driver at the first connection.
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
 
 
 class ConfigError(ValueError):
@@ -117,7 +118,10 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
     raw = env.get(name, "").strip()
     if not raw:
         return None
-    parts = urlsplit(raw)
+    try:
+        parts = urlsplit(raw)
+    except ValueError as exc:  # an unbalanced IPv6 bracket, for one
+        raise ConfigError(f"{name}: not a valid URL ({exc})") from None
     if parts.scheme not in schemes:
         raise ConfigError(
             f"{name}: must start with {' or '.join(s + '://' for s in schemes)}, got {raw[:12]!r}…"
@@ -141,6 +145,10 @@ def _database_url(env: Mapping[str, str], name: str) -> str | None:
     for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
         if key == "sslmode" and value not in _SSLMODES:
             raise ConfigError(f"{name}: sslmode must be one of {', '.join(_SSLMODES)}, got {value!r}")
+        if key == "target_session_attrs" and value not in _SESSION_ATTRS:
+            raise ConfigError(
+                f"{name}: target_session_attrs must be one of {', '.join(_SESSION_ATTRS)}, got {value!r}"
+            )
         if key == "port" and not all(p.isdigit() and int(p) <= 65535 for p in value.split(",")):
             raise ConfigError(f"{name}: the port is not a number from 0 to 65535, got {value[:12]!r}")
     return url

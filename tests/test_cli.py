@@ -47,6 +47,11 @@ def bot(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.Comp
         ({"DATABASE_URL": "postgresql://u@db:54x2/bot"}, "DATABASE_URL: the port is not a number"),
         ({"DATABASE_URL": "postgresql://u@db:99999/bot"}, "DATABASE_URL: the port is not a number"),
         ({"DATABASE_URL": "postgresql://u@db/bot?sslmode=yes"}, "DATABASE_URL: sslmode must be one of"),
+        ({"DATABASE_URL": "postgresql://u@[::1/bot"}, "DATABASE_URL: not a valid URL"),
+        (
+            {"DATABASE_URL": "postgresql://u@db/bot?target_session_attrs=master"},
+            "DATABASE_URL: target_session_attrs must be one of",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["serve", "migrate"])
@@ -68,11 +73,19 @@ def test_serve_refuses_an_unmigrated_database(empty_database_url: str, telegram_
     assert "Traceback" not in result.stderr
 
 
-def test_serve_says_when_the_database_is_unreachable(telegram_root: str) -> None:
-    result = bot("serve", env=bot_env("postgresql://nobody@127.0.0.1:9/none", telegram_root))
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://nobody@127.0.0.1:9/none",
+        "postgresql://nobody@127.0.0.1:9/none?sslmode=verify-full&sslrootcert=/nonexistent/root.crt",
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+def test_a_database_that_cannot_be_reached_is_one_line(url: str, command: str, telegram_root: str) -> None:
+    result = bot(command, env=bot_env(url, telegram_root))
     assert result.returncode == 1
-    assert "DATABASE_URL: cannot connect" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("bot: DATABASE_URL: cannot connect: ")
+    assert len(result.stderr.strip().splitlines()) == 1  # no traceback
 
 
 def test_migrate_applies_then_reports_up_to_date(empty_database_url: str, telegram_root: str) -> None:
