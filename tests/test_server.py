@@ -129,9 +129,15 @@ def test_a_connection_that_sends_nothing_is_closed(serve_bot: ServeBot) -> None:
         assert answer(sock) == b""  # closed by the server, without a word (the guard raises on a hang)
 
 
-def test_headers_sent_a_byte_at_a_time_get_408(serve_bot: ServeBot, database_url: str) -> None:
+@pytest.mark.parametrize("after_a_request", [False, True], ids=["first-request", "keep-alive"])
+def test_headers_sent_a_byte_at_a_time_get_408(serve_bot: ServeBot, after_a_request: bool) -> None:
     bot = serve_bot(HTTP_READ_TIMEOUT="1")
     with connect(bot) as sock:
+        if after_a_request:  # the next request on a kept-alive connection gets the same deadline
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: bot\r\n\r\n")
+            served = b""
+            while not served.endswith(b"\r\n\r\nok"):
+                served += sock.recv(4096)
         for byte in HEAD:  # 68 bytes, one every 0.1 s: longer than the deadline
             if answered(sock):
                 break
