@@ -10,17 +10,21 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
 from .dispatch import Bot
+from .metrics import CONTENT_TYPE
 from .playground import Playground, absent_routes
 from .runtime import Runtime, start
 from .storage import PendingCall, Storage, StorageUnavailable
@@ -122,9 +126,52 @@ async def readyz(request: Request) -> Response:
     return PlainTextResponse("ready")
 
 
+def _on_metrics_port(settings: Settings, scope: Scope) -> bool:
+    server = scope.get("server")
+    return settings.metrics_port is not None and server is not None and server[1] == settings.metrics_port
+
+
 async def metrics(request: Request) -> Response:
+    """Prometheus' text format, for METRICS_PORT or a METRICS_TOKEN bearer only: it tells whoever reads
+    it how busy every part of the bot is. Neither configured: 404, as if there were no such page."""
     runtime: Runtime = request.app.state.runtime
-    return PlainTextResponse(runtime.metrics.render(), media_type="text/plain; version=0.0.4")
+    settings = runtime.settings
+    if not _on_metrics_port(settings, request.scope):
+        if settings.metrics_token is None:
+            return _error(404, "Not Found")
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {settings.metrics_token}".encode()):
+            return JSONResponse(
+                {"ok": False, "error": "a METRICS_TOKEN bearer is required"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    try:
+        async with asyncio.timeout(3):
+            status = await runtime.storage.outbox_status(time.time())
+    except (StorageUnavailable, TimeoutError) as exc:
+        log.warning("metrics: outbox status unavailable: %s", exc)
+        status = None
+    runtime.metrics.set_outbox_status(status)
+    return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
+
+
+class _OnlyMetricsOnMetricsPort:
+    """METRICS_PORT is for scrapers: nothing but /metrics is served on it."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self._app = app
+        self._settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] != "/metrics"
+            and _on_metrics_port(self._settings, scope)
+        ):
+            await PlainTextResponse("Not Found", status_code=404)(scope, receive, send)
+        else:
+            await self._app(scope, receive, send)
 
 
 def create_app(
@@ -147,5 +194,6 @@ def create_app(
             Route("/metrics", metrics, methods=["GET"]),
             *(playground.routes() if playground is not None else absent_routes(settings)),
         ],
+        middleware=[Middleware(_OnlyMetricsOnMetricsPort, settings=settings)],
         lifespan=lifespan,
     )

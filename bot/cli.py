@@ -23,6 +23,7 @@ import msgspec
 from .config import DEFAULT_APP, ConfigError, Settings, load_settings
 from .dispatch import Bot
 from .importer import AppError, load_app
+from .logs import setup_logging
 from .migrate import MigrationError, NotMigrated, check_migrated, migrate
 from .runtime import StartupError, resolve_identity, start
 from .storage import StorageUnavailable
@@ -290,9 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"bot: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request URL at INFO, and Bot API URLs contain the token.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging(settings)
     try:
         return _COMMANDS[args.command](settings, args)
     except (_Fail, StartupError, MigrationError, NotMigrated, StorageUnavailable) as exc:

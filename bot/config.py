@@ -67,6 +67,14 @@ class Settings:
     playground: bool
     app: str
     api_call_timeout: float
+    log_format: str
+    metrics_token: str | None
+    metrics_port: int | None
+    send_rate_global: int
+    send_rate_group: int
+    send_rate_private: int
+    outbox_backoff_max: float
+    outbox_give_up: float
 
     @property
     def bot_id(self) -> int:
@@ -199,6 +207,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     app = env.get("APP", "").strip() or DEFAULT_APP
     if not _APP.match(app):
         raise ConfigError(f"APP: expected module:factory (like {DEFAULT_APP}), got {app!r}")
+    log_format = env.get("LOG_FORMAT", "text").strip().lower() or "text"
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT: text or json, got {log_format!r}")
+
+    metrics_token = env.get("METRICS_TOKEN", "").strip() or None
+    if metrics_token is not None and len(metrics_token) < 16:
+        raise ConfigError("METRICS_TOKEN: at least 16 characters (it guards /metrics)")
+    metrics_port = _int(env, "METRICS_PORT", 0, 0, 65535) or None
 
     # A call still in flight when its lease runs out would be sent again by a sweeper: a doubled reply.
     api_timeout = _seconds(env, "BOT_API_TIMEOUT", 30.0, 0.5, 300)
@@ -230,7 +246,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bot_api_timeout=api_timeout,
         http_read_timeout=_seconds(env, "HTTP_READ_TIMEOUT", 10.0, 0.5, 60),
         http_max_connections=_int(env, "HTTP_MAX_CONNECTIONS", 1000, 1, 100_000),
-        sweep_interval=_seconds(env, "OUTBOX_SWEEP_INTERVAL", 5.0, 0.1, 3600),
+        sweep_interval=_seconds(env, "OUTBOX_SWEEP_INTERVAL", 1.0, 0.1, 3600),
         shutdown_timeout=_seconds(env, "SHUTDOWN_TIMEOUT", 20.0, 1, 300),
         embedded_pg_dir=Path(pg_dir).expanduser() if pg_dir else None,
         log_level=log_level,
@@ -239,4 +255,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         app=app,
         # Handlers wait for `ctx.api` calls while holding their session rows locked: keep it short.
         api_call_timeout=_seconds(env, "API_CALL_TIMEOUT", 5.0, 0.1, 30),
+        log_format=log_format,
+        metrics_token=metrics_token,
+        metrics_port=metrics_port,
+        send_rate_global=_int(env, "SEND_RATE_GLOBAL", 30, 1, 1000),
+        send_rate_group=_int(env, "SEND_RATE_GROUP", 20, 1, 1000),
+        send_rate_private=_int(env, "SEND_RATE_PRIVATE", 1, 1, 1000),
+        outbox_backoff_max=_seconds(env, "OUTBOX_BACKOFF_MAX", 60.0, 1, 3600),
+        outbox_give_up=_seconds(env, "OUTBOX_GIVE_UP", 3600.0, 10, 7 * 86400),
     )

@@ -1,35 +1,119 @@
-"""Process-local counters, exposed at /metrics in Prometheus' text format."""
+"""The process's metrics in Prometheus' text format (README: "Metrics" lists each one).
+
+prometheus_client provides the metric types, the histogram buckets and the exposition format, which our
+own counters had only the first of. Each runtime has its own registry, so tests and several bots in one
+process do not add into each other. Labelled counters whose label values are known in advance are
+created at start-up, so they read 0 before first use instead of being missing.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["Metrics"]
+from . import telegram
+from .storage import OutboxStatus
 
-_HELP = {
-    "updates_total": "Webhook updates by outcome.",
-    "handler_errors_total": "Updates whose handler raised; rolled back and acknowledged.",
-    "storage_unavailable_total": "Updates answered 503 because the database could not do its part.",
-    "replies_total": "Outgoing Bot API calls by result.",
-}
+__all__ = ["CONTENT_TYPE", "UPDATE_KINDS", "UPDATE_OUTCOMES", "Metrics"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+UPDATE_KINDS = (*telegram.UPDATE_KINDS, "other")  # "other": a kind the bot does not route
+UPDATE_OUTCOMES = ("applied", "duplicate", "ignored", "failed", "unavailable")
+CALL_OUTCOMES = ("sent", "retry", "failed", "rate_limited")
+WAIT_REASONS = ("bot_budget", "chat_budget", "order")
+
+# Seconds. Updates take milliseconds and must finish in REQUEST_DEADLINE (25 s); waits for a lock or a
+# pooled connection are 0 when all is well and up to their timeouts (5 s by default) when not.
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25)
+_WAIT = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10)
 
 
 class Metrics:
     def __init__(self) -> None:
-        self._counts: Counter[tuple[str, str]] = Counter()
+        self.registry = r = CollectorRegistry()
+        self.updates = Counter(
+            "bot_updates", "Updates received, by kind and outcome.", ["kind", "outcome"], registry=r
+        )
+        self.update_seconds = Histogram(
+            "bot_update_duration_seconds",
+            "Time to process one update: decode to commit (replies are sent after).",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.lock_wait = Histogram(
+            "bot_lock_wait_seconds", "Time waiting for a session's row lock.", buckets=_WAIT, registry=r
+        )
+        self.pool_wait = Histogram(
+            "bot_pool_wait_seconds",
+            "Time waiting for a pooled database connection.",
+            buckets=_WAIT,
+            registry=r,
+        )
+        self.api_calls = Counter(
+            "bot_api_calls",
+            "Outgoing Bot API calls by method and outcome: sent, retry (5xx or network error),"
+            " failed (refused, not retried), rate_limited (429).",
+            ["method", "outcome"],
+            registry=r,
+        )
+        self.flood_waits = Counter(
+            "bot_api_429",
+            "429 answers, by what they paused: one chat, or the whole bot.",
+            ["scope"],
+            registry=r,
+        )
+        self.outbox_waits = Counter(
+            "bot_outbox_waits",
+            "Sends put back in the outbox to wait: for the whole bot's budget, the chat's, or an earlier"
+            " reply to the same chat.",
+            ["reason"],
+            registry=r,
+        )
+        self.outbox_given_up = Counter(
+            "bot_outbox_given_up",
+            "Calls marked failed because they could not be sent within OUTBOX_GIVE_UP.",
+            ["method"],
+            registry=r,
+        )
+        self.outbox_unsent = Gauge(
+            "bot_outbox_unsent", "Calls queued and not yet sent (nor given up), all processes.", registry=r
+        )
+        self.outbox_oldest = Gauge(
+            "bot_outbox_oldest_unsent_age_seconds",
+            "Age of the oldest unsent call; 0 when none.",
+            registry=r,
+        )
+        self.send_pause = Gauge(
+            "bot_send_pause_seconds", "Seconds left of a 429 pause of every send; 0 when none.", registry=r
+        )
+        self.paused_chats = Gauge("bot_send_paused_chats", "Chats paused by a 429 right now.", registry=r)
+        for kind in UPDATE_KINDS:
+            for outcome in UPDATE_OUTCOMES:
+                self.updates.labels(kind, outcome)
+        for outcome in CALL_OUTCOMES:
+            self.api_calls.labels("sendMessage", outcome)
+        for scope in ("chat", "bot"):
+            self.flood_waits.labels(scope)
+        for reason in WAIT_REASONS:
+            self.outbox_waits.labels(reason)
+        self.outbox_given_up.labels("sendMessage")
 
-    def inc(self, name: str, label: str = "") -> None:
-        self._counts[name, label] += 1
+    def update_done(self, kind: str, outcome: str, seconds: float) -> None:
+        self.updates.labels(kind, outcome).inc()
+        self.update_seconds.observe(seconds)
 
-    def get(self, name: str, label: str = "") -> int:
-        return self._counts[name, label]
+    def set_outbox_status(self, status: OutboxStatus | None) -> None:
+        """Read at scrape time; None (the database did not answer) shows as NaN, not a stale value."""
+        nan = float("nan")
+        self.outbox_unsent.set(nan if status is None else status.unsent)
+        self.outbox_oldest.set(nan if status is None else status.oldest_age)
+        self.send_pause.set(nan if status is None else status.paused_for)
+        self.paused_chats.set(nan if status is None else status.paused_chats)
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for name, help_text in _HELP.items():
-            lines += [f"# HELP bot_{name} {help_text}", f"# TYPE bot_{name} counter"]
-            for (counted, label), value in sorted(self._counts.items()):
-                if counted == name:
-                    labels = f'{{outcome="{label}"}}' if label else ""
-                    lines.append(f"bot_{name}{labels} {value}")
-        return "\n".join(lines) + "\n"
+    def count(self, name: str, **labels: str) -> float:
+        """A sample's current value (tests, and whoever reads metrics in process); 0 when absent."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

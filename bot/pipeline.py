@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -87,6 +88,31 @@ class Pipeline:
 
     async def process(self, update: Update) -> Outcome:
         """Apply the update exactly once. Raises StorageUnavailable when it could not be applied now."""
+        started = time.perf_counter()
+        outcome = "unavailable"
+        try:
+            result = await self._process(update)
+            outcome = result.status.value
+            return result
+        finally:
+            seconds = time.perf_counter() - started
+            self.metrics.update_done(update.kind or "other", outcome, seconds)
+            if log.isEnabledFor(logging.INFO):
+                chat = update.chat
+                log.info(
+                    "update %d: %s in %.1f ms",
+                    update.update_id,
+                    outcome,
+                    seconds * 1000,
+                    extra={
+                        "update_id": update.update_id,
+                        "chat": None if chat is None else chat.id,
+                        "outcome": outcome,
+                        "duration": round(seconds, 6),
+                    },
+                )
+
+    async def _process(self, update: Update) -> Outcome:
         ctx: Context[Any] = Context(update, self.me, self.api)
         try:
             migration = chat_migration(update.message) if update.message is not None else None
@@ -104,21 +130,19 @@ class Pipeline:
         elif found:
             work = partial(self._apply, ctx, found)
         if work is None:
-            outcome = Outcome(Status.IGNORED)
-        else:
-            try:
-                outcome = await work()
-            except StorageUnavailable:
-                self.metrics.inc("storage_unavailable_total")
-                raise
-            except Exception:
-                # One bad update must not wedge the chat's queue: Telegram would redeliver it forever.
-                log.exception("update %d: handler failed; rolled back and acknowledged", update.update_id)
-                outcome = Outcome(Status.FAILED)
-        if outcome.status is Status.FAILED:
-            self.metrics.inc("handler_errors_total")
-        self.metrics.inc("updates_total", outcome.status.value)
-        return outcome
+            return Outcome(Status.IGNORED)
+        try:
+            return await work()
+        except StorageUnavailable:
+            raise
+        except Exception:
+            # One bad update must not wedge the chat's queue: Telegram would redeliver it forever.
+            log.exception(
+                "update %d: handler failed; rolled back and acknowledged",
+                update.update_id,
+                extra={"update_id": update.update_id, "outcome": "failed"},
+            )
+            return Outcome(Status.FAILED)
 
     @asynccontextmanager
     async def _unit(self, update: Update) -> AsyncIterator[_Unit]:

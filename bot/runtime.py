@@ -21,7 +21,7 @@ from .context import BotIdentity
 from .dispatch import Bot
 from .importer import AppError, load_app
 from .metrics import Metrics
-from .outbox import Outbox
+from .outbox import Limits, Outbox
 from .pipeline import Pipeline
 from .storage import Storage
 from .storage.postgres import PostgresStorage
@@ -48,6 +48,16 @@ class Runtime:
     pipeline: Pipeline
     outbox: Outbox
     metrics: Metrics
+
+
+def send_limits(settings: Settings) -> Limits:
+    return Limits(
+        per_second=settings.send_rate_global,
+        group_per_minute=settings.send_rate_group,
+        private_per_second=settings.send_rate_private,
+        backoff_max=settings.outbox_backoff_max,
+        give_up_after=settings.outbox_give_up,
+    )
 
 
 async def resolve_identity(settings: Settings, api: BotApi | None) -> BotIdentity:
@@ -108,9 +118,10 @@ async def start(
                 lock_timeout=settings.db_lock_timeout,
                 statement_timeout=settings.db_statement_timeout,
                 application_name=bot.name,
+                metrics=metrics,
             )
         try:
-            outbox = Outbox(storage, api, metrics, lease=settings.outbox_lease)
+            outbox = Outbox(storage, api, metrics, lease=settings.outbox_lease, limits=send_limits(settings))
             pipeline = Pipeline(
                 bot,
                 storage,

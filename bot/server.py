@@ -192,9 +192,15 @@ def run(app: ASGIApp, settings: Settings, host: str, port: int) -> None:
         http=protocol,
         ws="none",  # no WebSocket routes: an upgrade request is just another HTTP request
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's lines go through our handler, in our format (bot.logs)
         access_log=False,
         server_header=False,
         timeout_keep_alive=int(KEEP_ALIVE_TIMEOUT),
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
     )
-    uvicorn.Server(config).run()
+    sockets = None
+    if settings.metrics_port is not None:
+        # One server on two sockets: the app serves only /metrics on this one (bot.app).
+        metrics = uvicorn.Config(app, host=host, port=settings.metrics_port, log_config=None)
+        sockets = [config.bind_socket(), metrics.bind_socket()]
+    uvicorn.Server(config).run(sockets=sockets)

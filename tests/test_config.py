@@ -69,6 +69,13 @@ def test_sslmode_in_database_url_is_kept_for_the_driver() -> None:
         ({"BOT_API_TIMEOUT": "5", "OUTBOX_LEASE": "5"}, "OUTBOX_LEASE", "longer than BOT_API_TIMEOUT"),
         ({"HTTP_READ_TIMEOUT": "0"}, "HTTP_READ_TIMEOUT", "between 0.5 and 60"),
         ({"HTTP_MAX_CONNECTIONS": "0"}, "HTTP_MAX_CONNECTIONS", "between 1 and 100000"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT", "text or json"),
+        ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN", "at least 16 characters"),
+        ({"METRICS_PORT": "99999"}, "METRICS_PORT", "between 0 and 65535"),
+        ({"SEND_RATE_GLOBAL": "0"}, "SEND_RATE_GLOBAL", "between 1 and 1000"),
+        ({"SEND_RATE_GROUP": "many"}, "SEND_RATE_GROUP", "whole number"),
+        ({"OUTBOX_GIVE_UP": "1"}, "OUTBOX_GIVE_UP", "between 10 and 604800"),
+        ({"OUTBOX_BACKOFF_MAX": "-1"}, "OUTBOX_BACKOFF_MAX", "between 1 and 3600"),
     ],
 )
 def test_bad_settings_name_the_variable_and_the_problem(
@@ -116,3 +123,11 @@ def test_the_playground_is_on_in_the_trial_and_opt_in_with_a_token(
 def test_a_malformed_playground_setting_is_named() -> None:
     with pytest.raises(ConfigError, match=r"^PLAYGROUND: expected true or false"):
         load_settings({"PLAYGROUND": "maybe"})
+
+
+def test_operations_settings_default_to_telegrams_limits_and_no_public_metrics() -> None:
+    settings = load_settings(PRODUCTION)
+    assert (settings.send_rate_global, settings.send_rate_group, settings.send_rate_private) == (30, 20, 1)
+    assert (settings.outbox_backoff_max, settings.outbox_give_up) == (60.0, 3600.0)
+    assert settings.metrics_token is None and settings.metrics_port is None
+    assert settings.log_format == "text"

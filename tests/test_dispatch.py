@@ -100,7 +100,7 @@ async def test_the_error_hook_sees_the_state_before_the_handler_and_its_reply_is
     again = await run.process(text_update(2, -1, "boom"))  # Telegram redelivers it
     assert again.status is Status.DUPLICATE
     assert seen == [("ZeroDivisionError", 1)]
-    assert run.metrics.get("handler_errors_total") == 1
+    assert run.metrics.count("bot_updates_total", kind="message", outcome="failed") == 1
     async with storage.transaction() as tx:
         stored = await tx.read("-1")
     assert stored is not None and '"count":11' in stored.data.replace(" ", "")
@@ -118,7 +118,9 @@ async def test_an_error_hook_that_raises_rolls_the_update_back(storage: Storage)
     await run.process(text_update(1, -1, "+"))
     outcome = await run.process(text_update(2, -1, "boom"))
     assert (outcome.status, outcome.to_send) == (Status.FAILED, [])
-    assert run.metrics.get("handler_errors_total") == 1  # one failed update, counted once
+    assert (
+        run.metrics.count("bot_updates_total", kind="message", outcome="failed") == 1
+    )  # one failed update, counted once
     async with storage.transaction() as tx:
         stored = await tx.read("-1")
         assert await tx.claim_update(ME.id, 2)  # not recorded: a rolled-back update left nothing

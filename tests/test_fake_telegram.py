@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from bot.testing.env import TOKEN
-from bot.testing.fake_telegram import FakeTelegram
+from bot.testing.fake_telegram import FakeTelegram, FloodLimits
 
 
 def call(root: str, method: str, token: str = TOKEN, **kwargs: object) -> httpx.Response:
@@ -88,3 +88,61 @@ def test_wait_for_sees_calls_made_from_another_thread(fake: FakeTelegram, telegr
     sender.join()
     with pytest.raises(TimeoutError):
         fake.wait_for(lambda: len(fake.sent_messages(5)) == 2, timeout=0.3)
+
+
+def test_a_failure_can_target_one_chat(fake: FakeTelegram, telegram_root: str) -> None:
+    fake.fail_next("sendMessage", error_code=429, description="Too Many Requests", retry_after=7, chat_id=5)
+    assert call(telegram_root, "sendMessage", json={"chat_id": 6, "text": "x"}).status_code == 200
+    refused = call(telegram_root, "sendMessage", json={"chat_id": 5, "text": "x"})
+    assert refused.status_code == 429
+    assert refused.json()["parameters"] == {"retry_after": 7}
+    assert call(telegram_root, "sendMessage", json={"chat_id": 5, "text": "x"}).status_code == 200
+    assert [c.params["chat_id"] for c in fake.delivered()] == [6, 5]
+
+
+def test_a_garbled_failure_is_not_the_apis_json(fake: FakeTelegram, telegram_root: str) -> None:
+    fake.fail_next("sendMessage", error_code=502, description="Bad Gateway", garbled=True)
+    answer = call(telegram_root, "sendMessage", json={"chat_id": 1, "text": "x"})
+    assert answer.status_code == 502
+    assert answer.text == "502 Bad Gateway"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("chat_id", "allowed", "window"),
+    [(7, 1, 1.0), (-100, 20, 60.0)],
+    ids=["private chat: 1 a second", "group: 20 a minute"],
+)
+def test_flood_limits_refuse_with_429_per_chat(
+    fake: FakeTelegram, telegram_root: str, chat_id: int, allowed: int, window: float
+) -> None:
+    fake.clock = clock = Clock()
+    fake.flood_limits = FloodLimits(retry_after=3)
+    answers = [
+        call(telegram_root, "sendMessage", json={"chat_id": chat_id, "text": "x"}) for _ in range(allowed + 1)
+    ]
+    assert [a.status_code for a in answers] == [200] * allowed + [429]
+    assert answers[-1].json()["parameters"] == {"retry_after": 3}
+    assert call(telegram_root, "sendMessage", json={"chat_id": chat_id + 1, "text": "x"}).status_code == 200
+    clock.now += window
+    assert call(telegram_root, "sendMessage", json={"chat_id": chat_id, "text": "x"}).status_code == 200
+    assert len(fake.delivered(chat_id)) == allowed + 1
+
+
+def test_flood_limits_refuse_the_31st_send_of_a_second(fake: FakeTelegram, telegram_root: str) -> None:
+    fake.clock = clock = Clock()
+    fake.flood_limits = FloodLimits()
+    statuses = [
+        call(telegram_root, "sendMessage", json={"chat_id": 1 + n, "text": "x"}).status_code
+        for n in range(31)
+    ]
+    assert statuses == [200] * 30 + [429]
+    clock.now += 1
+    assert call(telegram_root, "sendMessage", json={"chat_id": 99, "text": "x"}).status_code == 200

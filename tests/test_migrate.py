@@ -20,7 +20,7 @@ NOTES = f"{NOTES_VERSION:03d}_notes.sql"
 
 @pytest.fixture
 def migrations(tmp_path: Path) -> Path:
-    """A copy of the real migrations, plus a second one, to edit freely."""
+    """A copy of the real migrations, plus one after them, to edit freely."""
     directory = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS_DIR, directory)
     (directory / NOTES).write_text("CREATE TABLE notes (id int PRIMARY KEY);\n")

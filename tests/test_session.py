@@ -435,7 +435,7 @@ async def test_handler_bug_rolls_back_and_the_chat_keeps_working(
     failed = await run.process(text_update(2, chat_id=7, text="boom"))
     assert failed.status is Status.FAILED and failed.to_send == []
     assert "update 2: handler failed" in caplog.text and "handler bug" in caplog.text
-    assert run.metrics.get("handler_errors_total") == 1
+    assert run.metrics.count("bot_updates_total", kind="message", outcome="failed") == 1
     look = await run.process(text_update(3, chat_id=7, text="look"))
     assert [c.params["text"] for c in look.to_send] == ["1"]
 

@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 __all__ = [
+    "Budget",
     "Moved",
+    "OutboxStatus",
     "OutgoingCall",
     "PendingCall",
+    "Reservation",
     "Storage",
     "StorageUnavailable",
     "StoredSession",
@@ -57,6 +60,41 @@ class PendingCall:
     id: int
     method: str
     params: dict[str, Any]
+    created_at: float  # epoch seconds, when the update's transaction queued it (the give-up clock)
+    attempts: int = 0  # sends tried before this one
+
+    @property
+    def chat(self) -> str | None:
+        """The chat it goes to, as the outbox keys it (order and budgets are per chat)."""
+        chat_id = self.params.get("chat_id")
+        return None if chat_id is None else str(chat_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A rate budget: at most `burst` sends at once, then one per `interval` seconds (GCRA)."""
+
+    key: str
+    interval: float
+    burst: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The answer to reserve_send: go now (wait 0), or wait `wait` seconds for the budget `blocked_by`."""
+
+    wait: float
+    blocked_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatus:
+    """What /metrics shows about the outbox, read at scrape time."""
+
+    unsent: int
+    oldest_age: float  # seconds since the oldest unsent call was queued; 0 when none
+    paused_for: float  # seconds until a whole-bot 429 pause ends; 0 when none
+    paused_chats: int
 
 
 class StorageUnavailable(Exception):
@@ -104,13 +142,34 @@ class Storage(Protocol):
         nothing.
         """
 
+    # The sender's side of the outbox. Times are epoch seconds from the sender's clock (`now`; None:
+    # the storage's own), so tests can drive the sender with a fake clock.
+
     async def mark_sent(self, call_id: int) -> None: ...
 
-    async def mark_failed(self, call_id: int, error: str, *, retry_in: float | None) -> None:
+    async def mark_failed(
+        self, call_id: int, error: str, *, retry_in: float | None, now: float | None = None
+    ) -> None:
         """Record a failed send: retried after `retry_in` seconds, or never when retry_in is None."""
 
-    async def claim_due(self, limit: int, lease: float) -> list[PendingCall]:
-        """Lease unsent calls whose lease ran out (their sender crashed or failed), oldest first."""
+    async def defer(self, call_ids: Sequence[int], until: float) -> None:
+        """Give the leases back without counting an attempt: the calls are due again at `until`."""
+
+    async def claim_due(self, limit: int, lease: float, now: float | None = None) -> list[PendingCall]:
+        """Lease unsent calls that are due (their lease ran out), oldest first, and only the first unsent
+        call of each chat, so a chat's calls go out in the order they were queued."""
+
+    async def reserve_send(
+        self, call: PendingCall, budgets: Sequence[Budget], now: float
+    ) -> Reservation | None:
+        """Take a slot in every budget for sending `call` now, or in none of them (shared by every
+        process using this storage). None: an earlier call to the same chat is unsent and goes first."""
+
+    async def pause_sends(self, chat: str | None, until: float, now: float) -> bool:
+        """A 429: no sends to `chat` before `until`. Pauses every send, and returns True, when the call
+        had no chat or another chat is paused already (the flood limit hit is the bot's own)."""
+
+    async def outbox_status(self, now: float) -> OutboxStatus: ...
 
     async def prune(self, keep_updates: float, keep_sent: float) -> int:
         """Forget processed update ids and sent (or abandoned) calls older than the given ages in seconds,

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import Moved, OutgoingCall, PendingCall, StoredSession
+from . import Budget, Moved, OutboxStatus, OutgoingCall, PendingCall, Reservation, StoredSession
 
 __all__ = ["MemoryStorage"]
 
@@ -38,6 +38,21 @@ class _OutboxRow:
     sent_at: float | None = None
     failed_at: float | None = None
     last_error: str | None = None
+    attempts: int = 0
+
+    @property
+    def chat(self) -> str | None:
+        chat_id = self.params.get("chat_id")
+        return None if chat_id is None else str(chat_id)
+
+    def pending(self) -> PendingCall:
+        return PendingCall(self.id, self.method, self.params, self.created_at, self.attempts)
+
+
+@dataclass
+class _Budget:
+    next_at: float = 0.0
+    paused_until: float = 0.0
 
 
 class _KeyedLocks:
@@ -115,7 +130,7 @@ class _MemoryTransaction:
             for c in calls
         ]
         self._queued.extend(rows)
-        return [PendingCall(r.id, r.method, r.params) for r in rows]
+        return [r.pending() for r in rows]
 
     async def claim_unsent(self, bot_id: int, update_id: int, lease: float) -> list[PendingCall]:
         now = time.time()
@@ -126,7 +141,7 @@ class _MemoryTransaction:
         ]
         for row in due:
             self._leases[row.id] = now + lease
-        return [PendingCall(r.id, r.method, r.params) for r in due]
+        return [r.pending() for r in due]
 
     def commit(self) -> None:
         storage = self._storage
@@ -147,8 +162,12 @@ class _MemoryTransaction:
         self._held.clear()
 
 
+def _unsent(row: _OutboxRow) -> bool:
+    return row.sent_at is None and row.failed_at is None
+
+
 def _is_due(row: _OutboxRow, now: float) -> bool:
-    return row.sent_at is None and row.failed_at is None and row.lease_until <= now
+    return _unsent(row) and row.lease_until <= now
 
 
 @dataclass
@@ -156,6 +175,7 @@ class MemoryStorage:
     _sessions: dict[str, _Row] = field(default_factory=dict)
     _processed: dict[tuple[int, int], float] = field(default_factory=dict)
     _outbox: dict[int, _OutboxRow] = field(default_factory=dict)
+    _budgets: dict[str, _Budget] = field(default_factory=dict)
     _locks: _KeyedLocks = field(default_factory=_KeyedLocks)
     _last_id: int = 0
 
@@ -173,22 +193,73 @@ class MemoryStorage:
             tx.release()
 
     async def mark_sent(self, call_id: int) -> None:
-        self._outbox[call_id].sent_at = time.time()
+        row = self._outbox[call_id]
+        row.sent_at = time.time()
+        row.attempts += 1
 
-    async def mark_failed(self, call_id: int, error: str, *, retry_in: float | None) -> None:
+    async def mark_failed(
+        self, call_id: int, error: str, *, retry_in: float | None, now: float | None = None
+    ) -> None:
         row = self._outbox[call_id]
         row.last_error = error
+        row.attempts += 1
+        now = time.time() if now is None else now
         if retry_in is None:
-            row.failed_at = time.time()
+            row.failed_at = now
         else:
-            row.lease_until = time.time() + retry_in
+            row.lease_until = now + retry_in
 
-    async def claim_due(self, limit: int, lease: float) -> list[PendingCall]:
-        now = time.time()
-        due = [row for row in self._outbox.values() if _is_due(row, now)][:limit]
+    async def defer(self, call_ids: Sequence[int], until: float) -> None:
+        for call_id in call_ids:
+            self._outbox[call_id].lease_until = until
+
+    def _earlier_unsent(self, row: _OutboxRow) -> bool:
+        return row.chat is not None and any(
+            other.chat == row.chat and other.id < row.id and _unsent(other) for other in self._outbox.values()
+        )
+
+    async def claim_due(self, limit: int, lease: float, now: float | None = None) -> list[PendingCall]:
+        now = time.time() if now is None else now
+        due = [r for r in self._outbox.values() if _is_due(r, now) and not self._earlier_unsent(r)][:limit]
         for row in due:
             row.lease_until = now + lease
-        return [PendingCall(r.id, r.method, r.params) for r in due]
+        return [r.pending() for r in due]
+
+    async def reserve_send(
+        self, call: PendingCall, budgets: Sequence[Budget], now: float
+    ) -> Reservation | None:
+        row = self._outbox.get(call.id)
+        if row is not None and self._earlier_unsent(row):
+            return None
+        states = [self._budgets.setdefault(b.key, _Budget()) for b in budgets]
+        wait, blocked_by = max(
+            (max(s.paused_until, s.next_at - b.interval * (b.burst - 1)) - now, b.key)
+            for s, b in zip(states, budgets, strict=True)
+        )
+        if wait > 0:
+            return Reservation(wait, blocked_by)
+        for state, budget in zip(states, budgets, strict=True):
+            state.next_at = max(state.next_at, now) + budget.interval
+        return Reservation(0.0)
+
+    async def pause_sends(self, chat: str | None, until: float, now: float) -> bool:
+        everything = chat is None or any(
+            key not in ("*", chat) and b.paused_until > now for key, b in self._budgets.items()
+        )
+        for key in {chat or "*", "*"} if everything else {chat or "*"}:
+            state = self._budgets.setdefault(key, _Budget())
+            state.paused_until = max(state.paused_until, until)
+        return everything
+
+    async def outbox_status(self, now: float) -> OutboxStatus:
+        unsent = [r for r in self._outbox.values() if _unsent(r)]
+        whole = self._budgets.get("*", _Budget())
+        return OutboxStatus(
+            unsent=len(unsent),
+            oldest_age=max(0.0, now - min(r.created_at for r in unsent)) if unsent else 0.0,
+            paused_for=max(0.0, whole.paused_until - now),
+            paused_chats=sum(1 for k, b in self._budgets.items() if k != "*" and b.paused_until > now),
+        )
 
     async def prune(self, keep_updates: float, keep_sent: float) -> int:
         now = time.time()

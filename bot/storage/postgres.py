@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -29,8 +30,18 @@ from typing import Any
 
 import asyncpg
 
+from ..metrics import Metrics
 from ..migrate import NotMigrated, check_migrated
-from . import Moved, OutgoingCall, PendingCall, StorageUnavailable, StoredSession
+from . import (
+    Budget,
+    Moved,
+    OutboxStatus,
+    OutgoingCall,
+    PendingCall,
+    Reservation,
+    StorageUnavailable,
+    StoredSession,
+)
 
 __all__ = ["PostgresStorage", "SessionRow"]
 
@@ -49,9 +60,13 @@ def _unavailable_on_failure(what: str) -> Iterator[None]:
         raise StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
+# What every query handing calls to a sender returns, for _pending().
+_CALL = "id, method, payload::text AS payload, attempts, extract(epoch FROM created_at)::float8 AS created_at"
+
+
 def _pending(rows: Sequence[asyncpg.Record]) -> list[PendingCall]:
     return [
-        PendingCall(r["id"], r["method"], json.loads(r["payload"]))
+        PendingCall(r["id"], r["method"], json.loads(r["payload"]), r["created_at"], r["attempts"])
         for r in sorted(rows, key=lambda r: r["id"])
     ]
 
@@ -59,9 +74,10 @@ def _pending(rows: Sequence[asyncpg.Record]) -> list[PendingCall]:
 class _PostgresTransaction:
     """Begins on first use: an update that touches no session never takes a connection."""
 
-    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float, metrics: Metrics | None) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
+        self._metrics = metrics
         self._conn: asyncpg.pool.PoolConnectionProxy | None = None
         self._tx: asyncpg.transaction.Transaction | None = None
         # Rows this transaction inserted only to have something to lock; removed before commit unless
@@ -70,8 +86,11 @@ class _PostgresTransaction:
 
     async def _connection(self) -> asyncpg.pool.PoolConnectionProxy:
         if self._conn is None:
+            started = time.perf_counter()
             with _unavailable_on_failure("acquire a connection"):
                 conn = await self._pool.acquire(timeout=self._acquire_timeout)
+            if self._metrics is not None:
+                self._metrics.pool_wait.observe(time.perf_counter() - started)
             self._conn = conn
             self._tx = conn.transaction()
             with _unavailable_on_failure("begin"):
@@ -100,11 +119,14 @@ class _PostgresTransaction:
             # inserts one.
             while True:
                 # moved_to rides along: a chat that moved costs no extra query to find out (002).
+                started = time.perf_counter()
                 row = await conn.fetchrow(
                     "SELECT data::text AS data, version, expires_at <= now() AS expired, moved_to"
                     " FROM sessions WHERE key = $1 FOR UPDATE",
                     key,
                 )
+                if self._metrics is not None:
+                    self._metrics.lock_wait.observe(time.perf_counter() - started)
                 if row is not None:
                     if row["expired"]:
                         return None
@@ -166,7 +188,7 @@ class _PostgresTransaction:
                 "INSERT INTO outbox (bot_id, update_id, method, payload, lease_until)"
                 " SELECT $1, $2, c.method, c.payload::jsonb, now() + $5 * interval '1 second'"
                 " FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS c(method, payload, n)"
-                " ORDER BY c.n RETURNING id, method, payload::text AS payload",
+                f" ORDER BY c.n RETURNING {_CALL}",
                 bot_id,
                 update_id,
                 [c.method for c in calls],
@@ -181,7 +203,7 @@ class _PostgresTransaction:
             rows = await conn.fetch(
                 "UPDATE outbox SET lease_until = now() + $3 * interval '1 second'"
                 " WHERE bot_id = $1 AND update_id = $2 AND sent_at IS NULL AND failed_at IS NULL"
-                " AND lease_until <= now() RETURNING id, method, payload::text AS payload",
+                f" AND lease_until <= now() RETURNING {_CALL}",
                 bot_id,
                 update_id,
                 lease,
@@ -225,9 +247,12 @@ class SessionRow:
 class PostgresStorage:
     """Sessions, processed update ids and the outbox in PostgreSQL. The pool is owned by this object."""
 
-    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout: float = 5.0) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, acquire_timeout: float = 5.0, metrics: Metrics | None = None
+    ) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
+        self._metrics = metrics  # for the lock-wait and pool-wait histograms
 
     @classmethod
     async def connect(
@@ -241,6 +266,7 @@ class PostgresStorage:
         statement_timeout: float = 10.0,
         connect_timeout: float = 5.0,
         application_name: str = "bot",
+        metrics: Metrics | None = None,
     ) -> PostgresStorage:
         """Open a pool. Connections are made lazily after the first, so a database that is down at
         start-up is reported here, and one that goes away later is reconnected by the pool."""
@@ -259,7 +285,7 @@ class PostgresStorage:
                     "application_name": application_name,  # names the bot in pg_stat_activity
                 },
             )
-        return cls(pool, acquire_timeout=acquire_timeout)
+        return cls(pool, acquire_timeout=acquire_timeout, metrics=metrics)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -267,7 +293,7 @@ class PostgresStorage:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_PostgresTransaction]:
-        tx = _PostgresTransaction(self._pool, self._acquire_timeout)
+        tx = _PostgresTransaction(self._pool, self._acquire_timeout, self._metrics)
         try:
             yield tx
         except BaseException:
@@ -289,28 +315,90 @@ class PostgresStorage:
             call_id,
         )
 
-    async def mark_failed(self, call_id: int, error: str, *, retry_in: float | None) -> None:
+    async def mark_failed(
+        self, call_id: int, error: str, *, retry_in: float | None, now: float | None = None
+    ) -> None:
         await self._execute(
             "mark reply failed",
             "UPDATE outbox SET attempts = attempts + 1, last_error = $2,"
             " failed_at = CASE WHEN $3::float8 IS NULL THEN now() END,"
-            " lease_until = now() + coalesce($3::float8, 0) * interval '1 second' WHERE id = $1",
+            " lease_until = to_timestamp(coalesce($4::float8, extract(epoch FROM now()))"
+            " + coalesce($3::float8, 0)) WHERE id = $1",
             call_id,
             error,
             retry_in,
+            now,
         )
 
-    async def claim_due(self, limit: int, lease: float) -> list[PendingCall]:
+    async def defer(self, call_ids: Sequence[int], until: float) -> None:
+        await self._execute(
+            "defer replies",
+            "UPDATE outbox SET lease_until = to_timestamp($2) WHERE id = ANY($1::bigint[])",
+            list(call_ids),
+            until,
+        )
+
+    async def claim_due(self, limit: int, lease: float, now: float | None = None) -> list[PendingCall]:
         with _unavailable_on_failure("claim due replies"):
             rows = await self._pool.fetch(
-                "UPDATE outbox SET lease_until = now() + $2 * interval '1 second' WHERE id IN ("
-                " SELECT id FROM outbox WHERE sent_at IS NULL AND failed_at IS NULL AND lease_until <= now()"
-                " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)"
-                " RETURNING id, method, payload::text AS payload",
+                # heads: each chat's first unsent call, in one pass over the pending index (a
+                # NOT EXISTS per row was quadratic when the planner misjudged a fresh backlog).
+                "WITH t AS (SELECT to_timestamp(coalesce($3::float8, extract(epoch FROM now()))) AS now),"
+                " heads AS (SELECT DISTINCT ON (chat_key) id FROM outbox"
+                "  WHERE sent_at IS NULL AND failed_at IS NULL ORDER BY chat_key, id)"
+                " UPDATE outbox SET lease_until = t.now + $2 * interval '1 second' FROM t WHERE id IN ("
+                " SELECT o.id FROM outbox o, t WHERE o.sent_at IS NULL AND o.failed_at IS NULL"
+                " AND o.lease_until <= t.now AND (o.chat_key IS NULL OR o.id IN (SELECT id FROM heads))"
+                " ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED)"
+                f" RETURNING {_CALL}",
                 limit,
                 lease,
+                now,
             )
         return _pending(rows)
+
+    async def reserve_send(
+        self, call: PendingCall, budgets: Sequence[Budget], now: float
+    ) -> Reservation | None:
+        with _unavailable_on_failure("reserve a send"):
+            row = await self._pool.fetchrow(
+                "SELECT * FROM reserve_send($1, $2, $3::text[], $4::float8[], $5::float8[], $6)",
+                call.id,
+                call.chat,
+                [b.key for b in budgets],
+                [b.interval for b in budgets],
+                [float(b.burst) for b in budgets],
+                now,
+                timeout=self._acquire_timeout * 2,
+            )
+        assert row is not None
+        return None if row["wait"] is None else Reservation(row["wait"], row["blocked_by"])
+
+    async def pause_sends(self, chat: str | None, until: float, now: float) -> bool:
+        with _unavailable_on_failure("pause sends"):
+            everything: bool = await self._pool.fetchval(
+                "SELECT pause_sends($1, $2, $3)", chat, until, now, timeout=self._acquire_timeout * 2
+            )
+        return everything
+
+    async def outbox_status(self, now: float) -> OutboxStatus:
+        with _unavailable_on_failure("read the outbox status"):
+            row = await self._pool.fetchrow(
+                "SELECT (SELECT count(*) FROM outbox WHERE sent_at IS NULL AND failed_at IS NULL) AS unsent,"
+                " (SELECT extract(epoch FROM min(created_at))::float8 FROM outbox"
+                "  WHERE sent_at IS NULL AND failed_at IS NULL) AS oldest,"
+                " (SELECT max(paused_until) FROM send_budget WHERE key = '*') AS paused_until,"
+                " (SELECT count(*) FROM send_budget WHERE key <> '*' AND paused_until > $1) AS paused_chats",
+                now,
+                timeout=self._acquire_timeout * 2,
+            )
+        assert row is not None
+        return OutboxStatus(
+            unsent=row["unsent"],
+            oldest_age=max(0.0, now - row["oldest"]) if row["oldest"] is not None else 0.0,
+            paused_for=max(0.0, (row["paused_until"] or 0.0) - now),
+            paused_chats=row["paused_chats"],
+        )
 
     async def prune(self, keep_updates: float, keep_sent: float) -> int:
         total = 0
@@ -324,6 +412,12 @@ class PostgresStorage:
                 "prune sent replies",
                 "DELETE FROM outbox WHERE coalesce(sent_at, failed_at) < now() - $1 * interval '1 second'",
                 keep_sent,
+            ),
+            (
+                "prune idle send budgets",
+                "DELETE FROM send_budget WHERE key <> '*'"
+                " AND greatest(next_at, paused_until) < extract(epoch FROM now()) - $1",
+                3600.0,
             ),
             (
                 # SKIP LOCKED: a session being read right now is left for the next round, not waited on.

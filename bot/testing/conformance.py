@@ -23,11 +23,12 @@ catches a storage without locks.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from ..storage import Moved, OutgoingCall, Storage, StoredSession, Transaction
+from ..storage import Budget, Moved, OutgoingCall, Storage, StoredSession, Transaction
 
 __all__ = ["CHECKS", "Check", "StorageFactory", "run_checks"]
 
@@ -338,6 +339,34 @@ async def a_move_leaves_a_forward_until_it_expires(make: StorageFactory) -> None
     assert await _data(storage, "again") == '{"n":2}', "a write replaces a forward"
 
 
+async def sends_keep_chat_order_and_share_budgets(make: StorageFactory) -> None:
+    storage = await make()
+    calls = [OutgoingCall("sendMessage", {"chat_id": chat, "text": "x"}) for chat in (5, 5, 6)]
+    async with storage.transaction() as tx:
+        first, second, other = await tx.enqueue(1, 1, calls, lease=0)
+    now = time.time() + 1
+    due = await storage.claim_due(10, 30, now)
+    assert [p.id for p in due] == [first.id, other.id], "only each chat's first unsent call is due"
+    assert await storage.reserve_send(second, [Budget("*", 1.0)], now) is None, "a chat's calls go in order"
+    bot = Budget("*", 1.0)
+    taken = await storage.reserve_send(first, [bot, Budget("5", 10.0)], now)
+    assert taken is not None and taken.wait == 0, "a free budget gives a slot at once"
+    spent = await storage.reserve_send(other, [bot, Budget("6", 10.0)], now)
+    assert spent is not None and spent.blocked_by == "*", "the bot's budget is shared by every chat"
+    assert abs(spent.wait - 1.0) < 0.01, "and says when its next slot is"
+    again = await storage.reserve_send(other, [bot, Budget("6", 10.0)], now + 1)
+    assert again is not None and again.wait == 0, "a refused reservation took no slot in the chat's budget"
+    await storage.mark_sent(first.id)
+    chat = await storage.reserve_send(second, [Budget("*", 0.001), Budget("5", 10.0)], now + 2)
+    assert chat is not None and chat.blocked_by == "5" and abs(chat.wait - 8.0) < 0.01, "a chat's own budget"
+    assert not await storage.pause_sends("6", now + 5, now), "a 429 pauses its chat"
+    assert await storage.pause_sends("7", now + 5, now), "a second paused chat pauses the whole bot"
+    paused = await storage.reserve_send(second, [Budget("*", 0.001), Budget("5", 0.001)], now + 20)
+    assert paused is not None and paused.wait == 0, "pauses end"
+    status = await storage.outbox_status(now + 1)
+    assert status.unsent == 2 and abs(status.paused_for - 4.0) < 0.01 and status.paused_chats == 2
+
+
 CHECKS: list[Check] = [
     read_missing_is_none,
     write_then_read,
@@ -357,6 +386,7 @@ CHECKS: list[Check] = [
     prune_forgets_old_update_ids_and_settled_calls,
     outbox_leases_and_confirmations,
     a_move_leaves_a_forward_until_it_expires,
+    sends_keep_chat_order_and_share_budgets,
 ]
 
 

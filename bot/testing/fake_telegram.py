@@ -18,6 +18,7 @@ import re
 import socket
 import threading
 import time
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -26,11 +27,11 @@ from urllib.parse import parse_qsl
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-__all__ = ["MISBEHAVIOURS", "FakeTelegram", "Misbehaviour", "RecordedCall", "serve"]
+__all__ = ["MISBEHAVIOURS", "FakeTelegram", "FloodLimits", "Misbehaviour", "RecordedCall", "serve"]
 
 # Answers the real Bot API (or a proxy in front of it) has been seen to give, or could: each one is
 # given instead of carrying out the call, so the call did not take effect.
@@ -67,6 +68,19 @@ class _Failure:
     error_code: int
     description: str
     retry_after: int | None
+    chat_id: int | None
+    garbled: bool
+
+
+@dataclass(frozen=True)
+class FloodLimits:
+    """Telegram's flood limits, enforced by the fake with a 429 (a sliding window per chat and one for
+    the whole bot), so a test or a benchmark sees whether a sender keeps to them."""
+
+    per_second: int = 30
+    group_per_minute: int = 20
+    private_per_second: int = 1
+    retry_after: int = 5
 
 
 class _ResetMidBody(Response):
@@ -107,8 +121,11 @@ def _misbehave(kind: Misbehaviour) -> Response:
 
 
 class _ApiError(Exception):
-    def __init__(self, code: int, description: str, retry_after: int | None = None) -> None:
+    def __init__(
+        self, code: int, description: str, retry_after: int | None = None, garbled: bool = False
+    ) -> None:
         self.code, self.description, self.retry_after = code, description, retry_after
+        self.garbled = garbled  # answered as a proxy would: not the API's JSON
 
 
 def _as_int(params: dict[str, Any], name: str) -> int:
@@ -135,6 +152,11 @@ class FakeTelegram:
         self._next_message_id = 1
         self.admins: dict[int, set[int]] = {}  # chat id → user ids getChatMember calls administrators
         self._generation = 0  # bumped by reset(): ends long polls of a previous test's (dead) client
+        # What the fake's "now" is, for RecordedCall.at and the flood limits: a test's fake clock, or time.
+        self.clock: Callable[[], float] = time.time
+        self.flood_limits: FloodLimits | None = None
+        self._recent: dict[int | None, deque[float]] = defaultdict(deque)  # chat (None: all) -> send times
+        self._delivered_calls: list[RecordedCall] = []
         self.app = Starlette(routes=[Route("/bot{token}/{method}", self._endpoint, methods=["GET", "POST"])])
 
     # --- what tests use ---
@@ -156,6 +178,11 @@ class FakeTelegram:
         sent nothing), in order, as sendMessage's result."""
         with self._lock:
             return [m for m in self._delivered if chat_id is None or m["chat"]["id"] == chat_id]
+
+    def delivered(self, chat_id: int | None = None) -> list[RecordedCall]:
+        """The sendMessage calls that were answered ok (not failed, not refused by a flood limit)."""
+        with self._lock:
+            return [c for c in self._delivered_calls if chat_id is None or c.params.get("chat_id") == chat_id]
 
     def wait_for(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
         """Block until `condition()` holds (checked on every call), or raise TimeoutError."""
@@ -181,9 +208,16 @@ class FakeTelegram:
         error_code: int = 500,
         description: str = "Internal Server Error",
         retry_after: int | None = None,
+        *,
+        chat_id: int | None = None,
+        garbled: bool = False,
     ) -> None:
+        """Answer the next `times` calls of `method` (to `chat_id` only, if given) with this error;
+        `garbled`: with a plain-text body, as a proxy in front of the API does."""
         with self._lock:
-            self._failures.append(_Failure(method, times, error_code, description, retry_after))
+            self._failures.append(
+                _Failure(method, times, error_code, description, retry_after, chat_id, garbled)
+            )
 
     def misbehave_next(self, method: str, *kinds: Misbehaviour) -> None:
         """Answer the next calls of `method` with these broken answers, one per call, in order."""
@@ -207,6 +241,10 @@ class FakeTelegram:
             self.delay = 0.0
             self.admins = {}
             self._generation += 1
+            self.clock = time.time
+            self.flood_limits = None
+            self._recent.clear()
+            self._delivered_calls.clear()
 
     # --- the protocol ---
 
@@ -227,8 +265,9 @@ class FakeTelegram:
         match = _TOKEN.match(token)
         if match is None:
             return self._error(401, "Unauthorized")
+        recorded = RecordedCall(token, method, params, self.clock())
         with self._lock:
-            self._calls.append(RecordedCall(token, method, params, time.time()))
+            self._calls.append(recorded)
             self._lock.notify_all()
             broken = self._misbehaviours.get(method)
             misbehaviour = broken.pop(0) if broken else None
@@ -237,21 +276,53 @@ class FakeTelegram:
         if self.delay:
             await asyncio.sleep(self.delay)
         try:
-            self._maybe_fail(method)
+            self._maybe_fail(method, params)
             handler = getattr(self, f"_m_{method}", None)
             if handler is None:
                 raise _ApiError(404, "Not Found: method not found")
             result = await handler(int(match.group(1)), params)
         except _ApiError as exc:
+            if exc.garbled:
+                return PlainTextResponse(f"{exc.code} {exc.description}", status_code=exc.code)
             return self._error(exc.code, exc.description, exc.retry_after)
+        if method == "sendMessage":
+            with self._lock:
+                self._delivered_calls.append(recorded)
+                self._lock.notify_all()
         return JSONResponse({"ok": True, "result": result})
 
-    def _maybe_fail(self, method: str) -> None:
+    def _maybe_fail(self, method: str, params: dict[str, Any]) -> None:
         with self._lock:
             for failure in self._failures:
-                if failure.method == method and failure.times > 0:
+                if (
+                    failure.method == method
+                    and failure.times > 0
+                    and (failure.chat_id is None or str(failure.chat_id) == str(params.get("chat_id")))
+                ):
                     failure.times -= 1
-                    raise _ApiError(failure.error_code, failure.description, failure.retry_after)
+                    raise _ApiError(
+                        failure.error_code, failure.description, failure.retry_after, failure.garbled
+                    )
+            if method == "sendMessage" and self.flood_limits is not None:
+                self._check_flood(self.flood_limits, params)
+
+    def _check_flood(self, limits: FloodLimits, params: dict[str, Any]) -> None:
+        """Refuse a send that would exceed a limit in its sliding window; count the ones let through."""
+        now = self.clock()
+        chat = int(params.get("chat_id", 0))
+        private = chat > 0
+        window = 1.0 if private else 60.0
+        allowed = limits.private_per_second if private else limits.group_per_minute
+        for key, span, most in ((None, 1.0, limits.per_second), (chat, window, allowed)):
+            recent = self._recent[key]
+            while recent and recent[0] <= now - span:
+                recent.popleft()
+            if len(recent) >= most:
+                raise _ApiError(
+                    429, f"Too Many Requests: retry after {limits.retry_after}", limits.retry_after
+                )
+        self._recent[None].append(now)
+        self._recent[chat].append(now)
 
     @staticmethod
     def _error(code: int, description: str, retry_after: int | None = None) -> JSONResponse:

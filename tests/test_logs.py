@@ -1,0 +1,204 @@
+"""Logs: JSON per line or readable text, one line per update, and never a secret in any line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bot.app import SECRET_HEADER
+from bot.apps.pizza import build_bot
+from bot.context import BotIdentity
+from bot.logs import JsonFormatter, TextFormatter, setup_logging
+from bot.metrics import Metrics
+from bot.pipeline import Pipeline
+from bot.storage.memory import MemoryStorage
+from bot.telegram import decode_update
+from bot.testing.env import SECRET, TOKEN, bot_env, make_settings
+from bot.testing.fake_telegram import FakeTelegram
+from bot.testing.processes import BotProcess, free_port
+from bot.testing.updates import PIZZA, encode, hunger, message_update
+
+PASSWORD = "db-pass-w0rd-9f8e7d"
+JSON_KEYS = {"time", "level", "logger", "message"}
+
+
+def record(message: str, *, exc: BaseException | None = None, **extra: Any) -> logging.LogRecord:
+    rec = logging.LogRecord("bot.test", logging.WARNING, __file__, 1, message, (), None)
+    if exc is not None:
+        rec.exc_info = (type(exc), exc, exc.__traceback__)
+    rec.__dict__.update(extra)
+    return rec
+
+
+def test_a_json_line_has_the_fields_and_the_update_context() -> None:
+    line = JsonFormatter([]).format(
+        record("update 5: applied", update_id=5, chat=-100, outcome="applied", duration=0.0021)
+    )
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert parsed["level"] == "WARNING" and parsed["logger"] == "bot.test"
+    assert parsed["message"] == "update 5: applied"
+    assert (parsed["update_id"], parsed["chat"], parsed["outcome"], parsed["duration"]) == (
+        5,
+        -100,
+        "applied",
+        0.0021,
+    )
+    assert parsed["time"].endswith("Z")
+
+
+def test_a_traceback_stays_inside_its_json_line() -> None:
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError as exc:
+        line = JsonFormatter([]).format(record("it broke", exc=exc))
+    assert "\n" not in line
+    assert "ValueError: bad\nthing" in json.loads(line)["error"]
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter, TextFormatter])
+def test_secrets_are_replaced_in_messages_and_tracebacks(formatter: type[JsonFormatter]) -> None:
+    try:
+        raise ConnectionError(f"https://api.telegram.org/bot{TOKEN}/sendMessage failed")
+    except ConnectionError as exc:
+        line = formatter([TOKEN, SECRET, PASSWORD]).format(
+            record(f"dsn postgres://u:{PASSWORD}@h/db secret {SECRET}", exc=exc)
+        )
+    for secret in (TOKEN, SECRET, PASSWORD):
+        assert secret not in line
+    assert "***" in line
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize(("level", "lines"), [("INFO", 1), ("WARNING", 0)])
+async def test_one_line_per_update_at_info_none_at_warning(
+    capsys: pytest.CaptureFixture[str], level: str, lines: int
+) -> None:
+    setup_logging(
+        make_settings("postgresql://u@h/db", "http://127.0.0.1:1", LOG_FORMAT="json", LOG_LEVEL=level)
+    )
+    pipeline = Pipeline(build_bot(), MemoryStorage(), BotIdentity(1, "pizza_test_bot"), Metrics())
+    await pipeline.process(decode_update(encode(message_update(9, -3, PIZZA))))
+    written = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    per_update = [w for w in written if w.get("update_id") == 9]
+    assert len(per_update) == lines
+    if lines:
+        assert per_update[0]["chat"] == -3 and per_update[0]["outcome"] == "applied"
+        assert per_update[0]["duration"] >= 0
+
+
+# --- a real process ---------------------------------------------------------------------------------
+
+
+async def _user_with_password(database_url: str) -> str:
+    """The test database, reached as a user with a password (which must then never be written)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            f"DROP ROLE IF EXISTS pizza_logs; CREATE ROLE pizza_logs LOGIN SUPERUSER PASSWORD '{PASSWORD}'"
+        )
+    finally:
+        await conn.close()
+    scheme, rest = database_url.split("://", 1)
+    return f"{scheme}://pizza_logs:{PASSWORD}@{rest.split('@', 1)[1]}"
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_a_serve_process_writes_json_lines_and_no_secret_under_traffic_faults_and_bad_input(
+    database_url: str, telegram_root: str, fake: FakeTelegram, tmp_path: Path
+) -> None:
+    url = await _user_with_password(database_url)
+    metrics_port = free_port()
+    env = bot_env(
+        url, telegram_root, LOG_FORMAT="json", METRICS_PORT=str(metrics_port), OUTBOX_SWEEP_INTERVAL="0.1"
+    )
+    seen: list[str] = []  # every response the process gave, headers and body
+    with BotProcess(env, tmp_path / "bot.log") as bot:
+        bot.wait_ready()
+
+        async with httpx.AsyncClient(timeout=10) as client:
+
+            async def post(body: bytes, secret: str = SECRET) -> int:
+                headers = {SECRET_HEADER: secret, "content-type": "application/json"}
+                answer = await client.post(bot.url + "/webhook", content=body, headers=headers)
+                seen.append(f"{answer.headers}\n{answer.text}")
+                return answer.status_code
+
+            fake.fail_next("sendMessage", error_code=500, chat_id=-21)
+            fake.fail_next(
+                "sendMessage", error_code=429, description="Too Many Requests", retry_after=1, chat_id=-22
+            )
+            fake.fail_next(
+                "sendMessage", error_code=403, description="Forbidden: bot was kicked", chat_id=-23
+            )
+            for n, chat in enumerate((-21, -22, -23, -24)):
+                assert await post(encode(message_update(10 + n, chat, PIZZA))) == 200
+                assert await post(encode(hunger(20 + n, chat))) == 200
+            assert await post(encode(hunger(20, -21))) == 200  # a redelivery
+            assert await post(encode(hunger(30, -25)), secret="wrong") == 401
+            assert await post(b"{not json") == 400
+            assert await post(b"[" * 100_000) == 400
+            assert await post(b"x" * (2 * 1024 * 1024)) == 413
+            for path in ("/", f"/bot{TOKEN}/getMe", "/metrics", f"/webhook?token={TOKEN}"):
+                answer = await client.get(bot.url + path)
+                seen.append(f"{answer.headers}\n{answer.text}")
+                assert answer.status_code in (404, 405)
+            # A database fault mid-traffic: every connection of the bot is cut.
+            conn = await asyncpg.connect(database_url)
+            try:
+                await conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pizza-bot'"
+                )
+            finally:
+                await conn.close()
+            for n in range(5):
+                await post(encode(message_update(40 + n, -26, PIZZA)))
+            await fake.wait_for_async(
+                lambda: {c.params["chat_id"] for c in fake.delivered()} >= {-21, -22, -24}, 30
+            )
+
+            on_metrics_port = f"http://127.0.0.1:{metrics_port}"
+            scraped = await client.get(on_metrics_port + "/metrics")
+            assert scraped.status_code == 200
+            families = {f.name for f in text_string_to_metric_families(scraped.text)}
+            assert {"bot_updates", "bot_api_calls", "bot_outbox_unsent"} <= families
+            assert (await client.post(on_metrics_port + "/webhook", content=b"{}")).status_code == 404
+            seen.append(scraped.text)
+        bot.terminate()
+        output = bot.output()
+
+    lines = output.splitlines()
+    assert lines, "the process wrote nothing"
+    parsed = [json.loads(line) for line in lines]  # every line is one JSON object
+    for entry in parsed:
+        assert entry.keys() >= JSON_KEYS
+    assert any(e["logger"].startswith("uvicorn") for e in parsed)  # uvicorn's lines too
+    per_update = {e["update_id"]: e for e in parsed if "duration" in e and "update_id" in e}
+    assert {10, 11, 12, 13, 20, 21, 22, 23} <= per_update.keys()
+    assert per_update[20]["outcome"] in ("applied", "duplicate") and per_update[20]["chat"] == -21
+    outcomes = {e.get("outcome") for e in parsed}
+    assert {"applied", "duplicate", "retry", "rate_limited", "failed"} <= outcomes
+    everything = output + "\n".join(seen)
+    for secret in (TOKEN, SECRET, PASSWORD):
+        assert secret not in everything
+    print(f"{len(lines)} log lines, {len(seen)} responses checked", file=sys.stderr)

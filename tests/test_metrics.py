@@ -1,0 +1,143 @@
+"""GET /metrics: who may read it, and what it says, read back with Prometheus' own text parser."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bot.app import SECRET_HEADER
+from bot.metrics import UPDATE_KINDS, UPDATE_OUTCOMES
+from bot.testing.env import SECRET, make_settings
+from bot.testing.fake_telegram import FakeTelegram
+from bot.testing.updates import PIZZA, encode, hunger, message_update
+
+pytestmark = pytest.mark.anyio
+
+OpenClient = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
+METRICS_TOKEN = "scrape-token-0123456789"
+BEARER = {"authorization": f"Bearer {METRICS_TOKEN}"}
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[name, frozenset(labels.items())]
+
+
+async def scrape_until(client: httpx.AsyncClient, done: Callable[[Samples], bool]) -> Samples:
+    """Metrics once `done` holds: replies are sent, and their outcome recorded, after the 200."""
+    for _ in range(200):
+        samples = parse((await client.get("/metrics", headers=BEARER)).text)
+        if done(samples):
+            return samples
+        await asyncio.sleep(0.05)
+    raise AssertionError("the metrics never showed what was waited for")
+
+
+async def post(client: httpx.AsyncClient, update: dict[str, object]) -> int:
+    headers = {SECRET_HEADER: SECRET, "content-type": "application/json"}
+    return (await client.post("/webhook", content=encode(update), headers=headers)).status_code
+
+
+async def test_metrics_are_not_served_without_a_token_or_a_port(
+    open_client: OpenClient, database_url: str, telegram_root: str
+) -> None:
+    async with open_client(make_settings(database_url, telegram_root)) as client:
+        assert (await client.get("/metrics")).status_code == 404
+        assert (await client.get("/metrics", headers=BEARER)).status_code == 404
+
+
+async def test_metrics_need_the_bearer_token(
+    open_client: OpenClient, database_url: str, telegram_root: str
+) -> None:
+    settings = make_settings(database_url, telegram_root, METRICS_TOKEN=METRICS_TOKEN)
+    async with open_client(settings) as client:
+        assert (await client.get("/metrics")).status_code == 401
+        wrong = await client.get("/metrics", headers={"authorization": "Bearer not-the-token-at-all"})
+        assert wrong.status_code == 401
+        assert wrong.headers["www-authenticate"] == "Bearer"
+        assert METRICS_TOKEN not in wrong.text
+        right = await client.get("/metrics", headers=BEARER)
+        assert right.status_code == 200
+        assert right.headers["content-type"].startswith("text/plain")
+
+
+async def test_counters_read_zero_before_first_use(
+    open_client: OpenClient, database_url: str, telegram_root: str
+) -> None:
+    settings = make_settings(database_url, telegram_root, METRICS_TOKEN=METRICS_TOKEN)
+    async with open_client(settings) as client:
+        samples = parse((await client.get("/metrics", headers=BEARER)).text)
+    for kind in UPDATE_KINDS:
+        for outcome in UPDATE_OUTCOMES:
+            assert value(samples, "bot_updates_total", kind=kind, outcome=outcome) == 0
+    for outcome in ("sent", "retry", "failed", "rate_limited"):
+        assert value(samples, "bot_api_calls_total", method="sendMessage", outcome=outcome) == 0
+    assert value(samples, "bot_api_429_total", scope="chat") == 0
+    assert value(samples, "bot_api_429_total", scope="bot") == 0
+    assert value(samples, "bot_outbox_given_up_total", method="sendMessage") == 0
+    assert value(samples, "bot_update_duration_seconds_count") == 0
+    assert value(samples, "bot_outbox_unsent") == 0
+    assert value(samples, "bot_outbox_oldest_unsent_age_seconds") == 0
+    assert value(samples, "bot_send_pause_seconds") == 0
+
+
+async def test_traffic_shows_in_updates_latency_waits_and_bot_api_calls(
+    open_client: OpenClient, database_url: str, telegram_root: str, fake: FakeTelegram
+) -> None:
+    settings = make_settings(database_url, telegram_root, METRICS_TOKEN=METRICS_TOKEN)
+    async with open_client(settings) as client:
+        assert await post(client, message_update(1, -5, PIZZA)) == 200
+        assert await post(client, message_update(1, -5, PIZZA)) == 200  # a redelivery
+        assert await post(client, hunger(2, -5)) == 200
+        assert await post(client, {"update_id": 3, "edited_message": message_update(3, -5, PIZZA)["message"]})
+        await fake.wait_for_async(lambda: len(fake.delivered()) == 1)
+        samples = await scrape_until(client, lambda s: value(s, "bot_outbox_unsent") == 0)
+    assert value(samples, "bot_updates_total", kind="message", outcome="applied") == 2
+    assert value(samples, "bot_updates_total", kind="message", outcome="duplicate") == 1
+    assert value(samples, "bot_updates_total", kind="edited_message", outcome="ignored") == 1
+    assert value(samples, "bot_update_duration_seconds_count") == 4
+    assert value(samples, "bot_update_duration_seconds_bucket", le="+Inf") == 4
+    assert value(samples, "bot_lock_wait_seconds_count") == 2  # the pizza and the /hunger
+    assert value(samples, "bot_pool_wait_seconds_count") == 3  # and the redelivery's claim
+    assert value(samples, "bot_api_calls_total", method="sendMessage", outcome="sent") == 1
+
+
+async def test_backlog_oldest_age_and_pause_are_read_at_scrape_time(
+    open_client: OpenClient, database_url: str, telegram_root: str, fake: FakeTelegram
+) -> None:
+    settings = make_settings(database_url, telegram_root, METRICS_TOKEN=METRICS_TOKEN)
+    for chat in (-6, -7):
+        fake.fail_next(
+            "sendMessage", error_code=429, description="Too Many Requests", retry_after=60, chat_id=chat
+        )
+    async with open_client(settings) as client:
+        assert await post(client, hunger(1, -6)) == 200
+        await scrape_until(client, lambda s: value(s, "bot_api_429_total", scope="chat") == 1)
+        assert await post(client, hunger(2, -7)) == 200
+        await scrape_until(client, lambda s: value(s, "bot_api_429_total", scope="bot") == 1)
+        assert await post(client, hunger(3, -8)) == 200
+        samples = await scrape_until(
+            client, lambda s: value(s, "bot_outbox_waits_total", reason="bot_budget") == 1
+        )
+    assert value(samples, "bot_api_calls_total", method="sendMessage", outcome="rate_limited") == 2
+    assert value(samples, "bot_api_429_total", scope="chat") == 1
+    assert value(samples, "bot_api_429_total", scope="bot") == 1
+    assert value(samples, "bot_outbox_unsent") == 3  # the third waits for the pause of every send
+    assert 0 <= value(samples, "bot_outbox_oldest_unsent_age_seconds") < 60
+    assert 50 < value(samples, "bot_send_pause_seconds") <= 60
+    assert value(samples, "bot_send_paused_chats") == 2
+    assert fake.delivered() == []
