@@ -88,9 +88,12 @@ class Metrics:
             "bot_send_pause_seconds", "Seconds left of a 429 pause of every send; 0 when none.", registry=r
         )
         self.paused_chats = Gauge("bot_send_paused_chats", "Chats paused by a 429 right now.", registry=r)
-        for kind in UPDATE_KINDS:
-            for outcome in UPDATE_OUTCOMES:
-                self.updates.labels(kind, outcome)
+        # Children looked up once: labels() costs more than the increment itself, once per update.
+        self._updates = {
+            (kind, outcome): self.updates.labels(kind, outcome)
+            for kind in UPDATE_KINDS
+            for outcome in UPDATE_OUTCOMES
+        }
         for outcome in CALL_OUTCOMES:
             self.api_calls.labels("sendMessage", outcome)
         for scope in ("chat", "bot"):
@@ -100,7 +103,7 @@ class Metrics:
         self.outbox_given_up.labels("sendMessage")
 
     def update_done(self, kind: str, outcome: str, seconds: float) -> None:
-        self.updates.labels(kind, outcome).inc()
+        self._updates[kind, outcome].inc()
         self.update_seconds.observe(seconds)
 
     def set_outbox_status(self, status: OutboxStatus | None) -> None:
