@@ -313,7 +313,9 @@ class Outbox:
             except StorageUnavailable as exc:
                 log.warning("outbox sweeper: %s", exc)
             except Exception:
-                log.exception("outbox sweeper: unexpected error; sweeping again in %g s", interval)
+                log.exception(
+                    "outbox sweeper: this round failed and was skipped; trying again in %g s", interval
+                )
             if taken == limit and not self._budget_spent:
                 continue  # there may be more due than one pass takes
             deadline = self._clock.time() + interval

@@ -17,7 +17,7 @@ import pytest
 
 from bot.metrics import Metrics
 from bot.outbox import Limits, Outbox
-from bot.storage import OutgoingCall, PendingCall, Storage, StorageUnavailable
+from bot.storage import OutgoingCall, PendingCall, Storage
 from bot.storage.postgres import PostgresStorage
 from bot.telegram import BotApi
 from bot.testing.env import TOKEN
@@ -327,40 +327,3 @@ async def test_two_processes_share_the_budgets_through_the_database(
     finally:
         await first.close()
         await second.close()
-
-
-# --- the sweeper ------------------------------------------------------------------------------------
-
-
-class Flaky:
-    """A storage whose claim_due fails in every way it can, then works."""
-
-    def __init__(self, inner: Storage) -> None:
-        self.inner = inner
-        self.failures: list[Exception] = [StorageUnavailable("db away"), RuntimeError("a bug")]
-        self.claims = 0
-
-    async def claim_due(self, limit: int, lease: float, now: float | None = None) -> list[PendingCall]:
-        self.claims += 1
-        if self.failures:
-            raise self.failures.pop(0)
-        return await self.inner.claim_due(limit, lease, now)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-async def test_the_sweeper_survives_any_exception(
-    storage: Storage, api: BotApi, fake: FakeTelegram, caplog: pytest.LogCaptureFixture
-) -> None:
-    flaky = Flaky(storage)
-    outbox = Outbox(flaky, api, Metrics())  # type: ignore[arg-type]
-    await queue(storage, [GROUP])
-    sweeper = asyncio.create_task(outbox.run_sweeper(interval=0.01))
-    try:
-        await fake.wait_for_async(lambda: len(fake.delivered()) == 1, timeout=10)
-    finally:
-        sweeper.cancel()
-    assert flaky.claims >= 3
-    assert "outbox sweeper: db away" in caplog.text
-    assert "unexpected error" in caplog.text

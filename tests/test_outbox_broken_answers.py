@@ -68,11 +68,11 @@ class _FlakyStorage(MemoryStorage):
         super().__init__()
         self.claims = 0
 
-    async def claim_due(self, limit: int, lease: float) -> list[PendingCall]:
+    async def claim_due(self, limit: int, lease: float, now: float | None = None) -> list[PendingCall]:
         self.claims += 1
         if self.claims == 1:
             raise RuntimeError("a bug in the storage")
-        return await super().claim_due(limit, lease)
+        return await super().claim_due(limit, lease, now)
 
 
 async def test_the_sweeper_survives_any_error_logs_it_and_sends_on(
