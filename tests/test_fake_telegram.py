@@ -100,13 +100,6 @@ def test_a_failure_can_target_one_chat(fake: FakeTelegram, telegram_root: str) -
     assert [c.params["chat_id"] for c in fake.delivered()] == [6, 5]
 
 
-def test_a_garbled_failure_is_not_the_apis_json(fake: FakeTelegram, telegram_root: str) -> None:
-    fake.fail_next("sendMessage", error_code=502, description="Bad Gateway", garbled=True)
-    answer = call(telegram_root, "sendMessage", json={"chat_id": 1, "text": "x"})
-    assert answer.status_code == 502
-    assert answer.text == "502 Bad Gateway"
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0

@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -69,7 +69,6 @@ class _Failure:
     description: str
     retry_after: int | None
     chat_id: int | None
-    garbled: bool
 
 
 @dataclass(frozen=True)
@@ -121,11 +120,8 @@ def _misbehave(kind: Misbehaviour) -> Response:
 
 
 class _ApiError(Exception):
-    def __init__(
-        self, code: int, description: str, retry_after: int | None = None, garbled: bool = False
-    ) -> None:
+    def __init__(self, code: int, description: str, retry_after: int | None = None) -> None:
         self.code, self.description, self.retry_after = code, description, retry_after
-        self.garbled = garbled  # answered as a proxy would: not the API's JSON
 
 
 def _as_int(params: dict[str, Any], name: str) -> int:
@@ -210,14 +206,10 @@ class FakeTelegram:
         retry_after: int | None = None,
         *,
         chat_id: int | None = None,
-        garbled: bool = False,
     ) -> None:
-        """Answer the next `times` calls of `method` (to `chat_id` only, if given) with this error;
-        `garbled`: with a plain-text body, as a proxy in front of the API does."""
+        """Answer the next `times` calls of `method` (to `chat_id` only, if given) with this error."""
         with self._lock:
-            self._failures.append(
-                _Failure(method, times, error_code, description, retry_after, chat_id, garbled)
-            )
+            self._failures.append(_Failure(method, times, error_code, description, retry_after, chat_id))
 
     def misbehave_next(self, method: str, *kinds: Misbehaviour) -> None:
         """Answer the next calls of `method` with these broken answers, one per call, in order."""
@@ -282,8 +274,6 @@ class FakeTelegram:
                 raise _ApiError(404, "Not Found: method not found")
             result = await handler(int(match.group(1)), params)
         except _ApiError as exc:
-            if exc.garbled:
-                return PlainTextResponse(f"{exc.code} {exc.description}", status_code=exc.code)
             return self._error(exc.code, exc.description, exc.retry_after)
         if method == "sendMessage":
             with self._lock:
@@ -300,9 +290,7 @@ class FakeTelegram:
                     and (failure.chat_id is None or str(failure.chat_id) == str(params.get("chat_id")))
                 ):
                     failure.times -= 1
-                    raise _ApiError(
-                        failure.error_code, failure.description, failure.retry_after, failure.garbled
-                    )
+                    raise _ApiError(failure.error_code, failure.description, failure.retry_after)
             if method == "sendMessage" and self.flood_limits is not None:
                 self._check_flood(self.flood_limits, params)
 
