@@ -83,5 +83,6 @@ def setup_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
+    logging.captureWarnings(True)  # Python's warnings too, so every line is in the chosen format
     # httpx logs every request URL at INFO, and Bot API URLs contain the token (redacted all the same).
     logging.getLogger("httpx").setLevel(logging.WARNING)
