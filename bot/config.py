@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
+from .pooler import POOLER_MODES
+
 __all__ = ["ConfigError", "Settings", "load_settings"]
 
 _TOKEN = re.compile(r"^(\d{1,20}):[A-Za-z0-9_-]{10,}$")
@@ -43,8 +45,16 @@ class Settings:
     webhook_secret: str
     webhook_secret_generated: bool
     database_url: str | None
+    # For migrations: a direct (not pooled) URL when DATABASE_URL goes through a pooler.
+    database_direct_url: str | None
+    # DB_POOLER: "auto", "transaction" or "none" (bot/pooler.py).
+    db_pooler: str
     telegram_api_root: str
     webhook_url: str | None
+    # The variable webhook_url came from: WEBHOOK_URL, or the platform's that it was derived from.
+    webhook_url_source: str | None
+    webhook_max_connections: int
+    migrate_on_start: bool
     host: str
     port: int
     bot_username: str | None
@@ -162,7 +172,34 @@ def _database_url(env: Mapping[str, str], name: str) -> str | None:
     return url
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+# Platforms that tell a process its public address, and how that becomes the webhook's URL.
+_PLATFORM_URLS = (
+    ("RENDER_EXTERNAL_URL", "{}/webhook"),  # Render: https://<service>.onrender.com
+    ("FLY_APP_NAME", "https://{}.fly.dev/webhook"),  # Fly.io
+    # Heroku, with runtime dyno metadata on (`heroku labs:enable runtime-dyno-metadata`): app hostnames
+    # carry a random suffix, so the app's name alone is not enough.
+    ("HEROKU_APP_DEFAULT_DOMAIN_NAME", "https://{}/webhook"),
+    ("RAILWAY_PUBLIC_DOMAIN", "https://{}/webhook"),  # Railway, once the service has a public domain
+)
+
+
+def _webhook_url(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """WEBHOOK_URL, else one derived from the platform's variables; and the variable it came from."""
+    explicit = _url(env, "WEBHOOK_URL", ("https", "http"))
+    if explicit is not None:
+        return explicit, "WEBHOOK_URL"
+    for name, template in _PLATFORM_URLS:
+        value = env.get(name, "").strip().rstrip("/")
+        if value:
+            return template.format(value), name
+    return None, None
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, *, needs_secret: bool = True, needs_database: bool = True
+) -> Settings:
+    """Read and check every setting. `needs_secret` and `needs_database` are what the command at hand
+    requires when BOT_TOKEN is set: `migrate` needs no secret, the webhook commands need no database."""
     env = os.environ if env is None else env
 
     token = env.get("BOT_TOKEN", "").strip() or None
@@ -174,7 +211,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     secret = env.get("WEBHOOK_SECRET", "").strip() or None
     generated = False
     if secret is None:
-        if token is not None:
+        if token is not None and needs_secret:
             raise ConfigError("WEBHOOK_SECRET: required when BOT_TOKEN is set (1-256 of A-Z a-z 0-9 _ -)")
         # Local trial: a fresh secret each start, printed by `serve`, so even a trial is not an open door.
         secret, generated = secrets.token_urlsafe(24), True
@@ -184,8 +221,18 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         )
 
     database_url = _database_url(env, "DATABASE_URL")
+    if database_url is None and token is not None and needs_database and not _bool(env, "ALLOW_EMBEDDED_DB"):
+        # A real bot on the embedded trial database loses every count when the platform restarts it.
+        raise ConfigError(
+            "DATABASE_URL: required when BOT_TOKEN is set (the embedded database is for local trials and"
+            " is lost on a platform's restart; ALLOW_EMBEDDED_DB=1 to use it anyway)"
+        )
+    database_direct_url = _database_url(env, "DATABASE_DIRECT_URL")
+    pooler = env.get("DB_POOLER", "").strip().lower() or "auto"
+    if pooler not in POOLER_MODES:
+        raise ConfigError(f"DB_POOLER: one of {', '.join(POOLER_MODES)}, got {pooler!r}")
     api_root = _url(env, "TELEGRAM_API_ROOT", ("https", "http")) or "https://api.telegram.org"
-    webhook_url = _url(env, "WEBHOOK_URL", ("https", "http"))
+    webhook_url, webhook_url_source = _webhook_url(env)
 
     username = env.get("BOT_USERNAME", "").strip().lstrip("@") or None
     if username is not None and not _USERNAME.match(username):
@@ -229,8 +276,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         webhook_secret=secret,
         webhook_secret_generated=generated,
         database_url=database_url,
+        database_direct_url=database_direct_url,
+        db_pooler=pooler,
         telegram_api_root=api_root.rstrip("/"),
         webhook_url=webhook_url,
+        webhook_url_source=webhook_url_source,
+        # Telegram's range; its default is 40.
+        webhook_max_connections=_int(env, "WEBHOOK_MAX_CONNECTIONS", 40, 1, 100),
+        migrate_on_start=_bool(env, "MIGRATE_ON_START"),
         host=env.get("HOST", "").strip() or "127.0.0.1",
         port=_int(env, "PORT", 8000, 1, 65535),
         bot_username=username,

@@ -126,6 +126,12 @@ class EmbeddedPostgres:
     def dsn(self, database: str = "postgres") -> str:
         return self._server.get_uri(database)
 
+    @property
+    def system_user(self) -> str | None:
+        """The user the server runs as when started by root (None otherwise): it can reach the socket."""
+        user: str | None = self._server.system_user
+        return user
+
     def restart(self) -> None:
         """Stop (fast: open connections are cut) and start again, keeping the data."""
         self._pg_ctl("-m", "fast", "restart")

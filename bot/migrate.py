@@ -1,9 +1,12 @@
 """Numbered SQL migrations, applied once each, safely when several instances start together.
 
-`migrations/NNN_name.sql` files run in numeric order, each in its own transaction, and are recorded in
-`schema_migrations` with a checksum, so an edited, already-applied file is an error rather than a
-silent difference between databases. The whole run holds a session-level advisory lock on one direct
-connection: a second instance starting at the same moment waits, then finds nothing left to do.
+`bot/migrations/NNN_name.sql` files (shipped inside the package, so a wheel or `pip install .` has them)
+run in numeric order, each in its own transaction, and are recorded in `schema_migrations` with a
+checksum, so an edited, already-applied file is an error rather than a silent difference between
+databases. Each of those transactions first takes a transaction-level advisory lock and only then reads
+what is applied: a second instance starting at the same moment waits, then finds nothing left to do. A
+transaction-level lock (not a session-level one) is what stays correct through a transaction-mode
+pooler, where one client connection's transactions may run on different server sessions.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from pathlib import Path
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from .pooler import connect_options
+
 # A direct connection or one borrowed from a pool.
 Connection = asyncpg.Connection | PoolConnectionProxy
 
 __all__ = ["MIGRATIONS_DIR", "MigrationError", "NotMigrated", "check_migrated", "migrate", "pending"]
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# Inside the package, next to this module: installed with it however it is installed.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 # Any fixed 64-bit number, the same in every instance and release: were it to change, an old and a new
 # release could migrate at the same time.
@@ -57,6 +63,9 @@ class _Migration:
 
 def _load(directory: Path) -> list[_Migration]:
     found: dict[int, _Migration] = {}
+    if not directory.is_dir() or not any(directory.glob("*.sql")):
+        # Never "up to date" with nothing to compare: an install that lost its migrations must fail.
+        raise MigrationError(f"no migrations found in {directory} (is the package installed completely?)")
     for path in sorted(directory.glob("*.sql")):
         match = _NAME.match(path.name)
         if match is None:
@@ -94,12 +103,14 @@ def _compare(
     return [m for m in files if m.version not in applied]
 
 
-async def pending(conn_or_dsn: Connection | str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+async def pending(
+    conn_or_dsn: Connection | str, directory: Path = MIGRATIONS_DIR, *, pooler: str = "auto"
+) -> list[str]:
     """Names of the migrations this database still needs; MigrationError if it disagrees with the files."""
     files = _load(directory)
     if not isinstance(conn_or_dsn, str):
         return [m.name for m in _compare(files, await _applied(conn_or_dsn), directory)]
-    conn = await asyncpg.connect(conn_or_dsn, timeout=30)
+    conn = await asyncpg.connect(conn_or_dsn, timeout=30, **connect_options(conn_or_dsn, pooler))
     try:
         return [m.name for m in _compare(files, await _applied(conn), directory)]
     finally:
@@ -120,20 +131,24 @@ async def check_migrated(conn: Connection, directory: Path = MIGRATIONS_DIR) -> 
         )
 
 
-async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR, *, pooler: str = "auto") -> list[str]:
     """Apply what is missing; return the names applied now (empty when up to date)."""
     files = _load(directory)
-    conn = await asyncpg.connect(dsn, timeout=30)
+    applied_now: list[str] = []
+    conn = await asyncpg.connect(dsn, timeout=30, **connect_options(dsn, pooler))
     try:
-        # Session-level, so it spans the per-file transactions below. Released when this connection
-        # closes (the finally below), and by the server if this process dies: no unlock that could fail
-        # on a broken connection and hide the error that broke it. A second instance waits here, then
-        # reads the table only after the first one's last commit.
-        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
-        await conn.execute(_CREATE_TABLE)
-        todo = _compare(files, await _applied(conn), directory)
-        for migration in todo:
+        while True:
+            # One file per transaction, each under the lock and each deciding afresh what is next, so
+            # nothing depends on the session: through a pooler the next transaction may be another
+            # server session. The lock is released by COMMIT or ROLLBACK, and by the server if this
+            # process dies mid-file.
             async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+                await conn.execute(_CREATE_TABLE)
+                todo = _compare(files, await _applied(conn), directory)
+                if not todo:
+                    return applied_now
+                migration = todo[0]
                 await conn.execute(migration.sql)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
@@ -141,6 +156,6 @@ async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
                     migration.name,
                     migration.checksum,
                 )
-        return [m.name for m in todo]
+            applied_now.append(migration.name)
     finally:
         await conn.close()

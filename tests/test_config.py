@@ -76,6 +76,10 @@ def test_sslmode_in_database_url_is_kept_for_the_driver() -> None:
         ({"SEND_RATE_GROUP": "many"}, "SEND_RATE_GROUP", "whole number"),
         ({"OUTBOX_GIVE_UP": "1"}, "OUTBOX_GIVE_UP", "between 10 and 604800"),
         ({"OUTBOX_BACKOFF_MAX": "-1"}, "OUTBOX_BACKOFF_MAX", "between 1 and 3600"),
+        ({"DB_POOLER": "pgbouncer"}, "DB_POOLER", "one of auto, transaction, none"),
+        ({"DATABASE_DIRECT_URL": "mysql://db/x"}, "DATABASE_DIRECT_URL", "postgres:// or postgresql://"),
+        ({"WEBHOOK_MAX_CONNECTIONS": "500"}, "WEBHOOK_MAX_CONNECTIONS", "between 1 and 100"),
+        ({"MIGRATE_ON_START": "maybe"}, "MIGRATE_ON_START", "true or false"),
     ],
 )
 def test_bad_settings_name_the_variable_and_the_problem(
@@ -131,3 +135,66 @@ def test_operations_settings_default_to_telegrams_limits_and_no_public_metrics()
     assert (settings.outbox_backoff_max, settings.outbox_give_up) == (60.0, 3600.0)
     assert settings.metrics_token is None and settings.metrics_port is None
     assert settings.log_format == "text"
+
+
+def test_a_token_without_a_database_is_refused_naming_both() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"BOT_TOKEN": TOKEN, "WEBHOOK_SECRET": "s"})
+    assert str(caught.value).startswith("DATABASE_URL: required when BOT_TOKEN is set")
+    assert "ALLOW_EMBEDDED_DB=1" in str(caught.value)
+
+
+def test_allow_embedded_db_lets_a_token_use_the_embedded_database() -> None:
+    settings = load_settings({"BOT_TOKEN": TOKEN, "WEBHOOK_SECRET": "s", "ALLOW_EMBEDDED_DB": "1"})
+    assert settings.database_url is None
+
+
+def test_commands_that_need_no_secret_or_database_do_not_ask_for_them() -> None:
+    # migrate: the database only; webhook-info and delete-webhook: the token only.
+    assert load_settings({**PRODUCTION, "WEBHOOK_SECRET": ""}, needs_secret=False).database_url
+    assert load_settings({"BOT_TOKEN": TOKEN}, needs_secret=False, needs_database=False).bot_token == TOKEN
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "source"),
+    [
+        ({"WEBHOOK_URL": "https://bot.example.com/hook"}, "https://bot.example.com/hook", "WEBHOOK_URL"),
+        (
+            {"RENDER_EXTERNAL_URL": "https://pizza.onrender.com/"},
+            "https://pizza.onrender.com/webhook",
+            "RENDER_EXTERNAL_URL",
+        ),
+        ({"FLY_APP_NAME": "pizza"}, "https://pizza.fly.dev/webhook", "FLY_APP_NAME"),
+        (
+            {"HEROKU_APP_DEFAULT_DOMAIN_NAME": "pizza-1a2b3c.herokuapp.com", "HEROKU_APP_NAME": "pizza"},
+            "https://pizza-1a2b3c.herokuapp.com/webhook",
+            "HEROKU_APP_DEFAULT_DOMAIN_NAME",
+        ),
+        (
+            {"RAILWAY_PUBLIC_DOMAIN": "pizza.up.railway.app"},
+            "https://pizza.up.railway.app/webhook",
+            "RAILWAY_PUBLIC_DOMAIN",
+        ),
+        # An explicit WEBHOOK_URL wins over what the platform says.
+        (
+            {"WEBHOOK_URL": "https://bot.example.com/webhook", "FLY_APP_NAME": "pizza"},
+            "https://bot.example.com/webhook",
+            "WEBHOOK_URL",
+        ),
+        ({}, None, None),
+    ],
+)
+def test_the_webhook_url_is_derived_from_the_platform(
+    env: dict[str, str], url: str | None, source: str | None
+) -> None:
+    settings = load_settings({**PRODUCTION, **env})
+    assert (settings.webhook_url, settings.webhook_url_source) == (url, source)
+
+
+def test_pooler_and_direct_url_settings() -> None:
+    settings = load_settings(
+        {**PRODUCTION, "DB_POOLER": "Transaction", "DATABASE_DIRECT_URL": "postgresql://u@db:5432/bot"}
+    )
+    assert settings.db_pooler == "transaction"
+    assert settings.database_direct_url == "postgresql://u@db:5432/bot"
+    assert load_settings(PRODUCTION).db_pooler == "auto"

@@ -139,3 +139,36 @@ def test_flood_limits_refuse_the_31st_send_of_a_second(fake: FakeTelegram, teleg
     assert statuses == [200] * 30 + [429]
     clock.now += 1
     assert call(telegram_root, "sendMessage", json={"chat_id": 99, "text": "x"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("params", "description"),
+    [
+        ({"url": "http://example.com/webhook"}, "An HTTPS URL must be provided"),
+        ({"url": "https://example.com/webhook", "secret_token": "has space"}, "unallowed characters"),
+        ({"url": "https://example.com/webhook", "max_connections": 101}, "between 1 and 100"),
+    ],
+)
+def test_set_webhook_refuses_what_telegram_refuses(
+    fake: FakeTelegram, telegram_root: str, params: dict[str, object], description: str
+) -> None:
+    response = call(telegram_root, "setWebhook", json=params)
+    assert response.status_code == 400
+    assert description in response.json()["description"]
+    assert fake.webhook == {}
+
+
+def test_webhook_info_reports_the_last_delivery_error_and_pending_updates(
+    fake: FakeTelegram, telegram_root: str
+) -> None:
+    call(telegram_root, "setWebhook", json={"url": "https://example.com/webhook", "max_connections": 7})
+    fake.webhook_failed("Wrong response from the webhook: 401 Unauthorized", at=1_700_000_000)
+    fake.push_update({"update_id": 1})
+    info = call(telegram_root, "getWebhookInfo").json()["result"]
+    assert info["url"] == "https://example.com/webhook"
+    assert info["max_connections"] == 7
+    assert info["pending_update_count"] == 1
+    assert info["last_error_date"] == 1_700_000_000
+    assert info["last_error_message"] == "Wrong response from the webhook: 401 Unauthorized"
+    fake.reset()
+    assert "last_error_message" not in call(telegram_root, "getWebhookInfo").json()["result"]

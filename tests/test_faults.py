@@ -39,6 +39,9 @@ FAULT_ENV = {
 
 RESULTS: dict[str, dict[str, Any]] = {}
 
+# The exactness tests run twice: straight to PostgreSQL, and through PgBouncer in transaction mode.
+BOTH_ROUTES = pytest.mark.parametrize("route", ["direct", "pgbouncer"])
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _write_results() -> Iterator[None]:
@@ -51,12 +54,26 @@ def _write_results() -> Iterator[None]:
 
 
 @pytest.fixture
-def start_bot(database_url: str, telegram_root: str, tmp_path: Path) -> Iterator[Any]:
+def route() -> str:
+    """How the bot reaches PostgreSQL: "direct", or "pgbouncer" (transaction mode) where a test is
+    parametrized with it."""
+    return "direct"
+
+
+@pytest.fixture
+def start_bot(
+    database_url: str, telegram_root: str, tmp_path: Path, route: str, request: pytest.FixtureRequest
+) -> Iterator[Any]:
     started: list[BotProcess] = []
+    url = database_url
+    pooled: dict[str, str] = {}
+    if route == "pgbouncer":
+        url = request.getfixturevalue("pgbouncer").pooled(database_url)
+        pooled = {"DB_POOLER": "transaction"}
 
     def start(port: int | None = None, **env: str) -> BotProcess:
         process = BotProcess(
-            bot_env(database_url, telegram_root, **{**FAULT_ENV, **env}),
+            bot_env(url, telegram_root, **{**FAULT_ENV, **pooled, **env}),
             tmp_path / f"bot-{len(started)}.log",
             port=port,
         )
@@ -114,8 +131,9 @@ def record(name: str, stats: DeliveryStats, **extra: Any) -> None:
     print(f"\n{name}: {RESULTS[name]}")
 
 
+@BOTH_ROUTES
 async def test_two_processes_share_one_hot_chat_without_losing_an_increment(
-    start_bot: Any, fake: FakeTelegram
+    start_bot: Any, fake: FakeTelegram, route: str
 ) -> None:
     first, second = start_bot(), start_bot()
     updates = [message_update(i, -77, PIZZA) for i in range(1, 2001)]
@@ -124,10 +142,11 @@ async def test_two_processes_share_one_hot_chat_without_losing_an_increment(
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as client:
         stats = await deliver(client, lambda: urls[next(turn) % 2], SECRET, updates, in_flight=64)
         await check_counts(client, first.url, fake, Counter({-77: 2000}), 10**6)
-    record("two processes, one chat", stats, lost=0, doubled=0)
+    record(f"two processes, one chat ({route})", stats, lost=0, doubled=0)
 
 
-async def test_redelivered_updates_are_applied_once(start_bot: Any, fake: FakeTelegram) -> None:
+@BOTH_ROUTES
+async def test_redelivered_updates_are_applied_once(start_bot: Any, fake: FakeTelegram, route: str) -> None:
     bot = start_bot()
     updates, expected = workload(chats=25, per_chat=20)
     asks = [hunger(10_000 + i, -1000 - i % 25) for i in range(50)]
@@ -141,7 +160,7 @@ async def test_redelivered_updates_are_applied_once(start_bot: Any, fake: FakeTe
         await asyncio.sleep(0.5)
         assert len(fake.sent_messages()) == len(asks)  # one reply per /hunger, however often delivered
         await check_counts(client, bot.url, fake, expected, 10**6)
-    record("redelivery", stats, resent=again.delivered, lost=0, doubled=0)
+    record(f"redelivery ({route})", stats, resent=again.delivered, lost=0, doubled=0)
 
 
 async def test_kill_9_mid_load_then_a_fresh_process_serves_the_rest(
@@ -213,8 +232,9 @@ async def test_postgres_restart_mid_load_the_bot_recovers_by_itself(
     record("PostgreSQL restart", stats, answered_503=stats.statuses.get(503, 0), lost=0, doubled=0)
 
 
+@BOTH_ROUTES
 async def test_terminated_backends_mid_load_lose_and_double_nothing(
-    start_bot: Any, fake: FakeTelegram, database_url: str
+    start_bot: Any, fake: FakeTelegram, database_url: str, route: str
 ) -> None:
     bot = start_bot()
     updates, expected = workload(chats=40, per_chat=25)
@@ -240,7 +260,7 @@ async def test_terminated_backends_mid_load_lose_and_double_nothing(
         assert killed > 0
         assert bot.proc.poll() is None
         await check_counts(client, bot.url, fake, expected, 10**6)
-    record("pg_terminate_backend", stats, backends_killed=killed, lost=0, doubled=0)
+    record(f"pg_terminate_backend ({route})", stats, backends_killed=killed, lost=0, doubled=0)
 
 
 async def test_sigterm_finishes_requests_in_flight_and_exits_cleanly(

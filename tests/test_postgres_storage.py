@@ -14,9 +14,14 @@ from bot.storage.postgres import PostgresStorage
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def postgres(database_url: str) -> AsyncIterator[PostgresStorage]:
-    storage = await PostgresStorage.connect(database_url, lock_timeout=0.5)
+@pytest.fixture(params=["direct", "pgbouncer"])
+async def postgres(database_url: str, request: pytest.FixtureRequest) -> AsyncIterator[PostgresStorage]:
+    """The storage straight on PostgreSQL, and through PgBouncer in transaction mode, where the lock
+    timeout can only work if it is set inside each transaction."""
+    url, pooler = database_url, "none"
+    if request.param == "pgbouncer":
+        url, pooler = request.getfixturevalue("pooled_database_url"), "transaction"
+    storage = await PostgresStorage.connect(url, lock_timeout=0.5, pooler=pooler)
     try:
         yield storage
     finally:

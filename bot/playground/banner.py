@@ -33,7 +33,7 @@ def trial_banner(settings: Settings, host: str, port: int, database: str) -> str
             "  Local trial: no BOT_TOKEN, nothing leaves this machine",
             f"  Playground:  {where}",
             f"  Database:    {database}",
-            "  Go live:     set BOT_TOKEN and WEBHOOK_SECRET, then either",
+            "  Go live:     set BOT_TOKEN, WEBHOOK_SECRET and DATABASE_URL, then either",
             "               WEBHOOK_URL=https://<your host>/webhook python -m bot serve   (webhook)",
             "               or, with no public URL: python -m bot poll                  (long polling)",
             "",

@@ -2,7 +2,7 @@
 
 One update is one transaction on one pooled connection:
 
-    BEGIN
+    BEGIN; SET LOCAL lock_timeout ...        -- one message: the timeouts live in the transaction
       INSERT processed_updates ...           -- claim: a redelivery waits here for its first attempt
       SELECT ... FROM sessions FOR UPDATE    -- lock the session row (created first if missing)
       ... handlers run ...
@@ -32,6 +32,7 @@ import asyncpg
 
 from ..metrics import Metrics
 from ..migrate import NotMigrated, check_migrated
+from ..pooler import connect_options
 from . import (
     Budget,
     Moved,
@@ -74,12 +75,14 @@ def _pending(rows: Sequence[asyncpg.Record]) -> list[PendingCall]:
 class _PostgresTransaction:
     """Begins on first use: an update that touches no session never takes a connection."""
 
-    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float, metrics: Metrics | None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, acquire_timeout: float, metrics: Metrics | None, begin: str
+    ) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
         self._metrics = metrics
+        self._begin = begin
         self._conn: asyncpg.pool.PoolConnectionProxy | None = None
-        self._tx: asyncpg.transaction.Transaction | None = None
         # Rows this transaction inserted only to have something to lock; removed before commit unless
         # written, so "no session" stays "no row".
         self._placeholders: set[str] = set()
@@ -92,9 +95,8 @@ class _PostgresTransaction:
             if self._metrics is not None:
                 self._metrics.pool_wait.observe(time.perf_counter() - started)
             self._conn = conn
-            self._tx = conn.transaction()
             with _unavailable_on_failure("begin"):
-                await self._tx.start()
+                await conn.execute(self._begin)
         return self._conn
 
     async def claim_update(self, bot_id: int, update_id: int) -> bool:
@@ -212,9 +214,9 @@ class _PostgresTransaction:
 
     async def finish(self, commit: bool) -> None:
         """Commit or roll back, and always give the connection back to the pool."""
-        if self._conn is None or self._tx is None:
+        if self._conn is None:
             return
-        conn, tx, self._conn, self._tx = self._conn, self._tx, None, None
+        conn, self._conn = self._conn, None
         try:
             if commit:
                 with _unavailable_on_failure("commit"):
@@ -223,9 +225,9 @@ class _PostgresTransaction:
                             "DELETE FROM sessions WHERE key = ANY($1::text[]) AND data IS NULL",
                             list(self._placeholders),
                         )
-                    await tx.commit()
+                    await conn.execute("COMMIT")
             else:
-                await tx.rollback()
+                await conn.execute("ROLLBACK")
         finally:
             # A connection broken mid-transaction fails its reset on release and is terminated by the
             # pool, not reused; that failure says nothing about this transaction's outcome.
@@ -248,11 +250,25 @@ class PostgresStorage:
     """Sessions, processed update ids and the outbox in PostgreSQL. The pool is owned by this object."""
 
     def __init__(
-        self, pool: asyncpg.Pool, *, acquire_timeout: float = 5.0, metrics: Metrics | None = None
+        self,
+        pool: asyncpg.Pool,
+        *,
+        acquire_timeout: float = 5.0,
+        lock_timeout: float = 5.0,
+        statement_timeout: float = 10.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
         self._metrics = metrics  # for the lock-wait and pool-wait histograms
+        # Timeouts as SET LOCAL inside each transaction, sent in the same simple-query message as BEGIN:
+        # no extra round trip, and nothing that depends on the session, which a transaction-mode pooler
+        # does not keep (and whose startup parameters it refuses: "unsupported startup parameter").
+        self._begin = (
+            f"BEGIN; SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms';"
+            f" SET LOCAL statement_timeout = '{int(statement_timeout * 1000)}ms';"
+            f" SET LOCAL idle_in_transaction_session_timeout = '{int(statement_timeout * 3000)}ms'"
+        )
 
     @classmethod
     async def connect(
@@ -267,9 +283,12 @@ class PostgresStorage:
         connect_timeout: float = 5.0,
         application_name: str = "bot",
         metrics: Metrics | None = None,
+        pooler: str = "auto",
     ) -> PostgresStorage:
         """Open a pool. Connections are made lazily after the first, so a database that is down at
-        start-up is reported here, and one that goes away later is reconnected by the pool."""
+        start-up is reported here, and one that goes away later is reconnected by the pool.
+
+        `pooler` is DB_POOLER: behind a transaction-mode pooler no statement is cached on the server."""
         with _unavailable_on_failure("connect to the database"):
             pool = await asyncpg.create_pool(
                 dsn,
@@ -278,14 +297,18 @@ class PostgresStorage:
                 timeout=connect_timeout,
                 # Stale connections (a database restart, a failover) are replaced, not handed out.
                 max_inactive_connection_lifetime=60.0,
-                server_settings={
-                    "lock_timeout": f"{int(lock_timeout * 1000)}ms",
-                    "statement_timeout": f"{int(statement_timeout * 1000)}ms",
-                    "idle_in_transaction_session_timeout": f"{int(statement_timeout * 3000)}ms",
-                    "application_name": application_name,  # names the bot in pg_stat_activity
-                },
+                # application_name (naming the bot in pg_stat_activity) is one of the few startup
+                # parameters PgBouncer passes on; the timeouts are set inside each transaction instead.
+                server_settings={"application_name": application_name},
+                **connect_options(dsn, pooler),
             )
-        return cls(pool, acquire_timeout=acquire_timeout, metrics=metrics)
+        return cls(
+            pool,
+            acquire_timeout=acquire_timeout,
+            lock_timeout=lock_timeout,
+            statement_timeout=statement_timeout,
+            metrics=metrics,
+        )
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -293,7 +316,7 @@ class PostgresStorage:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_PostgresTransaction]:
-        tx = _PostgresTransaction(self._pool, self._acquire_timeout, self._metrics)
+        tx = _PostgresTransaction(self._pool, self._acquire_timeout, self._metrics, self._begin)
         try:
             yield tx
         except BaseException:

@@ -51,6 +51,7 @@ MISBEHAVIOURS: tuple[Misbehaviour, ...] = (
 HUGE_ANSWER_BYTES = 17 * 1024 * 1024  # past the client's 16 MiB limit
 
 _TOKEN = re.compile(r"^(\d+):[A-Za-z0-9_-]+$")
+_SECRET_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class FakeTelegram:
         self._delivered: list[dict[str, Any]] = []
         self._updates: list[dict[str, Any]] = []
         self._webhook: dict[str, Any] = {}
+        self._webhook_error: tuple[int, str] | None = None
         self._next_message_id = 1
         self.admins: dict[int, set[int]] = {}  # chat id → user ids getChatMember calls administrators
         self._generation = 0  # bumped by reset(): ends long polls of a previous test's (dead) client
@@ -221,6 +223,17 @@ class FakeTelegram:
             self._updates.append(update)
             self._lock.notify_all()
 
+    def webhook_failed(self, message: str, at: float | None = None) -> None:
+        """Report a failed delivery in getWebhookInfo, as Telegram does after one (`at`: unix time)."""
+        with self._lock:
+            self._webhook_error = (int(time.time() if at is None else at), message)
+
+    @property
+    def webhook(self) -> dict[str, Any]:
+        """setWebhook's parameters as last accepted; empty when no webhook is set."""
+        with self._lock:
+            return dict(self._webhook)
+
     def reset(self) -> None:
         """Forget calls, failures, updates and the webhook, as for a new test."""
         with self._lock:
@@ -230,6 +243,7 @@ class FakeTelegram:
             self._delivered.clear()
             self._updates.clear()
             self._webhook = {}
+            self._webhook_error = None
             self.delay = 0.0
             self.admins = {}
             self._generation += 1
@@ -384,8 +398,16 @@ class FakeTelegram:
         }
 
     async def _m_setWebhook(self, bot_id: int, params: dict[str, Any]) -> bool:
-        if not params.get("url"):
+        # The checks the real server makes, with its words.
+        url = str(params.get("url") or "")
+        if not url:
             raise _ApiError(400, "Bad Request: bad webhook: URL is empty")
+        if not url.startswith("https://"):
+            raise _ApiError(400, "Bad Request: bad webhook: An HTTPS URL must be provided for webhook")
+        if "secret_token" in params and not _SECRET_TOKEN.match(str(params["secret_token"])):
+            raise _ApiError(400, "Bad Request: secret token contains unallowed characters")
+        if not 1 <= int(params.get("max_connections", 40)) <= 100:
+            raise _ApiError(400, "Bad Request: bad webhook: max_connections must be between 1 and 100")
         with self._lock:
             self._webhook = dict(params)
             if str(params.get("drop_pending_updates")).lower() == "true":
@@ -410,6 +432,8 @@ class FakeTelegram:
                 info["max_connections"] = int(self._webhook.get("max_connections", 40))
                 if "allowed_updates" in self._webhook:
                     info["allowed_updates"] = self._webhook["allowed_updates"]
+            if self._webhook_error is not None:
+                info["last_error_date"], info["last_error_message"] = self._webhook_error
         return info
 
     async def _m_getUpdates(self, bot_id: int, params: dict[str, Any]) -> list[dict[str, Any]]:

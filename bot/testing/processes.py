@@ -25,15 +25,26 @@ def free_port() -> int:
 class BotProcess:
     """One `python -m bot serve` on a free loopback port, with its output kept in a log file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        port: int | None = None,
+        *,
+        python: str = sys.executable,
+        cwd: Path | None = None,
+    ) -> None:
+        """`python` and `cwd`: another installation of the bot (a clean venv with the wheel), run from a
+        folder where `python -m bot` cannot pick up the checkout instead."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(self.port)}
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bot", "serve"],
+            [python, "-m", "bot", "serve"],
             env=self._env,
+            cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

@@ -1,0 +1,76 @@
+"""Registering the webhook and reading Telegram's view of it (bot/webhook.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from bot.telegram import BotApi, BotApiError
+from bot.testing.env import TOKEN, make_settings
+from bot.testing.fake_telegram import FakeTelegram
+from bot.webhook import RECENT_ERROR, problems, register, registration
+
+OURS = "https://bot.example.com/webhook"
+NOW = 1_800_000_000.0
+
+
+def test_registration_carries_the_secret_and_the_bot_s_update_types() -> None:
+    settings = make_settings("postgresql://u@db/bot", "http://fake", WEBHOOK_MAX_CONNECTIONS="12")
+    params = registration(settings, OURS, ["message"])
+    assert params == {
+        "url": OURS,
+        "secret_token": settings.webhook_secret,
+        "max_connections": 12,
+        "allowed_updates": ["message"],
+        "drop_pending_updates": False,
+    }
+
+
+def info(**fields: Any) -> dict[str, Any]:
+    return {"url": OURS, "pending_update_count": 0, "allowed_updates": ["message"], **fields}
+
+
+@pytest.mark.parametrize(
+    ("reported", "flagged"),
+    [
+        (info(), []),
+        (info(url=""), ["no webhook is set"]),
+        (info(url="https://old.example.com/webhook"), ["Telegram calls https://old.example.com/webhook"]),
+        (
+            info(last_error_date=NOW - 120, last_error_message="Wrong response from the webhook: 401"),
+            ["the last delivery failed 2 min ago: Wrong response from the webhook: 401"],
+        ),
+        (info(last_error_date=NOW - RECENT_ERROR - 1, last_error_message="old news"), []),
+        (info(pending_update_count=5), ["5 update(s) are waiting"]),
+        (
+            info(allowed_updates=["message", "callback_query"]),
+            ["Telegram sends ['message', 'callback_query']"],
+        ),
+    ],
+)
+def test_problems_flags_what_differs_from_our_configuration(
+    reported: dict[str, Any], flagged: list[str]
+) -> None:
+    found = problems(reported, OURS, ["message"], now=NOW)
+    assert len(found) == len(flagged)
+    for sentence, start in zip(found, flagged, strict=True):
+        assert sentence.startswith(start)
+
+
+@pytest.mark.anyio
+async def test_register_waits_out_a_flood_limit_and_gives_up_on_a_refusal(
+    fake: FakeTelegram, telegram_root: str
+) -> None:
+    async with httpx.AsyncClient() as client:
+        api = BotApi(TOKEN, client, telegram_root)
+        fake.fail_next(
+            "setWebhook", error_code=429, description="Too Many Requests: retry after 1", retry_after=1
+        )
+        await register(api, {"url": OURS})
+        assert len(fake.calls("setWebhook")) == 2
+        assert fake.webhook["url"] == OURS
+        with pytest.raises(BotApiError, match="An HTTPS URL must be provided"):
+            await register(api, {"url": "http://plain.example.com/webhook"})
+        assert len(fake.calls("setWebhook")) == 3  # a refusal is not retried
