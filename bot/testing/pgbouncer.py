@@ -41,7 +41,7 @@ class PgBouncer:
         self.user = unquote(parts.username or "postgres")
         password = unquote(parts.password or "")
         self.port = free_port()
-        self.workdir = Path(tempfile.mkdtemp(prefix="pizza-bot-pgbouncer-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix="bot-pgbouncer-"))
         upstream = f"host={host} port={parts.port or 5432} user={self.user}"
         if password:
             upstream += f" password={password}"
