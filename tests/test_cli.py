@@ -46,7 +46,6 @@ def bot(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.Comp
     ("env", "message"),
     [
         ({"BOT_TOKEN": "nope"}, "BOT_TOKEN: not a bot token"),
-        ({"BOT_TOKEN": TOKEN}, "WEBHOOK_SECRET: required when BOT_TOKEN is set"),
         ({"DATABASE_URL": "mysql://db/x"}, "DATABASE_URL: must start with postgres:// or postgresql://"),
         ({"PORT": "http"}, "PORT: expected a whole number"),
         ({"DATABASE_URL": "postgresql://u@db:54x2/bot"}, "DATABASE_URL: the port is not a number"),
@@ -67,6 +66,21 @@ def test_config_errors_are_one_line_naming_the_variable(
     assert result.returncode == 2
     assert result.stderr.startswith(f"bot: configuration error: {message}")
     assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ("serve", "WEBHOOK_SECRET: required when BOT_TOKEN is set"),
+        # migrate needs no secret, only a database: without DATABASE_URL it says so instead.
+        ("migrate", "DATABASE_URL: required when BOT_TOKEN is set"),
+    ],
+)
+def test_a_lone_token_is_refused_naming_what_the_command_needs(command: str, message: str) -> None:
+    result = bot(command, env={"BOT_TOKEN": TOKEN})
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"bot: configuration error: {message}")
     assert len(result.stderr.strip().splitlines()) == 1
 
 
