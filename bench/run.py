@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import random
 import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -96,21 +99,98 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
 
-async def run_workload(
-    w: Workload, dsn: str, root: str, fake: FakeTelegram, processes: int, logs: Path
+@dataclass(frozen=True)
+class System:
+    """What a row measures: our bot (with extra settings, to compare designs), the grammY bot, or the
+    plain asyncpg loop. Written on the command line as `bot`, `bot+NAME=VALUE+...`, `grammy`, `raw`."""
+
+    kind: str
+    env: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> System:
+        kind, *settings = text.strip().split("+")
+        if kind not in ("bot", "grammy", "raw") or (settings and kind != "bot"):
+            raise ValueError(f"unknown system {text!r}: bot, bot+NAME=VALUE..., grammy or raw")
+        return cls(kind, tuple(tuple(s.split("=", 1)) for s in settings))  # type: ignore[misc]
+
+    @property
+    def label(self) -> str:
+        names = {"bot": "this bot", "grammy": "grammY + pg.Pool", "raw": "raw asyncpg"}
+        return " ".join([names[self.kind], *(f"{k}={v}" for k, v in self.env)])
+
+
+GRAMMY = Path(__file__).parent / "grammy"
+
+
+def grammy_ready() -> str | None:
+    """None when the grammY bot can run; else why not (it is then left out, with that message)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node/npm not found: the grammY comparison is skipped"
+    if not (GRAMMY / "node_modules").is_dir():
+        done = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=GRAMMY, capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            return (
+                f"`npm ci` in {GRAMMY} failed, the grammY comparison is skipped: {done.stderr.strip()[-500:]}"
+            )
+    return None
+
+
+def _tree(pid: int) -> list[int]:
+    """The process and its descendants (uvicorn's workers with WEB_CONCURRENCY > 1)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                pids += _tree(int(child))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes and their descendants so far."""
+    ticks = 0
+    for pid in {p for root in pids for p in _tree(root)}:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    """The largest peak resident set (VmHWM) of any one of these processes or their descendants."""
+    peak = 0
+    for pid in {p for root in pids for p in _tree(root)}:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+    return peak / 1024
+
+
+async def run_server(
+    w: Workload, system: System, dsn: str, root: str, fake: FakeTelegram, processes: int, logs: Path
 ) -> dict[str, Any]:
+    env = bot_env(dsn, root, LOG_LEVEL="WARNING", DB_POOL_MAX="16", **dict(system.env))
+    command = (
+        ("node", str(GRAMMY / "bot.js"))
+        if system.kind == "grammy"
+        else (sys.executable, "-m", "bot", "serve")
+    )
     bots = [
-        BotProcess(bot_env(dsn, root, LOG_LEVEL="WARNING", DB_POOL_MAX="16"), logs / f"{w.name}-{i}.log")
-        for i in range(processes)
+        BotProcess(env, logs / f"{w.name}-{system.kind}-{i}.log", command=command) for i in range(processes)
     ]
     try:
         for bot in bots:
             bot.wait_ready()
+        pids = [bot.proc.pid for bot in bots]
         urls = [bot.url + "/webhook" for bot in bots]
         turn = iter(range(10**9))
         updates, expected = make_updates(w)
         client = LoopbackHttp()
         try:
+            cpu_before = cpu_seconds(pids)
             stats: DeliveryStats = await deliver(
                 client,
                 lambda: urls[next(turn) % len(urls)],
@@ -121,22 +201,27 @@ async def run_workload(
                 duplicate_share=w.duplicate_share,
                 give_up_after=600,
             )
+            cpu = cpu_seconds(pids) - cpu_before
             lost, extra = await verify(client, urls[0], fake, expected)
+            rss = peak_rss_mb(pids)
         finally:
             await client.aclose()
     finally:
         for bot in bots:
             bot.close()
     return {
-        "workload": f"{w.name} {w.title}",
+        "workload": w.name,
+        "system": system.label,
         "updates": len(updates),
-        "updates/s": f"{stats.delivered / stats.elapsed:.0f}",
+        "updates/s": round(stats.delivered / stats.elapsed),
         "p50 ms": ms(stats.percentile(50)),
         "p99 ms": ms(stats.percentile(99)),
         "redelivered": stats.redelivered,
         "non-2xx": sum(n for code, n in stats.statuses.items() if not 200 <= code < 300),
         "lost": lost,
         "extra": extra,
+        "CPU µs/update": round(cpu / stats.delivered * 1e6),
+        "peak RSS MB": f"{rss:.0f}",
     }
 
 
@@ -180,15 +265,18 @@ async def raw_postgres(w: Workload, dsn: str) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     latencies.sort()
     return {
-        "workload": f"{w.name} raw asyncpg",
+        "workload": w.name,
+        "system": System("raw").label,
         "updates": len(updates),
-        "updates/s": f"{len(updates) / elapsed:.0f}",
+        "updates/s": round(len(updates) / elapsed),
         "p50 ms": ms(statistics.median(latencies)),
         "p99 ms": ms(latencies[int(0.99 * (len(latencies) - 1))]),
         "redelivered": "-",
         "non-2xx": "-",
         "lost": "-",
         "extra": "-",
+        "CPU µs/update": "-",
+        "peak RSS MB": "-",
     }
 
 
@@ -231,14 +319,35 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()}"
 
 
+def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per workload and system, the run with the median rate (the lower one of an even count)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["workload"], row["system"]), []).append(row)
+    return [sorted(runs, key=lambda r: r["updates/s"])[(len(runs) - 1) // 2] for runs in groups.values()]
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-w", "--workloads", default="A,B,C,T,G")
-    parser.add_argument("-p", "--processes", type=int, default=1, help="bot processes sharing the database")
+    parser.add_argument(
+        "-s",
+        "--systems",
+        default="bot,grammy,raw",
+        help="what to measure side by side: bot, bot+NAME=VALUE+... (a setting), grammy, raw",
+    )
+    parser.add_argument(
+        "-p", "--processes", type=int, default=1, help="server processes sharing the database"
+    )
+    parser.add_argument("-r", "--repeat", type=int, default=1, help="runs of each; the median is reported")
     args = parser.parse_args()
     chosen = [WORKLOADS[name.strip()] for name in args.workloads.split(",")]
+    systems = [System.parse(text) for text in args.systems.split(",")]
+    if any(s.kind == "grammy" for s in systems) and (why := grammy_ready()) is not None:
+        print(why, file=sys.stderr)
+        systems = [s for s in systems if s.kind != "grammy"]
 
     embedded = None
     server_url = os.environ.get("DATABASE_URL")
@@ -251,19 +360,26 @@ async def main() -> None:
     try:
         with serve(fake) as root:
             for w in chosen:
-                rows.append(
-                    await run_workload(w, await fresh_database(server_url), root, fake, args.processes, logs)
-                )
-                rows.append(await raw_postgres(w, await fresh_database(server_url)))
-                print(table(rows[-2:]), file=sys.stderr, flush=True)
+                for run in range(args.repeat):
+                    # Each run starts with another system, so none always gets the quieter moment.
+                    for system in systems[run % len(systems) :] + systems[: run % len(systems)]:
+                        dsn = await fresh_database(server_url)
+                        if system.kind == "raw":
+                            row = await raw_postgres(w, dsn)
+                        else:
+                            row = await run_server(w, system, dsn, root, fake, args.processes, logs)
+                        row["load"] = f"{os.getloadavg()[0]:.1f}"
+                        rows.append(row)
+                        print(table(rows[-1:]), file=sys.stderr, flush=True)
     finally:
         if embedded is not None:
             embedded.stop()
     print(
-        f"\n{time.strftime('%Y-%m-%d')}, {machine()}, {args.processes} bot process(es), PostgreSQL "
-        f"{'embedded' if embedded else 'from DATABASE_URL'}\n"
+        f"\n{time.strftime('%Y-%m-%d %H:%M')}, {machine()}, {args.processes} server process(es) each, "
+        f"PostgreSQL {'embedded' if embedded else 'from DATABASE_URL'}, median of {args.repeat} run(s); "
+        "load = 1-minute load average after the row\n"
     )
-    print(table(rows))
+    print(table(median_rows(rows)))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ __all__ = ["DeliveryStats", "LoopbackHttp", "Poster", "deliver"]
 
 
 class _Response(Protocol):
-    status_code: int
+    @property
+    def status_code(self) -> int: ...
 
 
 class Poster(Protocol):

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -23,7 +24,10 @@ def free_port() -> int:
 
 
 class BotProcess:
-    """One `python -m bot serve` on a free loopback port, with its output kept in a log file."""
+    """One `python -m bot serve` on a free loopback port, with its output kept in a log file.
+
+    `command` runs another server with the same environment contract instead (the benchmark's grammY bot).
+    """
 
     def __init__(
         self,
@@ -33,6 +37,7 @@ class BotProcess:
         *,
         python: str = sys.executable,
         cwd: Path | None = None,
+        command: Sequence[str] | None = None,
     ) -> None:
         """`python` and `cwd`: another installation of the bot (a clean venv with the wheel), run from a
         folder where `python -m bot` cannot pick up the checkout instead."""
@@ -42,7 +47,7 @@ class BotProcess:
         self._env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(self.port)}
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [python, "-m", "bot", "serve"],
+            list(command) if command is not None else [python, "-m", "bot", "serve"],
             env=self._env,
             cwd=cwd,
             stdout=self._log,
