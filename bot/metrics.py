@@ -50,6 +50,12 @@ class Metrics:
             buckets=_WAIT,
             registry=r,
         )
+        self.optimistic_conflicts = Counter(
+            "bot_optimistic_conflicts",
+            "Optimistic attempts that found their session changed (or the update applied before) and"
+            " ran again with the row locked (DB_CONCURRENCY=optimistic).",
+            registry=r,
+        )
         self.api_calls = Counter(
             "bot_api_calls",
             "Outgoing Bot API calls by method and outcome: sent, retry (5xx or network error),"

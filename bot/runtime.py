@@ -131,6 +131,7 @@ async def start(
                 lease=settings.outbox_lease,
                 api=api,
                 api_timeout=settings.api_call_timeout,
+                optimistic=settings.db_optimistic,
             )
             sweeper = asyncio.create_task(outbox.run_sweeper(settings.sweep_interval))
             try:

@@ -152,10 +152,9 @@ def pooled_database_url(database_url: str, pgbouncer: PgBouncer) -> str:
 # --- Storages and the app ---------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "postgres"])
-async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
-    """Each storage in turn: tests using it prove a promise of the Storage protocol on both."""
-    if request.param == "memory":
+@asynccontextmanager
+async def _storage(kind: str, request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
+    if kind == "memory":
         yield MemoryStorage()
         return
     postgres = await PostgresStorage.connect(request.getfixturevalue("database_url"), max_size=20)
@@ -163,6 +162,21 @@ async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
         yield postgres
     finally:
         await postgres.close()
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
+    """Each storage in turn: tests using it prove a promise of the Storage protocol on both."""
+    async with _storage(request.param, request) as storage:
+        yield storage
+
+
+@pytest.fixture(params=["memory", "postgres-locked", "postgres-optimistic"])
+async def storage_mode(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Storage, bool]]:
+    """Each storage and, for PostgreSQL, each transaction mode (DB_CONCURRENCY): (storage, optimistic)."""
+    kind, _, mode = request.param.partition("-")
+    async with _storage(kind, request) as storage:
+        yield storage, mode == "optimistic"
 
 
 @asynccontextmanager

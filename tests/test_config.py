@@ -36,6 +36,11 @@ def test_production_settings_are_read_as_given() -> None:
     assert settings.db_lock_timeout == 2.5
 
 
+@pytest.mark.parametrize(("value", "optimistic"), [("", True), ("locked", False), ("Optimistic", True)])
+def test_db_concurrency_chooses_the_transaction_mode(value: str, optimistic: bool) -> None:
+    assert load_settings({"DB_CONCURRENCY": value}).db_optimistic is optimistic
+
+
 def test_sslmode_in_database_url_is_kept_for_the_driver() -> None:
     url = "postgres://u:p@db.example.com:5432/bot?sslmode=require"
     assert load_settings({**PRODUCTION, "DATABASE_URL": url}).database_url == url
@@ -80,6 +85,8 @@ def test_sslmode_in_database_url_is_kept_for_the_driver() -> None:
         ({"DATABASE_DIRECT_URL": "mysql://db/x"}, "DATABASE_DIRECT_URL", "postgres:// or postgresql://"),
         ({"WEBHOOK_MAX_CONNECTIONS": "500"}, "WEBHOOK_MAX_CONNECTIONS", "between 1 and 100"),
         ({"MIGRATE_ON_START": "maybe"}, "MIGRATE_ON_START", "true or false"),
+        ({"DB_CONCURRENCY": "yolo"}, "DB_CONCURRENCY", "one of locked, optimistic"),
+        ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY", "between 1 and 64"),
     ],
 )
 def test_bad_settings_name_the_variable_and_the_problem(

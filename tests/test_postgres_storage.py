@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import asyncpg
 import pytest
 
-from bot.storage import StorageUnavailable, StoredSession
+from bot.context import BotIdentity, Context
+from bot.dispatch import Bot
+from bot.metrics import Metrics
+from bot.pipeline import Pipeline, Status
+from bot.session import session
+from bot.storage import Conflict, OutgoingCall, StorageUnavailable, StoredSession
 from bot.storage.postgres import PostgresStorage
+from bot.testing.updates import text_update
 
 pytestmark = pytest.mark.anyio
 
@@ -84,3 +92,180 @@ async def test_old_update_ids_and_sent_replies_are_pruned(postgres: PostgresStor
         await tx.claim_update(1, 2)
     assert await postgres.prune(keep_updates=25 * 3600, keep_sent=3600) == 1
     assert await postgres.pool.fetchval("SELECT array_agg(update_id) FROM processed_updates") == [2]
+
+
+# --- Round trips, and the optimistic transaction ------------------------------------------------------
+
+
+@dataclass
+class Counter:
+    count: int = 0
+
+
+def counter_bot() -> Bot[Counter]:
+    bot: Bot[Counter] = Bot(session(Counter))
+
+    @bot.on_message(lambda m: m.text == "+")
+    async def plus(ctx: Context[Counter]) -> None:
+        ctx.session.count += 1
+
+    @bot.on_message(lambda m: m.text == "look")
+    async def look(ctx: Context[Counter]) -> None:
+        ctx.reply(str(ctx.session.count))
+
+    return bot
+
+
+@pytest.mark.parametrize(
+    ("optimistic", "trips"), [(False, (3, 4)), (True, (2, 2))], ids=["locked", "optimistic"]
+)
+async def test_round_trips_per_update_of_a_known_chat(
+    database_url: str, optimistic: bool, trips: tuple[int, int]
+) -> None:
+    """Each statement sent is a round trip: a 🍕-like update (changes the session, no reply) and a
+    /hunger-like one (reads it, queues a reply)."""
+    sent: list[str] = []
+
+    storage = await PostgresStorage.connect(database_url, min_size=1, max_size=1)
+    async with storage.pool.acquire() as conn:  # the only connection: it stays logged
+        conn.add_query_logger(lambda q: sent.append(q.query))
+    try:
+        run = Pipeline(counter_bot(), storage, BotIdentity(1, "pizza_bot"), Metrics(), optimistic=optimistic)
+        await run.process(text_update(1, chat_id=7, text="+"))  # the chat's first update creates its row
+        counted = []
+        for update_id, text in ((2, "+"), (3, "look")):
+            sent.clear()
+            outcome = await run.process(text_update(update_id, chat_id=7, text=text))
+            assert outcome.status is Status.APPLIED
+            counted.append(len(sent))
+        assert tuple(counted) == trips, sent
+        assert [c.params["text"] for c in outcome.to_send] == ["2"]
+        assert run.metrics.count("bot_optimistic_conflicts_total") == 0
+    finally:
+        await storage.close()
+
+
+async def _write_count(storage: PostgresStorage, key: str, count: int) -> None:
+    async with storage.transaction() as tx:
+        await tx.read(key)
+        await tx.write(key, StoredSession(f'{{"count": {count}}}'))
+
+
+async def _nothing_of_update_applied(storage: PostgresStorage, update_id: int) -> None:
+    pool = storage.pool
+    assert await pool.fetchval("SELECT count(*) FROM processed_updates WHERE update_id = $1", update_id) == 0
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE update_id = $1", update_id) == 0
+
+
+async def test_an_optimistic_write_over_a_row_changed_since_the_read_conflicts_and_applies_nothing(
+    postgres: PostgresStorage,
+) -> None:
+    await _write_count(postgres, "k", 1)
+
+    async def attempt() -> None:
+        async with postgres.optimistic_transaction() as tx:
+            assert await tx.claim_update(1, 10)
+            assert await tx.read("k") == StoredSession('{"count": 1}')
+            await _write_count(postgres, "k", 5)  # another update of the chat commits meanwhile
+            await tx.write("k", StoredSession('{"count": 2}'))
+            await tx.enqueue(1, 10, [OutgoingCall("sendMessage", {"text": "2"})], lease=30)
+
+    with pytest.raises(Conflict, match="changed since it was read"):
+        await attempt()
+    await _nothing_of_update_applied(postgres, 10)
+    assert await postgres.pool.fetchval("SELECT data->>'count' FROM sessions WHERE key = 'k'") == "5"
+    assert postgres.contended("k")  # the next updates of this chat take the lock straight away
+
+
+async def test_an_optimistic_insert_of_a_session_created_meanwhile_conflicts(
+    postgres: PostgresStorage,
+) -> None:
+    async def attempt() -> None:
+        async with postgres.optimistic_transaction() as tx:
+            await tx.claim_update(1, 11)
+            assert await tx.read("new") is None
+            await _write_count(postgres, "new", 3)
+            await tx.write("new", StoredSession('{"count": 1}'))
+
+    with pytest.raises(Conflict, match="changed since it was read"):
+        await attempt()
+    await _nothing_of_update_applied(postgres, 11)
+    assert await postgres.pool.fetchval("SELECT data->>'count' FROM sessions WHERE key = 'new'") == "3"
+
+
+async def test_an_optimistic_attempt_at_an_applied_update_conflicts_before_its_handler(
+    postgres: PostgresStorage,
+) -> None:
+    async with postgres.transaction() as tx:
+        assert await tx.claim_update(1, 12)
+    async with postgres.optimistic_transaction() as tx:
+        await tx.claim_update(1, 12)
+        with pytest.raises(Conflict, match="redelivered"):
+            await tx.read("k")
+
+
+async def test_an_optimistic_attempt_raced_by_its_redelivery_conflicts_and_applies_nothing(
+    postgres: PostgresStorage,
+) -> None:
+    await _write_count(postgres, "k", 1)
+
+    async def attempt() -> None:
+        async with postgres.optimistic_transaction() as tx:
+            await tx.claim_update(1, 13)
+            await tx.read("k")
+            async with postgres.transaction() as other:  # the redelivery, applied first elsewhere
+                assert await other.claim_update(1, 13)
+            await tx.write("k", StoredSession('{"count": 2}'))
+
+    with pytest.raises(Conflict, match="UniqueViolation"):
+        await attempt()
+    assert await postgres.pool.fetchval("SELECT data->>'count' FROM sessions WHERE key = 'k'") == "1"
+    assert await postgres.pool.fetchval("SELECT count(*) FROM outbox") == 0
+
+
+async def test_an_optimistic_update_applies_claim_write_and_replies_together(
+    postgres: PostgresStorage,
+) -> None:
+    await _write_count(postgres, "k", 1)
+    async with postgres.optimistic_transaction() as tx:
+        await tx.claim_update(1, 14)
+        await tx.read("k")
+        await tx.write("k", StoredSession('{"count": 2}'), ttl=3600)
+        pending = await tx.enqueue(
+            1, 14, [OutgoingCall("a", {"n": 1}), OutgoingCall("b", {"n": 2})], lease=30
+        )
+    assert [(p.method, p.params) for p in pending] == [("a", {"n": 1}), ("b", {"n": 2})]
+    row = await postgres.pool.fetchrow("SELECT data->>'count' AS n, expires_at > now() AS ttl FROM sessions")
+    assert (row["n"], row["ttl"]) == ("2", True)
+    assert await postgres.pool.fetchval("SELECT count(*) FROM processed_updates WHERE update_id = 14") == 1
+
+
+async def test_an_optimistic_delete_and_a_second_session_key(postgres: PostgresStorage) -> None:
+    await _write_count(postgres, "k", 1)
+    async with postgres.optimistic_transaction() as tx:
+        await tx.read("k")
+        await tx.delete("k")
+    assert await postgres.pool.fetchval("SELECT count(*) FROM sessions") == 0
+    async with postgres.optimistic_transaction() as tx:
+        await tx.read("a")
+        with pytest.raises(Conflict, match="several sessions"):
+            await tx.read("b")
+
+
+async def test_values_that_cannot_be_sql_literals_still_commit(postgres: PostgresStorage) -> None:
+    """The COMMIT rides with the writes as literals; quotes and backslashes must survive, and a NUL
+    (which no literal can carry) falls back to parameters."""
+    data = '{"s": "it\'s a \\\\ back\\"slash"}'
+    async with postgres.transaction() as tx:
+        await tx.read("o'k\\")
+        await tx.write("o'k\\", StoredSession(data))
+    async with postgres.transaction() as tx:
+        stored = await tx.read("o'k\\")
+    assert stored is not None and json.loads(stored.data) == json.loads(data)
+
+    async def write_nul() -> None:
+        async with postgres.transaction() as tx:
+            await tx.write("nul\x00", StoredSession("{}"))
+
+    with pytest.raises(StorageUnavailable, match="write sessions"):  # PostgreSQL refuses NUL in text
+        await write_nul()

@@ -125,8 +125,8 @@ def counting(storage: Storage) -> CountingStorage:
     return CountingStorage(storage)
 
 
-def pipeline(bot: Bot[Any], storage: Any) -> Pipeline:
-    return Pipeline(bot, storage, ME, Metrics())
+def pipeline(bot: Bot[Any], storage: Any, *, optimistic: bool = False) -> Pipeline:
+    return Pipeline(bot, storage, ME, Metrics(), optimistic=optimistic)
 
 
 def counter_bot(**options: Any) -> Bot[Counted]:
@@ -398,16 +398,20 @@ async def test_ttl_expired_session_reads_as_new(counting: CountingStorage) -> No
     assert [c.params["text"] for c in first.to_send + second.to_send] == ["2", "0"]
 
 
-async def test_concurrent_updates_of_one_chat_lose_no_increment(storage: Storage) -> None:
-    run = pipeline(counter_bot(), storage)
+async def test_concurrent_updates_of_one_chat_lose_no_increment(storage_mode: tuple[Storage, bool]) -> None:
+    storage, optimistic = storage_mode
+    run = pipeline(counter_bot(), storage, optimistic=optimistic)
     results = await asyncio.gather(*(run.process(text_update(i, chat_id=7, text="+")) for i in range(200)))
     assert {r.status for r in results} == {Status.APPLIED}
     saved = await stored(storage, "7")
     assert saved is not None and json.loads(saved.data)["count"] == 200
 
 
-async def test_redelivered_update_is_applied_once_and_replies_once(storage: Storage) -> None:
-    run = pipeline(counter_bot(), storage)
+async def test_redelivered_update_is_applied_once_and_replies_once(
+    storage_mode: tuple[Storage, bool],
+) -> None:
+    storage, optimistic = storage_mode
+    run = pipeline(counter_bot(), storage, optimistic=optimistic)
     first, again = await asyncio.gather(
         run.process(text_update(1, chat_id=7, text="+")), run.process(text_update(1, chat_id=7, text="+"))
     )
@@ -420,8 +424,9 @@ async def test_redelivered_update_is_applied_once_and_replies_once(storage: Stor
 
 
 async def test_handler_bug_rolls_back_and_the_chat_keeps_working(
-    storage: Storage, caplog: pytest.LogCaptureFixture
+    storage_mode: tuple[Storage, bool], caplog: pytest.LogCaptureFixture
 ) -> None:
+    storage, optimistic = storage_mode
     bot = counter_bot()
 
     @bot.message(text(equals="boom"))
@@ -430,7 +435,7 @@ async def test_handler_bug_rolls_back_and_the_chat_keeps_working(
         ctx.reply("never sent")
         raise RuntimeError("handler bug")
 
-    run = pipeline(bot, storage)
+    run = pipeline(bot, storage, optimistic=optimistic)
     await run.process(text_update(1, chat_id=7, text="+"))
     failed = await run.process(text_update(2, chat_id=7, text="boom"))
     assert failed.status is Status.FAILED and failed.to_send == []
@@ -459,8 +464,11 @@ async def test_chat_migration_moves_the_session_once_whichever_message_comes_fir
     assert [c.params["text"] for c in look.to_send] == ["4"]
 
 
-async def test_chat_migration_racing_with_updates_on_both_ids_loses_nothing(storage: Storage) -> None:
-    run = pipeline(merging_bot(), storage)
+async def test_chat_migration_racing_with_updates_on_both_ids_loses_nothing(
+    storage_mode: tuple[Storage, bool],
+) -> None:
+    storage, optimistic = storage_mode
+    run = pipeline(merging_bot(), storage, optimistic=optimistic)
     old_pizzas = [text_update(i, chat_id=-6, text="+") for i in range(1, 101)]
     new_pizzas = [text_update(i, chat_id=-1006, text="+") for i in range(101, 201)]
     # Telegram sends the old chat's messages in order, ending with migrate_to; the new chat's start with
@@ -582,11 +590,14 @@ async def count_of(storage: Storage, key: str) -> int:
 
 @pytest.mark.parametrize("user_storage", ["shared", "own"])
 async def test_multi_sessions_keep_per_chat_and_per_user_counts_exact_under_concurrency(
-    storage: Storage, user_storage: str
+    storage_mode: tuple[Storage, bool], user_storage: str
 ) -> None:
+    storage, optimistic = storage_mode
     # "own": the chats in a MemoryStorage, the users in the storage under test, each with its transaction.
     chats, users = (storage, storage) if user_storage == "shared" else (MemoryStorage(), storage)
-    run = pipeline(multi_bot(user_storage=users if users is not chats else None), chats)
+    run = pipeline(
+        multi_bot(user_storage=users if users is not chats else None), chats, optimistic=optimistic
+    )
     rng = random.Random(3)
     # Five users writing in five chats at once: every update locks a chat row and a user row, in one
     # global order, so no two updates can deadlock on each other's rows.

@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "Budget",
+    "Conflict",
     "Moved",
+    "OptimisticStorage",
     "OutboxStatus",
     "OutgoingCall",
     "PendingCall",
@@ -104,6 +106,12 @@ class StorageUnavailable(Exception):
     """
 
 
+class Conflict(Exception):
+    """An optimistic attempt could not be applied as it ran: a session it read changed meanwhile, or the
+    update turned out to be applied already. Nothing of it was written; run the update again in a
+    locking transaction (`Storage.transaction()`), which also tells a redelivery apart."""
+
+
 class Transaction(Protocol):
     async def claim_update(self, bot_id: int, update_id: int) -> bool:
         """Record the update as processed; False if it already was (a redelivery).
@@ -180,3 +188,12 @@ class Storage(Protocol):
         """Raise StorageUnavailable unless the storage answers and is ready to serve."""
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class OptimisticStorage(Storage, Protocol):
+    def optimistic_transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """Like `transaction()`, but `read` takes no lock and `claim_update` only records the wish: the
+        claim, the writes and the queued calls are applied together at the end, if and only if nothing
+        read has changed and the update is new; otherwise the block raises Conflict and nothing is
+        applied. The handlers may therefore run twice (their calls are sent only after a commit)."""
