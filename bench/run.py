@@ -19,6 +19,7 @@ import platform
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -170,14 +171,34 @@ def peak_rss_mb(pids: list[int]) -> float:
 
 
 async def run_server(
-    w: Workload, system: System, dsn: str, root: str, fake: FakeTelegram, processes: int, logs: Path
+    w: Workload,
+    system: System,
+    dsn: str,
+    root: str,
+    fake: FakeTelegram,
+    processes: int,
+    logs: Path,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     env = bot_env(dsn, root, LOG_LEVEL="WARNING", DB_POOL_MAX="16", **dict(system.env))
-    command = (
-        ("node", str(GRAMMY / "bot.js"))
-        if system.kind == "grammy"
-        else (sys.executable, "-m", "bot", "serve")
-    )
+    command: tuple[str, ...] = ("node", str(GRAMMY / "bot.js"))
+    if system.kind == "bot":
+        command = (sys.executable, "-m", "bot", "serve")
+        if profile is not None:
+            out = profile / f"{w.name}-{'-'.join(f'{k}={v}' for k, v in system.env) or 'bot'}.txt"
+            command = (
+                "py-spy",
+                "record",
+                "--rate",
+                "1000",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "-o",
+                str(out),
+                "--",
+                *command,
+            )
     bots = [
         BotProcess(env, logs / f"{w.name}-{system.kind}-{i}.log", command=command) for i in range(processes)
     ]
@@ -208,6 +229,10 @@ async def run_server(
             await client.aclose()
     finally:
         for bot in bots:
+            if profile is not None:  # py-spy writes its file when it stops, which SIGKILL would prevent
+                bot.proc.send_signal(signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    bot.proc.wait(60)
             bot.close()
     return {
         "workload": w.name,
@@ -319,6 +344,51 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()}"
 
 
+def rss_mb(pids: list[int]) -> float:
+    """Current resident memory of the largest of these processes (or their descendants)."""
+    largest = 0
+    for pid in {p for root in pids for p in _tree(root)}:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    largest = max(largest, int(line.split()[1]))
+    return largest / 1024
+
+
+async def soak(seconds: float, rate: float, dsn: str, root: str, logs: Path) -> None:
+    """Telegram-like traffic (1000 chats, at most one update per chat in flight) at a fixed rate for
+    `seconds`, printing the bot's resident memory every 30 s: it must stay flat."""
+    bot = BotProcess(bot_env(dsn, root, LOG_LEVEL="WARNING", DB_POOL_MAX="16"), logs / "soak.log")
+    client = LoopbackHttp()
+    try:
+        bot.wait_ready()
+        url = bot.url + "/webhook"
+        started = time.monotonic()
+        sent, samples = 0, []
+        next_sample = started
+        while (now := time.monotonic()) < started + seconds:
+            if now >= next_sample:
+                samples.append((round(now - started), f"{rss_mb([bot.proc.pid]):.1f}"))
+                print(f"{samples[-1][0]:>5} s  {sent:>8} updates  RSS {samples[-1][1]} MB", file=sys.stderr)
+                next_sample += 30
+            # One second's worth of updates, each chat at most once: Telegram's shape.
+            batch = [
+                message_update(
+                    sent + i + 1, -100_000 - (sent + i) % 1000, f"{PIZZA} again" if i % 2 else "hi"
+                )
+                for i in range(int(rate))
+            ]
+            tick = time.monotonic()
+            await deliver(client, lambda: url, SECRET, batch, in_flight=40, one_per_chat=True)
+            sent += len(batch)
+            await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+        samples.append((round(time.monotonic() - started), f"{rss_mb([bot.proc.pid]):.1f}"))
+        print(f"soak: {sent} updates in {seconds:.0f} s at {rate:g}/s; RSS MB over time: {samples}")
+    finally:
+        await client.aclose()
+        bot.close()
+
+
 def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per workload and system, the run with the median rate (the lower one of an even count)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -342,6 +412,13 @@ async def main() -> None:
         "-p", "--processes", type=int, default=1, help="server processes sharing the database"
     )
     parser.add_argument("-r", "--repeat", type=int, default=1, help="runs of each; the median is reported")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="run our bot under py-spy (pip install py-spy) and write collapsed stacks to this folder",
+    )
+    parser.add_argument("--soak", type=float, help="instead: Telegram-like traffic for this many seconds")
+    parser.add_argument("--rate", type=float, default=500, help="updates per second during --soak")
     args = parser.parse_args()
     chosen = [WORKLOADS[name.strip()] for name in args.workloads.split(",")]
     systems = [System.parse(text) for text in args.systems.split(",")]
@@ -359,6 +436,9 @@ async def main() -> None:
     rows: list[dict[str, Any]] = []
     try:
         with serve(fake) as root:
+            if args.soak:
+                await soak(args.soak, args.rate, await fresh_database(server_url), root, logs)
+                return
             for w in chosen:
                 for run in range(args.repeat):
                     # Each run starts with another system, so none always gets the quieter moment.
@@ -367,7 +447,9 @@ async def main() -> None:
                         if system.kind == "raw":
                             row = await raw_postgres(w, dsn)
                         else:
-                            row = await run_server(w, system, dsn, root, fake, args.processes, logs)
+                            row = await run_server(
+                                w, system, dsn, root, fake, args.processes, logs, args.profile
+                            )
                         row["load"] = f"{os.getloadavg()[0]:.1f}"
                         rows.append(row)
                         print(table(rows[-1:]), file=sys.stderr, flush=True)
@@ -383,4 +465,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    # A stopped benchmark still stops its servers and its database (the finally blocks run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     asyncio.run(main())

@@ -21,8 +21,12 @@ request that does not arrive in one piece.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import logging
+import os
+import signal
+import socket
 from typing import ClassVar
 
 import uvicorn
@@ -198,9 +202,42 @@ def run(app: ASGIApp, settings: Settings, host: str, port: int) -> None:
         timeout_keep_alive=int(KEEP_ALIVE_TIMEOUT),
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
     )
-    sockets = None
+    sockets = [config.bind_socket()]
     if settings.metrics_port is not None:
         # One server on two sockets: the app serves only /metrics on this one (bot.app).
         metrics = uvicorn.Config(app, host=host, port=settings.metrics_port, log_config=None)
-        sockets = [config.bind_socket(), metrics.bind_socket()]
-    uvicorn.Server(config).run(sockets=sockets)
+        sockets.append(metrics.bind_socket())
+    if settings.web_concurrency == 1:
+        uvicorn.Server(config).run(sockets=sockets)
+        return
+    _run_workers(config, settings.web_concurrency, sockets)
+
+
+def _run_workers(config: uvicorn.Config, workers: int, sockets: list[socket.socket]) -> None:
+    """WEB_CONCURRENCY: fork that many servers sharing the bound sockets, and pass SIGTERM/SIGINT on.
+
+    Forked, not spawned (uvicorn's own supervisor pickles its config, and this protocol class is made at
+    run time): each worker opens its own pool and sweeper in the app's lifespan, after the fork. (With
+    METRICS_PORT, each scrape reads the worker that accepted it.)
+    """
+    children = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve, then leave without running the parent's clean-up a second time
+            try:
+                uvicorn.Server(config).run(sockets=sockets)
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    def forward(signum: int, frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for child in children:
+        os.waitpid(child, 0)
+    for sock in sockets:
+        sock.close()
