@@ -63,8 +63,9 @@ class ImmediateApi:
     Caveat: the handler runs inside the update's transaction, holding its session rows locked, so every
     other update of the same chat (or user, per the key) waits for as long as this call takes. Prefer
     `ctx.call`/`ctx.reply` (sent after the commit) for anything whose answer the handler does not need;
-    and a call made here is made again if the update is redelivered (a failed commit, a 503), so make only
-    calls that are safe to repeat.
+    and a call made here is made again if the update is redelivered (a failed commit, a 503) or, with
+    DB_CONCURRENCY=optimistic, run again after a conflict (docs/SCALING.md), so make only calls that are
+    safe to repeat.
     """
 
     def __init__(self, api: BotApi | None, timeout: float) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from bot.context import BotIdentity, Context
 from bot.dispatch import Bot
+from bot.filters import text
 from bot.metrics import Metrics
 from bot.pipeline import Pipeline, Status
 from bot.session import session
@@ -105,11 +106,11 @@ class Counter:
 def counter_bot() -> Bot[Counter]:
     bot: Bot[Counter] = Bot(session(Counter))
 
-    @bot.on_message(lambda m: m.text == "+")
+    @bot.message(text(equals="+"))
     async def plus(ctx: Context[Counter]) -> None:
         ctx.session.count += 1
 
-    @bot.on_message(lambda m: m.text == "look")
+    @bot.message(text(equals="look"))
     async def look(ctx: Context[Counter]) -> None:
         ctx.reply(str(ctx.session.count))
 
