@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import http
 import logging
 import os
 import signal
 import socket
+import sys
 from typing import ClassVar
 
 import uvicorn
@@ -213,6 +215,16 @@ def run(app: ASGIApp, settings: Settings, host: str, port: int) -> None:
     _run_workers(config, settings.web_concurrency, sockets)
 
 
+def _end_with(parent: int) -> None:
+    """Have the kernel SIGTERM this worker when the parent dies, even by SIGKILL (a platform stopping
+    the process, a test killing it): otherwise orphaned workers would keep serving the port."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call above took effect
+        os._exit(0)
+
+
 def _run_workers(config: uvicorn.Config, workers: int, sockets: list[socket.socket]) -> None:
     """WEB_CONCURRENCY: fork that many servers sharing the bound sockets, and pass SIGTERM/SIGINT on.
 
@@ -220,11 +232,13 @@ def _run_workers(config: uvicorn.Config, workers: int, sockets: list[socket.sock
     run time): each worker opens its own pool and sweeper in the app's lifespan, after the fork. (With
     METRICS_PORT, each scrape reads the worker that accepted it.)
     """
+    parent = os.getpid()
     children = []
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:  # a worker: serve, then leave without running the parent's clean-up a second time
             try:
+                _end_with(parent)
                 uvicorn.Server(config).run(sockets=sockets)
             finally:
                 os._exit(0)

