@@ -98,7 +98,10 @@ async def test_counters_read_zero_before_first_use(
 async def test_traffic_shows_in_updates_latency_waits_and_bot_api_calls(
     open_client: OpenClient, database_url: str, telegram_root: str, fake: FakeTelegram
 ) -> None:
-    settings = make_settings(database_url, telegram_root, METRICS_TOKEN=METRICS_TOKEN)
+    # The locking mode: the optimistic one (the default) reads without a lock, so it has no lock waits.
+    settings = make_settings(
+        database_url, telegram_root, METRICS_TOKEN=METRICS_TOKEN, DB_CONCURRENCY="locked"
+    )
     async with open_client(settings) as client:
         assert await post(client, message_update(1, -5, PIZZA)) == 200
         assert await post(client, message_update(1, -5, PIZZA)) == 200  # a redelivery

@@ -369,8 +369,11 @@ class _OptimisticTransaction:
 
     async def _connection(self) -> asyncpg.pool.PoolConnectionProxy:
         if self._conn is None:
+            started = time.perf_counter()
             with _unavailable_on_failure("acquire a connection"):
                 self._conn = await _acquire(self._storage.pool, self._storage.acquire_timeout)
+            if self._storage.metrics is not None:
+                self._storage.metrics.pool_wait.observe(time.perf_counter() - started)
         return self._conn
 
     async def claim_update(self, bot_id: int, update_id: int) -> bool:
@@ -592,6 +595,10 @@ class PostgresStorage:
     @property
     def pool(self) -> asyncpg.Pool:
         return self._pool
+
+    @property
+    def metrics(self) -> Metrics | None:
+        return self._metrics
 
     @property
     def acquire_timeout(self) -> float:
