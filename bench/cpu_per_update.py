@@ -24,12 +24,13 @@ from pathlib import Path
 
 import asyncpg
 
+from bot.apps.pizza_testing import PIZZA
 from bot.embedded import EmbeddedPostgres
 from bot.testing.delivery import LoopbackHttp, deliver
 from bot.testing.env import SECRET, bot_env
 from bot.testing.fake_telegram import FakeTelegram, serve
 from bot.testing.processes import BotProcess
-from bot.testing.updates import PIZZA, message_update
+from bot.testing.updates import message_update
 
 UPDATES = 6000
 

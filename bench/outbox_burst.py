@@ -26,13 +26,14 @@ from pathlib import Path
 
 import asyncpg
 
+from bot.apps.pizza_testing import PIZZA, hunger
 from bot.embedded import EmbeddedPostgres
 from bot.migrate import migrate
 from bot.testing.delivery import LoopbackHttp, deliver
 from bot.testing.env import SECRET, USERNAME, bot_env
 from bot.testing.fake_telegram import FakeTelegram, FloodLimits, RecordedCall, serve
 from bot.testing.processes import BotProcess
-from bot.testing.updates import PIZZA, hunger, message_update
+from bot.testing.updates import message_update
 
 GROUPS, PER_GROUP = 100, 20
 

@@ -14,11 +14,12 @@ import asyncio
 import time
 
 from bot.apps.pizza import build_bot
+from bot.apps.pizza_testing import PIZZA
 from bot.context import BotIdentity
 from bot.metrics import Metrics
 from bot.pipeline import Pipeline
 from bot.storage.memory import MemoryStorage
-from bot.testing.updates import PIZZA, text_update
+from bot.testing.updates import text_update
 
 UPDATES = 20_000
 ROUNDS = 5

@@ -17,12 +17,13 @@ from pathlib import Path
 import httpx
 
 from bot.app import SECRET_HEADER
+from bot.apps.pizza_testing import PIZZA
 from bot.embedded import EmbeddedPostgres
 from bot.migrate import migrate
 from bot.testing.env import SECRET, bot_env
 from bot.testing.fake_telegram import FakeTelegram, serve
 from bot.testing.processes import BotProcess
-from bot.testing.updates import PIZZA, encode, message_update
+from bot.testing.updates import encode, message_update
 
 WARM_UP = 200
 UPDATES = 3000

@@ -33,13 +33,14 @@ from typing import Any
 
 import asyncpg
 
+from bot.apps.pizza_testing import PIZZA, hunger
 from bot.embedded import EmbeddedPostgres
 from bot.migrate import migrate
 from bot.testing.delivery import DeliveryStats, LoopbackHttp, Poster, deliver
 from bot.testing.env import SECRET, USERNAME, bot_env
 from bot.testing.fake_telegram import FakeTelegram, serve
 from bot.testing.processes import BotProcess
-from bot.testing.updates import PIZZA, hunger, message_update
+from bot.testing.updates import message_update
 
 
 @dataclass(frozen=True)

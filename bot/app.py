@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
 from .dispatch import Bot
+from .limits import TooLarge, read_at_most
 from .metrics import CONTENT_TYPE
 from .playground import Playground, absent_routes
 from .runtime import Runtime, start
@@ -37,10 +38,6 @@ log = logging.getLogger("bot.app")
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"  # noqa: S105 (a header name, not a secret)
 
 
-class _TooLarge(Exception):
-    pass
-
-
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"ok": False, "error": message}, status_code=status)
 
@@ -49,15 +46,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused as soon as it passes `limit`: a huge upload is never held in memory."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
+        raise TooLarge
+    return await read_at_most(request.stream(), limit)
 
 
 async def webhook(request: Request) -> Response:
@@ -68,7 +58,7 @@ async def webhook(request: Request) -> Response:
         return _error(401, f"wrong or missing {SECRET_HEADER}")
     try:
         body = await _read_body(request, settings.max_body_bytes)
-    except _TooLarge:
+    except TooLarge:
         return _error(413, f"body is over the limit of {settings.max_body_bytes} bytes")
     except ClientDisconnect:
         # The client left, or the server gave up on a body too slow or cut short by a shutdown and

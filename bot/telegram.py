@@ -11,6 +11,8 @@ from typing import Annotated, Any
 import httpx
 import msgspec
 
+from .limits import TooLarge, read_at_most
+
 __all__ = [
     "UPDATE_KINDS",
     "BotApi",
@@ -256,22 +258,6 @@ _response_decoder = msgspec.json.Decoder(_ApiResponse)
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
 
-class _AnswerTooLarge(Exception):
-    pass
-
-
-async def _read_answer(response: httpx.Response, limit: int) -> bytes:
-    """The (decompressed) body, given up on as soon as it passes `limit`."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > limit:
-            raise _AnswerTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 class BotApi:
     """Calls `{api_root}/bot{token}/{method}` on one shared httpx client (connection reuse, timeouts).
 
@@ -289,7 +275,7 @@ class BotApi:
             async with self._client.stream(
                 "POST", self._base + method, content=content, headers={"content-type": "application/json"}
             ) as response:
-                body = await _read_answer(response, MAX_ANSWER_BYTES)
+                body = await read_at_most(response.aiter_bytes(), MAX_ANSWER_BYTES)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Never sent: a retry cannot double anything.
             raise BotApiError(method, f"no connection to the Bot API: {exc!r}") from exc
@@ -297,7 +283,7 @@ class BotApi:
         except httpx.HTTPError as exc:
             # A read timeout, a reset, a truncated or malformed answer.
             raise BotApiError(method, f"no answer from the Bot API: {exc!r}", may_have_arrived=True) from exc
-        except _AnswerTooLarge:
+        except TooLarge:
             raise BotApiError(
                 method, f"answer over {MAX_ANSWER_BYTES} bytes: not the Bot API", may_have_arrived=True
             ) from None

@@ -15,12 +15,13 @@ import pytest
 
 from bot.app import SECRET_HEADER
 from bot.apps.pizza import PizzaSession, build_bot
+from bot.apps.pizza_testing import PIZZA, hunger
 from bot.config import Settings
 from bot.context import Context
 from bot.filters import text
 from bot.testing.env import SECRET, USERNAME, make_settings
 from bot.testing.fake_telegram import FakeTelegram
-from bot.testing.updates import PIZZA, encode, hunger, message_update
+from bot.testing.updates import encode, message_update
 
 pytestmark = pytest.mark.anyio
 

@@ -21,11 +21,12 @@ import httpx
 import pytest
 
 from bot.app import SECRET_HEADER
+from bot.apps.pizza_testing import PIZZA, hunger
 from bot.migrate import MIGRATIONS_DIR
 from bot.testing.env import TOKEN, bot_env
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess, free_port
-from bot.testing.updates import PIZZA, callback_update, encode, hunger, message_update
+from bot.testing.updates import callback_update, encode, message_update
 
 TODO_APP = "examples.todo:build_bot"
 

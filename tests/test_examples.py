@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from bot.apps.pizza_testing import PIZZA, hunger
 from bot.context import BotIdentity
 from bot.dispatch import Bot
 from bot.metrics import Metrics
@@ -20,7 +21,7 @@ from bot.pipeline import Pipeline, Status
 from bot.storage import Storage
 from bot.storage.memory import MemoryStorage
 from bot.telegram import decode_update
-from bot.testing.updates import PIZZA, callback_update, encode, hunger, message_update, text_update
+from bot.testing.updates import callback_update, encode, message_update, text_update
 
 pytestmark = pytest.mark.anyio
 

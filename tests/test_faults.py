@@ -20,11 +20,12 @@ import httpx
 import pytest
 
 from bot.app import SECRET_HEADER
+from bot.apps.pizza_testing import PIZZA, hunger
 from bot.testing.delivery import DeliveryStats, deliver
 from bot.testing.env import SECRET, USERNAME, bot_env
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess
-from bot.testing.updates import PIZZA, encode, hunger, message_update
+from bot.testing.updates import encode, message_update
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

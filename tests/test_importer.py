@@ -13,8 +13,6 @@ from bot.importer import AppError, load_app
 
 ROOT = Path(__file__).parent.parent
 FRAMEWORK = sorted(p for p in (ROOT / "bot").rglob("*.py") if "apps" not in p.relative_to(ROOT / "bot").parts)
-# bot/testing/updates.py builds the shipped app's updates (a 🍕, /hunger) for tests and benchmarks.
-WORDLESS = [p for p in FRAMEWORK if p != ROOT / "bot" / "testing" / "updates.py"]
 APPS = ("bot.apps", "examples")
 
 
@@ -46,7 +44,7 @@ def test_no_framework_module_imports_an_app(path: Path) -> None:
     assert apps == set()
 
 
-@pytest.mark.parametrize("path", WORDLESS, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", FRAMEWORK, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_framework_module_speaks_of_pizza(path: Path) -> None:
     # One exception: config names the default app, as a string.
     lines = [

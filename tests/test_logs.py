@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bot.app import SECRET_HEADER
 from bot.apps.pizza import build_bot
+from bot.apps.pizza_testing import PIZZA, hunger
 from bot.context import BotIdentity
 from bot.logs import JsonFormatter, TextFormatter, setup_logging
 from bot.metrics import Metrics
@@ -26,7 +27,7 @@ from bot.telegram import decode_update
 from bot.testing.env import SECRET, TOKEN, bot_env, make_settings
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess, free_port
-from bot.testing.updates import PIZZA, encode, hunger, message_update
+from bot.testing.updates import encode, message_update
 
 PASSWORD = "db-pass-w0rd-9f8e7d"
 JSON_KEYS = {"time", "level", "logger", "message"}

@@ -11,10 +11,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.app import SECRET_HEADER
+from bot.apps.pizza_testing import PIZZA, hunger
 from bot.metrics import UPDATE_KINDS, UPDATE_OUTCOMES
 from bot.testing.env import SECRET, make_settings
 from bot.testing.fake_telegram import FakeTelegram
-from bot.testing.updates import PIZZA, encode, hunger, message_update
+from bot.testing.updates import encode, message_update
 
 pytestmark = pytest.mark.anyio
 

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from bot.app import SECRET_HEADER
+from bot.apps.pizza_testing import PIZZA, hunger
 from bot.metrics import Metrics
 from bot.outbox import Outbox
 from bot.storage import OutgoingCall, PendingCall
@@ -19,7 +20,7 @@ from bot.storage.memory import MemoryStorage
 from bot.telegram import BotApi
 from bot.testing.env import SECRET, TOKEN, make_settings
 from bot.testing.fake_telegram import MISBEHAVIOURS, FakeTelegram
-from bot.testing.updates import PIZZA, encode, hunger, message_update
+from bot.testing.updates import encode, message_update
 
 pytestmark = pytest.mark.anyio
 

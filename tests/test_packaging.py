@@ -13,11 +13,12 @@ import httpx
 import pytest
 
 from bot.app import SECRET_HEADER
+from bot.apps.pizza_testing import PIZZA, hunger
 from bot.migrate import MIGRATIONS_DIR
 from bot.testing.env import bot_env
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess
-from bot.testing.updates import PIZZA, encode, hunger, message_update
+from bot.testing.updates import encode, message_update
 
 pytestmark = pytest.mark.slow
 

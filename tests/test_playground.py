@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from bot.app import SECRET_HEADER, create_app
+from bot.apps.pizza_testing import PIZZA, hunger
 from bot.config import load_settings
 from bot.dispatch import Bot
 from bot.playground.chats import BASE, PEOPLE, Ids, is_playground_id
@@ -19,7 +20,7 @@ from bot.storage import StorageUnavailable
 from bot.storage.memory import MemoryStorage
 from bot.testing.env import SECRET, USERNAME, make_settings
 from bot.testing.fake_telegram import FakeTelegram
-from bot.testing.updates import PIZZA, encode, hunger
+from bot.testing.updates import encode
 
 pytestmark = pytest.mark.anyio
 

@@ -18,11 +18,12 @@ import httpx
 import pytest
 
 from bot.app import SECRET_HEADER
+from bot.apps.pizza_testing import PIZZA, hunger
 from bot.server import MAX_HEAD_BYTES, MAX_HEADERS
 from bot.testing.env import SECRET
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess
-from bot.testing.updates import PIZZA, encode, hunger, message_update
+from bot.testing.updates import encode, message_update
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from bot.apps.pizza_testing import PIZZA
 from bot.telegram import BotApi, BotApiError, InvalidUpdate, decode_update
 from bot.testing.env import TOKEN, USERNAME
 from bot.testing.fake_telegram import MISBEHAVIOURS, FakeTelegram, Misbehaviour
 from bot.testing.updates import (
-    PIZZA,
     callback_update,
     encode,
     member_update,

@@ -9,18 +9,15 @@ from typing import Any
 from ..telegram import Update, decode_update
 
 __all__ = [
-    "PIZZA",
     "callback_update",
+    "command_update",
     "encode",
-    "hunger",
     "member_update",
     "message_update",
     "reaction_update",
     "text_update",
     "user",
 ]
-
-PIZZA = "\U0001f355"
 
 
 def _utf16_len(text: str) -> int:
@@ -89,8 +86,11 @@ def text_update(update_id: int, chat_id: int, text: str, **kwargs: Any) -> Updat
     return decode_update(encode(message_update(update_id, chat_id, text, **kwargs)))
 
 
-def hunger(update_id: int, chat_id: int, username: str | None = None, **kwargs: Any) -> dict[str, Any]:
-    return message_update(update_id, chat_id, "/hunger" + (f"@{username}" if username else ""), **kwargs)
+def command_update(
+    update_id: int, chat_id: int, name: str, username: str | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """`/name`, or `/name@username` when a username is given (a bot_command entity at offset 0)."""
+    return message_update(update_id, chat_id, f"/{name}" + (f"@{username}" if username else ""), **kwargs)
 
 
 def callback_update(
