@@ -43,6 +43,23 @@ async def test_a_session_never_written_leaves_no_row(postgres: PostgresStorage) 
     assert await postgres.pool.fetchval("SELECT count(*) FROM sessions") == 0
 
 
+async def test_several_pending_writes_flushed_by_a_later_read_are_all_stored(
+    postgres: PostgresStorage,
+) -> None:
+    # Writes wait for the next statement; a read after two of them (a lazy session, a third key) sends
+    # both at once, with their parameters numbered across the two.
+    async with postgres.transaction() as tx:
+        await tx.claim_update(1, 1)
+        assert await tx.read("a") is None
+        assert await tx.read("b") is None
+        await tx.write("a", StoredSession('{"n": 1}', 0))
+        await tx.delete("b")
+        await tx.write("b", StoredSession('{"n": 2}', 3), ttl=60)
+        assert await tx.read("c") is None
+    rows = await postgres.pool.fetch("SELECT key, data::text, version FROM sessions ORDER BY key")
+    assert [tuple(r) for r in rows] == [("a", '{"n": 1}', 0), ("b", '{"n": 2}', 3)]
+
+
 async def test_updates_that_touch_nothing_take_no_connection(postgres: PostgresStorage) -> None:
     idle_before = postgres.pool.get_idle_size()
     async with postgres.transaction():

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -96,6 +96,15 @@ def _literal(value: str) -> str:
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
+def _literal_value(value: str | int | float | None) -> str:
+    """A session write's value (key, data, version or ttl) as SQL text, for the simple-query COMMIT."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        return _literal(value)
+    return repr(value)  # an int or a float: digits (and '.', 'e', '-') only
+
+
 # Stores a session (ttl NULL: no expiry); the upsert whoever holds the row, the insert only if none does.
 _INSERT = (
     "INSERT INTO sessions (key, data, version, expires_at, updated_at)"
@@ -160,30 +169,40 @@ class _PostgresTransaction:
             self._begun = True
         return self._conn
 
-    def _write_sql(self, arg: _Args) -> list[str]:
-        """The pending writes as statements (placeholders of `arg`), and forget them."""
+    def _take_writes(self, value: Callable[[Any], str]) -> list[str]:
+        """The pending writes as statements, each value turned into SQL by `value` (a parameter of one
+        statement being assembled, or a literal), and forget them. Raises (a NUL in a literal) before
+        forgetting anything."""
         statements = []
         for key, write in self._writes.items():
             if write is None:
-                statements.append(f"DELETE FROM sessions WHERE key = {arg(key)}")
+                statements.append(f"DELETE FROM sessions WHERE key = {value(key)}")
             else:
                 session, ttl = write
                 statements.append(
                     _UPSERT.format(
-                        key=arg(key), data=arg(session.data), version=arg(session.version), ttl=arg(ttl)
+                        key=value(key),
+                        data=value(session.data),
+                        version=value(session.version),
+                        ttl=value(ttl),
                     )
                 )
-            self._placeholders.discard(key)
+        self._placeholders -= self._writes.keys()  # written: no longer a placeholder to remove
         self._writes.clear()
         return statements
+
+    def _writes_as_ctes(self, arg: _Args) -> str:
+        """The pending writes as data-modifying CTEs (`WITH …, ` or nothing), to ride with a statement."""
+        ctes = [f"w{n} AS ({sql})" for n, sql in enumerate(self._take_writes(arg))]
+        return f"WITH {', '.join(ctes)} " if ctes else ""
 
     async def _flush(self) -> None:
         if self._writes:
             conn = await self._connection()
+            arg = _Args()
             with _unavailable_on_failure("write sessions"):
-                for statement in self._write_sql(args := _Args()):
-                    await conn.execute(statement, *args.values)
-                    args.values.clear()
+                # One statement for all of them: its parameters are numbered across every write.
+                await conn.execute(self._writes_as_ctes(arg) + "SELECT", *arg.values)
 
     async def claim_update(self, bot_id: int, update_id: int) -> bool:
         conn = await self._connection(begin=False)
@@ -257,7 +276,7 @@ class _PostgresTransaction:
         conn = await self._connection()
         arg = _Args()
         # The writes ride along as data-modifying CTEs: one round trip for both.
-        ctes = [f"w{n} AS ({sql})" for n, sql in enumerate(self._write_sql(arg))]
+        writes = self._writes_as_ctes(arg)
         insert = _OUTBOX.format(
             bot=arg(bot_id),
             update=arg(update_id),
@@ -266,9 +285,8 @@ class _PostgresTransaction:
             payloads=arg([json.dumps(c.params) for c in calls]),
             where="",
         )
-        query = (f"WITH {', '.join(ctes)} " if ctes else "") + insert
         with _unavailable_on_failure("queue replies"):
-            rows = await conn.fetch(query, *arg.values)
+            rows = await conn.fetch(writes + insert, *arg.values)
         return _pending(rows)
 
     async def claim_unsent(self, bot_id: int, update_id: int, lease: float) -> list[PendingCall]:
@@ -288,23 +306,9 @@ class _PostgresTransaction:
     def _commit_script(self) -> str:
         """The pending writes, the placeholder clean-up and COMMIT as one simple query (ValueError when
         a value cannot travel as a literal)."""
-        statements = []
-        for key, write in self._writes.items():
-            if write is None:
-                statements.append(f"DELETE FROM sessions WHERE key = {_literal(key)}")
-            else:
-                session, ttl = write
-                statements.append(
-                    _UPSERT.format(
-                        key=_literal(key),
-                        data=_literal(session.data),
-                        version=int(session.version),
-                        ttl="NULL" if ttl is None else repr(float(ttl)),
-                    )
-                )
-        leftover = self._placeholders - self._writes.keys()
-        if leftover:
-            keys = ", ".join(_literal(k) for k in sorted(leftover))
+        statements = self._take_writes(_literal_value)
+        if self._placeholders:
+            keys = ", ".join(_literal(k) for k in sorted(self._placeholders))
             statements.append(f"DELETE FROM sessions WHERE key IN ({keys}) AND data IS NULL")
         statements.append("COMMIT")
         return "; ".join(statements)
