@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from ..testing.updates import text_fields
+
 __all__ = [
     "PEOPLE",
     "ChatRef",
@@ -73,10 +75,6 @@ class Ids:
         return BASE + self._last
 
 
-def _utf16_len(text: str) -> int:
-    return len(text.encode("utf-16-le")) // 2
-
-
 def message_update(
     update_id: int,
     chat: ChatRef,
@@ -102,9 +100,6 @@ def message_update(
         message["message_thread_id"] = thread_id
         message["is_topic_message"] = True
     if text is not None:
-        message["text"] = text
-        if text.startswith("/"):
-            command = text.split(maxsplit=1)[0]
-            message["entities"] = [{"offset": 0, "length": _utf16_len(command), "type": "bot_command"}]
+        message.update(text_fields(text))
     message.update(service)
     return {"update_id": update_id, "channel_post" if chat.type == "channel" else "message": message}

@@ -28,10 +28,10 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -515,6 +515,23 @@ class _OptimisticTransaction:
                     await self._storage.pool.release(conn)
 
 
+_Tx = TypeVar("_Tx", _PostgresTransaction, _OptimisticTransaction)
+
+
+@asynccontextmanager
+async def _finished(tx: _Tx) -> AsyncIterator[_Tx]:
+    """Yield the transaction; commit it when the block ends, roll it back when anything raised."""
+    try:
+        yield tx
+    except BaseException:
+        # Rolling back on a broken connection fails too; the original error is the one to report,
+        # and release() in finish() still returns (or discards) the connection.
+        with contextlib.suppress(Exception):
+            await tx.finish(commit=False)
+        raise
+    await tx.finish(commit=True)
+
+
 @dataclass(frozen=True, slots=True)
 class SessionRow:
     """A stored session with its bookkeeping, as `PostgresStorage.peek` shows it."""
@@ -618,29 +635,11 @@ class PostgresStorage:
         until = self._contended.get(key)
         return until is not None and until > time.monotonic()
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[_PostgresTransaction]:
-        tx = _PostgresTransaction(self._pool, self._acquire_timeout, self._metrics, self._begin)
-        try:
-            yield tx
-        except BaseException:
-            # Rolling back on a broken connection fails too; the original error is the one to report,
-            # and release() in finish() still returns (or discards) the connection.
-            with contextlib.suppress(Exception):
-                await tx.finish(commit=False)
-            raise
-        await tx.finish(commit=True)
+    def transaction(self) -> AbstractAsyncContextManager[_PostgresTransaction]:
+        return _finished(_PostgresTransaction(self._pool, self._acquire_timeout, self._metrics, self._begin))
 
-    @asynccontextmanager
-    async def optimistic_transaction(self) -> AsyncIterator[_OptimisticTransaction]:
-        tx = _OptimisticTransaction(self)
-        try:
-            yield tx
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await tx.finish(commit=False)
-            raise
-        await tx.finish(commit=True)
+    def optimistic_transaction(self) -> AbstractAsyncContextManager[_OptimisticTransaction]:
+        return _finished(_OptimisticTransaction(self))
 
     async def _execute(self, what: str, query: str, *args: Any) -> str:
         with _unavailable_on_failure(what):

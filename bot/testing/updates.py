@@ -15,13 +15,21 @@ __all__ = [
     "member_update",
     "message_update",
     "reaction_update",
+    "text_fields",
     "text_update",
     "user",
 ]
 
 
-def _utf16_len(text: str) -> int:
-    return len(text.encode("utf-16-le")) // 2
+def text_fields(text: str) -> dict[str, Any]:
+    """A message's `text`, with the bot_command entity Telegram adds when it starts with "/" (offsets and
+    lengths count UTF-16 code units, as the Bot API does)."""
+    fields: dict[str, Any] = {"text": text}
+    if text.startswith("/"):
+        command = text.split(maxsplit=1)[0]
+        length = len(command.encode("utf-16-le")) // 2
+        fields["entities"] = [{"offset": 0, "length": length, "type": "bot_command"}]
+    return fields
 
 
 def user(user_id: int, first_name: str = "Ann", *, is_bot: bool = False) -> dict[str, Any]:
@@ -68,10 +76,7 @@ def message_update(
         message["message_thread_id"] = thread_id
         message["is_topic_message"] = True
     if text is not None:
-        message["text"] = text
-        if text.startswith("/"):
-            command = text.split()[0]
-            message["entities"] = [{"offset": 0, "length": _utf16_len(command), "type": "bot_command"}]
+        message.update(text_fields(text))
     if caption is not None:
         message["caption"] = caption
     message.update(extra or {})
