@@ -8,6 +8,7 @@ Telegram delivers it again; nothing is acknowledged before it is durable.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import time
@@ -164,6 +165,35 @@ class _OnlyMetricsOnMetricsPort:
             await self._app(scope, receive, send)
 
 
+class _App(Starlette):
+    """Starlette, with Telegram's POST /webhook taken straight to its endpoint.
+
+    Every update passes here, and nothing on the way (the error and exception middlewares, the route
+    table, the endpoint wrapper) does anything for it: the endpoint answers every case itself, and
+    uvicorn answers 500 to anything that escapes. Skipping them saved ~X µs of CPU per update
+    (py-spy on workload T). Everything else is routed as usual.
+    """
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] == "/webhook"
+            and scope["method"] == "POST"
+            and not _on_metrics_port(self._settings, scope)
+        ):
+            scope["app"] = (
+                self  # what Starlette sets first: `request.app` is how the endpoint finds its state
+            )
+            response = await webhook(Request(scope, receive))
+            await response(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: Settings, *, bot: Bot[Any] | None = None, storage: Storage | None = None
 ) -> Starlette:
@@ -174,9 +204,13 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with start(settings, bot=bot, storage=storage, bot_api_transport=transport) as runtime:
             app.state.runtime = runtime
+            # What start-up allocated (modules, the app, the pool) lives as long as the process: moved
+            # out of the collector's sight, a full collection no longer walks it all while requests wait.
+            gc.freeze()
             yield
 
-    return Starlette(
+    return _App(
+        settings,
         routes=[
             Route("/webhook", webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),

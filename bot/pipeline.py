@@ -7,6 +7,7 @@ ever made while a session row is locked, and none is made for an update that was
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -22,7 +23,15 @@ from .metrics import Metrics
 from .router import Match
 from .rules import ImplausibleMigration, chat_migration
 from .session import AlreadyApplied, SessionConfig, SessionSlot
-from .storage import Conflict, OptimisticStorage, PendingCall, Storage, StorageUnavailable, Transaction
+from .storage import (
+    Conflict,
+    OptimisticStorage,
+    PendingCall,
+    StaleRead,
+    Storage,
+    StorageUnavailable,
+    Transaction,
+)
 from .telegram import BotApi, Update
 
 __all__ = ["Outcome", "Pipeline", "Status"]
@@ -32,6 +41,10 @@ log = logging.getLogger("bot.pipeline")
 # How long a moved chat's old id keeps pointing at the new one: as long as processed update ids are
 # kept, past Telegram's 24 h of redelivering an update.
 KEEP_MOVES = 25 * 3600.0
+
+# How many update ids applied without calls this process remembers, to answer their redeliveries with
+# no database work (ints in a dict: about 1 MB).
+KEEP_APPLIED = 10_000
 
 
 class Status(enum.Enum):
@@ -87,6 +100,8 @@ class Pipeline:
         self.lease = lease
         self.api = ImmediateApi(api, api_timeout)
         self.optimistic = optimistic and isinstance(storage, OptimisticStorage)
+        self._running: dict[int, asyncio.Event] = {}  # update id -> set when its attempt here ends
+        self._applied: dict[int, None] = {}  # ids applied here with no calls queued, oldest first
 
     async def process(self, update: Update) -> Outcome:
         """Apply the update exactly once. Raises StorageUnavailable when it could not be applied now."""
@@ -115,6 +130,27 @@ class Pipeline:
                 )
 
     async def _process(self, update: Update) -> Outcome:
+        """A redelivery of an update this process applied, and that queued no calls, is answered from
+        memory: it was committed, and there is nothing to send again. One overlapping its first attempt
+        here waits for it first, instead of racing it to the database."""
+        update_id = update.update_id
+        while (running := self._running.get(update_id)) is not None:
+            await running.wait()
+        if update_id in self._applied:
+            return Outcome(Status.DUPLICATE)
+        done = self._running[update_id] = asyncio.Event()
+        try:
+            outcome = await self._route(update)
+        finally:
+            del self._running[update_id]
+            done.set()
+        if outcome.status is Status.APPLIED and not outcome.to_send:
+            self._applied[update_id] = None
+            if len(self._applied) > KEEP_APPLIED:
+                del self._applied[next(iter(self._applied))]  # the oldest: dicts keep insertion order
+        return outcome
+
+    async def _route(self, update: Update) -> Outcome:
         ctx: Context[Any] = Context(update, self.me, self.api)
         try:
             migration = chat_migration(update.message) if update.message is not None else None
@@ -172,15 +208,19 @@ class Pipeline:
 
     async def _apply(self, ctx: Context[Any], found: Match) -> Outcome:
         if self.optimistic:
-            try:
-                return await self._apply_in(ctx, found, optimistic=True)
-            except Conflict:
-                # Nothing of that attempt was applied or sent. A fresh context and match, so nothing the
-                # first run queued or set is left over; with locks the update is applied exactly once,
-                # or recognised as a redelivery.
-                self.metrics.optimistic_conflicts.inc()
-                ctx = Context(ctx.update, self.me, self.api)
-                found = await self.bot.match(ctx, kind) if (kind := ctx.update.kind) is not None else []
+            for attempt in (1, 2):
+                try:
+                    return await self._apply_in(ctx, found, optimistic=True)
+                except Conflict as conflict:
+                    # Nothing of that attempt was applied or sent. A fresh context and match, so nothing
+                    # the first run queued or set is left over; with locks the update is applied exactly
+                    # once, or recognised as a redelivery. A stale remembered session is retried once
+                    # without: the storage has just read the current row.
+                    self.metrics.optimistic_conflicts.inc()
+                    ctx = Context(ctx.update, self.me, self.api)
+                    found = await self.bot.match(ctx, kind) if (kind := ctx.update.kind) is not None else []
+                    if attempt == 2 or not isinstance(conflict, StaleRead):
+                        break
         return await self._apply_in(ctx, found, optimistic=False)
 
     async def _apply_in(self, ctx: Context[Any], found: Match, *, optimistic: bool) -> Outcome:

@@ -25,6 +25,7 @@ __all__ = [
     "OutgoingCall",
     "PendingCall",
     "Reservation",
+    "StaleRead",
     "Storage",
     "StorageUnavailable",
     "StoredSession",
@@ -112,6 +113,12 @@ class Conflict(Exception):
     locking transaction (`Storage.transaction()`), which also tells a redelivery apart."""
 
 
+class StaleRead(Conflict):
+    """The session came from this process's memory of it (skipping the read) and had changed meanwhile
+    (another process wrote it). The storage now remembers the current row, read in the same round trip:
+    an optimistic retry costs one round trip again, and is the better next step than the lock."""
+
+
 class Transaction(Protocol):
     async def claim_update(self, bot_id: int, update_id: int) -> bool:
         """Record the update as processed; False if it already was (a redelivery).
@@ -196,4 +203,7 @@ class OptimisticStorage(Storage, Protocol):
         """Like `transaction()`, but `read` takes no lock and `claim_update` only records the wish: the
         claim, the writes and the queued calls are applied together at the end, if and only if nothing
         read has changed and the update is new; otherwise the block raises Conflict and nothing is
-        applied. The handlers may therefore run twice (their calls are sent only after a commit)."""
+        applied. The handlers may therefore run twice (their calls are sent only after a commit).
+
+        `read` may answer from what this process remembers of the key, unchecked until the end; when
+        that turned out stale the block raises StaleRead, and a retry starts from the current row."""

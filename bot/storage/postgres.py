@@ -17,8 +17,10 @@ Telegram delivers the update again).
 
 `optimistic_transaction()` takes two round trips and no lock: read, then one statement that applies
 the claim, the write and the replies only if the row is still the version read (its `xmin`), else
-Conflict and the pipeline runs the update again in a locking transaction. Both keep no state on the
-connection between transactions, so they work the same through PgBouncer in transaction mode.
+Conflict and the pipeline runs the update again in a locking transaction. It takes one round trip when
+this process remembers the row (`bot.storage.cache`: the session and its `xmin` as this process last
+read or wrote it): the read is skipped, and the same statement checks the version. Both keep no state
+on the connection between transactions, so they work the same through PgBouncer in transaction mode.
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ from . import (
     OutgoingCall,
     PendingCall,
     Reservation,
+    StaleRead,
     StorageUnavailable,
     StoredSession,
 )
+from .cache import SessionCache, Turns
 
 __all__ = ["PostgresStorage", "SessionRow"]
 
@@ -142,9 +146,15 @@ class _PostgresTransaction:
     """
 
     def __init__(
-        self, pool: asyncpg.Pool, acquire_timeout: float, metrics: Metrics | None, begin: str
+        self,
+        pool: asyncpg.Pool,
+        acquire_timeout: float,
+        metrics: Metrics | None,
+        begin: str,
+        forget: Callable[[str], None],
     ) -> None:
         self._pool = pool
+        self._forget = forget  # what the optimistic transactions remember of a key it writes is stale
         self._acquire_timeout = acquire_timeout
         self._metrics = metrics
         self._begin = begin
@@ -175,6 +185,7 @@ class _PostgresTransaction:
         forgetting anything."""
         statements = []
         for key, write in self._writes.items():
+            self._forget(key)
             if write is None:
                 statements.append(f"DELETE FROM sessions WHERE key = {value(key)}")
             else:
@@ -255,6 +266,7 @@ class _PostgresTransaction:
     async def move(self, key: str, to: str, keep: float) -> None:
         await self._flush()  # a move is rare (a group's upgrade): its own round trip, after the writes
         self._writes.pop(key, None)
+        self._forget(key)
         conn = await self._connection()
         with _unavailable_on_failure(f"move session {key!r}"):
             # A forward is a data-less row that expires: the prune of expired sessions removes it.
@@ -352,10 +364,13 @@ _NOT_READ: Any = object()
 
 
 class _OptimisticTransaction:
-    """Two round trips and no lock held while the handlers run (see the module's docstring).
+    """Two round trips and no lock held while the handlers run (see the module's docstring); one when
+    this process remembers the session (`SessionCache`) and nobody else wrote it since.
 
     Handles one session key per update, the common shape; anything else (a second key, a redelivery)
-    raises Conflict before writing anything, and the locking transaction takes over.
+    raises Conflict before writing anything, and the locking transaction takes over. Updates of one key
+    take turns in this process (`Turns`), from the read to the end of the statement, so only another
+    process can change a row under an attempt.
     """
 
     def __init__(self, storage: PostgresStorage) -> None:
@@ -363,13 +378,15 @@ class _OptimisticTransaction:
         self._conn: asyncpg.pool.PoolConnectionProxy | None = None
         self._claim: tuple[int, int] | None = None
         self._key: str | None = None
+        self._turn: str | None = None  # the key whose turn this transaction holds
         self._revision: str | None = _NOT_READ  # the row's xmin when read; None: there was no row
+        self._cached = False  # what was read came from the SessionCache, not from the database
         self._write: tuple[StoredSession, float | None] | None = _NOT_READ  # None: delete
         self._done = False
 
-    def _give_up(self, why: str) -> Conflict:
+    def _give_up(self, why: str, conflict: type[Conflict] = Conflict) -> Conflict:
         self._done = True  # nothing of it is applied, even if the caller goes on to commit
-        return Conflict(why)
+        return conflict(why)
 
     async def _connection(self) -> asyncpg.pool.PoolConnectionProxy:
         if self._conn is None:
@@ -389,6 +406,14 @@ class _OptimisticTransaction:
             raise self._give_up("several sessions in one update: run it with locks")
         if self._storage.contended(key):
             raise self._give_up(f"session {key!r} is contended: run it with locks")
+        await self._storage.turns.take(key)
+        self._turn = key
+        cached = self._storage.cache.get(key)
+        if cached is not None:
+            # No round trip: the statement at the end checks the version, as it would after a read. A
+            # redelivery is not told apart here but by its claim there (a conflict, then the lock).
+            self._key, self._revision, self._cached = key, cached.revision, True
+            return cached.session
         conn = await self._connection()
         arg = _Args()
         done = "false"
@@ -396,7 +421,7 @@ class _OptimisticTransaction:
             done = f"EXISTS (SELECT FROM processed_updates WHERE bot_id = {arg(self._claim[0])} AND update_id = {arg(self._claim[1])})"
         with _unavailable_on_failure(f"read session {key!r}"):
             row = await conn.fetchrow(
-                f"SELECT {done} AS done, s.xmin::text AS revision, s.moved_to,"
+                f"SELECT {done} AS done, s.xmin::text AS revision, s.moved_to, s.expires_at IS NULL AS lasting,"
                 f" s.{_SESSION_COLUMNS.replace(', ', ', s.')}"
                 f" FROM (VALUES (1)) AS one LEFT JOIN sessions AS s ON s.key = {arg(key)}",
                 *arg.values,
@@ -409,7 +434,10 @@ class _OptimisticTransaction:
         self._key, self._revision = key, row["revision"]
         if row["data"] is None or row["expired"]:
             return None
-        return StoredSession(row["data"], row["version"])
+        session = StoredSession(row["data"], row["version"])
+        if row["lasting"]:
+            self._storage.cache.put(key, session, row["revision"])
+        return session
 
     async def write(self, key: str, session: StoredSession, ttl: float | None = None) -> None:
         self._expect_read(key)
@@ -438,11 +466,14 @@ class _OptimisticTransaction:
         self, calls: Sequence[OutgoingCall], bot_id: int = 0, update_id: int = 0, lease: float = 0.0
     ) -> list[PendingCall]:
         """The one statement that applies everything, each part only if the one before it did: the
-        write (if the row is still the version read), then the claim, then the replies."""
+        write (if the row is still the version read), then the claim, then the replies. A session that
+        came from the cache is checked even when not written (its value was used), and the row as it is
+        now comes back with a refusal, to refresh the cache."""
         arg, ctes, gate = _Args(), [], None
-        if self._write is not _NOT_READ and not (self._write is None and self._revision is None):
-            assert self._key is not None
-            key = arg(self._key)
+        writes = self._write is not _NOT_READ and not (self._write is None and self._revision is None)
+        key = arg(self._key) if writes or self._cached else None
+        if writes:
+            assert key is not None
             if self._write is None:
                 sql = f"DELETE FROM sessions WHERE key = {key} AND xmin::text = {arg(self._revision)}"
             elif self._revision is None:
@@ -459,8 +490,15 @@ class _OptimisticTransaction:
                     " moved_to = NULL"
                     f" WHERE key = {key} AND xmin::text = {arg(self._revision)}"
                 )
-            ctes.append(f"w AS ({sql} RETURNING 1)")
+            ctes.append(f"w AS ({sql} RETURNING xmin::text AS revision)")
             gate = "w"
+        elif self._cached:
+            ctes.append(
+                f"w AS (SELECT xmin::text AS revision FROM sessions WHERE key = {key}"
+                f" AND xmin::text = {arg(self._revision)})"
+            )
+            gate = "w"
+        versioned = gate is not None  # w returns the row's version after the statement
         if self._claim is not None:
             where = f" WHERE EXISTS (SELECT FROM {gate})" if gate else ""
             ctes.append(
@@ -485,30 +523,64 @@ class _OptimisticTransaction:
         if not ctes:
             return []
         applied = f"EXISTS (SELECT FROM {gate})" if gate else "true"
-        query = f"WITH {', '.join(ctes)} SELECT {applied} AS applied" + (
-            ", o.id, o.method, o.payload, o.attempts, o.created_at FROM (VALUES (1)) AS one LEFT JOIN o ON true"
-            if calls
-            else ""
-        )
+        query = f"WITH {', '.join(ctes)} SELECT {applied} AS applied"
+        joins = " FROM (VALUES (1)) AS one"
+        if versioned:
+            query += ", (SELECT revision FROM w) AS revision"
+        if self._cached:
+            # Read in the statement's snapshot, before its own write: when the version check failed,
+            # this is the row that failed it.
+            query += ", cur.revision AS cur_revision, cur.data AS cur_data, cur.version AS cur_version"
+            joins += (
+                " LEFT JOIN (SELECT xmin::text AS revision, data::text AS data, version FROM sessions"
+                f" WHERE key = {key} AND moved_to IS NULL AND expires_at IS NULL) AS cur ON true"
+            )
+        if calls:
+            query += ", o.id, o.method, o.payload, o.attempts, o.created_at"
+            joins += " LEFT JOIN o ON true"
         conn = await self._connection()
         with _unavailable_on_failure("apply the update"):
             try:
-                rows = await conn.fetch(query, *arg.values)
+                rows = await conn.fetch(query + joins, *arg.values)
             except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError) as exc:
                 # The update's id was claimed meanwhile (a redelivery raced us), or a locking attempt
                 # of it holds what we need: nothing of this statement was applied.
                 raise self._give_up(f"apply the update: {type(exc).__name__}") from exc
-        if not rows[0]["applied"]:
-            if self._key is not None:
-                self._storage.contend(self._key)
+        first = rows[0]
+        if not first["applied"]:
+            assert self._key is not None
+            if self._cached:
+                # The next attempt starts from the row as it is now, at no extra round trip. (An
+                # expired, moved or placeholder row is not remembered: it is read from the database.)
+                self._remember(first["cur_revision"], first["cur_data"], first["cur_version"])
+                raise self._give_up(
+                    f"session {self._key!r} changed since this process last saw it", StaleRead
+                )
+            self._storage.contend(self._key)
             raise self._give_up(f"session {self._key!r} changed since it was read")
+        if self._write is not _NOT_READ:
+            written = self._write
+            if written is not None and written[1] is None:
+                self._remember(first["revision"], written[0].data, written[0].version)
+            else:
+                self._remember(None, None, None)  # deleted, or expires: read it from the database
         return _pending(rows) if calls else []
+
+    def _remember(self, revision: str | None, data: str | None, version: int | None) -> None:
+        assert self._key is not None
+        if revision is None or data is None or version is None:
+            self._storage.cache.forget(self._key)
+        else:
+            self._storage.cache.put(self._key, StoredSession(data, version), revision)
 
     async def finish(self, commit: bool) -> None:
         try:
             if commit and not self._done:
                 await self._apply(())
         finally:
+            if self._turn is not None:
+                self._storage.turns.give_back(self._turn)
+                self._turn = None
             conn, self._conn = self._conn, None
             if conn is not None:
                 with contextlib.suppress(Exception):
@@ -558,6 +630,7 @@ class PostgresStorage:
         lock_timeout: float = 5.0,
         statement_timeout: float = 10.0,
         metrics: Metrics | None = None,
+        cache_size: int = 10_000,
     ) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
@@ -571,6 +644,9 @@ class PostgresStorage:
             f" SET LOCAL idle_in_transaction_session_timeout = '{int(statement_timeout * 3000)}ms'"
         )
         self._contended: dict[str, float] = {}  # key -> until when (monotonic)
+        # The optimistic transaction's memory of sessions and its per-key turns (bot.storage.cache).
+        self.cache = SessionCache(cache_size)
+        self.turns = Turns()
 
     @classmethod
     async def connect(
@@ -586,6 +662,7 @@ class PostgresStorage:
         application_name: str = "bot",
         metrics: Metrics | None = None,
         pooler: str = "auto",
+        cache_size: int = 10_000,
     ) -> PostgresStorage:
         """Open a pool. Connections are made lazily after the first, so a database that is down at
         start-up is reported here, and one that goes away later is reconnected by the pool.
@@ -611,7 +688,22 @@ class PostgresStorage:
             lock_timeout=lock_timeout,
             statement_timeout=statement_timeout,
             metrics=metrics,
+            cache_size=cache_size,
         )
+
+    async def warm(self) -> None:
+        """Open every connection the pool may use, all at once: otherwise the first burst after a start
+        (a deploy, with Telegram's backlog waiting) opens them one by one under load, and those
+        updates wait (measured on workload T: the first ~100 requests took 40-100 ms instead of ~5).
+        Those above DB_POOL_MIN close again after a minute without use. A failure is left to the
+        requests, which report it as they would have anyway."""
+        held = await asyncio.gather(
+            *(self._pool.acquire(timeout=self._acquire_timeout) for _ in range(self._pool.get_max_size())),
+            return_exceptions=True,
+        )
+        for conn in held:
+            if not isinstance(conn, BaseException):
+                await self._pool.release(conn)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -636,7 +728,11 @@ class PostgresStorage:
         return until is not None and until > time.monotonic()
 
     def transaction(self) -> AbstractAsyncContextManager[_PostgresTransaction]:
-        return _finished(_PostgresTransaction(self._pool, self._acquire_timeout, self._metrics, self._begin))
+        return _finished(
+            _PostgresTransaction(
+                self._pool, self._acquire_timeout, self._metrics, self._begin, self.cache.forget
+            )
+        )
 
     def optimistic_transaction(self) -> AbstractAsyncContextManager[_OptimisticTransaction]:
         return _finished(_OptimisticTransaction(self))

@@ -1,0 +1,98 @@
+"""What one process remembers between updates of a chat, for the optimistic transaction: pure, no I/O.
+
+`SessionCache` keeps the sessions this process last read or wrote with the row version they had (the
+row's `xmin`), so the next update of that chat can skip the read: its one statement writes only if the
+row still has that version, which is exactly the check a fresh read would have been followed by. A copy
+that went stale (another process wrote the chat) costs one conflict, answered with the current row in
+the same round trip. `Turns` lets one update per session key at a time run in this process, so two
+updates of a busy chat wait for each other here instead of conflicting in the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from . import StoredSession
+
+__all__ = ["Cached", "SessionCache", "Turns"]
+
+
+@dataclass(frozen=True, slots=True)
+class Cached:
+    session: StoredSession
+    revision: str  # the row's xmin when it held `session`
+    since: float  # time.monotonic() when remembered
+
+
+class SessionCache:
+    """The last `size` sessions used, least recently used forgotten first; none older than `max_age`.
+
+    Only sessions without an expiry are kept (an expired one must read as missing). The age limit keeps
+    a remembered `xmin` far from the 2**32 transactions after which PostgreSQL could reuse it.
+    """
+
+    def __init__(self, size: int, max_age: float = 3600.0) -> None:
+        self.size = size
+        self.max_age = max_age
+        self._entries: dict[str, Cached] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Cached | None:
+        entry = self._entries.pop(key, None)
+        if entry is None or time.monotonic() - entry.since > self.max_age:
+            return None
+        self._entries[key] = entry  # now the most recently used: dicts keep insertion order
+        return entry
+
+    def put(self, key: str, session: StoredSession, revision: str) -> None:
+        if self.size <= 0:
+            return
+        self._entries.pop(key, None)
+        self._entries[key] = Cached(session, revision, time.monotonic())
+        if len(self._entries) > self.size:
+            del self._entries[next(iter(self._entries))]
+
+    def forget(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+
+class Turns:
+    """One holder per key at a time, the others waiting in arrival order; no state kept for a free key."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
+
+    def busy(self, key: str) -> bool:
+        return key in self._waiting
+
+    async def take(self, key: str) -> None:
+        queue = self._waiting.get(key)
+        if queue is None:
+            self._waiting[key] = deque()
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.give_back(key)  # handed the turn as it was cancelled: the next in line gets it
+            else:
+                with contextlib.suppress(ValueError):
+                    queue.remove(turn)
+            raise
+
+    def give_back(self, key: str) -> None:
+        queue = self._waiting[key]
+        while queue:
+            turn = queue.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        del self._waiting[key]

@@ -1,0 +1,74 @@
+"""The optimistic transaction's memory and turns, without a database."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bot.storage import StoredSession
+from bot.storage.cache import SessionCache, Turns
+
+pytestmark = pytest.mark.anyio
+
+
+def test_the_least_recently_used_session_is_forgotten_first() -> None:
+    cache = SessionCache(size=2)
+    cache.put("a", StoredSession("1"), "100")
+    cache.put("b", StoredSession("2"), "101")
+    assert cache.get("a") is not None  # now b is the least recently used
+    cache.put("c", StoredSession("3"), "102")
+    assert cache.get("b") is None
+    entry = cache.get("a")
+    assert entry is not None and (entry.session, entry.revision) == (StoredSession("1"), "100")
+    assert len(cache) == 2
+
+
+def test_nothing_is_remembered_past_its_age_or_with_size_zero() -> None:
+    aged = SessionCache(size=10, max_age=0.0)
+    aged.put("a", StoredSession("1"), "100")
+    assert aged.get("a") is None
+    off = SessionCache(size=0)
+    off.put("a", StoredSession("1"), "100")
+    assert off.get("a") is None and len(off) == 0
+
+
+async def test_turns_are_taken_in_arrival_order_and_a_free_key_keeps_no_state() -> None:
+    turns, order = Turns(), []
+
+    async def holder(n: int) -> None:
+        await turns.take("k")
+        order.append(n)
+        await asyncio.sleep(0)
+        turns.give_back("k")
+
+    await asyncio.gather(*(holder(n) for n in range(5)))
+    assert order == [0, 1, 2, 3, 4]
+    assert not turns.busy("k")
+
+
+async def test_a_waiter_cancelled_as_it_is_handed_the_turn_passes_it_on() -> None:
+    turns = Turns()
+    await turns.take("k")
+    cancelled = asyncio.create_task(turns.take("k"))
+    after = asyncio.create_task(turns.take("k"))
+    await asyncio.sleep(0)
+    turns.give_back("k")  # the turn goes to `cancelled`...
+    cancelled.cancel()  # ...which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await asyncio.wait_for(after, 1)  # and the next in line has it
+    turns.give_back("k")
+    assert not turns.busy("k")
+
+
+async def test_a_waiter_cancelled_while_waiting_leaves_the_line() -> None:
+    turns = Turns()
+    await turns.take("k")
+    waiting = asyncio.create_task(turns.take("k"))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    turns.give_back("k")
+    assert not turns.busy("k")
