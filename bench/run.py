@@ -212,6 +212,8 @@ async def run_server(
         updates, expected = make_updates(w)
         client = LoopbackHttp()
         try:
+            for url in urls:  # as many connections as requests in flight (a redelivery overlaps its first)
+                await client.open(url, w.in_flight * (2 if w.duplicate_share else 1))
             cpu_before = cpu_seconds(pids)
             stats: DeliveryStats = await deliver(
                 client,
