@@ -170,8 +170,9 @@ class _App(Starlette):
 
     Every update passes here, and nothing on the way (the error and exception middlewares, the route
     table, the endpoint wrapper) does anything for it: the endpoint answers every case itself, and
-    uvicorn answers 500 to anything that escapes. Skipping them saved ~X µs of CPU per update
-    (py-spy on workload T). Everything else is routed as usual.
+    uvicorn answers 500 to anything that escapes. Skipping them saved ~10 µs of CPU per update
+    (`bench/process_cpu.py`, three alternating runs: 227 to 233 µs per update against 237 to 243 µs).
+    Everything else is routed as usual.
     """
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
@@ -206,6 +207,8 @@ def create_app(
             app.state.runtime = runtime
             # What start-up allocated (modules, the app, the pool) lives as long as the process: moved
             # out of the collector's sight, a full collection no longer walks it all while requests wait.
+            # Workload T, single runs before and after: p99 38.5 → 20.7 to 27.1 ms, CPU 151 → 119 to 136 µs
+            # per update, 5,413 → 6,204 to 6,914 updates/s.
             gc.freeze()
             yield
 

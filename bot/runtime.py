@@ -121,7 +121,6 @@ async def start(
                 metrics=metrics,
                 pooler=settings.db_pooler,
             )
-            await owned.warm()
         try:
             outbox = Outbox(storage, api, metrics, lease=settings.outbox_lease, limits=send_limits(settings))
             pipeline = Pipeline(

@@ -691,20 +691,6 @@ class PostgresStorage:
             cache_size=cache_size,
         )
 
-    async def warm(self) -> None:
-        """Open every connection the pool may use, all at once: otherwise the first burst after a start
-        (a deploy, with Telegram's backlog waiting) opens them one by one under load, and those
-        updates wait (measured on workload T: the first ~100 requests took 40-100 ms instead of ~5).
-        Those above DB_POOL_MIN close again after a minute without use. A failure is left to the
-        requests, which report it as they would have anyway."""
-        held = await asyncio.gather(
-            *(self._pool.acquire(timeout=self._acquire_timeout) for _ in range(self._pool.get_max_size())),
-            return_exceptions=True,
-        )
-        for conn in held:
-            if not isinstance(conn, BaseException):
-                await self._pool.release(conn)
-
     @property
     def pool(self) -> asyncpg.Pool:
         return self._pool
