@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import http
 import logging
 import os
@@ -204,6 +205,12 @@ def run(app: ASGIApp, settings: Settings, host: str, port: int) -> None:
         timeout_keep_alive=int(KEEP_ALIVE_TIMEOUT),
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
     )
+    # Everything imported and built so far (modules, the app) lives as long as the process: moved out
+    # of the collector's sight, a full collection no longer walks it all while requests wait (and forked
+    # workers share it untouched). Workload T, single runs before and after: p99 38.5 → 20.7 to 27.1 ms,
+    # CPU 151 → 119 to 136 µs per update, 5,413 → 6,204 to 6,914 updates/s. Here, not in the app's
+    # start-up, so that tests serving the app in their own process keep a normal collector.
+    gc.freeze()
     sockets = [config.bind_socket()]
     if settings.metrics_port is not None:
         # One server on two sockets: the app serves only /metrics on this one (bot.app).
