@@ -358,9 +358,13 @@ def rss_mb(pids: list[int]) -> float:
     return largest / 1024
 
 
+SOAK_CHATS = 20_000
+
+
 async def soak(seconds: float, rate: float, dsn: str, root: str, logs: Path) -> None:
-    """Telegram-like traffic (1000 chats, at most one update per chat in flight) at a fixed rate for
-    `seconds`, printing the bot's resident memory every 30 s: it must stay flat."""
+    """Telegram-like traffic (at most one update per chat in flight) at a fixed rate for `seconds`,
+    printing the bot's resident memory every 30 s: it must stay flat. SOAK_CHATS chats, more than the
+    10,000 sessions a process remembers: that memory is full, and evicting, for most of the run."""
     bot = BotProcess(bot_env(dsn, root, LOG_LEVEL="WARNING", DB_POOL_MAX="16"), logs / "soak.log")
     client = LoopbackHttp()
     try:
@@ -377,7 +381,7 @@ async def soak(seconds: float, rate: float, dsn: str, root: str, logs: Path) -> 
             # One second's worth of updates, each chat at most once: Telegram's shape.
             batch = [
                 message_update(
-                    sent + i + 1, -100_000 - (sent + i) % 1000, f"{PIZZA} again" if i % 2 else "hi"
+                    sent + i + 1, -100_000 - (sent + i) % SOAK_CHATS, f"{PIZZA} again" if i % 2 else "hi"
                 )
                 for i in range(int(rate))
             ]

@@ -45,6 +45,9 @@ KEEP_MOVES = 25 * 3600.0
 # How many update ids applied without calls this process remembers, to answer their redeliveries with
 # no database work (ints in a dict: about 1 MB).
 KEEP_APPLIED = 10_000
+# ...and for how long: far less than the 25 h the database keeps them, and than the week after which
+# Telegram may start numbering a bot's updates afresh.
+KEEP_APPLIED_FOR = 3600.0
 
 
 class Status(enum.Enum):
@@ -101,7 +104,7 @@ class Pipeline:
         self.api = ImmediateApi(api, api_timeout)
         self.optimistic = optimistic and isinstance(storage, OptimisticStorage)
         self._running: dict[int, asyncio.Event] = {}  # update id -> set when its attempt here ends
-        self._applied: dict[int, None] = {}  # ids applied here with no calls queued, oldest first
+        self._applied: dict[int, float] = {}  # ids applied here with no calls queued -> when, oldest first
 
     async def process(self, update: Update) -> Outcome:
         """Apply the update exactly once. Raises StorageUnavailable when it could not be applied now."""
@@ -136,7 +139,8 @@ class Pipeline:
         update_id = update.update_id
         while (running := self._running.get(update_id)) is not None:
             await running.wait()
-        if update_id in self._applied:
+        applied = self._applied.get(update_id)
+        if applied is not None and time.monotonic() - applied < KEEP_APPLIED_FOR:
             return Outcome(Status.DUPLICATE)
         done = self._running[update_id] = asyncio.Event()
         try:
@@ -145,7 +149,7 @@ class Pipeline:
             del self._running[update_id]
             done.set()
         if outcome.status is Status.APPLIED and not outcome.to_send:
-            self._applied[update_id] = None
+            self._applied[update_id] = time.monotonic()
             if len(self._applied) > KEEP_APPLIED:
                 del self._applied[next(iter(self._applied))]  # the oldest: dicts keep insertion order
         return outcome
@@ -237,7 +241,7 @@ class Pipeline:
                         if not slot.config.lazy:
                             await slot.load()
                     await self.bot.run(ctx, found)
-                except (AlreadyApplied, StorageUnavailable):
+                except (AlreadyApplied, StorageUnavailable, Conflict):  # not the handler's: no hook
                     raise
                 except Exception as error:
                     hook = self.bot.error_hook

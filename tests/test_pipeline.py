@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from bot import pipeline
 from bot.context import BotIdentity, Context
 from bot.dispatch import Bot
 from bot.filters import text
@@ -115,3 +116,13 @@ async def test_an_overlapping_redelivery_of_a_failed_attempt_applies_it() -> Non
         await first
     assert (await second).status is Status.APPLIED
     assert await count(run.storage) == '{"count":1}'
+
+
+async def test_an_applied_update_is_remembered_only_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "KEEP_APPLIED_FOR", 0.0)
+    storage = CountingStorage()
+    run = Pipeline(slow_counting_bot(), storage, ME, Metrics())
+    await run.process(text_update(1, -1, "+"))
+    used = storage.transactions
+    assert (await run.process(text_update(1, -1, "+"))).status is Status.DUPLICATE
+    assert storage.transactions == used + 1  # asked the storage, which still knows it

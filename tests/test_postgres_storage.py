@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,8 +16,8 @@ from bot.dispatch import Bot
 from bot.filters import text
 from bot.metrics import Metrics
 from bot.pipeline import Pipeline, Status
-from bot.session import session
-from bot.storage import Conflict, OutgoingCall, StorageUnavailable, StoredSession
+from bot.session import session, user_key
+from bot.storage import Conflict, OutgoingCall, StaleRead, StorageUnavailable, StoredSession
 from bot.storage.postgres import PostgresStorage
 from bot.testing.updates import text_update
 
@@ -227,6 +228,100 @@ async def test_updates_of_one_chat_in_one_process_take_turns_instead_of_conflict
     assert run.metrics.count("bot_optimistic_conflicts_total") == 0
 
 
+async def test_two_sessions_sharing_a_key_in_one_update_do_not_wait_for_themselves(
+    postgres: PostgresStorage,
+) -> None:
+    """In a private chat the chat's id is the person's: a chat session and a user session read one key
+    in one update, which must take the key's turn once, not wait behind itself until the deadline."""
+    bot: Bot[Counter] = Bot(
+        sessions={"chat": session(Counter), "person": session(Counter, get_session_key=user_key)}
+    )
+
+    @bot.message(text(equals="+"))
+    async def plus(ctx: Context[Counter]) -> None:
+        (await ctx.get_session("chat")).count += 1
+
+    run = Pipeline(bot, postgres, BotIdentity(1, "pizza_bot"), Metrics(), optimistic=True)
+    for update_id in (1, 2):
+        update = text_update(update_id, chat_id=7, text="+", from_id=7)
+        assert (await asyncio.wait_for(run.process(update), 10)).status is Status.APPLIED
+
+
+async def test_a_conflict_is_not_handed_to_the_error_hook_and_the_update_still_applies(
+    postgres: PostgresStorage,
+) -> None:
+    """The optimistic attempt gives way (here: a chat marked contended) inside the handlers' try: that
+    is the storage's business, not a handler error, and the update must run with locks, not be
+    acknowledged as failed with its id claimed and its effects missing."""
+    bot = counter_bot()
+    seen: list[Exception] = []
+
+    @bot.catch
+    async def on_error(error: Exception, ctx: Context[Counter]) -> None:
+        seen.append(error)
+
+    postgres.contend("7")
+    run = Pipeline(bot, postgres, BotIdentity(1, "pizza_bot"), Metrics(), optimistic=True)
+    assert (await run.process(text_update(1, chat_id=7, text="+"))).status is Status.APPLIED
+    assert seen == []
+    assert await postgres.pool.fetchval("SELECT data->>'count' FROM sessions WHERE key = '7'") == "1"
+
+
+async def test_a_refusal_swallowed_by_a_handler_still_refuses_the_commit(postgres: PostgresStorage) -> None:
+    async def attempt() -> None:
+        async with postgres.optimistic_transaction() as tx:
+            await tx.claim_update(1, 20)
+            await tx.read("a")
+            with contextlib.suppress(Conflict):
+                await tx.read("b")  # a second key: refused, and the refusal swallowed
+            await tx.write("a", StoredSession('{"count": 1}'))
+
+    with pytest.raises(Conflict, match="several sessions"):
+        await attempt()
+    await _nothing_of_update_applied(postgres, 20)
+
+
+async def test_a_chat_refused_again_right_after_a_refresh_takes_the_lock(database_url: str) -> None:
+    first = await PostgresStorage.connect(database_url)
+    second = await PostgresStorage.connect(database_url)
+    try:
+        run = Pipeline(counter_bot(), first, BotIdentity(1, "pizza_bot"), Metrics(), optimistic=True)
+        await run.process(text_update(1, chat_id=7, text="+"))
+
+        async def attempt() -> None:
+            async with first.optimistic_transaction() as tx:
+                await tx.claim_update(1, 2)
+                stored = await tx.read("7")
+                await _write_count(second, "7", 10)  # another process writes, as we speak
+                assert stored is not None
+                await tx.write("7", StoredSession('{"count": 2}'))
+
+        with pytest.raises(StaleRead):
+            await attempt()  # refreshed from the row that refused it
+        with pytest.raises(Conflict) as refused:
+            await attempt()  # and refused again: the chat is contended
+        assert not isinstance(refused.value, StaleRead)
+        assert first.contended("7") and first.cache.get("7") is None
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_database_failure_forgets_every_remembered_session(postgres: PostgresStorage) -> None:
+    run = Pipeline(counter_bot(), postgres, BotIdentity(1, "pizza_bot"), Metrics(), optimistic=True)
+    await run.process(text_update(1, chat_id=7, text="+"))
+    assert postgres.cache.get("7") is not None
+
+    async def fail() -> None:
+        async with postgres.transaction() as tx:
+            await tx.read("7")
+            await tx.write("nul\x00", StoredSession("{}"))  # PostgreSQL refuses NUL in text
+
+    with pytest.raises(StorageUnavailable):
+        await fail()
+    assert postgres.cache.get("7") is None
+
+
 async def _write_count(storage: PostgresStorage, key: str, count: int) -> None:
     async with storage.transaction() as tx:
         await tx.read(key)
@@ -280,10 +375,14 @@ async def test_an_optimistic_attempt_at_an_applied_update_conflicts_before_its_h
 ) -> None:
     async with postgres.transaction() as tx:
         assert await tx.claim_update(1, 12)
-    async with postgres.optimistic_transaction() as tx:
-        await tx.claim_update(1, 12)
-        with pytest.raises(Conflict, match="redelivered"):
+
+    async def attempt() -> None:
+        async with postgres.optimistic_transaction() as tx:
+            await tx.claim_update(1, 12)
             await tx.read("k")
+
+    with pytest.raises(Conflict, match="redelivered"):
+        await attempt()
 
 
 async def test_an_optimistic_attempt_raced_by_its_redelivery_conflicts_and_applies_nothing(
@@ -328,10 +427,14 @@ async def test_an_optimistic_delete_and_a_second_session_key(postgres: PostgresS
         await tx.read("k")
         await tx.delete("k")
     assert await postgres.pool.fetchval("SELECT count(*) FROM sessions") == 0
-    async with postgres.optimistic_transaction() as tx:
-        await tx.read("a")
-        with pytest.raises(Conflict, match="several sessions"):
+
+    async def two_keys() -> None:
+        async with postgres.optimistic_transaction() as tx:
+            await tx.read("a")
             await tx.read("b")
+
+    with pytest.raises(Conflict, match="several sessions"):
+        await two_keys()
 
 
 async def test_values_that_cannot_be_sql_literals_still_commit(postgres: PostgresStorage) -> None:

@@ -104,14 +104,19 @@ def test_an_endless_header_is_cut_off_with_431_and_memory_stays_flat(
 @pytest.mark.parametrize(
     ("headers", "complaint"),
     [
-        (b"X-Big: " + b"b" * MAX_HEAD_BYTES + b"\r\n", b"request headers over"),
-        (b"".join(b"h%d: v\r\n" % n for n in range(MAX_HEADERS + 1)), b"more than 100 request headers"),
-        (b"".join(b"h%d: v\r\n" % n for n in range(10_000)), b"more than 100"),  # the 10,000
+        (b"X-Big: " + b"b" * MAX_HEAD_BYTES + b"\r\n", (b"request headers over",)),
+        (b"".join(b"h%d: v\r\n" % n for n in range(MAX_HEADERS + 1)), (b"more than 100 request headers",)),
+        # The 10,000 (90 KB): refused for their number when the head arrives in one read, for
+        # its size when the kernel splits it (the guard stops reading at 16 KiB); both are right.
+        (
+            b"".join(b"h%d: v\r\n" % n for n in range(10_000)),
+            (b"more than 100", b"request headers over"),
+        ),
     ],
     ids=["one-big-header", "101-headers", "10000-headers"],
 )
 def test_too_big_or_too_many_headers_get_431(
-    serve_bot: ServeBot, fake: FakeTelegram, headers: bytes, complaint: bytes
+    serve_bot: ServeBot, fake: FakeTelegram, headers: bytes, complaint: tuple[bytes, ...]
 ) -> None:
     bot = serve_bot()
     with connect(bot) as sock:
@@ -120,7 +125,7 @@ def test_too_big_or_too_many_headers_get_431(
         )
         reply = answer(sock)
     assert reply.startswith(b"HTTP/1.1 431 ")
-    assert complaint in reply
+    assert any(reason in reply for reason in complaint), reply
     still_counts(bot, fake, -502)
 
 

@@ -203,7 +203,7 @@ class OptimisticStorage(Storage, Protocol):
         """Like `transaction()`, but `read` takes no lock and `claim_update` only records the wish: the
         claim, the writes and the queued calls are applied together at the end, if and only if nothing
         read has changed and the update is new; otherwise the block raises Conflict and nothing is
-        applied. The handlers may therefore run twice (their calls are sent only after a commit).
+        applied. The handlers may therefore run more than once (their calls are sent only after a commit).
 
         `read` may answer from what this process remembers of the key, unchecked until the end; when
         that turned out stale the block raises StaleRead, and a retry starts from the current row."""

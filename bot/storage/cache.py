@@ -26,6 +26,7 @@ class Cached:
     session: StoredSession
     revision: str  # the row's xmin when it held `session`
     since: float  # time.monotonic() when remembered
+    refreshed: bool = False  # learnt from a refused statement: another process wrote the key just now
 
 
 class SessionCache:
@@ -50,16 +51,19 @@ class SessionCache:
         self._entries[key] = entry  # now the most recently used: dicts keep insertion order
         return entry
 
-    def put(self, key: str, session: StoredSession, revision: str) -> None:
+    def put(self, key: str, session: StoredSession, revision: str, *, refreshed: bool = False) -> None:
         if self.size <= 0:
             return
         self._entries.pop(key, None)
-        self._entries[key] = Cached(session, revision, time.monotonic())
+        self._entries[key] = Cached(session, revision, time.monotonic(), refreshed)
         if len(self._entries) > self.size:
             del self._entries[next(iter(self._entries))]
 
     def forget(self, key: str) -> None:
         self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 class Turns:

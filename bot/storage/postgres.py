@@ -52,7 +52,7 @@ from . import (
     StorageUnavailable,
     StoredSession,
 )
-from .cache import SessionCache, Turns
+from .cache import Cached, SessionCache, Turns
 
 __all__ = ["PostgresStorage", "SessionRow"]
 
@@ -380,13 +380,17 @@ class _OptimisticTransaction:
         self._key: str | None = None
         self._turn: str | None = None  # the key whose turn this transaction holds
         self._revision: str | None = _NOT_READ  # the row's xmin when read; None: there was no row
-        self._cached = False  # what was read came from the SessionCache, not from the database
+        self._cached: Cached | None = None  # what read() answered from the SessionCache
         self._write: tuple[StoredSession, float | None] | None = _NOT_READ  # None: delete
-        self._done = False
+        self._done = False  # the statement was sent (or refused): nothing more goes to the database
+        self._refusal: Conflict | None = None
 
     def _give_up(self, why: str, conflict: type[Conflict] = Conflict) -> Conflict:
-        self._done = True  # nothing of it is applied, even if the caller goes on to commit
-        return conflict(why)
+        # Nothing of it is applied, and every later step raises it again: a handler (or an error hook)
+        # that swallowed it must not get the update claimed without its effects.
+        self._done = True
+        self._refusal = conflict(why)
+        return self._refusal
 
     async def _connection(self) -> asyncpg.pool.PoolConnectionProxy:
         if self._conn is None:
@@ -406,13 +410,14 @@ class _OptimisticTransaction:
             raise self._give_up("several sessions in one update: run it with locks")
         if self._storage.contended(key):
             raise self._give_up(f"session {key!r} is contended: run it with locks")
-        await self._storage.turns.take(key)
-        self._turn = key
+        if self._turn != key:  # (two sessions of one update may share a key: one turn for both)
+            await self._storage.turns.take(key)
+            self._turn = key
         cached = self._storage.cache.get(key)
         if cached is not None:
             # No round trip: the statement at the end checks the version, as it would after a read. A
             # redelivery is not told apart here but by its claim there (a conflict, then the lock).
-            self._key, self._revision, self._cached = key, cached.revision, True
+            self._key, self._revision, self._cached = key, cached.revision, cached
             return cached.session
         conn = await self._connection()
         arg = _Args()
@@ -469,9 +474,11 @@ class _OptimisticTransaction:
         write (if the row is still the version read), then the claim, then the replies. A session that
         came from the cache is checked even when not written (its value was used), and the row as it is
         now comes back with a refusal, to refresh the cache."""
+        if self._refusal is not None:
+            raise self._refusal
         arg, ctes, gate = _Args(), [], None
         writes = self._write is not _NOT_READ and not (self._write is None and self._revision is None)
-        key = arg(self._key) if writes or self._cached else None
+        key = arg(self._key) if writes or self._cached is not None else None
         if writes:
             assert key is not None
             if self._write is None:
@@ -492,7 +499,7 @@ class _OptimisticTransaction:
                 )
             ctes.append(f"w AS ({sql} RETURNING xmin::text AS revision)")
             gate = "w"
-        elif self._cached:
+        elif self._cached is not None:
             ctes.append(
                 f"w AS (SELECT xmin::text AS revision FROM sessions WHERE key = {key}"
                 f" AND xmin::text = {arg(self._revision)})"
@@ -527,9 +534,10 @@ class _OptimisticTransaction:
         joins = " FROM (VALUES (1)) AS one"
         if versioned:
             query += ", (SELECT revision FROM w) AS revision"
-        if self._cached:
-            # Read in the statement's snapshot, before its own write: when the version check failed,
-            # this is the row that failed it.
+        if self._cached is not None:
+            # Read in the statement's snapshot, before its own write: the row that failed the version
+            # check, unless the check waited for another process's write to commit (then the retry from
+            # it is refused too, and the update takes the lock).
             query += ", cur.revision AS cur_revision, cur.data AS cur_data, cur.version AS cur_version"
             joins += (
                 " LEFT JOIN (SELECT xmin::text AS revision, data::text AS data, version FROM sessions"
@@ -549,13 +557,16 @@ class _OptimisticTransaction:
         first = rows[0]
         if not first["applied"]:
             assert self._key is not None
-            if self._cached:
+            if self._cached is not None and not self._cached.refreshed:
                 # The next attempt starts from the row as it is now, at no extra round trip. (An
                 # expired, moved or placeholder row is not remembered: it is read from the database.)
-                self._remember(first["cur_revision"], first["cur_data"], first["cur_version"])
+                self._remember(first["cur_revision"], first["cur_data"], first["cur_version"], refreshed=True)
                 raise self._give_up(
                     f"session {self._key!r} changed since this process last saw it", StaleRead
                 )
+            # Refused after a fresh read, or right after a refresh: other processes write this chat as
+            # we speak, and taking turns on its row lock is cheaper than racing them.
+            self._storage.cache.forget(self._key)
             self._storage.contend(self._key)
             raise self._give_up(f"session {self._key!r} changed since it was read")
         if self._write is not _NOT_READ:
@@ -566,15 +577,19 @@ class _OptimisticTransaction:
                 self._remember(None, None, None)  # deleted, or expires: read it from the database
         return _pending(rows) if calls else []
 
-    def _remember(self, revision: str | None, data: str | None, version: int | None) -> None:
+    def _remember(
+        self, revision: str | None, data: str | None, version: int | None, *, refreshed: bool = False
+    ) -> None:
         assert self._key is not None
         if revision is None or data is None or version is None:
             self._storage.cache.forget(self._key)
         else:
-            self._storage.cache.put(self._key, StoredSession(data, version), revision)
+            self._storage.cache.put(self._key, StoredSession(data, version), revision, refreshed=refreshed)
 
     async def finish(self, commit: bool) -> None:
         try:
+            if commit and self._refusal is not None:
+                raise self._refusal
             if commit and not self._done:
                 await self._apply(())
         finally:
@@ -591,17 +606,27 @@ _Tx = TypeVar("_Tx", _PostgresTransaction, _OptimisticTransaction)
 
 
 @asynccontextmanager
-async def _finished(tx: _Tx) -> AsyncIterator[_Tx]:
-    """Yield the transaction; commit it when the block ends, roll it back when anything raised."""
+async def _finished(tx: _Tx, cache: SessionCache) -> AsyncIterator[_Tx]:
+    """Yield the transaction; commit it when the block ends, roll it back when anything raised.
+
+    When the database failed, everything remembered of it is forgotten: after a failover to a replica
+    that lagged, a remembered xmin could name another row version (transaction ids are handed out
+    again from where the replica was)."""
     try:
         yield tx
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, StorageUnavailable):
+            cache.clear()
         # Rolling back on a broken connection fails too; the original error is the one to report,
         # and release() in finish() still returns (or discards) the connection.
         with contextlib.suppress(Exception):
             await tx.finish(commit=False)
         raise
-    await tx.finish(commit=True)
+    try:
+        await tx.finish(commit=True)
+    except StorageUnavailable:
+        cache.clear()
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -717,11 +742,12 @@ class PostgresStorage:
         return _finished(
             _PostgresTransaction(
                 self._pool, self._acquire_timeout, self._metrics, self._begin, self.cache.forget
-            )
+            ),
+            self.cache,
         )
 
     def optimistic_transaction(self) -> AbstractAsyncContextManager[_OptimisticTransaction]:
-        return _finished(_OptimisticTransaction(self))
+        return _finished(_OptimisticTransaction(self), self.cache)
 
     async def _execute(self, what: str, query: str, *args: Any) -> str:
         with _unavailable_on_failure(what):
