@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from asyncio.subprocess import DEVNULL
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,21 +186,6 @@ async def run_server(
     command: tuple[str, ...] = ("node", str(GRAMMY / "bot.js"))
     if system.kind == "bot":
         command = (sys.executable, "-m", "bot", "serve")
-        if profile is not None:
-            out = profile / f"{w.name}-{'-'.join(f'{k}={v}' for k, v in system.env) or 'bot'}.txt"
-            command = (
-                "py-spy",
-                "record",
-                "--rate",
-                "1000",
-                "--format",
-                "raw",
-                "--nonblocking",
-                "-o",
-                str(out),
-                "--",
-                *command,
-            )
     bots = [
         BotProcess(env, logs / f"{w.name}-{system.kind}-{i}.log", command=command) for i in range(processes)
     ]
@@ -214,6 +200,19 @@ async def run_server(
         try:
             for url in urls:  # as many connections as requests in flight (a redelivery overlaps its first)
                 await client.open(url, w.in_flight * (2 if w.duplicate_share else 1))
+            spies = []
+            if profile is not None and system.kind == "bot":
+                # py-spy attached for the load only: start-up and the /hunger check stay out of it.
+                name = "-".join(f"{k}={v}" for k, v in system.env) or "bot"
+                for n, pid in enumerate(pids):
+                    out = profile / f"{w.name}-{name}-{n}.txt"
+                    spy = ("py-spy", "record", "--pid", str(pid), "--rate", "1000", "--format", "raw")
+                    spies.append(
+                        await asyncio.create_subprocess_exec(
+                            *spy, "--nonblocking", "-o", str(out), stdout=DEVNULL, stderr=DEVNULL
+                        )
+                    )
+                await asyncio.sleep(1.0)  # py-spy attaches
             cpu_before = cpu_seconds(pids)
             stats: DeliveryStats = await deliver(
                 client,
@@ -226,16 +225,15 @@ async def run_server(
                 give_up_after=600,
             )
             cpu = cpu_seconds(pids) - cpu_before
+            for running in spies:  # py-spy writes its file when it stops
+                running.send_signal(signal.SIGINT)
+                await running.wait()
             lost, extra = await verify(client, urls[0], fake, expected)
             rss = peak_rss_mb(pids)
         finally:
             await client.aclose()
     finally:
         for bot in bots:
-            if profile is not None:  # py-spy writes its file when it stops, which SIGKILL would prevent
-                bot.proc.send_signal(signal.SIGINT)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    bot.proc.wait(60)
             bot.close()
     return {
         "workload": w.name,
@@ -364,7 +362,7 @@ SOAK_CHATS = 20_000
 async def soak(seconds: float, rate: float, dsn: str, root: str, logs: Path) -> None:
     """Telegram-like traffic (at most one update per chat in flight) at a fixed rate for `seconds`,
     printing the bot's resident memory every 30 s: it must stay flat. SOAK_CHATS chats, more than the
-    10,000 sessions a process remembers: that memory is full, and evicting, for most of the run."""
+    sessions a process remembers (SESSION_CACHE, 5,000): that memory is full, and evicting, all along."""
     bot = BotProcess(bot_env(dsn, root, LOG_LEVEL="WARNING", DB_POOL_MAX="16"), logs / "soak.log")
     client = LoopbackHttp()
     try:

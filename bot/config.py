@@ -64,6 +64,7 @@ class Settings:
     db_lock_timeout: float
     db_statement_timeout: float
     db_optimistic: bool
+    session_cache: int
     request_deadline: float
     max_body_bytes: int
     outbox_lease: float
@@ -301,9 +302,11 @@ def load_settings(
         db_acquire_timeout=_seconds(env, "DB_ACQUIRE_TIMEOUT", 5.0, 0.1, 60),
         db_lock_timeout=_seconds(env, "DB_LOCK_TIMEOUT", 5.0, 0.1, 60),
         db_statement_timeout=_seconds(env, "DB_STATEMENT_TIMEOUT", 10.0, 0.1, 60),
-        # Optimistic by default: on a quiet machine 1.09x the locking mode on T, 1.14x on A, 1.20x on G; the
-        # locking mode wins on B and C (bench/README.md).
+        # Optimistic by default: 1.24x (C) to 2.4x (B) the locking mode's updates/s on every workload, in
+        # the same runs (bench/README.md).
         db_optimistic=_choice(env, "DB_CONCURRENCY", "optimistic", ("locked", "optimistic")) == "optimistic",
+        # About 400 bytes per pizza session: 5,000 keep a process near 55 MB under the soak (bench/README.md).
+        session_cache=_int(env, "SESSION_CACHE", 5000, 0, 1_000_000),
         # Well under Telegram's 60 s, after which it would redeliver while we may still be working.
         request_deadline=_seconds(env, "REQUEST_DEADLINE", 25.0, 1, 55),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 1024 * 1024, 1024 * 1024, 64 * 1024 * 1024),

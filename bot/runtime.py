@@ -120,6 +120,7 @@ async def start(
                 application_name=bot.name,
                 metrics=metrics,
                 pooler=settings.db_pooler,
+                cache_size=settings.session_cache,
             )
         try:
             outbox = Outbox(storage, api, metrics, lease=settings.outbox_lease, limits=send_limits(settings))

@@ -655,7 +655,7 @@ class PostgresStorage:
         lock_timeout: float = 5.0,
         statement_timeout: float = 10.0,
         metrics: Metrics | None = None,
-        cache_size: int = 10_000,
+        cache_size: int = 5000,
     ) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
@@ -687,7 +687,7 @@ class PostgresStorage:
         application_name: str = "bot",
         metrics: Metrics | None = None,
         pooler: str = "auto",
-        cache_size: int = 10_000,
+        cache_size: int = 5000,
     ) -> PostgresStorage:
         """Open a pool. Connections are made lazily after the first, so a database that is down at
         start-up is reported here, and one that goes away later is reconnected by the pool.
