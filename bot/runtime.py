@@ -122,6 +122,7 @@ async def start(
                 pooler=settings.db_pooler,
                 cache_size=settings.session_cache,
             )
+            await owned.warm()
         try:
             outbox = Outbox(storage, api, metrics, lease=settings.outbox_lease, limits=send_limits(settings))
             pipeline = Pipeline(
