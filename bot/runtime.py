@@ -122,7 +122,6 @@ async def start(
                 pooler=settings.db_pooler,
                 cache_size=settings.session_cache,
             )
-            await owned.warm()
         try:
             outbox = Outbox(storage, api, metrics, lease=settings.outbox_lease, limits=send_limits(settings))
             pipeline = Pipeline(

@@ -404,6 +404,58 @@ async def test_an_optimistic_attempt_raced_by_its_redelivery_conflicts_and_appli
     assert await postgres.pool.fetchval("SELECT count(*) FROM outbox") == 0
 
 
+async def test_a_redelivery_running_with_locks_elsewhere_does_not_deadlock_an_optimistic_attempt(
+    postgres: PostgresStorage,
+) -> None:
+    """Another process runs the same update with locks: it has claimed the id, not yet read the row.
+    The optimistic statement must wait on the claim before it touches the row; the other way round,
+    each waited for the other (a deadlock, found by PostgreSQL after a second: a 503)."""
+    await _write_count(postgres, "k", 1)
+
+    async def optimistic() -> None:
+        async with postgres.optimistic_transaction() as tx:
+            await tx.claim_update(1, 30)
+            await tx.read("k")
+            await tx.write("k", StoredSession('{"count": 2}'))
+
+    async with postgres.transaction() as locked:
+        assert await locked.claim_update(1, 30)
+        attempt = asyncio.create_task(optimistic())
+        await asyncio.sleep(0.3)  # its statement is waiting now
+        assert await asyncio.wait_for(locked.read("k"), 0.9) == StoredSession('{"count": 1}')
+        await locked.write("k", StoredSession('{"count": 2}'))
+    with pytest.raises(Conflict, match="UniqueViolation"):
+        await attempt
+    assert await postgres.pool.fetchval("SELECT data->>'count' FROM sessions WHERE key = 'k'") == "2"
+
+
+async def test_a_row_changed_between_the_snapshot_and_the_write_rolls_the_claim_back(
+    postgres: PostgresStorage,
+) -> None:
+    """Another process holds the row (with locks) when the statement starts, then commits a change:
+    the version check saw the old row and claimed, the write then finds a newer version. Nothing of
+    the statement may stay, the claim least of all."""
+    await _write_count(postgres, "k", 1)
+
+    async def optimistic() -> None:
+        async with postgres.optimistic_transaction() as tx:
+            await tx.claim_update(1, 31)
+            await tx.read("k")
+            await tx.write("k", StoredSession('{"count": 2}'))
+
+    async with postgres.transaction() as locked:
+        await locked.read("k")  # holds the row
+        attempt = asyncio.create_task(optimistic())
+        await asyncio.sleep(
+            0.3
+        )  # checked the version (unchanged in its snapshot), claimed, waits for the row
+        await locked.write("k", StoredSession('{"count": 5}'))
+    with pytest.raises(Conflict, match="DivisionByZero"):
+        await attempt
+    await _nothing_of_update_applied(postgres, 31)
+    assert await postgres.pool.fetchval("SELECT data->>'count' FROM sessions WHERE key = 'k'") == "5"
+
+
 async def test_an_optimistic_update_applies_claim_write_and_replies_together(
     postgres: PostgresStorage,
 ) -> None:

@@ -471,48 +471,58 @@ class _OptimisticTransaction:
         self, calls: Sequence[OutgoingCall], bot_id: int = 0, update_id: int = 0, lease: float = 0.0
     ) -> list[PendingCall]:
         """The one statement that applies everything, each part only if the one before it did: the
-        write (if the row is still the version read), then the claim, then the replies. A session that
-        came from the cache is checked even when not written (its value was used), and the row as it is
-        now comes back with a refusal, to refresh the cache."""
+        claim (if the row is still the version read), the write, then the replies. A session that came
+        from the cache is checked even when not written (its value was used), and the row as it is now
+        comes back with a refusal, to refresh the cache.
+
+        The claim comes first, as in the locking transaction: both take the update id's index entry
+        before the session row, so a redelivery running with locks in another process cannot hold one
+        while waiting for the other (the reverse order deadlocked there: 1 s stalls and a 503, measured
+        on workload C with two processes)."""
         if self._refusal is not None:
             raise self._refusal
         arg, ctes, gate = _Args(), [], None
         writes = self._write is not _NOT_READ and not (self._write is None and self._revision is None)
         key = arg(self._key) if writes or self._cached is not None else None
-        if writes:
-            assert key is not None
-            if self._write is None:
-                sql = f"DELETE FROM sessions WHERE key = {key} AND xmin::text = {arg(self._revision)}"
-            elif self._revision is None:
-                session, ttl = self._write
-                sql = _INSERT.format(
-                    key=key, data=arg(session.data), version=arg(session.version), ttl=arg(ttl)
-                )
-                sql += " ON CONFLICT DO NOTHING"
-            else:
-                session, ttl = self._write
-                sql = (
-                    f"UPDATE sessions SET data = {arg(session.data)}::jsonb, version = {arg(session.version)},"
-                    f" expires_at = now() + {arg(ttl)}::float8 * interval '1 second', updated_at = now(),"
-                    " moved_to = NULL"
-                    f" WHERE key = {key} AND xmin::text = {arg(self._revision)}"
-                )
-            ctes.append(f"w AS ({sql} RETURNING xmin::text AS revision)")
-            gate = "w"
-        elif self._cached is not None:
-            ctes.append(
-                f"w AS (SELECT xmin::text AS revision FROM sessions WHERE key = {key}"
-                f" AND xmin::text = {arg(self._revision)})"
+        unchanged = None  # the row is still the version read, in the statement's snapshot
+        if key is not None:
+            unchanged = (
+                f"NOT EXISTS (SELECT FROM sessions WHERE key = {key})"
+                if self._revision is None
+                else f"EXISTS (SELECT FROM sessions WHERE key = {key} AND xmin::text = {arg(self._revision)})"
             )
-            gate = "w"
-        versioned = gate is not None  # w returns the row's version after the statement
         if self._claim is not None:
-            where = f" WHERE EXISTS (SELECT FROM {gate})" if gate else ""
+            where = f" WHERE {unchanged}" if unchanged else ""
             ctes.append(
                 f"c AS (INSERT INTO processed_updates (bot_id, update_id) SELECT {arg(self._claim[0])},"
                 f" {arg(self._claim[1])}{where} RETURNING 1)"
             )
             gate = "c"
+        elif unchanged is not None:
+            ctes.append(f"c AS (SELECT WHERE {unchanged})")
+            gate = "c"
+        if writes:
+            assert key is not None and gate is not None
+            after = f"EXISTS (SELECT FROM {gate})"
+            if self._write is None:
+                sql = f"DELETE FROM sessions WHERE key = {key} AND xmin::text = {arg(self._revision)} AND {after}"
+            elif self._revision is None:
+                session, ttl = self._write
+                sql = (
+                    "INSERT INTO sessions (key, data, version, expires_at, updated_at)"
+                    f" SELECT {key}, {arg(session.data)}::jsonb, {arg(session.version)},"
+                    f" now() + {arg(ttl)}::float8 * interval '1 second', now() WHERE {after}"
+                    " ON CONFLICT DO NOTHING"
+                )
+            else:
+                session, ttl = self._write
+                sql = (
+                    f"UPDATE sessions SET data = {arg(session.data)}::jsonb, version = {arg(session.version)},"
+                    f" expires_at = now() + {arg(ttl)}::float8 * interval '1 second', updated_at = now(),"
+                    f" moved_to = NULL WHERE key = {key} AND xmin::text = {arg(self._revision)} AND {after}"
+                )
+            ctes.append(f"w AS ({sql} RETURNING xmin::text AS revision)")
+            gate = "w"
         if calls:
             ctes.append(
                 "o AS ("
@@ -532,12 +542,19 @@ class _OptimisticTransaction:
         applied = f"EXISTS (SELECT FROM {gate})" if gate else "true"
         query = f"WITH {', '.join(ctes)} SELECT {applied} AS applied"
         joins = " FROM (VALUES (1)) AS one"
-        if versioned:
+        if writes:
             query += ", (SELECT revision FROM w) AS revision"
+            if self._claim is not None:
+                # Claimed, but the row changed between the statement's snapshot and the write (another
+                # process committed in between): a division by zero rolls the whole statement back, so
+                # the claim does not stay without its write. (A count, not a constant 1/0, which the
+                # planner would fold and raise every time.)
+                query += (
+                    ", CASE WHEN EXISTS (SELECT FROM c) THEN 1 / (SELECT count(*)::int FROM w) END AS torn"
+                )
         if self._cached is not None:
             # Read in the statement's snapshot, before its own write: the row that failed the version
-            # check, unless the check waited for another process's write to commit (then the retry from
-            # it is refused too, and the update takes the lock).
+            # check.
             query += ", cur.revision AS cur_revision, cur.data AS cur_data, cur.version AS cur_version"
             joins += (
                 " LEFT JOIN (SELECT xmin::text AS revision, data::text AS data, version FROM sessions"
@@ -550,9 +567,17 @@ class _OptimisticTransaction:
         with _unavailable_on_failure("apply the update"):
             try:
                 rows = await conn.fetch(query + joins, *arg.values)
-            except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError) as exc:
-                # The update's id was claimed meanwhile (a redelivery raced us), or a locking attempt
-                # of it holds what we need: nothing of this statement was applied.
+            except (
+                asyncpg.UniqueViolationError,
+                asyncpg.DeadlockDetectedError,
+                asyncpg.DivisionByZeroError,
+            ) as exc:
+                # The update's id was claimed meanwhile (a redelivery raced us), a locking attempt of it
+                # holds what we need, or the row changed under the write: nothing of this statement was
+                # applied. Other processes are writing this chat right now: the lock is the way.
+                if self._key is not None and not isinstance(exc, asyncpg.UniqueViolationError):
+                    self._storage.cache.forget(self._key)
+                    self._storage.contend(self._key)
                 raise self._give_up(f"apply the update: {type(exc).__name__}") from exc
         first = rows[0]
         if not first["applied"]:
@@ -716,20 +741,6 @@ class PostgresStorage:
             cache_size=cache_size,
         )
 
-    async def warm(self) -> None:
-        """Open every connection the pool may use, all at once: otherwise the first burst after a start
-        (a deploy, with Telegram's backlog waiting) opens them while those updates wait: workload C's
-        first 16 requests took 21 to 26 ms before, 16 to 19 ms after (the rest is each new server
-        process's first statements). Those above DB_POOL_MIN close again after a minute without use.
-        A failure is left to the requests, which report it as they would have anyway."""
-        held = await asyncio.gather(
-            *(self._pool.acquire(timeout=self._acquire_timeout) for _ in range(self._pool.get_max_size())),
-            return_exceptions=True,
-        )
-        for conn in held:
-            if not isinstance(conn, BaseException):
-                await self._pool.release(conn)
-
     @property
     def pool(self) -> asyncpg.Pool:
         return self._pool
@@ -813,6 +824,7 @@ class PostgresStorage:
                 limit,
                 lease,
                 now,
+                timeout=self._acquire_timeout * 2,
             )
         return _pending(rows)
 
