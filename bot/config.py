@@ -302,7 +302,7 @@ def load_settings(
         db_acquire_timeout=_seconds(env, "DB_ACQUIRE_TIMEOUT", 5.0, 0.1, 60),
         db_lock_timeout=_seconds(env, "DB_LOCK_TIMEOUT", 5.0, 0.1, 60),
         db_statement_timeout=_seconds(env, "DB_STATEMENT_TIMEOUT", 10.0, 0.1, 60),
-        # Optimistic by default: 1.24x (C) to 2.4x (B) the locking mode's updates/s on every workload, in
+        # Optimistic by default: 1.18x (C) to 1.88x (B) the locking mode's updates/s on every workload, in
         # the same runs (bench/README.md).
         db_optimistic=_choice(env, "DB_CONCURRENCY", "optimistic", ("locked", "optimistic")) == "optimistic",
         # About 400 bytes per small session: 5,000 keep a process near 56 MB under the soak (bench/README.md).
