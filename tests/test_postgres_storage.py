@@ -404,6 +404,14 @@ async def test_an_optimistic_attempt_raced_by_its_redelivery_conflicts_and_appli
     assert await postgres.pool.fetchval("SELECT count(*) FROM outbox") == 0
 
 
+async def _optimistic_count(storage: PostgresStorage, update_id: int, count: int) -> None:
+    """One optimistic update of session "k" to `count`, as the pipeline would run it."""
+    async with storage.optimistic_transaction() as tx:
+        await tx.claim_update(1, update_id)
+        await tx.read("k")
+        await tx.write("k", StoredSession(f'{{"count": {count}}}'))
+
+
 async def test_a_redelivery_running_with_locks_elsewhere_does_not_deadlock_an_optimistic_attempt(
     postgres: PostgresStorage,
 ) -> None:
@@ -412,15 +420,9 @@ async def test_a_redelivery_running_with_locks_elsewhere_does_not_deadlock_an_op
     each waited for the other (a deadlock, found by PostgreSQL after a second: a 503)."""
     await _write_count(postgres, "k", 1)
 
-    async def optimistic() -> None:
-        async with postgres.optimistic_transaction() as tx:
-            await tx.claim_update(1, 30)
-            await tx.read("k")
-            await tx.write("k", StoredSession('{"count": 2}'))
-
     async with postgres.transaction() as locked:
         assert await locked.claim_update(1, 30)
-        attempt = asyncio.create_task(optimistic())
+        attempt = asyncio.create_task(_optimistic_count(postgres, 30, 2))
         await asyncio.sleep(0.3)  # its statement is waiting now
         assert await asyncio.wait_for(locked.read("k"), 0.9) == StoredSession('{"count": 1}')
         await locked.write("k", StoredSession('{"count": 2}'))
@@ -437,15 +439,9 @@ async def test_a_row_changed_between_the_snapshot_and_the_write_rolls_the_claim_
     the statement may stay, the claim least of all."""
     await _write_count(postgres, "k", 1)
 
-    async def optimistic() -> None:
-        async with postgres.optimistic_transaction() as tx:
-            await tx.claim_update(1, 31)
-            await tx.read("k")
-            await tx.write("k", StoredSession('{"count": 2}'))
-
     async with postgres.transaction() as locked:
         await locked.read("k")  # holds the row
-        attempt = asyncio.create_task(optimistic())
+        attempt = asyncio.create_task(_optimistic_count(postgres, 31, 2))
         await asyncio.sleep(
             0.3
         )  # checked the version (unchanged in its snapshot), claimed, waits for the row
