@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 
@@ -57,18 +57,17 @@ class LoopbackHttp:
     async def open(self, url: str, count: int) -> None:
         """Open `count` keep-alive connections now: a benchmark's clock then starts with them open, as
         the raw asyncpg loop's starts with its pool open, and as Telegram's connections stay open."""
-        address = self._address(url)
+        address = self._address(urlsplit(url))
         for _ in range(count):
             self._idle[address].append(await asyncio.open_connection(*address))
 
     @staticmethod
-    def _address(url: str) -> tuple[str, int]:
-        parts = urlsplit(url)
+    def _address(parts: SplitResult) -> tuple[str, int]:
         return (parts.hostname or "127.0.0.1", parts.port or 80)
 
     async def post(self, url: str, *, content: bytes, headers: dict[str, str]) -> _Status:
         parts = urlsplit(url)
-        address = self._address(url)
+        address = self._address(parts)
         idle = self._idle[address]
         reader, writer = idle.pop() if idle else await asyncio.open_connection(*address)
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
