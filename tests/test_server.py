@@ -55,6 +55,15 @@ def answered(sock: socket.socket) -> bool:
     return bool(select.select([sock], [], [], 0)[0])
 
 
+def trickle(sock: socket.socket, data: bytes) -> None:
+    """Send `data` one byte every 0.1 s, stopping as soon as the server has answered."""
+    for byte in data:
+        if answered(sock):
+            return
+        sock.sendall(bytes([byte]))
+        threading.Event().wait(0.1)
+
+
 def rss_kib(bot: BotProcess) -> int:
     status = Path(f"/proc/{bot.proc.pid}/status").read_text()
     return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
@@ -144,11 +153,7 @@ def test_headers_sent_a_byte_at_a_time_get_408(serve_bot: ServeBot, after_a_requ
             served = b""
             while not served.endswith(b"\r\n\r\nok"):
                 served += sock.recv(4096)
-        for byte in HEAD:  # 68 bytes, one every 0.1 s: longer than the deadline
-            if answered(sock):
-                break
-            sock.sendall(bytes([byte]))
-            threading.Event().wait(0.1)
+        trickle(sock, HEAD)  # 68 bytes, one every 0.1 s: longer than the deadline
         reply = answer(sock)
     assert reply.startswith(b"HTTP/1.1 408 ")
     assert b"request headers not received within 1 s" in reply
@@ -159,11 +164,7 @@ def test_a_body_sent_too_slowly_gets_408_and_changes_nothing(serve_bot: ServeBot
     body = encode(message_update(1, -503, PIZZA))
     with connect(bot) as sock:
         sock.sendall(HEAD + f"{SECRET_HEADER}: {SECRET}\r\nContent-Length: {len(body)}\r\n\r\n".encode())
-        for byte in body[:50]:
-            if answered(sock):
-                break
-            sock.sendall(bytes([byte]))
-            threading.Event().wait(0.1)
+        trickle(sock, body[:50])
         reply = answer(sock)
     assert reply.startswith(b"HTTP/1.1 408 ")
     assert b"request body not received within 1 s" in reply
