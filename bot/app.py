@@ -185,9 +185,8 @@ class _App(Starlette):
             and scope["method"] == "POST"
             and not _on_metrics_port(self._settings, scope)
         ):
-            scope["app"] = (
-                self  # what Starlette sets first: `request.app` is how the endpoint finds its state
-            )
+            # What Starlette sets first: `request.app` is how the endpoint finds its state.
+            scope["app"] = self
             response = await webhook(Request(scope, receive))
             await response(scope, receive, send)
         else:
