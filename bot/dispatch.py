@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeAlias, TypeVar
 
+from .callables import check_async, describe
 from .context import DEFAULT_SESSION, Context
 from .router import Handler, Middleware, Router, SkipHandler
 from .session import SessionConfig, chat_key
@@ -63,6 +64,7 @@ class Bot(Router[S]):
         acknowledged, as without a hook. Database errors never reach it: those answer 503 so Telegram
         redelivers the update. Usable as a decorator.
         """
+        check_async(hook, "error hook", "error, ctx")
         self.error_hook = hook
         return hook
 
@@ -97,5 +99,5 @@ def _check_merge_keys(sessions: Mapping[str, SessionConfig[Any]]) -> None:
         if config.merge is not None and config.get_session_key is not chat_key:
             raise ValueError(
                 f"session {name!r}: merge= works only with the default key (chat_key), and this session "
-                f"is keyed by {getattr(config.get_session_key, '__name__', config.get_session_key)!r}"
+                f"is keyed by {describe(config.get_session_key)!r}"
             )

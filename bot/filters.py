@@ -12,6 +12,8 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from .callables import check_callable
+
 if TYPE_CHECKING:
     from .context import Context
 
@@ -37,6 +39,7 @@ class Filter:
     __slots__ = ("_check",)
 
     def __init__(self, check: Check) -> None:
+        check_callable(check, "filter", "ctx")  # a string where `text(equals=...)` was meant, say
         self._check = check
 
     async def __call__(self, ctx: Context[Any]) -> bool:

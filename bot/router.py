@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeAlias, TypeVar
 
+from .callables import check_async
 from .context import Context
 from .filters import Check, Filter, as_filter, command
 from .telegram import UPDATE_KINDS
@@ -72,8 +73,9 @@ class Router(Generic[S]):
     # --- registration ------------------------------------------------------------------------------
 
     def on(self, kinds: str | Iterable[str], *filters: Check) -> Callable[[H], H]:
-        """Register a handler for these update kinds (see `bot.telegram.UPDATE_KINDS`), run when every
-        filter agrees."""
+        """Register a handler, `async def handler(ctx)`, for these update kinds (see
+        `bot.telegram.UPDATE_KINDS`), run when every filter agrees. A filter that is not a function of the
+        context, or a handler that is not an `async def` taking it, is refused here (TypeError)."""
         wanted = frozenset([kinds] if isinstance(kinds, str) else kinds)
         unknown = wanted - set(UPDATE_KINDS)
         if unknown or not wanted:
@@ -81,6 +83,7 @@ class Router(Generic[S]):
         checks = tuple(as_filter(f) for f in filters)
 
         def register(handler: H) -> H:
+            check_async(handler, "handler", "ctx")
             self._entries.append(_Route(wanted, checks, handler))
             return handler
 
@@ -119,7 +122,9 @@ class Router(Generic[S]):
         """Add a middleware, `async def mw(ctx, next)`, around this router's handlers (and those of the
         routers included in it). It runs inside the update's transaction with the sessions loaded, only
         for updates one of those handlers wants; code after `await next()` runs after the handler, and
-        not calling `next` stops the update there. Usable as a decorator."""
+        not calling `next` ends the update there: no handler after it runs, here or in another router,
+        and what it changed is saved. Usable as a decorator."""
+        check_async(middleware, "middleware", "ctx, next")
         self._middleware.append(middleware)
         return middleware
 
@@ -160,8 +165,9 @@ class Router(Generic[S]):
         return found
 
     async def run(self, ctx: Context[S], found: Match) -> bool:
-        """Run this router's middleware around its first match that does not skip; True if one handled
-        the update, False if every match skipped (or a middleware did not call next)."""
+        """Run this router's middleware around its first match that does not skip. True if the update is
+        done (a handler took it, or a middleware ended it by not calling next); False if every match
+        skipped, so the parent tries its next match."""
         handled = False
 
         async def handlers() -> None:
@@ -180,20 +186,23 @@ class Router(Generic[S]):
                 handled = True
                 return
 
-        await self._wrapped(ctx, handlers, 0)
-        return handled
+        reached = await self._wrapped(ctx, handlers, 0)
+        return handled or not reached
 
-    async def _wrapped(self, ctx: Context[S], inner: Next, index: int) -> None:
+    async def _wrapped(self, ctx: Context[S], inner: Next, index: int) -> bool:
+        """Run the middleware from `index` on around `inner`; False if one of them did not call next."""
         if index == len(self._middleware):
             await inner()
-            return
+            return True
         called = False
+        reached = False
 
         async def next_() -> None:
-            nonlocal called
+            nonlocal called, reached
             if called:
                 raise RuntimeError(f"middleware {self._middleware[index]!r} called next() twice")
             called = True
-            await self._wrapped(ctx, inner, index + 1)
+            reached = await self._wrapped(ctx, inner, index + 1)
 
         await self._middleware[index](ctx, next_)
+        return reached

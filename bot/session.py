@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from .callables import check_plain
 from .storage import Moved, Storage, StoredSession, Transaction
 from .telegram import Update
 
@@ -187,6 +188,13 @@ def session(
         if not isinstance(initial, type):
             raise TypeError("session(): pass data_type= (the session class) unless initial is that class")
         data_type = initial
+    check_plain(get_session_key, "key function", "update")
+    if initial is not None:
+        check_plain(initial, "initial", "")
+    if merge is not None:
+        check_plain(merge, "merge", "old, new")
+    for migrate in (migrations or {}).values():
+        check_plain(migrate, "migration", "data")
     return SessionConfig(
         initial=initial,
         data_type=data_type,

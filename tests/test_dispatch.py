@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,34 @@ def test_merge_with_a_custom_key_is_refused_when_the_bot_is_built(key: Any) -> N
         Bot(session(initial=Counted, merge=add, get_session_key=key))
     with pytest.raises(ValueError, match="session 'user'"):
         Bot(sessions={"user": session(initial=Counted, merge=add, get_session_key=key)})
+
+
+def plain_hook(error: Exception, ctx: Context[None]) -> None: ...
+
+
+async def no_context(update: Any) -> str | None: ...
+
+
+@pytest.mark.parametrize(
+    ("build", "error"),
+    [
+        (lambda: Bot().catch(plain_hook), "error hook test_dispatch.plain_hook .* is a plain def"),
+        (lambda: Bot().catch(lambda error: None), "error hook .*<lambda> .* called with \\(error, ctx\\)"),
+        (lambda: session(Counted, get_session_key=lambda: "k"), "key function .* called with \\(update\\)"),
+        (lambda: session(Counted, get_session_key="chat"), "key function 'chat' \\(a str\\) is not callable"),
+        (
+            lambda: session(Counted, get_session_key=no_context),
+            "key function test_dispatch.no_context .* is an async",
+        ),
+        (lambda: session(lambda count: Counted(count), data_type=Counted), "initial .* takes \\(count\\)"),
+        (lambda: session(Counted, merge=lambda old: old), "merge .* called with \\(old, new\\)"),
+    ],
+)
+def test_an_error_hook_or_session_function_that_cannot_run_is_refused_naming_it(
+    build: Callable[[], Any], error: str
+) -> None:
+    with pytest.raises(TypeError, match=error):
+        build()
 
 
 def counting_bot() -> Bot[Counted]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -121,6 +122,58 @@ async def test_a_middleware_that_does_not_call_next_stops_the_update_and_its_cha
     assert texts(await run.process(text_update(2, -1, "go"))) == ["2"]
 
 
+async def test_a_routers_middleware_that_does_not_call_next_ends_the_update_no_sibling_runs(
+    storage: Storage,
+) -> None:
+    """Before, the router answered "nothing handled" and its parent went on to the next sibling."""
+    bot = Bot(session(initial=Seen))
+    gated: Router[Seen] = Router("gated")
+
+    @gated.use
+    async def gate(ctx: Context[Seen], next: Next) -> None:
+        ctx.session.count += 1
+        ctx.reply(f"gated {ctx.session.count}")
+
+    @gated.message()
+    async def inside(ctx: Context[Seen]) -> None:
+        ctx.reply("inside")
+
+    bot.include_router(gated)
+
+    @bot.message()
+    async def sibling(ctx: Context[Seen]) -> None:
+        ctx.reply("sibling")
+
+    run = Pipeline(bot, storage, ME, Metrics())
+    assert texts(await run.process(text_update(1, -1, "x"))) == ["gated 1"]
+    assert texts(await run.process(text_update(2, -1, "x"))) == ["gated 2"]  # its change committed
+
+
+async def test_a_routers_middleware_that_calls_next_still_falls_through_when_every_handler_skips() -> None:
+    bot: Bot[None] = Bot()
+    inner: Router[None] = Router("inner")
+    order: list[str] = []
+
+    @inner.use
+    async def around(ctx: Context[None], next: Next) -> None:
+        order.append("in")
+        await next()
+        order.append("out")
+
+    @inner.message()
+    async def skips(ctx: Context[None]) -> None:
+        raise SkipHandler
+
+    bot.include_router(inner)
+
+    @bot.message()
+    async def sibling(ctx: Context[None]) -> None:
+        ctx.reply("sibling")
+
+    assert texts(await process(bot, message_update(1, -1, "x"))) == ["sibling"]
+    assert order == ["in", "out"]
+
+
 async def test_skip_handler_falls_through_to_the_next_match_even_in_another_router() -> None:
     bot: Bot[None] = Bot()
     later: Router[None] = Router("later")
@@ -224,6 +277,63 @@ def test_a_router_is_included_once_and_never_in_itself() -> None:
 def test_unknown_update_kinds_are_refused_at_registration() -> None:
     with pytest.raises(ValueError, match="unknown update kinds"):
         Router[None]().on("inline_query")
+
+
+def plain_handler(ctx: Context[None]) -> None: ...
+
+
+async def two_argument_handler(ctx: Context[None], extra: int) -> None: ...
+
+
+def plain_middleware(ctx: Context[None], next: Next) -> None: ...
+
+
+async def one_argument_middleware(ctx: Context[None]) -> None: ...
+
+
+HERE = r"\(.*test_router\.py:\d+\)"
+
+
+@pytest.mark.parametrize(
+    ("register", "error"),
+    [
+        (lambda r: r.message("hunger"), "filter 'hunger' \\(a str\\) is not callable"),
+        (lambda r: r.message(text(), None), "filter None \\(a NoneType\\) is not callable"),
+        (
+            lambda r: r.message(lambda: True),
+            "filter test_router\\..*<lambda> .* takes \\(\\), but is called with \\(ctx\\)",
+        ),
+        (lambda r: r.message()(plain_handler), f"handler test_router.plain_handler {HERE} is a plain def"),
+        (lambda r: r.command("x")(two_argument_handler), "handler test_router.two_argument_handler .* takes"),
+        (lambda r: r.use(plain_middleware), f"middleware test_router.plain_middleware {HERE} is a plain def"),
+        (lambda r: r.use(one_argument_middleware), "called with \\(ctx, next\\)"),
+    ],
+)
+def test_registration_refuses_what_cannot_run_naming_the_function(
+    register: Callable[[Router[None]], Any], error: str
+) -> None:
+    """Before, each was accepted and failed on the first update that reached it."""
+    with pytest.raises(TypeError, match=error):
+        register(Router[None]())
+
+
+class AsyncCallable:
+    async def __call__(self, ctx: Context[None]) -> None:
+        ctx.reply("object")
+
+
+async def test_registration_accepts_sync_filters_async_callables_and_defaults() -> None:
+    bot: Bot[None] = Bot()
+
+    async def with_default(ctx: Context[None], extra: str = "default") -> None:
+        ctx.reply(extra)
+
+    bot.message(lambda ctx: ctx.message is not None and ctx.message.text == "a")(with_default)
+    bot.message(text(equals="b"))(AsyncCallable())
+    bot.message(text(equals="c"))(functools.partial(with_default, extra="partial"))
+    assert texts(await process(bot, message_update(1, -1, "a"))) == ["default"]
+    assert texts(await process(bot, message_update(2, -1, "b"))) == ["object"]
+    assert texts(await process(bot, message_update(3, -1, "c"))) == ["partial"]
 
 
 async def test_a_middleware_calling_next_twice_is_a_bug_not_a_double_apply() -> None:
