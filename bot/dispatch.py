@@ -10,6 +10,7 @@ touching the database whether an update concerns the bot at all.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any, TypeAlias, TypeVar
 
 from .callables import check_async, describe
@@ -44,9 +45,14 @@ class Bot(Router[S]):
         name: str = "bot",
     ) -> None:
         super().__init__(name)
-        self.sessions: dict[str, SessionConfig[Any]] = dict(sessions or {})
+        configs = dict(sessions or {})
         if session is not None:
-            self.sessions[DEFAULT_SESSION] = session
+            configs[DEFAULT_SESSION] = session
+        # Each learns the name it is installed under, which its errors (a value that does not fit, a row
+        # that no longer decodes) give along with the key.
+        self.sessions: dict[str, SessionConfig[Any]] = {
+            name: replace(config, name=name) for name, config in configs.items()
+        }
         _check_distinct_keys(self.sessions)
         _check_merge_keys(self.sessions)
         self.error_hook: ErrorHook | None = None

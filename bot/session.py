@@ -10,6 +10,7 @@ overwriting each other's changes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ __all__ = [
     "SessionError",
     "SessionNotLoaded",
     "SessionSlot",
+    "SessionValueError",
     "chat_key",
     "chat_user_key",
     "session",
@@ -88,7 +90,16 @@ class NoSuchSession(SessionError):
 
 
 class SessionDecodeError(Exception):
-    """Stored data does not fit the session type (and no migration made it fit)."""
+    """Stored data does not fit the session type (and no migration made it fit): the type changed in code
+    and the row was not migrated. Names the session, the key and the field; docs/SESSIONS.md ("Rows that
+    no longer decode") says how to migrate such rows."""
+
+
+class SessionValueError(Exception):
+    """A handler left a session value that does not fit the session type, or that cannot be stored as
+    JSON (an object of a class msgspec does not know, a float NaN, a list holding itself). Raised when
+    the update saves, so that update fails and the stored row keeps its last good value; stored, the
+    value would fail every later update of its key instead."""
 
 
 class AlreadyApplied(Exception):
@@ -112,13 +123,43 @@ class SessionConfig(Generic[S]):
     migrations: Mapping[int, Migration] = field(default_factory=dict)
     merge: Callable[[S, S], S] | None = None
     storage: Storage | None = None  # None: the bot's storage, in the update's main transaction
+    name: str = "session"  # what the bot calls it (`Bot` sets it), for error messages
+    # Built once: a typed decoder is about half the cost of msgspec.json.decode(data, type=...) per call.
+    _decoder: msgspec.json.Decoder[S] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_decoder", msgspec.json.Decoder(self.data_type))
 
     def key(self, update: Update) -> str | None:
         key = self.get_session_key(update)
         return None if key is None else self.prefix + key
 
-    def encode(self, value: S) -> str:
-        return msgspec.json.encode(value).decode()
+    def _where(self, key: str) -> str:
+        return f"session {self.name!r}, key {key!r}"
+
+    def encode(self, key: str, value: S) -> str:
+        """The JSON stored for `value`. Raises SessionValueError, naming the field, when there is none."""
+        try:
+            return msgspec.json.encode(value).decode()
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            path, error = _unencodable(value, "$", set()) or ("$", exc)
+            raise SessionValueError(
+                f"{self._where(key)}: the value cannot be stored, field `{path}`: {error}. Nothing was saved: "
+                "the stored row keeps its last good value"
+            ) from exc
+
+    def check(self, key: str, data: str) -> None:
+        """Raise SessionValueError, naming the field, unless `data` (encoded from a handler's value) reads
+        back as `data_type`. Encoding does not validate: `ctx.session.n = "seven"` on an int field
+        encodes fine and would fail every later read of the row instead of the update that wrote it.
+        Reading back is msgspec's own validation, and costs about what one read of the row does."""
+        try:
+            self._decoder.decode(data)
+        except msgspec.ValidationError as exc:
+            raise SessionValueError(
+                f"{self._where(key)}: the value does not fit {self.data_type.__name__}, {_field(exc)}. Nothing "
+                "was saved: the stored row keeps its last good value"
+            ) from exc
 
     def decode(self, key: str, stored: StoredSession) -> S:
         """Decode stored data, first upgrading it through `migrations` if an older version wrote it."""
@@ -126,26 +167,68 @@ class SessionConfig(Generic[S]):
             # Decoding it anyway would drop the fields this code does not know, and the write-back
             # (at our older version) would make that loss permanent: typical after rolling back a deploy.
             raise SessionDecodeError(
-                f"session {key!r} is version {stored.version}, newer than this code's version {self.version}: "
-                "not decoded, so that it is not downgraded"
+                f"{self._where(key)} is version {stored.version}, newer than this code's version "
+                f"{self.version}: not decoded, so that it is not downgraded"
             )
         try:
             if stored.version == self.version:
-                return msgspec.json.decode(stored.data, type=self.data_type)
+                return self._decoder.decode(stored.data)
             raw = json.loads(stored.data)
             for version in range(stored.version, self.version):
                 if version not in self.migrations:
                     raise SessionDecodeError(
-                        f"session {key!r} is version {stored.version}, and no migration upgrades "
+                        f"{self._where(key)} is version {stored.version}, and no migration upgrades "
                         f"version {version} (known: {sorted(self.migrations)})"
                     )
                 raw = self.migrations[version](raw)
             return msgspec.convert(raw, type=self.data_type)
-        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+        except msgspec.ValidationError as exc:
             raise SessionDecodeError(
-                f"session {key!r} (version {stored.version}) does not decode as "
-                f"{self.data_type.__name__}: {exc}"
+                f"{self._where(key)}: the stored row (version {stored.version}) no longer decodes as "
+                f"{self.data_type.__name__}, {_field(exc)}. Migrate the row (docs/SESSIONS.md, "
+                '"Rows that no longer decode")'
             ) from exc
+        except (msgspec.DecodeError, ValueError) as exc:
+            raise SessionDecodeError(
+                f"{self._where(key)}: the stored row (version {stored.version}) is not JSON: {exc}"
+            ) from exc
+
+
+def _field(error: msgspec.ValidationError) -> str:
+    """msgspec's "Expected `int`, got `str` - at `$.n`" as "field `$.n`: Expected `int`, got `str`"."""
+    message, at, path = str(error).rpartition(" - at ")
+    return f"field {path}: {message}" if at else f"the whole value: {error}"
+
+
+def _unencodable(value: Any, path: str, within: set[int]) -> tuple[str, str] | None:
+    """The path of the innermost part of `value` that msgspec cannot encode, and why; None if it can.
+    Only called once encoding failed, so its cost (encoding each part again) is paid by failures only.
+    `within` holds the containers on the path so far: a list holding itself is found, not recursed."""
+    try:
+        msgspec.json.encode(value)
+        return None
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        error = str(exc)
+    if id(value) in within:
+        return path, "the value contains itself"
+    parts: list[tuple[str, Any]]
+    if isinstance(value, msgspec.Struct):
+        parts = [(f"{path}.{name}", getattr(value, name)) for name in value.__struct_fields__]
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        parts = [(f"{path}.{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value)]
+    elif isinstance(value, dict):
+        parts = [(f"{path}.{key}", item) for key, item in value.items()]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        parts = [(f"{path}[{n}]", item) for n, item in enumerate(value)]
+    else:
+        return path, error
+    within.add(id(value))
+    for sub_path, part in parts:
+        found = _unencodable(part, sub_path, within)
+        if found is not None:
+            return found
+    within.discard(id(value))
+    return path, error  # every part encodes alone: the container itself is the problem (a dict's keys)
 
 
 def session(
@@ -259,14 +342,14 @@ class SessionSlot(Generic[S]):
             stored = await self._tx.read(self.key)
             if isinstance(stored, Moved):
                 # Only a basic group moves, and only to a supergroup, which never moves again.
-                raise SessionDecodeError(f"session {self.key!r} moved again, to {stored.key!r}")
+                raise SessionDecodeError(f"{self.config._where(self.key)} moved again, to {stored.key!r}")
         if stored is None:
             self._value = None if self.config.initial is None else self.config.initial()
         else:
             self._value = self.config.decode(self.key, stored)
             # Re-encoded rather than kept as read: PostgreSQL's jsonb reorders keys and spaces, and the
             # comparison in save() must see "unchanged" as unchanged.
-            self._stored = self.config.encode(self._value)
+            self._stored = self.config.encode(self.key, self._value)
             self._upgraded = stored.version != self.config.version
 
     def get(self) -> S:
@@ -302,21 +385,25 @@ class SessionSlot(Generic[S]):
         if not self.loaded or self.key is None:
             return
         if self._stored is not None:
-            self._value = msgspec.json.decode(self._stored, type=self.config.data_type)
+            self._value = self.config.decode(self.key, StoredSession(self._stored, self.config.version))
         else:
             self._value = None if self.config.initial is None else self.config.initial()
 
     async def save(self) -> None:
-        """Write back what changed: nothing if unchanged, a delete if the session was set to None."""
+        """Write back what changed: nothing if unchanged, a delete if the session was set to None.
+        Raises SessionValueError for a value that does not fit the session type or cannot be stored,
+        before anything is written, so the update fails and the row keeps its last good value."""
         if not self.loaded or self.key is None:
             return
         if self._value is None:
             if self._stored is not None:
                 await self._tx.delete(self.key)
             return
-        data = self.config.encode(self._value)
+        config = self.config
+        data = config.encode(self.key, self._value)
         if data != self._stored or self._upgraded:
-            initial = self.config.initial
-            if self._stored is None and initial is not None and data == self.config.encode(initial()):
+            initial = config.initial
+            if self._stored is None and initial is not None and data == config.encode(self.key, initial()):
                 return  # a new session nobody changed: reading it again gives the same initial value
-            await self._tx.write(self.key, StoredSession(data, self.config.version), self.config.ttl)
+            config.check(self.key, data)  # only what is written: an unchanged value was read as valid
+            await self._tx.write(self.key, StoredSession(data, config.version), config.ttl)

@@ -22,7 +22,6 @@ from bot.pipeline import Pipeline, Status
 from bot.session import (
     NoSessionKey,
     NoSuchSession,
-    SessionDecodeError,
     SessionError,
     SessionNotLoaded,
     session,
@@ -356,7 +355,10 @@ async def test_a_version_with_no_migration_step_fails_naming_the_key_and_the_ste
         await tx.write("7", StoredSession('{"pizzaCount": 3}', version=0))
     result = await pipeline(pizza_v2_bot(), counting).process(text_update(1, chat_id=7, text="🍕"))
     assert result.status is Status.FAILED
-    assert "session '7' is version 0, and no migration upgrades version 0 (known: [1])" in caplog.text
+    assert (
+        "session 'session', key '7' is version 0, and no migration upgrades version 0 (known: [1])"
+        in caplog.text
+    )
     assert counting.count("write") == 0
 
 
@@ -370,22 +372,72 @@ async def test_a_session_written_by_a_newer_version_is_refused_not_downgraded(
         await tx.write("7", StoredSession(newer, version=3))
     result = await pipeline(pizza_v2_bot(), counting).process(text_update(1, chat_id=7, text="🍕"))
     assert result.status is Status.FAILED
-    assert "session '7' is version 3, newer than this code's version 2" in caplog.text
+    assert "session 'session', key '7' is version 3, newer than this code's version 2" in caplog.text
     saved = await stored(counting.inner, "7")
     assert saved is not None and saved.version == 3 and json.loads(saved.data)["favourite"] == "margherita"
 
 
-async def test_undecodable_session_fails_the_update_naming_the_key(
+async def test_a_stored_row_that_no_longer_decodes_fails_the_update_naming_session_key_and_field(
     counting: CountingStorage, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with counting.inner.transaction() as tx:
         await tx.write("7", StoredSession('{"count": "many"}'))
     result = await pipeline(counter_bot(), counting).process(text_update(1, chat_id=7, text="+"))
     assert result.status is Status.FAILED
-    assert "session '7'" in caplog.text
-    assert SessionDecodeError.__name__ in caplog.text
+    assert (
+        "SessionDecodeError: session 'session', key '7': the stored row (version 0) no longer decodes as "
+        "Counted, field `$.count`: Expected `int`, got `str`" in caplog.text
+    )
     saved = await stored(counting.inner, "7")
     assert saved is not None and json.loads(saved.data) == {"count": "many"}  # untouched, not overwritten
+
+
+def typed_bot() -> Bot[Counted]:
+    bot = counter_bot()
+
+    @bot.message(text(equals="seven"))
+    async def seven(ctx: Context[Counted]) -> None:
+        (await ctx.get_session()).count = "seven"  # type: ignore[assignment]
+
+    @bot.message(text(equals="object"))
+    async def an_object(ctx: Context[Counted]) -> None:
+        (await ctx.get_session()).tags.append(object())  # type: ignore[arg-type]
+
+    @bot.message(text(equals="itself"))
+    async def itself(ctx: Context[Counted]) -> None:
+        tags: list[Any] = (await ctx.get_session()).tags
+        tags.append(tags)
+
+    return bot
+
+
+@pytest.mark.parametrize(
+    ("action", "error"),
+    [
+        ("seven", "the value does not fit Counted, field `$.count`: Expected `int`, got `str`"),
+        (
+            "object",
+            "the value cannot be stored, field `$.tags[0]`: Encoding objects of type object is unsupported",
+        ),
+        ("itself", "the value cannot be stored, field `$.tags[0]`: the value contains itself"),
+    ],
+)
+async def test_a_session_value_that_does_not_fit_or_cannot_be_stored_fails_the_update_that_sets_it(
+    storage_mode: tuple[Storage, bool], caplog: pytest.LogCaptureFixture, action: str, error: str
+) -> None:
+    """Before, the wrong-typed value was saved and every later update of the chat failed to read it; the
+    unstorable one failed with msgspec's bare TypeError, naming neither the session nor the field."""
+    storage, optimistic = storage_mode
+    run = pipeline(typed_bot(), storage, optimistic=optimistic)
+    await run.process(text_update(1, chat_id=7, text="+"))
+    failed = await run.process(text_update(2, chat_id=7, text=action))
+    assert failed.status is Status.FAILED
+    assert f"SessionValueError: session 'session', key '7': {error}. Nothing was saved" in caplog.text
+    saved = await stored(storage, "7")
+    assert saved is not None and json.loads(saved.data) == {"count": 1, "tags": []}  # the last good value
+    await run.process(text_update(3, chat_id=7, text="+"))
+    look = await run.process(text_update(4, chat_id=7, text="look"))
+    assert [c.params["text"] for c in look.to_send] == ["2"]
 
 
 async def test_ttl_expired_session_reads_as_new(counting: CountingStorage) -> None:
