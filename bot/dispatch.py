@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
+from itertools import combinations
 from typing import Any, TypeAlias, TypeVar
 
 from .callables import check_async, describe
 from .context import DEFAULT_SESSION, Context
 from .router import Handler, Middleware, Router, SkipHandler
-from .session import SessionConfig, chat_key
+from .session import SessionConfig, chat_key, chat_user_key, user_key
 from .telegram import UPDATE_KINDS
 
 __all__ = ["Bot", "ErrorHook", "Handler", "Middleware", "Router", "SkipHandler"]
@@ -83,19 +84,57 @@ class Bot(Router[S]):
         return [kind for kind in UPDATE_KINDS if kind in kinds]
 
 
+# The characters of the keys the shipped key functions return: ids (a chat's may be negative), and "/"
+# between a chat's and a user's. Of the three, chat_key and user_key can return the same key: a private
+# chat's id is its user's id. A custom key function may return anything.
+_KEY_CHARACTERS = frozenset("-0123456789/")
+_SHIPPED_KEYS = (chat_key, user_key, chat_user_key)
+_DISJOINT_KEYS = {frozenset({chat_key, chat_user_key}), frozenset({user_key, chat_user_key})}
+
+
 def _check_distinct_keys(sessions: Mapping[str, SessionConfig[Any]]) -> None:
-    """Two sessions in one storage with the same key function and prefix would be one row, each update
-    overwriting the other's data with its own. Easy to do by accident, since every session is keyed by
-    chat id and kept in the bot's storage unless told otherwise."""
-    seen: dict[tuple[int, str, object], str] = {}
-    for name, config in sessions.items():
-        where = (id(config.storage), config.prefix, config.get_session_key)
-        if where in seen:
+    """Refuse two sessions in one storage that could ever compute the same key: they would be one row,
+    each overwriting the other's data (or failing to decode it) with no error. Easy to do by accident,
+    since every session is kept in the bot's storage without a prefix unless told otherwise: a chat
+    session and a `user_key` session share a row in every private chat.
+
+    Refused at build time rather than namespaced by key kind: a namespace would move the rows of every
+    bot already running (including those whose prefixes keep them apart today), while a refusal leaves
+    every row where it is and stops only the bots whose rows can mix, with the fix in the message."""
+    for (first, a), (second, b) in combinations(sessions.items(), 2):
+        reason = _why_keys_may_meet(a, b)
+        if reason is not None:
             raise ValueError(
-                f"sessions {seen[where]!r} and {name!r} would share their rows (same storage, key function "
-                "and prefix): give one of them a prefix"
+                f"sessions {first!r} and {second!r} would share their rows ({reason}): give each one a "
+                f"prefix that does not start the other's (for example prefix={second + ':'!r}) or a storage "
+                'of its own; docs/SESSIONS.md, "Keys of several sessions", says how to keep existing rows'
             )
-        seen[where] = name
+
+
+def _why_keys_may_meet(a: SessionConfig[Any], b: SessionConfig[Any]) -> str | None:
+    """Why two sessions could compute the same stored key (prefix + key), or None if they never can."""
+    if a.storage is not b.storage:
+        return None
+    short, long = sorted((a, b), key=lambda config: len(config.prefix))
+    if not long.prefix.startswith(short.prefix):
+        return None  # their keys differ within the prefixes
+    rest = long.prefix[len(short.prefix) :]
+    if rest:
+        # A key of `short` equal to one of `long` would have to start with `rest`.
+        if short.get_session_key in _SHIPPED_KEYS and not set(rest) <= _KEY_CHARACTERS:
+            return None
+        return f"prefix {long.prefix!r} starts with prefix {short.prefix!r}"
+    if a.get_session_key is b.get_session_key:
+        return "same storage, key function and prefix"
+    if frozenset({a.get_session_key, b.get_session_key}) in _DISJOINT_KEYS:
+        return None
+    if a.get_session_key in _SHIPPED_KEYS and b.get_session_key in _SHIPPED_KEYS:
+        return "same storage and prefix; in a private chat the chat id is the user id"
+    custom = a if a.get_session_key not in _SHIPPED_KEYS else b
+    return (
+        f"same storage and prefix, and {custom.name!r} is keyed by {describe(custom.get_session_key)}, "
+        "which may return any key"
+    )
 
 
 def _check_merge_keys(sessions: Mapping[str, SessionConfig[Any]]) -> None:

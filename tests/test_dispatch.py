@@ -13,7 +13,7 @@ from bot.dispatch import Bot, Router
 from bot.filters import text
 from bot.metrics import Metrics
 from bot.pipeline import Pipeline, Status
-from bot.session import chat_user_key, session, user_key
+from bot.session import chat_key, chat_user_key, session, user_key
 from bot.storage import Storage, StorageUnavailable
 from bot.storage.memory import MemoryStorage
 from bot.testing.updates import text_update
@@ -62,6 +62,64 @@ def test_merge_with_a_custom_key_is_refused_when_the_bot_is_built(key: Any) -> N
         Bot(session(initial=Counted, merge=add, get_session_key=key))
     with pytest.raises(ValueError, match="session 'user'"):
         Bot(sessions={"user": session(initial=Counted, merge=add, get_session_key=key)})
+
+
+def by_topic(update: Any) -> str | None:
+    return "topic:1"
+
+
+def by_topic_too(update: Any) -> str | None:
+    return "topic:2"
+
+
+OTHER_STORAGE = MemoryStorage()
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "reason"),
+    [
+        # The finding: a private chat's id is its user's id.
+        ({}, {"get_session_key": user_key}, "in a private chat the chat id is the user id"),
+        ({"prefix": "x:"}, {"get_session_key": user_key, "prefix": "x:"}, "in a private chat"),
+        ({}, {}, "same storage, key function and prefix"),
+        (
+            {},
+            {"get_session_key": by_topic},
+            "'other' is keyed by test_dispatch.by_topic .*, which may return",
+        ),
+        (
+            {"get_session_key": by_topic},
+            {"get_session_key": by_topic_too},
+            "'chat' is keyed by test_dispatch.by_topic",
+        ),
+        # A custom key under a shorter prefix could return "chat:..." itself.
+        ({"prefix": "chat:"}, {"get_session_key": by_topic}, "prefix 'chat:' starts with prefix ''"),
+        ({"prefix": "1"}, {}, "prefix '1' starts with prefix ''"),  # chat "1" + "5" is "15"
+    ],
+)
+def test_two_sessions_whose_keys_could_meet_are_refused_when_the_bot_is_built(
+    first: dict[str, Any], second: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(ValueError, match=f"sessions 'chat' and 'other' would share their rows \\(.*{reason}"):
+        Bot(sessions={"chat": session(Counted, **first), "other": session(Counted, **second)})
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({}, {"get_session_key": user_key, "prefix": "user:"}),
+        ({"prefix": "chat:"}, {"get_session_key": user_key}),  # no user id starts with "chat:"
+        ({}, {"get_session_key": chat_user_key}),  # "chat/user" holds a "/", a chat id never does
+        ({"get_session_key": user_key}, {"get_session_key": chat_user_key}),
+        ({}, {"get_session_key": by_topic, "prefix": "topic:"}),
+        ({"get_session_key": by_topic, "prefix": "a:"}, {"get_session_key": by_topic_too, "prefix": "b:"}),
+        ({}, {"get_session_key": user_key, "storage": OTHER_STORAGE}),
+        ({}, {"storage": OTHER_STORAGE}),
+        ({"get_session_key": chat_key}, {"get_session_key": user_key, "prefix": "u"}),
+    ],
+)
+def test_sessions_whose_keys_never_meet_are_accepted(first: dict[str, Any], second: dict[str, Any]) -> None:
+    Bot(sessions={"chat": session(Counted, **first), "other": session(Counted, **second)})
 
 
 def plain_hook(error: Exception, ctx: Context[None]) -> None: ...

@@ -25,6 +25,7 @@ from bot.session import (
     SessionError,
     SessionNotLoaded,
     session,
+    user_key,
 )
 from bot.storage import (
     Moved,
@@ -602,16 +603,11 @@ async def test_a_late_update_for_the_old_chat_id_lands_in_the_new_chat(storage: 
     assert await stored(storage, str(old)) == Moved(str(new))  # no count of its own for the old id
 
 
-def user_key(update: Update) -> str | None:
-    message = update.new_message
-    return None if message is None or message.from_user is None else f"user:{message.from_user.id}"
-
-
 def multi_bot(user_storage: Storage | None = None) -> Bot[Any]:
     bot: Bot[Any] = Bot(
         sessions={
             "chat": session(Counted),
-            "user": session(Counted, get_session_key=user_key, storage=user_storage),
+            "user": session(Counted, get_session_key=user_key, prefix="user:", storage=user_storage),
         }
     )
 
@@ -682,7 +678,7 @@ async def test_lazy_fragments_are_loaded_only_when_touched(counting: CountingSto
     bot: Bot[Any] = Bot(
         sessions={
             "chat": session(Counted, lazy=True),
-            "user": session(Counted, get_session_key=user_key, lazy=True),
+            "user": session(Counted, get_session_key=user_key, prefix="user:", lazy=True),
         }
     )
 
@@ -735,7 +731,7 @@ async def test_eager_sessions_are_locked_in_one_global_order_whatever_their_decl
     bot: Bot[Any] = Bot(
         sessions={
             "elsewhere": session(Counted, prefix="e:", storage=other),
-            "user": session(Counted, get_session_key=user_key),
+            "user": session(Counted, get_session_key=user_key, prefix="user:"),
             "chat": session(Counted),
         }
     )
@@ -769,11 +765,16 @@ async def test_named_sessions_can_be_replaced_and_deleted(storage: Storage) -> N
     assert await count_of(storage, "-1") == 1
 
 
-def test_two_sessions_that_would_share_rows_are_refused() -> None:
-    with pytest.raises(ValueError, match="sessions 'chat' and 'stats' would share their rows"):
-        Bot(sessions={"chat": session(Counted), "stats": session(Pizza)})
-    Bot(sessions={"chat": session(Counted), "stats": session(Pizza, prefix="stats:")})
-    Bot(sessions={"chat": session(Counted), "stats": session(Pizza, storage=MemoryStorage())})
+async def test_in_a_private_chat_a_chat_session_and_a_prefixed_user_session_are_two_rows(
+    storage: Storage,
+) -> None:
+    """The chat's id is the user's id there: without the prefix (refused when the bot is built, see
+    tests/test_dispatch.py) both sessions were one row and overwrote each other."""
+    run = pipeline(multi_bot(), storage)
+    await run.process(from_user(1, 100, 100, "+"))  # the private chat of user 100
+    await run.process(from_user(2, -1, 100, "+"))  # the same user in a group
+    assert (await count_of(storage, "100"), await count_of(storage, "user:100")) == (1, 2)
+    assert await count_of(storage, "-1") == 1
 
 
 class PruneSpy:

@@ -410,7 +410,7 @@ class _OptimisticTransaction:
             raise self._give_up("several sessions in one update: run it with locks")
         if self._storage.contended(key):
             raise self._give_up(f"session {key!r} is contended: run it with locks")
-        if self._turn != key:  # (two sessions of one update may share a key: one turn for both)
+        if self._turn != key:  # (a key read twice in one transaction: one turn for both reads)
             await self._storage.turns.take(key)
             self._turn = key
         cached = self._storage.cache.get(key)
