@@ -7,12 +7,16 @@ from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from .files import json_params
+from .kinds import KindAccessors
+from .methods import ApiMethods, OutboxMethods
 from .rules import Command, parse_command
 from .session import NoSuchSession, SessionNotLoaded, SessionSlot
 from .storage import OutgoingCall
-from .telegram import BotApi, CallbackQuery, Chat, Message, Update, User
+from .telegram import BotApi
+from .types import CallbackQuery, Chat, Message, Update, User
 
-__all__ = ["BotIdentity", "Context", "ImmediateApi", "QueuedCall"]
+__all__ = ["BotIdentity", "Context", "ImmediateApi", "Outbox", "QueuedCall"]
 
 S = TypeVar("S")
 
@@ -56,9 +60,10 @@ class QueuedCall:
         return f"<QueuedCall {self.method} (sent after commit)>"
 
 
-class ImmediateApi:
+class ImmediateApi(ApiMethods):
     """Bot API calls made now, inside the handler, for what it needs the answer to (getChatMember,
-    getChat). Each call is bounded by a timeout and raises BotApiError if it fails or times out.
+    getChat): `await ctx.api.get_chat_member(chat_id=..., user_id=...)`, the result decoded into
+    `bot.types`. Each call is bounded by a timeout and raises BotApiError if it fails or times out.
 
     Caveat: the handler runs inside the update's transaction, holding its session rows locked, so every
     other update of the same chat (or user, per the key) waits for as long as this call takes. Prefer
@@ -76,16 +81,17 @@ class ImmediateApi:
         if self._api is None:
             raise RuntimeError(f"ctx.api.call({method!r}): no BOT_TOKEN, so there is no Bot API to ask")
         async with asyncio.timeout(self._timeout):
-            return await self._api.call(method, params)
+            return await self._api.call(method, json_params(params))
 
 
 _NO_API = ImmediateApi(None, 0)
 _UNPARSED: Any = object()
 
 
-class Context(Generic[S]):
+class Context(KindAccessors, Generic[S]):
     """One update as a handler, middleware or filter sees it. Filters get it before the sessions are
-    loaded; handlers and middleware after."""
+    loaded; handlers and middleware after. Every update kind has its accessor (`ctx.inline_query`,
+    `ctx.poll_answer`...: `bot.kinds.KindAccessors`), None unless the update is of that kind."""
 
     def __init__(self, update: Update, me: BotIdentity, api: ImmediateApi = _NO_API) -> None:
         self.update = update
@@ -113,10 +119,6 @@ class Context(Generic[S]):
     @property
     def from_user(self) -> User | None:
         return self.update.from_user
-
-    @property
-    def callback_query(self) -> CallbackQuery | None:
-        return self.update.callback_query
 
     @property
     def data(self) -> str | None:
@@ -171,9 +173,15 @@ class Context(Generic[S]):
 
     # --- calls sent after the commit ---------------------------------------------------------------
 
+    @property
+    def outbox(self) -> Outbox:
+        """Every Bot API method, typed, queued to be sent after the update's transaction commits:
+        `ctx.outbox.send_photo(chat_id=..., photo=...)`. For a result now, `await ctx.api.send_photo(...)`."""
+        return Outbox(self)
+
     def call(self, method: str, **params: Any) -> QueuedCall:
         """Queue a Bot API call. It is sent after the update's transaction commits, never before."""
-        call = OutgoingCall(method, params)
+        call = OutgoingCall(method, json_params(params))
         self.calls.append(call)
         return QueuedCall(call)
 
@@ -211,3 +219,15 @@ class Context(Generic[S]):
         if query is None:
             raise ValueError(f"{what}(): this {self.update.kind or 'update'} is not a button press")
         return query
+
+
+class Outbox(OutboxMethods[QueuedCall]):
+    """`ctx.outbox`: the typed spelling of `ctx.call`."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: Context[Any]) -> None:
+        self._ctx = ctx
+
+    def call(self, method: str, **params: Any) -> QueuedCall:
+        return self._ctx.call(method, **params)

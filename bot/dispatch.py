@@ -18,7 +18,7 @@ from .callables import check_async, describe
 from .context import DEFAULT_SESSION, Context
 from .router import Handler, Middleware, Router, SkipHandler
 from .session import SessionConfig, chat_key, chat_user_key, user_key
-from .telegram import UPDATE_KINDS
+from .types import UPDATE_KINDS
 
 __all__ = ["Bot", "ErrorHook", "Handler", "Middleware", "Router", "SkipHandler"]
 

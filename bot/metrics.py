@@ -11,14 +11,14 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import telegram
 from .storage import OutboxStatus
+from .types import UPDATE_KINDS as _KINDS
 
 __all__ = ["CONTENT_TYPE", "UPDATE_KINDS", "UPDATE_OUTCOMES", "Metrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-UPDATE_KINDS = (*telegram.UPDATE_KINDS, "other")  # "other": a kind the bot does not route
+UPDATE_KINDS = (*_KINDS, "other")  # "other": a kind the bot does not route
 UPDATE_OUTCOMES = ("applied", "duplicate", "ignored", "failed", "unavailable")
 CALL_OUTCOMES = ("sent", "retry", "failed", "rate_limited")
 WAIT_REASONS = ("bot_budget", "chat_budget", "order")

@@ -32,7 +32,8 @@ from .storage import (
     StorageUnavailable,
     Transaction,
 )
-from .telegram import BotApi, Update
+from .telegram import BotApi
+from .types import Update
 
 __all__ = ["Outcome", "Pipeline", "Status"]
 

@@ -17,7 +17,8 @@ from typing import Any, Generic, TypeAlias, TypeVar
 from .callables import check_async
 from .context import Context
 from .filters import Check, Filter, as_filter, command
-from .telegram import UPDATE_KINDS
+from .kinds import KindRoutes
+from .types import UPDATE_KINDS
 
 __all__ = ["Handler", "Middleware", "Next", "Router", "SkipHandler"]
 
@@ -57,9 +58,10 @@ class _Route(Generic[S]):
 Match: TypeAlias = "list[Handler[Any] | tuple[Router[Any], Match]]"
 
 
-class Router(Generic[S]):
+class Router(KindRoutes, Generic[S]):
     """Handlers, their filters and middleware. `Bot` is a Router too: register on it directly for a small
-    bot, or on routers included into it for a bigger one."""
+    bot, or on routers included into it for a bigger one. Every update kind has its decorator
+    (`@router.inline_query()`, `@router.poll_answer()`...: `bot.kinds.KindRoutes`)."""
 
     def __init__(self, name: str = "") -> None:
         self.name = name or f"router@{id(self):x}"
@@ -74,7 +76,7 @@ class Router(Generic[S]):
 
     def on(self, kinds: str | Iterable[str], *filters: Check) -> Callable[[H], H]:
         """Register a handler, `async def handler(ctx)`, for these update kinds (see
-        `bot.telegram.UPDATE_KINDS`), run when every filter agrees. A filter that is not a function of the
+        `bot.types.UPDATE_KINDS`), run when every filter agrees. A filter that is not a function of the
         context, or a handler that is not an `async def` taking it, is refused here (TypeError)."""
         wanted = frozenset([kinds] if isinstance(kinds, str) else kinds)
         unknown = wanted - set(UPDATE_KINDS)

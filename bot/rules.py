@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .telegram import Message
+from .types import Message
 
 __all__ = ["ChatMigration", "Command", "ImplausibleMigration", "chat_migration", "parse_command"]
 
@@ -32,7 +32,7 @@ def parse_command(message: Message, username: str) -> Command | None:
     text = message.text
     if not text:
         return None
-    entity = next((e for e in message.entities if e.type == "bot_command" and e.offset == 0), None)
+    entity = next((e for e in message.entities or () if e.type == "bot_command" and e.offset == 0), None)
     if entity is None:
         return None
     token = _utf16_prefix(text, entity.length)

@@ -20,7 +20,7 @@ import msgspec
 
 from .callables import check_plain
 from .storage import Moved, Storage, StoredSession, Transaction
-from .telegram import Update
+from .types import Update
 
 __all__ = [
     "AlreadyApplied",

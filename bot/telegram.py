@@ -1,195 +1,21 @@
-"""Telegram Bot API: the slice of its types this bot reads, and an async client for its methods.
+"""Telegram Bot API: decoding a webhook's update, and an async client for its methods.
 
-Types are msgspec Structs: decoding validates the shape (an `update_id` that is a string is a 400, not a
-crash deep in a handler) and ignores every field we do not declare, so Telegram can add fields freely.
+The types are `bot.types`, generated from the Bot API. Decoding validates the shape (an `update_id` that is
+a string is a 400, not a crash deep in a handler); fields newer than our Bot API version are skipped by the
+types and kept in the update's raw body (`Update.raw`), so Telegram can add fields freely.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
 import msgspec
 
 from .limits import TooLarge, read_at_most
+from .types import Update, User
 
-__all__ = [
-    "UPDATE_KINDS",
-    "BotApi",
-    "BotApiError",
-    "CallbackQuery",
-    "Chat",
-    "ChatMember",
-    "ChatMemberUpdated",
-    "InvalidUpdate",
-    "Message",
-    "MessageEntity",
-    "MessageReactionUpdated",
-    "ReactionType",
-    "Update",
-    "User",
-    "decode_update",
-]
-
-
-# Telegram ids are signed 64-bit (chat ids reach 52 bits); a bigger number cannot be a real id and would
-# overflow PostgreSQL's bigint, so it is rejected at the door.
-Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-
-
-class User(msgspec.Struct, frozen=True):
-    id: Int64
-    is_bot: bool = False
-    first_name: str = ""
-    username: str | None = None
-    # Only in getMe: False means privacy mode, where a bot in a group sees commands but not plain text.
-    can_read_all_group_messages: bool | None = None
-
-
-class Chat(msgspec.Struct, frozen=True):
-    id: Int64
-    type: str
-    title: str | None = None
-    username: str | None = None
-    is_forum: bool = False
-
-
-class MessageEntity(msgspec.Struct, frozen=True):
-    type: str
-    offset: int
-    length: int
-
-
-class Message(msgspec.Struct, frozen=True):
-    message_id: int
-    chat: Chat
-    date: int = 0
-    from_user: User | None = msgspec.field(default=None, name="from")
-    message_thread_id: int | None = None
-    is_topic_message: bool = False
-    text: str | None = None
-    entities: tuple[MessageEntity, ...] = ()
-    caption: str | None = None
-    migrate_to_chat_id: Int64 | None = None
-    migrate_from_chat_id: Int64 | None = None
-
-
-class CallbackQuery(msgspec.Struct, frozen=True):
-    """A press on an inline keyboard button. `message` is the message the keyboard is attached to (absent
-    for inline-mode messages, which have `inline_message_id` instead; when the message is older than 48 h
-    Telegram sends only its chat and id, with `date` 0)."""
-
-    id: str
-    from_user: User = msgspec.field(name="from")
-    chat_instance: str = ""
-    message: Message | None = None
-    inline_message_id: str | None = None
-    data: str | None = None
-
-
-class ChatMember(msgspec.Struct, frozen=True):
-    """One member's status in a chat: creator, administrator, member, restricted, left or kicked."""
-
-    status: str
-    user: User
-
-
-class ChatMemberUpdated(msgspec.Struct, frozen=True):
-    """`my_chat_member`: the bot itself was added, promoted, removed...; `chat_member`: someone else."""
-
-    chat: Chat
-    from_user: User = msgspec.field(name="from")
-    date: int = 0
-    old_chat_member: ChatMember | None = None
-    new_chat_member: ChatMember | None = None
-
-
-class ReactionType(msgspec.Struct, frozen=True):
-    type: str  # "emoji", "custom_emoji" or "paid"
-    emoji: str | None = None
-    custom_emoji_id: str | None = None
-
-
-class MessageReactionUpdated(msgspec.Struct, frozen=True):
-    """A user changed their reactions to a message (the bot must be an administrator to receive it)."""
-
-    chat: Chat
-    message_id: int
-    date: int = 0
-    user: User | None = None  # absent when an anonymous administrator or a channel reacted
-    old_reaction: tuple[ReactionType, ...] = ()
-    new_reaction: tuple[ReactionType, ...] = ()
-
-
-# Every field of Update that this framework routes, in Telegram's order. Telegram sends exactly one per
-# update; an update of another kind (a poll, an inline query...) decodes with none of them and is ignored.
-UPDATE_KINDS = (
-    "message",
-    "edited_message",
-    "channel_post",
-    "edited_channel_post",
-    "message_reaction",
-    "callback_query",
-    "my_chat_member",
-    "chat_member",
-)
-
-
-class Update(msgspec.Struct, frozen=True):
-    update_id: Int64
-    message: Message | None = None
-    edited_message: Message | None = None
-    channel_post: Message | None = None
-    edited_channel_post: Message | None = None
-    message_reaction: MessageReactionUpdated | None = None
-    callback_query: CallbackQuery | None = None
-    my_chat_member: ChatMemberUpdated | None = None
-    chat_member: ChatMemberUpdated | None = None
-
-    @property
-    def kind(self) -> str | None:
-        """Which kind of update this is (one of UPDATE_KINDS), None for a kind not routed here."""
-        for kind in UPDATE_KINDS:
-            if getattr(self, kind) is not None:
-                return kind
-        return None
-
-    @property
-    def new_message(self) -> Message | None:
-        """A newly sent message in any kind of chat: what counting and commands look at."""
-        return self.message or self.channel_post
-
-    @property
-    def any_message(self) -> Message | None:
-        """The message this update is about: new, edited, or the one a pressed button is attached to."""
-        message = self.message or self.channel_post or self.edited_message or self.edited_channel_post
-        if message is None and self.callback_query is not None:
-            return self.callback_query.message
-        return message
-
-    @property
-    def chat(self) -> Chat | None:
-        """The chat this update happened in; None for kinds without one (an inline-mode button press)."""
-        message = self.any_message
-        if message is not None:
-            return message.chat
-        member = self.my_chat_member or self.chat_member
-        if member is not None:
-            return member.chat
-        return self.message_reaction.chat if self.message_reaction is not None else None
-
-    @property
-    def from_user(self) -> User | None:
-        """Who caused this update; None for channel posts and anonymous reactions."""
-        if self.callback_query is not None:
-            return self.callback_query.from_user
-        member = self.my_chat_member or self.chat_member
-        if member is not None:
-            return member.from_user
-        if self.message_reaction is not None:
-            return self.message_reaction.user
-        message = self.any_message
-        return message.from_user if message is not None else None
+__all__ = ["BotApi", "BotApiError", "InvalidUpdate", "decode_update"]
 
 
 class InvalidUpdate(ValueError):
@@ -210,6 +36,7 @@ def decode_update(body: bytes) -> Update:
         raise InvalidUpdate(f"body is not JSON: {exc}") from None
     except RecursionError:
         raise InvalidUpdate("body is nested too deeply to be a Telegram Update") from None
+    update.keep_raw(body)
     return update
 
 

@@ -27,6 +27,7 @@ from bot.dispatch import Bot, Router
 from bot.filters import chat_type, data_startswith
 from bot.keyboards import button, inline_keyboard
 from bot.session import session, user_key
+from bot.types import InlineKeyboardMarkup, ReactionTypeEmoji
 
 __all__ = ["Stats", "Task", "TodoList", "build_bot"]
 
@@ -63,7 +64,7 @@ class Mistake(Exception):
     """Something the user should hear about, not a bug: the error hook replies with it."""
 
 
-def render(todo: TodoList) -> tuple[str, dict[str, Any]]:
+def render(todo: TodoList) -> tuple[str, InlineKeyboardMarkup]:
     """The list's text and its keyboard: a ✅ button for each open task."""
     if not todo.tasks:
         return "The list is empty. /add something!", inline_keyboard()
@@ -169,7 +170,9 @@ def build_bot() -> Bot[TodoList]:
     async def cheer(ctx: Context[TodoList]) -> None:
         reaction = ctx.update.message_reaction
         assert reaction is not None
-        if reaction.user is not None and any(r.emoji == "👍" for r in reaction.new_reaction):
+        if reaction.user is not None and any(
+            isinstance(r, ReactionTypeEmoji) and r.emoji == "👍" for r in reaction.new_reaction
+        ):
             (await ctx.get_session("me")).cheers += 1
 
     bot.include_router(admin_router())

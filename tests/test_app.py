@@ -193,9 +193,27 @@ async def test_oversize_body_is_413_with_or_without_content_length(client: httpx
     [
         {
             "update_id": 1,
-            "callback_query": {"id": "1", "from": {"id": 1, "is_bot": False, "first_name": "A"}},
+            "callback_query": {
+                "id": "1",
+                "from": {"id": 1, "is_bot": False, "first_name": "A"},
+                "chat_instance": "1",
+            },
         },
-        {"update_id": 1, "poll": {"id": "1", "question": "?", "options": []}},
+        {
+            "update_id": 1,
+            "poll": {
+                "id": "1",
+                "question": "?",
+                "options": [],
+                "total_voter_count": 0,
+                "is_closed": False,
+                "is_anonymous": True,
+                "type": "regular",
+                "allows_multiple_answers": False,
+                "allows_revoting": False,
+                "members_only": False,
+            },
+        },
         {  # the pizza bot has no handler for it (the bot was added to a group)
             "update_id": 1,
             "my_chat_member": {

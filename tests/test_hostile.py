@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from bot.app import SECRET_HEADER
 from bot.apps.pizza_testing import PIZZA
-from bot.telegram import UPDATE_KINDS
 from bot.testing.env import SECRET, make_settings
 from bot.testing.updates import encode, message_update
+from bot.types import UPDATE_KINDS
 
 pytestmark = pytest.mark.anyio
 

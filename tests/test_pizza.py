@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 
 from bot.apps.pizza import PIZZA, build_bot, contains_pizza
-from bot.telegram import Chat, Message
+from bot.types import Chat, Message
 
 
 def message(text: str | None = None, **extra: Any) -> Message:
-    return Message(message_id=1, chat=Chat(id=-1, type="group"), text=text, **extra)
+    return Message(message_id=1, date=0, chat=Chat(id=-1, type="group"), text=text, **extra)
 
 
 @pytest.mark.parametrize(

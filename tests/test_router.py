@@ -276,7 +276,7 @@ def test_a_router_is_included_once_and_never_in_itself() -> None:
 
 def test_unknown_update_kinds_are_refused_at_registration() -> None:
     with pytest.raises(ValueError, match="unknown update kinds"):
-        Router[None]().on("inline_query")
+        Router[None]().on("inline_querry")  # a typo: every real kind has its decorator now
 
 
 def plain_handler(ctx: Context[None]) -> None: ...

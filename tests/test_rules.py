@@ -5,15 +5,15 @@ from typing import Any
 import pytest
 
 from bot.rules import ChatMigration, Command, ImplausibleMigration, chat_migration, parse_command
-from bot.telegram import Chat, Message, MessageEntity
+from bot.types import Chat, Message, MessageEntity
 
 PIZZA = "\U0001f355"
 
 
 def message(text: str | None = None, *, command_len: int | None = None, **extra: Any) -> Message:
     if command_len is not None:
-        extra["entities"] = (MessageEntity("bot_command", 0, command_len),)
-    return Message(message_id=1, chat=Chat(id=-1, type="group"), text=text, **extra)
+        extra["entities"] = [MessageEntity(type="bot_command", offset=0, length=command_len)]
+    return Message(message_id=1, date=0, chat=Chat(id=-1, type="group"), text=text, **extra)
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,10 @@ def message(text: str | None = None, *, command_len: int | None = None, **extra:
         (message("/hunger@pizza_bot  now", command_len=17), Command("hunger", "now")),
         (message("/hunger@other_bot", command_len=17), None),
         (message("/hunger", command_len=None), None),  # no bot_command entity: plain text
-        (message("say /hunger", entities=(MessageEntity("bot_command", 4, 7),)), None),  # not at offset 0
+        (
+            message("say /hunger", entities=[MessageEntity(type="bot_command", offset=4, length=7)]),
+            None,
+        ),  # not at offset 0
         (message(None, caption="/hunger"), None),
         (message("/", command_len=1), None),
         (message("/@pizza_bot", command_len=11), None),
@@ -45,7 +48,7 @@ def test_parse_command_measures_entities_in_utf16_units() -> None:
 
 
 def service(chat_id: int, chat_type: str, **ids: int) -> Message:
-    return Message(message_id=1, chat=Chat(id=chat_id, type=chat_type), **ids)
+    return Message(message_id=1, date=0, chat=Chat(id=chat_id, type=chat_type), **ids)
 
 
 GROUP, SUPERGROUP = -4001, -1_000_000_004_001

@@ -37,8 +37,9 @@ from bot.storage import (
     Transaction,
 )
 from bot.storage.memory import MemoryStorage
-from bot.telegram import Update, decode_update
+from bot.telegram import decode_update
 from bot.testing.updates import encode, message_update, text_update
+from bot.types import Update
 
 pytestmark = pytest.mark.anyio
 

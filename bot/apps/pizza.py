@@ -11,7 +11,7 @@ from bot.context import Context
 from bot.dispatch import Bot
 from bot.filters import Filter
 from bot.session import session
-from bot.telegram import Message
+from bot.types import Message
 
 __all__ = ["PIZZA", "PizzaSession", "build_bot", "contains_pizza", "has_pizza"]
 

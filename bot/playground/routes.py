@@ -28,7 +28,8 @@ from ..config import Settings
 from ..runtime import Runtime
 from ..storage import StorageUnavailable
 from ..storage.postgres import SessionRow
-from ..telegram import Update, decode_update
+from ..telegram import decode_update
+from ..types import Update
 from .chats import PEOPLE, ChatRef, ChatType, Ids, Person, message_update
 from .events import EventLog
 from .stand_in import bot_api_transport

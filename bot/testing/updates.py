@@ -6,10 +6,12 @@ import json
 import time
 from typing import Any
 
-from ..telegram import Update, decode_update
+from ..telegram import decode_update
+from ..types import Update
 
 __all__ = [
     "callback_update",
+    "chat_member",
     "command_update",
     "encode",
     "member_update",
@@ -120,6 +122,55 @@ def callback_update(
     }
 
 
+# The fields Telegram sends with each member status (the Bot API's required ones); an administrator is a
+# bot added with the rights a group offers by default.
+_RESTRICTED = [
+    "can_send_messages",
+    "can_send_audios",
+    "can_send_documents",
+    "can_send_photos",
+    "can_send_videos",
+    "can_send_video_notes",
+    "can_send_voice_notes",
+    "can_send_polls",
+    "can_send_other_messages",
+    "can_add_web_page_previews",
+    "can_react_to_messages",
+    "can_edit_tag",
+    "can_change_info",
+    "can_invite_users",
+    "can_pin_messages",
+    "can_manage_topics",
+]
+_ADMIN_RIGHTS = {
+    "can_be_edited": False,
+    "is_anonymous": False,
+    "can_manage_chat": True,
+    "can_delete_messages": True,
+    "can_manage_video_chats": True,
+    "can_restrict_members": True,
+    "can_promote_members": False,
+    "can_change_info": True,
+    "can_invite_users": True,
+    "can_post_stories": False,
+    "can_edit_stories": False,
+    "can_delete_stories": False,
+}
+_MEMBER_FIELDS: dict[str, dict[str, Any]] = {
+    "creator": {"is_anonymous": False},
+    "administrator": _ADMIN_RIGHTS,
+    "member": {},
+    "restricted": {"is_member": True, **dict.fromkeys(_RESTRICTED, False), "until_date": 0},
+    "left": {},
+    "kicked": {"until_date": 0},
+}
+
+
+def chat_member(status: str, member: dict[str, Any]) -> dict[str, Any]:
+    """A ChatMember as Telegram sends it: `member` (a `user(...)`) with this status."""
+    return {"status": status, "user": member, **_MEMBER_FIELDS[status]}
+
+
 def member_update(
     update_id: int, chat_id: int, from_id: int, old: str, new: str, *, bot_id: int = 1
 ) -> dict[str, Any]:
@@ -131,8 +182,8 @@ def member_update(
             "chat": _chat(chat_id),
             "from": user(from_id),
             "date": int(time.time()),
-            "old_chat_member": {"status": old, "user": bot},
-            "new_chat_member": {"status": new, "user": bot},
+            "old_chat_member": chat_member(old, bot),
+            "new_chat_member": chat_member(new, bot),
         },
     }
 
