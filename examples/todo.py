@@ -94,8 +94,8 @@ def admin_router() -> Router[TodoList]:
         if chat is None or user is None:
             return
         if chat.type != "private":
-            member = await ctx.api.call("getChatMember", chat_id=chat.id, user_id=user.id)
-            if member["status"] not in ("creator", "administrator"):
+            member = await ctx.api.get_chat_member(chat_id=chat.id, user_id=user.id)
+            if member.status not in ("creator", "administrator"):
                 raise Mistake("Only the group's admins can do that.")
         await next()
 

@@ -9,10 +9,22 @@ import httpx
 import pytest
 
 from bot.context import BotIdentity, Context, ImmediateApi, QueuedCall
+from bot.files import FilesNotSupported
+from bot.keyboards import button, inline_keyboard
+from bot.storage import OutgoingCall
 from bot.telegram import BotApi, BotApiError, decode_update
 from bot.testing.env import TOKEN
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.updates import callback_update, encode, member_update, message_update, reaction_update
+from bot.types import (
+    BotCommand,
+    BotCommandScopeChat,
+    ChatMemberAdministrator,
+    ChatMemberMember,
+    InputFile,
+    Message,
+    User,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -93,7 +105,7 @@ async def test_ctx_api_calls_now_and_is_bounded_by_its_timeout(
         api = ImmediateApi(BotApi(TOKEN, http, telegram_root), timeout=0.2)
         c = ctx(message_update(1, -5, "hi"), api)
         fake.admins[-5] = {7}
-        member = await c.api.call("getChatMember", chat_id=-5, user_id=7)
+        member = await c.api.call("getChatMember", chat_id=-5, user_id=7)  # untyped: JSON values
         assert member["status"] == "administrator"
         fake.fail_next("getChat", error_code=400, description="Bad Request: chat not found")
         with pytest.raises(BotApiError, match="chat not found"):
@@ -108,3 +120,50 @@ async def test_ctx_api_calls_now_and_is_bounded_by_its_timeout(
 async def test_ctx_api_without_a_token_says_why() -> None:
     with pytest.raises(RuntimeError, match="no BOT_TOKEN"):
         await ctx(message_update(1, -5, "hi")).api.call("getChat", chat_id=-5)
+
+
+async def test_ctx_api_spells_every_method_typed_and_decodes_the_result(
+    fake: FakeTelegram, telegram_root: str
+) -> None:
+    async with httpx.AsyncClient() as http:
+        c = ctx(message_update(1, -5, "hi"), ImmediateApi(BotApi(TOKEN, http, telegram_root), timeout=5))
+        fake.admins[-5] = {7}
+        member = await c.api.get_chat_member(chat_id=-5, user_id=7)
+        assert isinstance(member, ChatMemberAdministrator) and member.user.id == 7
+        assert isinstance(await c.api.get_chat_member(chat_id=-5, user_id=8), ChatMemberMember)
+        sent = await c.api.send_message(
+            chat_id=-5, text="now", reply_markup=inline_keyboard([button("A", "a")])
+        )
+        assert isinstance(sent, Message) and (sent.chat.id, sent.text) == (-5, "now")
+        assert fake.calls("sendMessage")[-1].params["reply_markup"] == {
+            "inline_keyboard": [[{"text": "A", "callback_data": "a"}]]
+        }
+        me = await c.api.get_me()
+        assert isinstance(me, User) and me.username == fake.username
+
+
+async def test_ctx_outbox_queues_every_method_typed_as_the_json_telegram_reads() -> None:
+    c = ctx(message_update(1, -5, "hi"))
+    queued = c.outbox.set_my_commands(
+        commands=[BotCommand(command="hunger", description="How hungry is this chat?")],
+        scope=BotCommandScopeChat(chat_id=-5),
+    )
+    assert isinstance(queued, QueuedCall) and await queued is queued
+    assert c.calls == [
+        OutgoingCall(
+            "setMyCommands",
+            {
+                "commands": [{"command": "hunger", "description": "How hungry is this chat?"}],
+                "scope": {"type": "chat", "chat_id": -5},  # the union's tag, written by the type
+            },
+        )
+    ]
+
+
+async def test_an_input_file_is_refused_with_a_reason_until_uploads_are_supported() -> None:
+    c = ctx(message_update(1, -5, "hi"))
+    with pytest.raises(FilesNotSupported, match="multipart"):
+        c.outbox.send_photo(chat_id=-5, photo=InputFile(b"\x89PNG", filename="x.png"))
+    assert c.calls == []
+    c.outbox.send_photo(chat_id=-5, photo="AgACAgIAAxkBAAIB")  # a file_id goes as is
+    assert c.calls[0].params == {"chat_id": -5, "photo": "AgACAgIAAxkBAAIB"}

@@ -104,3 +104,77 @@ def test_an_installed_wheel_migrates_an_empty_database_serves_and_counts(
             assert response.status_code == 200
         fake.wait_for(lambda: len(fake.sent_messages(-5)) >= 1, timeout=20)
     assert fake.sent_messages(-5)[0]["text"] == "Your hunger level is 1!"
+
+
+def test_the_wheel_is_typed_and_leaves_the_generator_out(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"bot/py.typed", "bot/types.py", "bot/methods.py", "bot/kinds.py"} <= names
+    assert not [name for name in names if name.startswith("bot/_gen/")]
+
+
+USER_BOT = """
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bot.context import Context
+from bot.dispatch import Bot
+from bot.keyboards import button, inline_keyboard, reply_keyboard
+from bot.session import session, user_key
+from bot.types import InlineQueryResultArticle, InputTextMessageContent, Message, ReactionTypeEmoji
+
+
+@dataclass
+class Count:
+    n: int = 0
+
+
+def build_bot() -> Bot[Count]:
+    bot: Bot[Count] = Bot(session(initial=Count), sessions={"me": session(initial=Count, get_session_key=user_key)})
+
+    @bot.command("start")
+    async def start(ctx: Context[Count]) -> None:
+        ctx.session.n += 1
+        assert ctx.message is not None and ctx.message.from_user is not None
+        language: str | None = ctx.message.from_user.language_code
+        ctx.reply(f"hi ({language})", reply_markup=inline_keyboard([button("+1", "inc")]))
+
+    @bot.callback_query()
+    async def inc(ctx: Context[Count]) -> None:
+        assert ctx.chat is not None
+        sent: Message = await ctx.api.send_message(chat_id=ctx.chat.id, text="now")
+        ctx.outbox.edit_message_text(chat_id=ctx.chat.id, message_id=sent.message_id, text="later")
+        ctx.outbox.send_message(chat_id=ctx.chat.id, text="pick", reply_markup=reply_keyboard(["a", "b"]))
+        ctx.answer()
+
+    @bot.inline_query()
+    async def inline(ctx: Context[Count]) -> None:
+        query = ctx.inline_query
+        if query is None:
+            return
+        article = InlineQueryResultArticle(
+            id="1", title=query.query, input_message_content=InputTextMessageContent(message_text=query.query)
+        )
+        ctx.outbox.answer_inline_query(inline_query_id=query.id, results=[article], cache_time=0)
+
+    @bot.message_reaction()
+    async def reaction(ctx: Context[Count]) -> None:
+        update = ctx.message_reaction
+        if update is not None and any(isinstance(r, ReactionTypeEmoji) for r in update.new_reaction):
+            ctx.fragment("me").n += 1
+
+    return bot
+"""
+
+
+def test_a_bot_in_another_folder_passes_mypy_strict_against_the_installed_wheel(
+    installed: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "my_bot.py").write_text(USER_BOT)
+    mypy = [installed, "-m", "mypy", "--strict", "--cache-dir", tmp_path / ".mypy_cache", "my_bot.py"]
+    checked = subprocess.run(mypy, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # ...and the types are really read: a misspelt parameter is an error, not Any.
+    (tmp_path / "my_bot.py").write_text(USER_BOT.replace('text="later"', 'txt="later"'))
+    checked = subprocess.run(mypy, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert checked.returncode == 1 and 'Unexpected keyword argument "txt"' in checked.stdout, checked.stdout

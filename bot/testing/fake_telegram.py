@@ -31,6 +31,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from .updates import chat_member, user
+
 __all__ = ["MISBEHAVIOURS", "FakeTelegram", "FloodLimits", "Misbehaviour", "RecordedCall", "serve"]
 
 # Answers the real Bot API (or a proxy in front of it) has been seen to give, or could: each one is
@@ -392,10 +394,16 @@ class FakeTelegram:
         chat_id, user_id = _as_int(params, "chat_id"), _as_int(params, "user_id")
         with self._lock:
             admin = user_id in self.admins.get(chat_id, set())
-        return {
-            "status": "administrator" if admin else "member",
-            "user": {"id": user_id, "is_bot": False, "first_name": "User"},
-        }
+        return chat_member("administrator" if admin else "member", user(user_id, "User"))
+
+    async def _m_answerInlineQuery(self, bot_id: int, params: dict[str, Any]) -> bool:
+        if not params.get("inline_query_id"):
+            raise _ApiError(
+                400, "Bad Request: query is too old and response timeout expired or query ID is invalid"
+            )
+        if not isinstance(params.get("results"), list):
+            raise _ApiError(400, "Bad Request: can't parse inline query results: an array expected")
+        return True
 
     async def _m_setWebhook(self, bot_id: int, params: dict[str, Any]) -> bool:
         # The checks the real server makes, with its words.
