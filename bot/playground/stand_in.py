@@ -52,7 +52,7 @@ def stand_in_app(events: EventLog) -> Starlette:
         message = {
             "message_id": next(message_ids),
             "date": int(time.time()),
-            "chat": {"id": chat_id},
+            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},  # a valid Chat
             "text": text,
         }
         if isinstance(params.get("message_thread_id"), int):
