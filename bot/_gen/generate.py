@@ -215,20 +215,29 @@ class Annotations:
         return " | ".join(dict.fromkeys(self.one(n) for n in names))
 
 
-def render_types(schema: Schema) -> str:
-    tags, unions = find_tags(schema)
-    names = Annotations(schema, primitives=PRIMITIVES, array="list")
-    out = [
+def preamble(schema: Schema, doc: str) -> list[str]:
+    """A generated module's first lines: the mark that it is generated, its docstring, the future import."""
+    return [
         HEADER.format(version=schema.version, date=schema.release_date),
-        f'"""Every type of the Telegram {schema.version} ({schema.release_date}), as msgspec Structs.',
-        "",
-        "Decoding checks the shape; fields this version does not know are skipped here and kept in the",
-        "update's raw JSON (`Update.raw`, `Update.json()`). Optional fields are None when absent, so",
-        "encoding a decoded object gives back the fields it was sent with. `from` is `from_user`.",
+        f'"""{doc}',
         '"""',
         "",
         "from __future__ import annotations",
         "",
+    ]
+
+
+def render_types(schema: Schema) -> str:
+    tags, unions = find_tags(schema)
+    names = Annotations(schema, primitives=PRIMITIVES, array="list")
+    out = [
+        *preamble(
+            schema,
+            f"Every type of the Telegram {schema.version} ({schema.release_date}), as msgspec Structs.\n\n"
+            "Decoding checks the shape; fields this version does not know are skipped here and kept in the\n"
+            "update's raw JSON (`Update.raw`, `Update.json()`). Optional fields are None when absent, so\n"
+            "encoding a decoded object gives back the fields it was sent with. `from` is `from_user`.",
+        ),
         "from typing import Annotated, ClassVar, Literal, TypeAlias",
         "",
         "import msgspec",
@@ -332,16 +341,13 @@ def render_methods(schema: Schema) -> str:
     unions = {name for name, entity in schema.types.items() if entity.subtypes}
     results = Annotations(schema, primitives=PARAM_PRIMITIVES, array="list")
     head = [
-        HEADER.format(version=schema.version, date=schema.release_date),
-        f'"""Every method of the Telegram {schema.version}: its parameters, and two ways to call it.',
-        "",
-        "`ApiMethods` calls it now and decodes the result (`await ctx.api.send_photo(...)`); `OutboxMethods`",
-        "queues it to be sent after the update's transaction commits (`ctx.outbox.send_photo(...)`). Both",
-        "take the parameters as keywords, typed by the method's TypedDict.",
-        '"""',
-        "",
-        "from __future__ import annotations",
-        "",
+        *preamble(
+            schema,
+            f"Every method of the Telegram {schema.version}: its parameters, and two ways to call it.\n\n"
+            "`ApiMethods` calls it now and decodes the result (`await ctx.api.send_photo(...)`); `OutboxMethods`\n"
+            "queues it to be sent after the update's transaction commits (`ctx.outbox.send_photo(...)`). Both\n"
+            "take the parameters as keywords, typed by the method's TypedDict.",
+        ),
         "from abc import ABC, abstractmethod",
         "from collections.abc import Sequence",
         "from typing import Any, Generic, Required, TypedDict, TypeVar, Unpack",
@@ -427,13 +433,11 @@ def render_kinds(schema: Schema) -> str:
     kinds = schema.update_kinds
     names = Annotations(schema, primitives=PRIMITIVES, array="list")
     out = [
-        HEADER.format(version=schema.version, date=schema.release_date),
-        f'"""The update kinds of the Telegram {schema.version}: a handler decorator and a context accessor for',
-        "each, so every kind reads the same way (`@bot.inline_query()`, `ctx.inline_query`).",
-        '"""',
-        "",
-        "from __future__ import annotations",
-        "",
+        *preamble(
+            schema,
+            f"The update kinds of the Telegram {schema.version}: a handler decorator and a context accessor for\n"
+            "each, so every kind reads the same way (`@bot.inline_query()`, `ctx.inline_query`).",
+        ),
         "from abc import ABC, abstractmethod",
         "from collections.abc import Awaitable, Callable, Iterable",
         "from typing import TYPE_CHECKING, TypeVar",
