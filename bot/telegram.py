@@ -13,9 +13,41 @@ import httpx
 import msgspec
 
 from .limits import TooLarge, read_at_most
-from .types import Update, User
 
-__all__ = ["BotApi", "BotApiError", "InvalidUpdate", "decode_update"]
+# The types lived here before they were generated: these names stay importable from here, so code
+# written against the old slice (and branches begun before the move) keeps working. New code imports
+# them from bot.types.
+from .types import (
+    UPDATE_KINDS,
+    CallbackQuery,
+    Chat,
+    ChatMember,
+    ChatMemberUpdated,
+    Message,
+    MessageEntity,
+    MessageReactionUpdated,
+    ReactionType,
+    Update,
+    User,
+)
+
+__all__ = [
+    "UPDATE_KINDS",
+    "BotApi",
+    "BotApiError",
+    "CallbackQuery",
+    "Chat",
+    "ChatMember",
+    "ChatMemberUpdated",
+    "InvalidUpdate",
+    "Message",
+    "MessageEntity",
+    "MessageReactionUpdated",
+    "ReactionType",
+    "Update",
+    "User",
+    "decode_update",
+]
 
 
 class InvalidUpdate(ValueError):
