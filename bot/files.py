@@ -50,5 +50,12 @@ def _refuse(value: Any) -> Any:
 def json_params(params: dict[str, Any]) -> dict[str, Any]:
     """Parameters as JSON values (Structs become dicts, without their None fields), ready for the Bot API
     or the outbox's table."""
+    for name, value in params.items():
+        # Raw bytes would otherwise become a base64 string, which Telegram reads as a file_id or a URL.
+        if isinstance(value, bytes | bytearray | memoryview):
+            raise FilesNotSupported(
+                f"{name}: bytes are a file to upload (InputFile(data, filename=...)), which needs "
+                "multipart/form-data, not supported yet: pass a file_id or an HTTP URL as a str"
+            )
     converted: dict[str, Any] = msgspec.to_builtins(params, enc_hook=_refuse)
     return converted

@@ -164,6 +164,8 @@ async def test_an_input_file_is_refused_with_a_reason_until_uploads_are_supporte
     c = ctx(message_update(1, -5, "hi"))
     with pytest.raises(FilesNotSupported, match="multipart"):
         c.outbox.send_photo(chat_id=-5, photo=InputFile(b"\x89PNG", filename="x.png"))
+    with pytest.raises(FilesNotSupported, match="photo: bytes"):
+        c.call("sendPhoto", chat_id=-5, photo=b"\x89PNG")  # was sent as a base64 str, read as a file_id
     assert c.calls == []
     c.outbox.send_photo(chat_id=-5, photo="AgACAgIAAxkBAAIB")  # a file_id goes as is
     assert c.calls[0].params == {"chat_id": -5, "photo": "AgACAgIAAxkBAAIB"}

@@ -119,6 +119,7 @@ def test_every_type_telegram_sends_has_a_decoder() -> None:
 def test_the_kinds_are_update_s_fields_with_a_decorator_and_an_accessor_each() -> None:
     kinds = [f.name for f in SCHEMA.update_kinds]
     assert list(UPDATE_KINDS) == kinds
+    assert Update.__struct_fields__ == ("update_id", *kinds)  # what Update.kind walks
     assert {"inline_query", "poll_answer", "pre_checkout_query", "chat_boost", "purchased_paid_media"} <= set(
         kinds
     )
