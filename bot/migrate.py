@@ -1,9 +1,9 @@
 """Numbered SQL migrations, applied once each, safely when several instances start together.
 
-`bot/migrations/NNN_name.sql` files (shipped inside the package, so a wheel or `pip install .` has them)
-run in numeric order, each in its own transaction, and are recorded in `schema_migrations` with a
-checksum, so an edited, already-applied file is an error rather than a silent difference between
-databases. Each of those transactions first takes a transaction-level advisory lock and only then reads
+`migrations/NNN_name.sql` files (at the top of the repository; the build copies them into the package,
+so a wheel or `pip install .` has them too) run in numeric order, each in its own transaction, and are
+recorded in `schema_migrations` with a checksum, so an edited, already-applied file is an error rather
+than a silent difference between databases. Each of those transactions first takes a transaction-level advisory lock and only then reads
 what is applied: a second instance starting at the same moment waits, then finds nothing left to do. A
 transaction-level lock (not a session-level one) is what stays correct through a transaction-mode
 pooler, where one client connection's transactions may run on different server sessions.
@@ -26,8 +26,19 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 
 __all__ = ["MIGRATIONS_DIR", "MigrationError", "NotMigrated", "check_migrated", "migrate", "pending"]
 
-# Inside the package, next to this module: installed with it however it is installed.
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+def _migrations_dir() -> Path:
+    """`migrations/` beside the package in a checkout (the source: `pip install -e .` and a plain checkout
+    read it there), else the copy the build put inside the installed package (a wheel, `pip install .`:
+    pyproject.toml maps `migrations/` to `bot/migrations/`)."""
+    package = Path(__file__).resolve().parent
+    source = package.parent / "migrations"
+    if (package.parent / "pyproject.toml").is_file() and source.is_dir():
+        return source
+    return package / "migrations"
+
+
+MIGRATIONS_DIR = _migrations_dir()
 
 # Any fixed 64-bit number, the same in every instance and release: were it to change, an old and a new
 # release could migrate at the same time.
