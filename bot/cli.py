@@ -24,6 +24,7 @@ import msgspec
 
 from .config import DEFAULT_APP, ConfigError, Settings, load_settings
 from .dispatch import Bot
+from .errors import BotError
 from .importer import AppError, load_app
 from .logs import setup_logging
 from .migrate import MigrationError, NotMigrated, check_migrated, migrate
@@ -40,7 +41,7 @@ log = logging.getLogger("bot.cli")
 T = TypeVar("T")
 
 
-class _Fail(Exception):
+class _Fail(BotError):
     """A problem to report in one line."""
 
 

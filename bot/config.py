@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
+from .errors import BotError
 from .pooler import POOLER_MODES
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
@@ -35,7 +36,7 @@ _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"
 _SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
 
 
-class ConfigError(ValueError):
+class ConfigError(BotError, ValueError):
     """A setting is missing or malformed. The message starts with the variable's name."""
 
 

@@ -12,11 +12,12 @@ import sys
 from typing import Any
 
 from .dispatch import Bot
+from .errors import BotError
 
 __all__ = ["AppError", "load_app"]
 
 
-class AppError(Exception):
+class AppError(BotError):
     """The app cannot be loaded; the message says which and why, in one line."""
 
 
@@ -42,5 +43,5 @@ def load_app(reference: str) -> Bot[Any]:
         raise AppError(f"{reference!r}: module {module_name!r} has no attribute {attribute!r}")
     app = target() if callable(target) and not isinstance(target, Bot) else target
     if not isinstance(app, Bot):
-        raise AppError(f"{reference!r}: gave a {type(app).__name__}, not a bot.dispatch.Bot")
+        raise AppError(f"{reference!r}: gave a {type(app).__name__}, not a bot.Bot")
     return app

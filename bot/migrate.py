@@ -19,6 +19,7 @@ from pathlib import Path
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from .errors import BotError
 from .pooler import connect_options
 
 # A direct connection or one borrowed from a pool.
@@ -56,7 +57,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-class MigrationError(Exception):
+class MigrationError(BotError):
     """The migrations on disk and the ones recorded in the database disagree."""
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import BotError
 from .telegram import Message
 
 __all__ = ["ChatMigration", "Command", "ImplausibleMigration", "chat_migration", "parse_command"]
@@ -53,7 +54,7 @@ class ChatMigration:
     new_chat_id: int
 
 
-class ImplausibleMigration(ValueError):
+class ImplausibleMigration(BotError, ValueError):
     """A message claims a chat migration that Telegram never sends; the message says why."""
 
 

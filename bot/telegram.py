@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import httpx
 import msgspec
 
+from .errors import BotError
 from .limits import TooLarge, read_at_most
 
 __all__ = [
@@ -192,7 +193,7 @@ class Update(msgspec.Struct, frozen=True):
         return message.from_user if message is not None else None
 
 
-class InvalidUpdate(ValueError):
+class InvalidUpdate(BotError, ValueError):
     """The body is not JSON, or not a Telegram Update object."""
 
 
@@ -213,7 +214,7 @@ def decode_update(body: bytes) -> Update:
     return update
 
 
-class BotApiError(Exception):
+class BotApiError(BotError):
     """A Bot API call failed: Telegram said `ok: false`, or no usable answer came back.
 
     Every way a call can fail ends here, so a sender only has to ask two questions: retry it or give

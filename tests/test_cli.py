@@ -157,7 +157,7 @@ def test_set_webhook_asks_for_the_update_kinds_the_apps_handlers_receive(
     [
         ("nowhere.at_all:build_bot", "no module named 'nowhere'"),
         ("bot.apps.pizza:no_such_thing", "module 'bot.apps.pizza' has no attribute 'no_such_thing'"),
-        ("bot.apps.pizza:PIZZA", "gave a str, not a bot.dispatch.Bot"),
+        ("bot.apps.pizza:PIZZA", "gave a str, not a bot.Bot"),
     ],
 )
 def test_an_app_that_does_not_load_is_one_line(

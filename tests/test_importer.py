@@ -67,7 +67,7 @@ def test_an_app_is_a_factory_or_a_bot() -> None:
         ("bot.apps.pizza", "expected module:factory"),
         ("no_such_module:app", "no module named 'no_such_module'"),
         ("bot.apps.pizza:missing", "has no attribute 'missing'"),
-        ("bot.apps.pizza:PizzaSession", "gave a PizzaSession, not a bot.dispatch.Bot"),
+        ("bot.apps.pizza:PizzaSession", "gave a PizzaSession, not a bot.Bot"),
     ],
 )
 def test_an_app_that_cannot_load_says_why(reference: str, message: str) -> None:

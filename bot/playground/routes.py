@@ -25,6 +25,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..config import Settings
+from ..errors import BotError
 from ..runtime import Runtime
 from ..storage import StorageUnavailable
 from ..storage.postgres import SessionRow
@@ -80,7 +81,7 @@ class _Peek(msgspec.Struct, frozen=True):
     sender: int = PEOPLE[0].id
 
 
-class _BadRequest(Exception):
+class _BadRequest(BotError):
     pass
 
 

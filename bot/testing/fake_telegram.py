@@ -31,6 +31,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from ..errors import BotError
+
 __all__ = ["MISBEHAVIOURS", "FakeTelegram", "FloodLimits", "Misbehaviour", "RecordedCall", "serve"]
 
 # Answers the real Bot API (or a proxy in front of it) has been seen to give, or could: each one is
@@ -120,7 +122,7 @@ def _misbehave(kind: Misbehaviour) -> Response:
     return _ResetMidBody()
 
 
-class _ApiError(Exception):
+class _ApiError(BotError):
     def __init__(self, code: int, description: str, retry_after: int | None = None) -> None:
         self.code, self.description, self.retry_after = code, description, retry_after
 
