@@ -185,19 +185,20 @@ async def _register_webhook(settings: Settings, api: BotApi, bot: Bot[Any]) -> N
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from . import server
     from .app import create_app
-    from .playground.banner import describe_database, trial_banner
 
     bot = _app(settings, args)
     with _database(settings, bot.name) as live:
-        # The configured database, not the embedded one's URL; described only once _database() has found
-        # the embedded server installed (a production install leaves it out).
-        database = describe_database(settings, bot.name)
         # Checked before uvicorn starts: a failure inside its lifespan would end in a traceback.
-        settings = asyncio.run(_preflight(live, bot, check_migrations=not args.skip_migration_check))
-        host = args.host or settings.host
-        port = args.port or settings.port
-        if settings.bot_token is None:
-            print(trial_banner(settings, host, port, database), flush=True)
+        checked = asyncio.run(_preflight(live, bot, check_migrations=not args.skip_migration_check))
+        host = args.host or checked.host
+        port = args.port or checked.port
+        if checked.bot_token is None:
+            # The local trial's banner, loaded only for it. It describes the configured database, not the
+            # embedded one's URL, once _database() has found the embedded server installed.
+            from .playground.banner import describe_database, trial_banner
+
+            print(trial_banner(checked, host, port, describe_database(settings, bot.name)), flush=True)
+        settings = checked
         if settings.webhook_secret_generated:
             log.warning(
                 "no WEBHOOK_SECRET set; this run accepts updates with the header %s: %s",

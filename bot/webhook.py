@@ -16,9 +16,12 @@ from typing import Any
 from .config import Settings
 from .telegram import BotApi, BotApiError
 
-__all__ = ["RECENT_ERROR", "problems", "register", "registration"]
+__all__ = ["RECENT_ERROR", "SECRET_HEADER", "problems", "register", "registration"]
 
 log = logging.getLogger("bot.webhook")
+
+# Where Telegram puts setWebhook's secret_token in every delivery.
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"  # noqa: S105 (a header name, not a secret)
 
 # A delivery error Telegram reports from longer ago than this is history, not a current problem.
 RECENT_ERROR = 3600.0
