@@ -41,9 +41,15 @@ def _migrations_dir() -> Path:
 
 MIGRATIONS_DIR = _migrations_dir()
 
-# Any fixed 64-bit number, the same in every instance and release: were it to change, an old and a new
-# release could migrate at the same time.
-_LOCK_ID = 0x70697A7A61_6D6967
+# The advisory lock every migration step takes: any fixed 64-bit number (this one is the first 8 bytes of
+# sha256("bot.migrate: schema_migrations"), as a signed bigint).
+_LOCK_ID = -3683404983626821890
+# The number before it, which releases up to this one's predecessor take instead. During a rolling deploy
+# the old release's `migrate` (or MIGRATE_ON_START) can run while the new one's does, so every step takes
+# both, the old one first: an old process then waits for a new one and the other way round, and two new
+# ones take them in the same order (no deadlock). Drop it once no release older than this one can run.
+_LEGACY_LOCK_ID = 0x70697A7A616D6967
+_LOCKS = (_LEGACY_LOCK_ID, _LOCK_ID)
 
 _NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
 
@@ -155,7 +161,8 @@ async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR, *, pooler: str = "
             # server session. The lock is released by COMMIT or ROLLBACK, and by the server if this
             # process dies mid-file.
             async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+                for lock in _LOCKS:
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
                 await conn.execute(_CREATE_TABLE)
                 todo = _compare(files, await _applied(conn), directory)
                 if not todo:
