@@ -169,6 +169,32 @@ def test_an_app_that_does_not_load_is_one_line(
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_an_app_file_named_bot_py_is_refused_saying_what_happened(
+    telegram_root: str, database_url: str, tmp_path: Path
+) -> None:
+    """The installed `bot` command run beside a user's own bot.py (`python -m bot` there would run that
+    file instead of the framework: the message says so too)."""
+    (tmp_path / "bot.py").write_text(
+        "from bot import Bot\n\n\ndef build_bot() -> Bot[None]:\n    return Bot()\n"
+    )
+    command = Path(sys.executable).parent / "bot"  # the console script pip installs
+    clean = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BOT_TOKEN", "WEBHOOK_SECRET")}
+    result = subprocess.run(
+        [command, "serve", "--app", "bot:build_bot"],
+        cwd=tmp_path,
+        env={**clean, **bot_env(database_url, telegram_root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(
+        f"bot: --app: 'bot:build_bot': {tmp_path / 'bot.py'} has the name of the framework"
+    )
+    assert "rename it, say to mybot.py, and use --app mybot:build_bot" in line
+
+
 def test_set_webhook_without_a_url_names_the_variable(telegram_root: str, database_url: str) -> None:
     result = bot("set-webhook", env=bot_env(database_url, telegram_root))
     assert result.returncode == 1

@@ -37,3 +37,24 @@ def test_an_import_error_inside_the_app_is_its_own_traceback(
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ModuleNotFoundError, match="not_installed_dependency"):
         load_app("broken_app:build_bot")
+
+
+@pytest.mark.parametrize("layout", ["bot.py", "bot/__init__.py"])
+def test_an_app_named_like_the_framework_is_refused_saying_why(
+    layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / layout).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / layout).write_text("def build_bot(): ...\n")
+    monkeypatch.chdir(tmp_path)
+    shadow = tmp_path / layout.split("/")[0]
+    with pytest.raises(AppError, match=re.escape(f"{shadow} has the name of the framework's package")):
+        load_app("bot:build_bot")
+    with pytest.raises(AppError, match="rename it, say to mybot"):
+        load_app("bot.main:build_bot")
+    assert isinstance(load_app("bot.apps.pizza:build_bot"), Bot)  # the framework's own apps still load
+
+
+def test_the_checkout_itself_is_not_taken_for_a_shadow(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # bot/ here is the framework
+    with pytest.raises(AppError, match="has no attribute 'build_bot'"):
+        load_app("bot:build_bot")
