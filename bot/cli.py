@@ -205,9 +205,12 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
                 "X-Telegram-Bot-Api-Secret-Token",
                 settings.webhook_secret,
             )
-        # uvicorn stops gracefully on SIGTERM and then raises the signal again; exiting 0 from it tells
-        # the platform the stop was clean (anything still unsent stays in the outbox for the next start).
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        # uvicorn stops gracefully on SIGTERM and SIGINT (what Fly sends by default, and Ctrl-C) alike, then
+        # raises the signal again; exiting 0 from it tells the platform the stop was clean (anything still
+        # unsent stays in the outbox for the next start), where SIGINT's default would end in a
+        # KeyboardInterrupt traceback and status 130.
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop, lambda *_: sys.exit(0))
         server.run(create_app(settings, bot=bot), settings, host, port)
     return 0
 

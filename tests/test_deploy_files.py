@@ -178,6 +178,24 @@ def test_fly_toml_migrates_on_release_and_checks_a_route_we_serve() -> None:
         assert check["path"] in ROUTES
 
 
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|m)", duration)
+    assert match, duration
+    return int(match[1]) * (60 if match[2] == "m" else 1)
+
+
+def test_platforms_give_serve_its_shutdown_timeout_to_stop() -> None:
+    """Fly stops a Machine with SIGINT after 5 s unless told otherwise, Docker after 10 s; serve needs up
+    to SHUTDOWN_TIMEOUT for what is in flight (it stops on SIGINT as on SIGTERM: tests/test_faults.py)."""
+    shutdown = load_settings({}).shutdown_timeout
+    fly = tomllib.loads((DEPLOY / "fly.toml").read_text())
+    assert fly["kill_signal"] in ("SIGTERM", "SIGINT")
+    assert seconds(fly["kill_timeout"]) > shutdown
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert seconds(compose["services"]["bot"]["stop_grace_period"]) > shutdown
+    assert ("STOPSIGNAL", "SIGTERM") in dockerfile()
+
+
 def dockerfile() -> list[tuple[str, str]]:
     """(instruction, arguments), continuation lines joined, comments dropped."""
     text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
