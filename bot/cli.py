@@ -32,7 +32,7 @@ from .pooler import connect_options
 from .runtime import StartupError, resolve_identity, start
 from .storage import StorageUnavailable
 from .telegram import BotApi, BotApiError, InvalidUpdate, decode_update
-from .webhook import problems, register, registration
+from .webhook import foreign_webhook, problems, register, registration
 
 __all__ = ["main"]
 
@@ -162,13 +162,33 @@ async def _preflight(settings: Settings, bot: Bot[Any], *, check_migrations: boo
 async def _register_webhook(settings: Settings, api: BotApi, bot: Bot[Any]) -> None:
     """Point Telegram at this configuration. Done before listening, where a refusal can still stop the
     process in one line; a delivery arriving before we listen meets a refused connection, which Telegram
-    retries like any failed delivery."""
+    retries like any failed delivery.
+
+    Refused: serving with no URL while Telegram has none either (the bot would receive nothing, healthy
+    all the while: Heroku's Deploy button without runtime dyno metadata did that), and taking over a
+    webhook another deployment registered (bot.webhook.foreign_webhook)."""
+    try:
+        info: dict[str, Any] = await api.call("getWebhookInfo", {})
+    except BotApiError as exc:
+        raise _Fail(f"BOT_TOKEN: getWebhookInfo at {settings.telegram_api_root} failed: {exc}") from exc
     if settings.webhook_url is None:
-        log.warning(
-            "no WEBHOOK_URL (and no platform variable to derive it from): the webhook is not"
-            " registered; run `python -m bot set-webhook` once the URL is known"
-        )
+        if not info.get("url"):
+            raise _Fail(
+                "WEBHOOK_URL: not set, nor a platform variable to derive it from, and Telegram has no"
+                " webhook for this bot, so it would receive nothing. Set WEBHOOK_URL=https://<public"
+                " host>/webhook (Heroku: or `heroku labs:enable runtime-dyno-metadata`, then restart), or"
+                " run `python -m bot poll` where there is no public URL"
+            )
+        log.info("no WEBHOOK_URL: leaving the webhook as registered before, %s", info["url"])
         return
+    foreign = foreign_webhook(info, settings.own_webhook_urls)
+    if foreign is not None:
+        raise _Fail(
+            f"{settings.webhook_url_source}: Telegram delivers this bot's updates to {foreign}, another"
+            f" deployment; registering {settings.webhook_url} would take them from it (a review app or a"
+            " staging copy given the production BOT_TOKEN?). Give this deployment a bot token of its own,"
+            " or move the webhook here once with `python -m bot set-webhook`"
+        )
     params = registration(settings, settings.webhook_url, bot.allowed_updates())
     try:
         await register(api, params)
@@ -180,6 +200,25 @@ async def _register_webhook(settings: Settings, api: BotApi, bot: Bot[Any]) -> N
         settings.webhook_url_source,
         ", ".join(params["allowed_updates"]),
     )
+
+
+def _explain_processes(settings: Settings) -> None:
+    """How many processes serve, when the platform had another idea or metrics would suffer from it."""
+    if settings.web_concurrency_ignored is not None:
+        log.info(
+            "WEB_CONCURRENCY=%d comes from Heroku's Python buildpack (WEB_CONCURRENCY_SET_BY), not from"
+            " you: serving with 1 process. Set WEB_CONCURRENCY yourself for more; each has its own pool of"
+            " DB_POOL_MAX connections",
+            settings.web_concurrency_ignored,
+        )
+    if settings.web_concurrency > 1 and (settings.metrics_token or settings.metrics_port):
+        log.warning(
+            "WEB_CONCURRENCY=%d: each scrape of /metrics is answered by whichever of the %d processes takes"
+            " it, with that process's own counters, so rates and totals computed from them are wrong. For"
+            " metrics, run one process per machine or dyno and scale those instead",
+            settings.web_concurrency,
+            settings.web_concurrency,
+        )
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -199,6 +238,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
             print(trial_banner(checked, host, port, describe_database(settings, bot.name)), flush=True)
         settings = checked
+        _explain_processes(settings)
         if settings.webhook_secret_generated:
             log.warning(
                 "no WEBHOOK_SECRET set; this run accepts updates with the header %s: %s",

