@@ -443,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bot: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings)
+    for note in settings.database_notes:
+        log.warning("%s", note)
     try:
         return command(settings, args)
     except (_Fail, StartupError, MigrationError, NotMigrated, StorageUnavailable) as exc:

@@ -16,6 +16,7 @@ from typing import TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from .errors import BotError
+from .libpq import UnsupportedParameter, for_asyncpg
 from .pooler import POOLER_MODES
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
@@ -48,6 +49,8 @@ class Settings:
     database_url: str | None
     # For migrations: a direct (not pooled) URL when DATABASE_URL goes through a pooler.
     database_direct_url: str | None
+    # libpq-only parameters left out of those URLs, one line each, for the log (bot/libpq.py).
+    database_notes: tuple[str, ...]
     # DB_POOLER: "auto", "transaction" or "none" (bot/pooler.py).
     db_pooler: str
     telegram_api_root: str
@@ -170,12 +173,18 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
     return raw
 
 
-def _database_url(env: Mapping[str, str], name: str) -> str | None:
+def _database_url(env: Mapping[str, str], name: str, notes: list[str]) -> str | None:
     """A postgres URL whose parts the driver will accept: checked here, so that a typo is one line at
-    start-up, not a traceback from inside asyncpg at the first connection."""
+    start-up, not a traceback from inside asyncpg at the first connection. libpq-only parameters are
+    left out (a note for each goes to `notes`)."""
     url = _url(env, name, ("postgres", "postgresql"))
     if url is None:
         return None
+    try:
+        url, left_out = for_asyncpg(url)
+    except UnsupportedParameter as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    notes.extend(f"{name}: {note}" for note in left_out)
     for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
         if key == "sslmode" and value not in _SSLMODES:
             raise ConfigError(f"{name}: sslmode must be one of {', '.join(_SSLMODES)}, got {value!r}")
@@ -247,14 +256,15 @@ def load_settings(
             "WEBHOOK_SECRET: must be 1-256 characters, only A-Z a-z 0-9 _ and - (Telegram's rule)"
         )
 
-    database_url = _database_url(env, "DATABASE_URL")
+    database_notes: list[str] = []
+    database_url = _database_url(env, "DATABASE_URL", database_notes)
     if database_url is None and token is not None and needs_database and not _bool(env, "ALLOW_EMBEDDED_DB"):
         # A real bot on the embedded trial database loses every count when the platform restarts it.
         raise ConfigError(
             "DATABASE_URL: required when BOT_TOKEN is set (the embedded database is for local trials and"
             " is lost on a platform's restart; ALLOW_EMBEDDED_DB=1 to use it anyway)"
         )
-    database_direct_url = _database_url(env, "DATABASE_DIRECT_URL")
+    database_direct_url = _database_url(env, "DATABASE_DIRECT_URL", database_notes)
     pooler = env.get("DB_POOLER", "").strip().lower() or "auto"
     if pooler not in POOLER_MODES:
         raise ConfigError(f"DB_POOLER: one of {', '.join(POOLER_MODES)}, got {pooler!r}")
@@ -306,6 +316,7 @@ def load_settings(
         webhook_secret_generated=generated,
         database_url=database_url,
         database_direct_url=database_direct_url,
+        database_notes=tuple(database_notes),
         db_pooler=pooler,
         telegram_api_root=api_root.rstrip("/"),
         webhook_url=webhook_url,

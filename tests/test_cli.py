@@ -405,6 +405,18 @@ def test_a_token_without_a_database_url_is_refused_in_one_line(command: str) -> 
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_neon_s_default_url_parameters_do_not_stop_the_bot(
+    empty_database_url: str, telegram_root: str
+) -> None:
+    """Neon's connection string ends in sslmode=require&channel_binding=require; asyncpg sent the second
+    to the server, which refused it (unrecognized configuration parameter "channel_binding")."""
+    url = f"{empty_database_url}&channel_binding=require&connect_timeout=10"
+    result = bot("migrate", env={"DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("applied: ")
+    assert "DATABASE_URL: channel_binding=require left out" in result.stderr
+
+
 def test_migrate_needs_only_the_database(empty_database_url: str) -> None:
     # A release phase has the token in its environment but may not have the webhook's secret.
     result = bot("migrate", env={"BOT_TOKEN": TOKEN, "DATABASE_URL": empty_database_url})
