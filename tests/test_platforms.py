@@ -6,21 +6,27 @@ what differs is the platform's own router and TLS in front of the port.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
+from bot.embedded import POSTGRES_BIN_PATH
 from bot.testing.env import TOKEN, bot_env
 from bot.testing.fake_telegram import FakeTelegram
-from bot.testing.processes import BotProcess
+from bot.testing.processes import BotProcess, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -177,3 +183,89 @@ def test_fly_release_then_the_image_command_registers_its_app_and_stops_on_its_k
     kill_signal = getattr(signal, FLY["kill_signal"])
     assert process.terminate(timeout=float(FLY["kill_timeout"].removesuffix("s")), signum=kill_signal) == 0
     assert "Traceback" not in process.output()
+
+
+# --- Docker on a VPS: compose's environment, against a PostgreSQL set up as the postgres image does ------
+
+COMPOSE = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+
+
+def interpolate(value: str, dotenv: Mapping[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:?message} and ${VAR:-default} (what deploy/compose.yaml uses)."""
+
+    def one(match: re.Match[str]) -> str:
+        name, form, rest = match[1], match[2] or "", match[3] or ""
+        if name in dotenv and (dotenv[name] or form != ":-"):
+            return dotenv[name]
+        if form == ":?":
+            pytest.fail(f"compose would stop: {rest}")
+        return rest if form == ":-" else ""
+
+    return re.sub(r"\$\{(\w+)(:\?|:-)?([^}]*)\}", one, value)
+
+
+@contextlib.contextmanager
+def postgres_like_the_image(user: str, password: str, database: str, run_as: str | None) -> Iterator[int]:
+    """initdb with POSTGRES_USER and POSTGRES_PASSWORD and password authentication, then POSTGRES_DB, as the
+    postgres image's entrypoint does; listening on 127.0.0.1 (compose's `db`) at the port yielded."""
+    home = Path(tempfile.mkdtemp(prefix="bot-pg-"))
+    home.chmod(0o755)  # the server's own user (when run as root) must reach it
+    data, secret, port = home / "data", home / "password", free_port()
+    secret.write_text(password)
+    if run_as is not None:
+        shutil.chown(home, run_as)
+        shutil.chown(secret, run_as)
+
+    def pg(*args: str | Path) -> None:
+        subprocess.run(args, user=run_as, check=True, capture_output=True, timeout=120)
+
+    try:
+        pg(POSTGRES_BIN_PATH / "initdb", "-D", data, "-U", user, f"--pwfile={secret}", "--auth=scram-sha-256")
+        options = f"-h 127.0.0.1 -p {port} -k {home}"
+        pg(POSTGRES_BIN_PATH / "pg_ctl", "-D", data, "-l", home / "log", "-o", options, "-w", "start")
+        try:
+            env = {**os.environ, "PGPASSWORD": password}
+            create = [
+                POSTGRES_BIN_PATH / "createdb",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                user,
+                database,
+            ]
+            subprocess.run(create, env=env, check=True, capture_output=True, timeout=60)
+            yield port
+        finally:
+            pg(POSTGRES_BIN_PATH / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+# What breaks a URL it is pasted into: /, #, @, :, ?, % and a space.
+AWKWARD_PASSWORD = "p/ss#w@rd:?%2F x"
+
+
+def test_compose_connects_with_a_postgres_password_that_would_break_a_url(
+    pg_cluster: Any, tmp_path: Path
+) -> None:
+    dotenv = {
+        "BOT_TOKEN": TOKEN,
+        "WEBHOOK_SECRET": "s3cret",
+        "POSTGRES_PASSWORD": AWKWARD_PASSWORD,
+        "DOMAIN": "bot.example.com",
+    }
+    db = {k: interpolate(str(v), dotenv) for k, v in COMPOSE["services"]["db"]["environment"].items()}
+    run_as = getattr(pg_cluster, "system_user", None)
+    with postgres_like_the_image(
+        db["POSTGRES_USER"], db["POSTGRES_PASSWORD"], db["POSTGRES_DB"], run_as
+    ) as port:
+        for service in ("migrate", "bot"):
+            env = {
+                k: interpolate(str(v), dotenv) for k, v in COMPOSE["services"][service]["environment"].items()
+            }
+            # Compose's network resolves `db` to the database's container; here it is 127.0.0.1:port.
+            env["DATABASE_URL"] = env["DATABASE_URL"].replace("@db:5432/", f"@127.0.0.1:{port}/")
+            migrated = run_once("python -m bot migrate", {**env, "PATH": PATH})
+            assert migrated.returncode == 0, f"{service}: {migrated.stderr}"
