@@ -31,6 +31,7 @@ from .runtime import Runtime, start
 from .storage import PendingCall, Storage, StorageUnavailable
 from .telegram import InvalidUpdate, decode_update
 from .webhook import SECRET_HEADER
+from .webhook_watch import watching
 
 __all__ = ["SECRET_HEADER", "create_app"]
 
@@ -220,7 +221,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with start(settings, bot=bot, storage=storage, bot_api_transport=transport) as runtime:
+        async with (
+            start(settings, bot=bot, storage=storage, bot_api_transport=transport) as runtime,
+            watching(settings, runtime.api, runtime.metrics.registry),
+        ):
             app.state.runtime = runtime
             yield
 

@@ -61,6 +61,9 @@ class Settings:
     # a webhook Telegram already calls at one of them is this deployment's to move (bot/webhook.py).
     own_webhook_urls: tuple[str, ...]
     webhook_max_connections: int
+    # bot/webhook_watch.py: how often serve reads getWebhookInfo (0: never), and the queue worth a warning.
+    webhook_watch_interval: float
+    webhook_pending_warning: int
     migrate_on_start: bool
     host: str
     port: int
@@ -324,6 +327,8 @@ def load_settings(
         own_webhook_urls=tuple(url for url, _ in webhook_urls),
         # Telegram's range; its default is 40.
         webhook_max_connections=_int(env, "WEBHOOK_MAX_CONNECTIONS", 40, 1, 100),
+        webhook_watch_interval=_seconds(env, "WEBHOOK_WATCH_INTERVAL", 60.0, 0, 3600),
+        webhook_pending_warning=_int(env, "WEBHOOK_PENDING_WARNING", 100, 1, 10_000_000),
         migrate_on_start=_bool(env, "MIGRATE_ON_START"),
         host=env.get("HOST", "").strip() or "127.0.0.1",
         port=_int(env, "PORT", 8000, 1, 65535),
