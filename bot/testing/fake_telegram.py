@@ -21,7 +21,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import parse_qsl
 
 import uvicorn
@@ -40,16 +40,7 @@ __all__ = ["MISBEHAVIOURS", "FakeTelegram", "FloodLimits", "Misbehaviour", "Reco
 Misbehaviour = Literal[
     "invalid_utf8", "truncated_json", "deep_nesting", "html_page", "ok_false_200", "huge", "no_body", "reset"
 ]
-MISBEHAVIOURS: tuple[Misbehaviour, ...] = (
-    "invalid_utf8",
-    "truncated_json",
-    "deep_nesting",
-    "html_page",
-    "ok_false_200",
-    "huge",
-    "no_body",
-    "reset",
-)
+MISBEHAVIOURS: tuple[Misbehaviour, ...] = get_args(Misbehaviour)
 HUGE_ANSWER_BYTES = 17 * 1024 * 1024  # past the client's 16 MiB limit
 
 _TOKEN = re.compile(r"^(\d+):[A-Za-z0-9_-]+$")
