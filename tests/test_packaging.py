@@ -102,6 +102,21 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return python
 
 
+def migrates_everything(python: Path, cwd: Path, env: dict[str, str]) -> None:
+    """`python -m bot migrate` with that installation, from `cwd`, applies every migration of the checkout."""
+    migrated = subprocess.run(
+        [python, "-m", "bot", "migrate"],
+        cwd=cwd,
+        env={**env, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert migrated.returncode == 0, migrated.stderr
+    expected = ", ".join(sorted(path.name for path in MIGRATIONS_DIR.glob("*.sql")))
+    assert migrated.stdout.strip() == f"applied: {expected}"
+
+
 def test_the_wheel_carries_every_migration(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for migration in MIGRATIONS_DIR.glob("*.sql"):
@@ -116,17 +131,7 @@ def test_an_installed_wheel_migrates_an_empty_database_serves_and_counts(
     )
     assert where.stdout.startswith(str(installed.parent.parent)), where  # the installed copy, not ours
     env = bot_env(empty_database_url, telegram_root)
-    migrated = subprocess.run(
-        [installed, "-m", "bot", "migrate"],
-        cwd=tmp_path,
-        env={**env, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert migrated.returncode == 0, migrated.stderr
-    expected = ", ".join(sorted(path.name for path in MIGRATIONS_DIR.glob("*.sql")))
-    assert migrated.stdout.strip() == f"applied: {expected}"
+    migrates_everything(installed, tmp_path, env)
     with BotProcess(env, tmp_path / "serve.log", python=str(installed), cwd=tmp_path) as process:
         process.wait_ready()
         headers = {SECRET_HEADER: env["WEBHOOK_SECRET"], "content-type": "application/json"}
@@ -156,17 +161,7 @@ def test_an_install_from_a_clean_copy_finds_its_migrations_from_another_folder(
     # Editable: the clone's own migrations/, read in place; installed: the copy inside the package.
     assert where == str(source / "migrations" if editable else Path(where).parent / "migrations")
     assert editable or "site-packages" in where
-    migrated = subprocess.run(
-        [python, "-m", "bot", "migrate"],
-        cwd=elsewhere,
-        env={**bot_env(empty_database_url, telegram_root), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert migrated.returncode == 0, migrated.stderr
-    expected = ", ".join(sorted(path.name for path in MIGRATIONS_DIR.glob("*.sql")))
-    assert migrated.stdout.strip() == f"applied: {expected}"
+    migrates_everything(python, elsewhere, bot_env(empty_database_url, telegram_root))
 
 
 def test_what_we_reach_into_is_pinned_to_the_release_we_tested() -> None:

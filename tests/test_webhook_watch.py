@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -36,10 +37,22 @@ def queue(fake: FakeTelegram, count: int, start: int = 1) -> None:
         fake.push_update(message_update(n, -1, "🍕"))
 
 
-def watch_against(telegram_root: str, client: httpx.AsyncClient) -> tuple[WebhookWatch, CollectorRegistry]:
-    registry = CollectorRegistry()
-    api = BotApi(TOKEN, client, telegram_root)
-    return WebhookWatch(api, registry, [OURS], pending_warning=100, clock=lambda: NOW), registry
+@dataclass
+class Watched:
+    watch: WebhookWatch
+    registry: CollectorRegistry
+    client: httpx.AsyncClient  # for calls to the fake as Telegram's own side of things
+
+
+@pytest.fixture
+async def watched(telegram_root: str) -> AsyncIterator[Watched]:
+    """A watch of this deployment (OURS), with a fixed clock, against the fake; not read yet."""
+    async with httpx.AsyncClient() as client:
+        registry = CollectorRegistry()
+        api = BotApi(TOKEN, client, telegram_root)
+        yield Watched(
+            WebhookWatch(api, registry, [OURS], pending_warning=100, clock=lambda: NOW), registry, client
+        )
 
 
 def set_webhook(telegram_root: str, url: str) -> None:
@@ -47,64 +60,60 @@ def set_webhook(telegram_root: str, url: str) -> None:
 
 
 async def test_the_watch_exports_the_queue_and_the_last_failure(
-    fake: FakeTelegram, telegram_root: str, caplog: pytest.LogCaptureFixture
+    fake: FakeTelegram, telegram_root: str, watched: Watched, caplog: pytest.LogCaptureFixture
 ) -> None:
     set_webhook(telegram_root, OURS)
-    async with httpx.AsyncClient() as client:
-        watch, registry = watch_against(telegram_root, client)
-        assert math.isnan(value(registry, "bot_webhook_pending_updates") or 0.0)  # not read yet: unknown
+    registry = watched.registry
+    assert math.isnan(value(registry, "bot_webhook_pending_updates") or 0.0)  # not read yet: unknown
 
-        await watch.read()  # all well
-        assert value(registry, "bot_webhook_pending_updates") == 0
-        assert value(registry, "bot_webhook_last_error_age_seconds") == math.inf
-        assert value(registry, "bot_webhook_last_error_info", message="") == 1
+    await watched.watch.read()  # all well
+    assert value(registry, "bot_webhook_pending_updates") == 0
+    assert value(registry, "bot_webhook_last_error_age_seconds") == math.inf
+    assert value(registry, "bot_webhook_last_error_info", message="") == 1
 
-        queue(fake, 150)
-        fake.webhook_failed("Wrong response from the webhook: 503 Service Unavailable", at=NOW - 120)
-        with caplog.at_level(logging.WARNING, logger="bot.webhook_watch"):
-            await watch.read()
-        assert value(registry, "bot_webhook_pending_updates") == 150
-        assert value(registry, "bot_webhook_last_error_age_seconds") == 120
-        message = "Wrong response from the webhook: 503 Service Unavailable"
-        assert value(registry, "bot_webhook_last_error_info", message=message) == 1
-        [warning] = [r.getMessage() for r in caplog.records]
-        assert warning.startswith("150 updates wait at Telegram for delivery and are not going down")
-        assert warning.endswith(f"last delivery failed 120 s ago: {message}")
+    queue(fake, 150)
+    message = "Wrong response from the webhook: 503 Service Unavailable"
+    fake.webhook_failed(message, at=NOW - 120)
+    with caplog.at_level(logging.WARNING, logger="bot.webhook_watch"):
+        await watched.watch.read()
+    assert value(registry, "bot_webhook_pending_updates") == 150
+    assert value(registry, "bot_webhook_last_error_age_seconds") == 120
+    assert value(registry, "bot_webhook_last_error_info", message=message) == 1
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("150 updates wait at Telegram for delivery and are not going down")
+    assert warning.endswith(f"last delivery failed 120 s ago: {message}")
 
 
 async def test_a_queue_that_drains_is_not_warned_about(
-    fake: FakeTelegram, telegram_root: str, caplog: pytest.LogCaptureFixture
+    fake: FakeTelegram, telegram_root: str, watched: Watched, caplog: pytest.LogCaptureFixture
 ) -> None:
     set_webhook(telegram_root, OURS)
-    async with httpx.AsyncClient() as client:
-        watch, registry = watch_against(telegram_root, client)
-        queue(fake, 300)
-        await watch.read()
-        # Telegram delivers; the queue shrinks but is still over the threshold.
-        caplog.clear()
-        await client.post(f"{telegram_root}/bot{TOKEN}/deleteWebhook", json={})
-        await client.get(f"{telegram_root}/bot{TOKEN}/getUpdates", params={"offset": 151})  # confirms 1-150
-        set_webhook(telegram_root, OURS)
-        with caplog.at_level(logging.WARNING, logger="bot.webhook_watch"):
-            await watch.read()
-        assert value(registry, "bot_webhook_pending_updates") == 150
-        assert caplog.records == []
+    queue(fake, 300)
+    await watched.watch.read()
+    caplog.clear()
+    # Telegram delivers; the queue shrinks but is still over the threshold.
+    telegram = f"{telegram_root}/bot{TOKEN}"
+    await watched.client.post(f"{telegram}/deleteWebhook", json={})
+    await watched.client.get(f"{telegram}/getUpdates", params={"offset": 151})  # confirms 1-150
+    await watched.client.post(f"{telegram}/setWebhook", json={"url": OURS})
+    with caplog.at_level(logging.WARNING, logger="bot.webhook_watch"):
+        await watched.watch.read()
+    assert value(watched.registry, "bot_webhook_pending_updates") == 150
+    assert caplog.records == []
 
 
 async def test_a_webhook_moved_elsewhere_and_a_failed_read_are_said(
-    fake: FakeTelegram, telegram_root: str, caplog: pytest.LogCaptureFixture
+    fake: FakeTelegram, telegram_root: str, watched: Watched, caplog: pytest.LogCaptureFixture
 ) -> None:
     set_webhook(telegram_root, "https://staging.example.com/webhook")
-    async with httpx.AsyncClient() as client:
-        watch, registry = watch_against(telegram_root, client)
-        with caplog.at_level(logging.WARNING, logger="bot.webhook_watch"):
-            await watch.read()
-            fake.fail_next("getWebhookInfo", error_code=502, description="Bad Gateway")
-            await watch.read()
-        messages = [r.getMessage() for r in caplog.records]
-        assert "now delivers this bot's updates to https://staging.example.com/webhook" in messages[0]
-        assert messages[1].startswith("webhook watch: getWebhookInfo failed")
-        assert math.isnan(value(registry, "bot_webhook_pending_updates") or 0.0)
+    with caplog.at_level(logging.WARNING, logger="bot.webhook_watch"):
+        await watched.watch.read()
+        fake.fail_next("getWebhookInfo", error_code=502, description="Bad Gateway")
+        await watched.watch.read()
+    messages = [r.getMessage() for r in caplog.records]
+    assert "now delivers this bot's updates to https://staging.example.com/webhook" in messages[0]
+    assert messages[1].startswith("webhook watch: getWebhookInfo failed")
+    assert math.isnan(value(watched.registry, "bot_webhook_pending_updates") or 0.0)
 
 
 def test_serve_exports_telegram_s_queue_on_metrics(
