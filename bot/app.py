@@ -1,4 +1,5 @@
-"""The ASGI app: Telegram's webhook, health and readiness probes, metrics, and the local playground.
+"""The ASGI app: Telegram's webhook, health and readiness probes, metrics, and the local playground
+(imported only when it is on: a production app never loads the local trial's code).
 
 POST /webhook: secret → body (bounded) → decode → pipeline (claim, lock, handlers, commit) → 200, and
 only then the replies go out. Anything that keeps the update from being committed answers 503, so
@@ -19,23 +20,22 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
 from .dispatch import Bot
 from .limits import TooLarge, read_at_most
 from .metrics import CONTENT_TYPE
-from .playground import Playground, absent_routes
 from .runtime import Runtime, start
 from .storage import PendingCall, Storage, StorageUnavailable
 from .telegram import InvalidUpdate, decode_update
+from .webhook import SECRET_HEADER
+from .webhook_watch import watching
 
 __all__ = ["SECRET_HEADER", "create_app"]
 
 log = logging.getLogger("bot.app")
-
-SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"  # noqa: S105 (a header name, not a secret)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -193,15 +193,38 @@ class _App(Starlette):
             await super().__call__(scope, receive, send)
 
 
+def _no_playground(settings: Settings) -> list[BaseRoute]:
+    """The playground is off: its page and API answer 404, saying why in one line."""
+    why = "BOT_TOKEN is set and PLAYGROUND is not 1" if settings.bot_token else "PLAYGROUND is off"
+    answer = PlainTextResponse(f"no playground here: {why}\n", status_code=404)
+
+    async def not_here(request: Request) -> Response:
+        return answer
+
+    methods = ["GET", "HEAD", "POST"]
+    return [
+        Route("/", not_here, methods=methods),
+        Route("/playground/{rest:path}", not_here, methods=methods),
+    ]
+
+
 def create_app(
     settings: Settings, *, bot: Bot[Any] | None = None, storage: Storage | None = None
 ) -> Starlette:
-    playground = Playground(settings) if settings.playground else None
-    transport = playground.bot_api_transport() if playground is not None else None
+    playground_routes = _no_playground(settings)
+    transport = None
+    if settings.playground:
+        from .playground import Playground  # the local trial's code, loaded only for it
+
+        playground = Playground(settings)
+        playground_routes, transport = playground.routes(), playground.bot_api_transport()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with start(settings, bot=bot, storage=storage, bot_api_transport=transport) as runtime:
+        async with (
+            start(settings, bot=bot, storage=storage, bot_api_transport=transport) as runtime,
+            watching(settings, runtime.api, runtime.metrics.registry),
+        ):
             app.state.runtime = runtime
             yield
 
@@ -212,7 +235,7 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
-            *(playground.routes() if playground is not None else absent_routes(settings)),
+            *playground_routes,
         ],
         middleware=[Middleware(_OnlyMetricsOnMetricsPort, settings=settings)],
         lifespan=lifespan,

@@ -24,6 +24,7 @@ import msgspec
 
 from .config import DEFAULT_APP, ConfigError, Settings, load_settings
 from .dispatch import Bot
+from .errors import BotError
 from .importer import AppError, load_app
 from .logs import setup_logging
 from .migrate import MigrationError, NotMigrated, check_migrated, migrate
@@ -31,7 +32,7 @@ from .pooler import connect_options
 from .runtime import StartupError, resolve_identity, start
 from .storage import StorageUnavailable
 from .telegram import BotApi, BotApiError, InvalidUpdate, decode_update
-from .webhook import problems, register, registration
+from .webhook import foreign_webhook, problems, register, registration
 
 __all__ = ["main"]
 
@@ -40,7 +41,7 @@ log = logging.getLogger("bot.cli")
 T = TypeVar("T")
 
 
-class _Fail(Exception):
+class _Fail(BotError):
     """A problem to report in one line."""
 
 
@@ -161,13 +162,33 @@ async def _preflight(settings: Settings, bot: Bot[Any], *, check_migrations: boo
 async def _register_webhook(settings: Settings, api: BotApi, bot: Bot[Any]) -> None:
     """Point Telegram at this configuration. Done before listening, where a refusal can still stop the
     process in one line; a delivery arriving before we listen meets a refused connection, which Telegram
-    retries like any failed delivery."""
+    retries like any failed delivery.
+
+    Refused: serving with no URL while Telegram has none either (the bot would receive nothing, healthy
+    all the while: Heroku's Deploy button without runtime dyno metadata did that), and taking over a
+    webhook another deployment registered (bot.webhook.foreign_webhook)."""
+    try:
+        info: dict[str, Any] = await api.call("getWebhookInfo", {})
+    except BotApiError as exc:
+        raise _Fail(f"BOT_TOKEN: getWebhookInfo at {settings.telegram_api_root} failed: {exc}") from exc
     if settings.webhook_url is None:
-        log.warning(
-            "no WEBHOOK_URL (and no platform variable to derive it from): the webhook is not"
-            " registered; run `python -m bot set-webhook` once the URL is known"
-        )
+        if not info.get("url"):
+            raise _Fail(
+                "WEBHOOK_URL: not set, nor a platform variable to derive it from, and Telegram has no"
+                " webhook for this bot, so it would receive nothing. Set WEBHOOK_URL=https://<public"
+                " host>/webhook (Heroku: or `heroku labs:enable runtime-dyno-metadata`, then restart), or"
+                " run `python -m bot poll` where there is no public URL"
+            )
+        log.info("no WEBHOOK_URL: leaving the webhook as registered before, %s", info["url"])
         return
+    foreign = foreign_webhook(info, settings.own_webhook_urls)
+    if foreign is not None:
+        raise _Fail(
+            f"{settings.webhook_url_source}: Telegram delivers this bot's updates to {foreign}, another"
+            f" deployment; registering {settings.webhook_url} would take them from it (a review app or a"
+            " staging copy given the production BOT_TOKEN?). Give this deployment a bot token of its own,"
+            " or move the webhook here once with `python -m bot set-webhook`"
+        )
     params = registration(settings, settings.webhook_url, bot.allowed_updates())
     try:
         await register(api, params)
@@ -181,31 +202,55 @@ async def _register_webhook(settings: Settings, api: BotApi, bot: Bot[Any]) -> N
     )
 
 
+def _explain_processes(settings: Settings) -> None:
+    """How many processes serve, when the platform had another idea or metrics would suffer from it."""
+    if settings.web_concurrency_ignored is not None:
+        log.info(
+            "WEB_CONCURRENCY=%d comes from Heroku's Python buildpack (WEB_CONCURRENCY_SET_BY), not from"
+            " you: serving with 1 process. Set WEB_CONCURRENCY yourself for more; each has its own pool of"
+            " DB_POOL_MAX connections",
+            settings.web_concurrency_ignored,
+        )
+    if settings.web_concurrency > 1 and (settings.metrics_token or settings.metrics_port):
+        log.warning(
+            "WEB_CONCURRENCY=%d: each scrape of /metrics is answered by whichever of the %d processes takes"
+            " it, with that process's own counters, so rates and totals computed from them are wrong. For"
+            " metrics, run one process per machine or dyno and scale those instead",
+            settings.web_concurrency,
+            settings.web_concurrency,
+        )
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from . import server
     from .app import create_app
-    from .playground.banner import describe_database, trial_banner
 
     bot = _app(settings, args)
     with _database(settings, bot.name) as live:
-        # The configured database, not the embedded one's URL; described only once _database() has found
-        # the embedded server installed (a production install leaves it out).
-        database = describe_database(settings, bot.name)
         # Checked before uvicorn starts: a failure inside its lifespan would end in a traceback.
-        settings = asyncio.run(_preflight(live, bot, check_migrations=not args.skip_migration_check))
-        host = args.host or settings.host
-        port = args.port or settings.port
-        if settings.bot_token is None:
-            print(trial_banner(settings, host, port, database), flush=True)
+        checked = asyncio.run(_preflight(live, bot, check_migrations=not args.skip_migration_check))
+        host = args.host or checked.host
+        port = args.port or checked.port
+        if checked.bot_token is None:
+            # The local trial's banner, loaded only for it. It describes the configured database, not the
+            # embedded one's URL, once _database() has found the embedded server installed.
+            from .playground.banner import describe_database, trial_banner
+
+            print(trial_banner(checked, host, port, describe_database(settings, bot.name)), flush=True)
+        settings = checked
+        _explain_processes(settings)
         if settings.webhook_secret_generated:
             log.warning(
                 "no WEBHOOK_SECRET set; this run accepts updates with the header %s: %s",
                 "X-Telegram-Bot-Api-Secret-Token",
                 settings.webhook_secret,
             )
-        # uvicorn stops gracefully on SIGTERM and then raises the signal again; exiting 0 from it tells
-        # the platform the stop was clean (anything still unsent stays in the outbox for the next start).
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        # uvicorn stops gracefully on SIGTERM and SIGINT (what Fly sends by default, and Ctrl-C) alike, then
+        # raises the signal again; exiting 0 from it tells the platform the stop was clean (anything still
+        # unsent stays in the outbox for the next start), where SIGINT's default would end in a
+        # KeyboardInterrupt traceback and status 130.
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop, lambda *_: sys.exit(0))
         server.run(create_app(settings, bot=bot), settings, host, port)
     return 0
 
@@ -398,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bot: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings)
+    for note in settings.database_notes:
+        log.warning("%s", note)
     try:
         return command(settings, args)
     except (_Fail, StartupError, MigrationError, NotMigrated, StorageUnavailable) as exc:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
+from .errors import BotError
+from .libpq import UnsupportedParameter, for_asyncpg
 from .pooler import POOLER_MODES
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
@@ -35,7 +37,7 @@ _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"
 _SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
 
 
-class ConfigError(ValueError):
+class ConfigError(BotError, ValueError):
     """A setting is missing or malformed. The message starts with the variable's name."""
 
 
@@ -47,13 +49,21 @@ class Settings:
     database_url: str | None
     # For migrations: a direct (not pooled) URL when DATABASE_URL goes through a pooler.
     database_direct_url: str | None
+    # libpq-only parameters left out of those URLs, one line each, for the log (bot/libpq.py).
+    database_notes: tuple[str, ...]
     # DB_POOLER: "auto", "transaction" or "none" (bot/pooler.py).
     db_pooler: str
     telegram_api_root: str
     webhook_url: str | None
     # The variable webhook_url came from: WEBHOOK_URL, or the platform's that it was derived from.
     webhook_url_source: str | None
+    # Every URL this deployment answers at, by its settings (WEBHOOK_URL and each platform variable set):
+    # a webhook Telegram already calls at one of them is this deployment's to move (bot/webhook.py).
+    own_webhook_urls: tuple[str, ...]
     webhook_max_connections: int
+    # bot/webhook_watch.py: how often serve reads getWebhookInfo (0: never), and the queue worth a warning.
+    webhook_watch_interval: float
+    webhook_pending_warning: int
     migrate_on_start: bool
     host: str
     port: int
@@ -88,6 +98,8 @@ class Settings:
     outbox_backoff_max: float
     outbox_give_up: float
     web_concurrency: int
+    # WEB_CONCURRENCY's value when the platform, not the operator, set it (and it was not followed).
+    web_concurrency_ignored: int | None
 
     @property
     def bot_id(self) -> int:
@@ -164,12 +176,18 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
     return raw
 
 
-def _database_url(env: Mapping[str, str], name: str) -> str | None:
+def _database_url(env: Mapping[str, str], name: str, notes: list[str]) -> str | None:
     """A postgres URL whose parts the driver will accept: checked here, so that a typo is one line at
-    start-up, not a traceback from inside asyncpg at the first connection."""
+    start-up, not a traceback from inside asyncpg at the first connection. libpq-only parameters are
+    left out (a note for each goes to `notes`)."""
     url = _url(env, name, ("postgres", "postgresql"))
     if url is None:
         return None
+    try:
+        url, left_out = for_asyncpg(url)
+    except UnsupportedParameter as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    notes.extend(f"{name}: {note}" for note in left_out)
     for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
         if key == "sslmode" and value not in _SSLMODES:
             raise ConfigError(f"{name}: sslmode must be one of {', '.join(_SSLMODES)}, got {value!r}")
@@ -193,16 +211,27 @@ _PLATFORM_URLS = (
 )
 
 
-def _webhook_url(env: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """WEBHOOK_URL, else one derived from the platform's variables; and the variable it came from."""
+def _webhook_urls(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """WEBHOOK_URL, then each URL derived from the platform's variables: (url, the variable it came from)."""
+    found = []
     explicit = _url(env, "WEBHOOK_URL", ("https", "http"))
     if explicit is not None:
-        return explicit, "WEBHOOK_URL"
+        found.append((explicit, "WEBHOOK_URL"))
     for name, template in _PLATFORM_URLS:
         value = env.get(name, "").strip().rstrip("/")
         if value:
-            return template.format(value), name
-    return None, None
+            found.append((template.format(value), name))
+    return found
+
+
+def _web_concurrency(env: Mapping[str, str]) -> tuple[int, int | None]:
+    """WEB_CONCURRENCY as the operator set it; a value Heroku's Python buildpack chose (it sets 2 to 17 by
+    the dyno's size, and says so in WEB_CONCURRENCY_SET_BY) is not followed: every process has its own
+    pool, and with several of them /metrics answers from a different one at each scrape."""
+    value = _int(env, "WEB_CONCURRENCY", 1, 1, 64)
+    if env.get("WEB_CONCURRENCY_SET_BY", "").strip() == "heroku/python":
+        return 1, value
+    return value, None
 
 
 def load_settings(
@@ -230,19 +259,22 @@ def load_settings(
             "WEBHOOK_SECRET: must be 1-256 characters, only A-Z a-z 0-9 _ and - (Telegram's rule)"
         )
 
-    database_url = _database_url(env, "DATABASE_URL")
+    database_notes: list[str] = []
+    database_url = _database_url(env, "DATABASE_URL", database_notes)
     if database_url is None and token is not None and needs_database and not _bool(env, "ALLOW_EMBEDDED_DB"):
         # A real bot on the embedded trial database loses every count when the platform restarts it.
         raise ConfigError(
             "DATABASE_URL: required when BOT_TOKEN is set (the embedded database is for local trials and"
             " is lost on a platform's restart; ALLOW_EMBEDDED_DB=1 to use it anyway)"
         )
-    database_direct_url = _database_url(env, "DATABASE_DIRECT_URL")
+    database_direct_url = _database_url(env, "DATABASE_DIRECT_URL", database_notes)
     pooler = env.get("DB_POOLER", "").strip().lower() or "auto"
     if pooler not in POOLER_MODES:
         raise ConfigError(f"DB_POOLER: one of {', '.join(POOLER_MODES)}, got {pooler!r}")
     api_root = _url(env, "TELEGRAM_API_ROOT", ("https", "http")) or "https://api.telegram.org"
-    webhook_url, webhook_url_source = _webhook_url(env)
+    webhook_urls = _webhook_urls(env)
+    webhook_url, webhook_url_source = webhook_urls[0] if webhook_urls else (None, None)
+    web_concurrency, web_concurrency_ignored = _web_concurrency(env)
 
     username = env.get("BOT_USERNAME", "").strip().lstrip("@") or None
     if username is not None and not _USERNAME.match(username):
@@ -287,12 +319,16 @@ def load_settings(
         webhook_secret_generated=generated,
         database_url=database_url,
         database_direct_url=database_direct_url,
+        database_notes=tuple(database_notes),
         db_pooler=pooler,
         telegram_api_root=api_root.rstrip("/"),
         webhook_url=webhook_url,
         webhook_url_source=webhook_url_source,
+        own_webhook_urls=tuple(url for url, _ in webhook_urls),
         # Telegram's range; its default is 40.
         webhook_max_connections=_int(env, "WEBHOOK_MAX_CONNECTIONS", 40, 1, 100),
+        webhook_watch_interval=_seconds(env, "WEBHOOK_WATCH_INTERVAL", 60.0, 0, 3600),
+        webhook_pending_warning=_int(env, "WEBHOOK_PENDING_WARNING", 100, 1, 10_000_000),
         migrate_on_start=_bool(env, "MIGRATE_ON_START"),
         host=env.get("HOST", "").strip() or "127.0.0.1",
         port=_int(env, "PORT", 8000, 1, 65535),
@@ -331,5 +367,6 @@ def load_settings(
         send_rate_private=_int(env, "SEND_RATE_PRIVATE", 1, 1, 1000),
         outbox_backoff_max=_seconds(env, "OUTBOX_BACKOFF_MAX", 60.0, 1, 3600),
         outbox_give_up=_seconds(env, "OUTBOX_GIVE_UP", 3600.0, 10, 7 * 86400),
-        web_concurrency=_int(env, "WEB_CONCURRENCY", 1, 1, 64),
+        web_concurrency=web_concurrency,
+        web_concurrency_ignored=web_concurrency_ignored,
     )

@@ -13,6 +13,8 @@ from typing import IO, Any
 
 import msgspec
 
+from .errors import BotError
+
 __all__ = ["FilesNotSupported", "InputFile", "json_params"]
 
 
@@ -34,7 +36,7 @@ class InputFile:
         return f"<InputFile {self.filename!r}>"
 
 
-class FilesNotSupported(NotImplementedError):
+class FilesNotSupported(BotError, NotImplementedError):
     """Parameters hold an InputFile, and sending files (multipart/form-data) is not implemented yet."""
 
 

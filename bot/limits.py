@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable
 
+from .errors import BotError
+
 __all__ = ["TooLarge", "read_at_most"]
 
 
-class TooLarge(Exception):
+class TooLarge(BotError):
     """The stream passed its limit; what was read so far is dropped."""
 
 

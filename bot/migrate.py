@@ -1,9 +1,9 @@
 """Numbered SQL migrations, applied once each, safely when several instances start together.
 
-`bot/migrations/NNN_name.sql` files (shipped inside the package, so a wheel or `pip install .` has them)
-run in numeric order, each in its own transaction, and are recorded in `schema_migrations` with a
-checksum, so an edited, already-applied file is an error rather than a silent difference between
-databases. Each of those transactions first takes a transaction-level advisory lock and only then reads
+`migrations/NNN_name.sql` files (at the top of the repository; the build copies them into the package,
+so a wheel or `pip install .` has them too) run in numeric order, each in its own transaction, and are
+recorded in `schema_migrations` with a checksum, so an edited, already-applied file is an error rather
+than a silent difference between databases. Each of those transactions first takes a transaction-level advisory lock and only then reads
 what is applied: a second instance starting at the same moment waits, then finds nothing left to do. A
 transaction-level lock (not a session-level one) is what stays correct through a transaction-mode
 pooler, where one client connection's transactions may run on different server sessions.
@@ -19,6 +19,7 @@ from pathlib import Path
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from .errors import BotError
 from .pooler import connect_options
 
 # A direct connection or one borrowed from a pool.
@@ -26,12 +27,29 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 
 __all__ = ["MIGRATIONS_DIR", "MigrationError", "NotMigrated", "check_migrated", "migrate", "pending"]
 
-# Inside the package, next to this module: installed with it however it is installed.
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
-# Any fixed 64-bit number, the same in every instance and release: were it to change, an old and a new
-# release could migrate at the same time.
-_LOCK_ID = 0x70697A7A61_6D6967
+def _migrations_dir() -> Path:
+    """`migrations/` beside the package in a checkout (the source: `pip install -e .` and a plain checkout
+    read it there), else the copy the build put inside the installed package (a wheel, `pip install .`:
+    pyproject.toml maps `migrations/` to `bot/migrations/`)."""
+    package = Path(__file__).resolve().parent
+    source = package.parent / "migrations"
+    if (package.parent / "pyproject.toml").is_file() and source.is_dir():
+        return source
+    return package / "migrations"
+
+
+MIGRATIONS_DIR = _migrations_dir()
+
+# The advisory lock every migration step takes: any fixed 64-bit number (this one is the first 8 bytes of
+# sha256("bot.migrate: schema_migrations"), as a signed bigint).
+_LOCK_ID = -3683404983626821890
+# The number before it, which releases up to this one's predecessor take instead. During a rolling deploy
+# the old release's `migrate` (or MIGRATE_ON_START) can run while the new one's does, so every step takes
+# both, the old one first: an old process then waits for a new one and the other way round, and two new
+# ones take them in the same order (no deadlock). Drop it once no release older than this one can run.
+_LEGACY_LOCK_ID = 0x70697A7A616D6967
+_LOCKS = (_LEGACY_LOCK_ID, _LOCK_ID)
 
 _NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
 
@@ -45,7 +63,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-class MigrationError(Exception):
+class MigrationError(BotError):
     """The migrations on disk and the ones recorded in the database disagree."""
 
 
@@ -143,7 +161,8 @@ async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR, *, pooler: str = "
             # server session. The lock is released by COMMIT or ROLLBACK, and by the server if this
             # process dies mid-file.
             async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+                for lock in _LOCKS:
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
                 await conn.execute(_CREATE_TABLE)
                 todo = _compare(files, await _applied(conn), directory)
                 if not todo:

@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeAlias, TypeVar
 
 from .callables import check_async
 from .context import Context
+from .errors import BotError
 from .filters import Check, Filter, as_filter, command
 from .kinds import KindRoutes
 from .types import UPDATE_KINDS
@@ -35,7 +36,7 @@ MESSAGE = ("message", "channel_post")
 EDITED = ("edited_message", "edited_channel_post")
 
 
-class SkipHandler(Exception):
+class SkipHandler(BotError):
     """Raised by a handler that, after looking, does not want this update: the next matching handler
     gets it. Session changes it made so far stay."""
 

@@ -1,4 +1,5 @@
-"""Pure rules about messages: which command a message is, and whether it announces a group's upgrade.
+"""Pure rules about messages: which command a message is (and the entity Telegram gives one), and whether
+it announces a group's upgrade.
 
 No I/O here, so every rule is a table-driven test away.
 """
@@ -6,10 +7,19 @@ No I/O here, so every rule is a table-driven test away.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from .errors import BotError
 from .types import Message
 
-__all__ = ["ChatMigration", "Command", "ImplausibleMigration", "chat_migration", "parse_command"]
+__all__ = [
+    "ChatMigration",
+    "Command",
+    "ImplausibleMigration",
+    "chat_migration",
+    "parse_command",
+    "text_fields",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +52,17 @@ def parse_command(message: Message, username: str) -> Command | None:
     return Command(name, text[len(token) :].strip())
 
 
+def text_fields(text: str) -> dict[str, Any]:
+    """A message's `text`, with the bot_command entity Telegram adds when it starts with "/" (offsets and
+    lengths count UTF-16 code units, as the Bot API does)."""
+    fields: dict[str, Any] = {"text": text}
+    if text.startswith("/"):
+        command = text.split(maxsplit=1)[0]
+        length = len(command.encode("utf-16-le")) // 2
+        fields["entities"] = [{"offset": 0, "length": length, "type": "bot_command"}]
+    return fields
+
+
 # Bot API chat ids (core.telegram.org/api/bots/ids): a basic group is -id with 1 <= id <= 999999999999;
 # supergroups and channels are -(10^12 + id), private chats positive.
 _SUPERGROUP_IDS_FROM = -(10**12)
@@ -53,7 +74,7 @@ class ChatMigration:
     new_chat_id: int
 
 
-class ImplausibleMigration(ValueError):
+class ImplausibleMigration(BotError, ValueError):
     """A message claims a chat migration that Telegram never sends; the message says why."""
 
 

@@ -19,6 +19,7 @@ import httpx
 from .config import TRIAL_USERNAME, Settings
 from .context import BotIdentity
 from .dispatch import Bot
+from .errors import BotError
 from .importer import AppError, load_app
 from .metrics import Metrics
 from .outbox import Limits, Outbox
@@ -35,7 +36,7 @@ log = logging.getLogger("bot.runtime")
 _TRIAL_TOKEN = "0:local-trial"  # noqa: S105
 
 
-class StartupError(Exception):
+class StartupError(BotError):
     """The bot cannot start; the message says why and which setting to look at."""
 
 

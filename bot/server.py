@@ -37,6 +37,7 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .config import Settings
+from .errors import BotError
 
 __all__ = ["KEEP_ALIVE_TIMEOUT", "MAX_HEADERS", "MAX_HEAD_BYTES", "GuardedHttpProtocol", "run"]
 
@@ -48,7 +49,7 @@ MAX_HEADERS = 100
 KEEP_ALIVE_TIMEOUT = 5.0
 
 
-class _Refused(Exception):
+class _Refused(BotError):
     """Raised from a parser callback to stop parsing; uvicorn then calls send_400_response."""
 
 

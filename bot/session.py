@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from .callables import check_plain
+from .errors import BotError
 from .storage import Moved, Storage, StoredSession, Transaction
 from .types import Update
 
@@ -70,7 +71,7 @@ def chat_user_key(update: Update) -> str | None:
     return None if chat is None or user is None else f"{chat.id}/{user.id}"
 
 
-class SessionError(Exception):
+class SessionError(BotError):
     """Base of the errors a handler gets for using a session wrongly. Not an AttributeError, so that
     `getattr(ctx, "session", None)` raises instead of quietly answering None."""
 
@@ -89,20 +90,20 @@ class NoSuchSession(SessionError):
     """No session of that name is configured for the bot."""
 
 
-class SessionDecodeError(Exception):
+class SessionDecodeError(BotError):
     """Stored data does not fit the session type (and no migration made it fit): the type changed in code
     and the row was not migrated. Names the session, the key and the field; docs/SESSIONS.md ("Rows that
     no longer decode") says how to migrate such rows."""
 
 
-class SessionValueError(Exception):
+class SessionValueError(BotError):
     """A handler left a session value that does not fit the session type, or that cannot be stored as
     JSON (an object of a class msgspec does not know, a float NaN, a list holding itself). Raised when
     the update saves, so that update fails and the stored row keeps its last good value; stored, the
     value would fail every later update of its key instead."""
 
 
-class AlreadyApplied(Exception):
+class AlreadyApplied(BotError):
     """This update was applied before (a redelivery): its handlers must not run again."""
 
 

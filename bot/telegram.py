@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from .errors import BotError
 from .limits import TooLarge, read_at_most
 
 # The types lived here before they were generated: these names stay importable from here, so code
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 
-class InvalidUpdate(ValueError):
+class InvalidUpdate(BotError, ValueError):
     """The body is not JSON, or not a Telegram Update object."""
 
 
@@ -72,7 +73,7 @@ def decode_update(body: bytes) -> Update:
     return update
 
 
-class BotApiError(Exception):
+class BotApiError(BotError):
     """A Bot API call failed: Telegram said `ok: false`, or no usable answer came back.
 
     Every way a call can fail ends here, so a sender only has to ask two questions: retry it or give

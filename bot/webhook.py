@@ -11,14 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from .config import Settings
 from .telegram import BotApi, BotApiError
 
-__all__ = ["RECENT_ERROR", "problems", "register", "registration"]
+__all__ = ["RECENT_ERROR", "SECRET_HEADER", "foreign_webhook", "problems", "register", "registration"]
 
 log = logging.getLogger("bot.webhook")
+
+# Where Telegram puts setWebhook's secret_token in every delivery.
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"  # noqa: S105 (a header name, not a secret)
 
 # A delivery error Telegram reports from longer ago than this is history, not a current problem.
 RECENT_ERROR = 3600.0
@@ -53,6 +58,19 @@ async def register(api: BotApi, params: dict[str, Any], *, attempts: int = 4) ->
                 raise
             log.info("setWebhook: flood limit, trying again in %s s", exc.retry_after or 1)
             await asyncio.sleep(exc.retry_after or 1)
+
+
+def foreign_webhook(info: dict[str, Any], own_urls: Sequence[str]) -> str | None:
+    """The URL Telegram delivers to, when it belongs to another deployment: set, and on none of the hosts
+    this one answers at (its WEBHOOK_URL, its platform's addresses). Registering over it would take that
+    deployment's updates (a review app given the production token), so `serve` leaves it to an explicit
+    `set-webhook`. None when there is none, or it is this deployment's own to move (a new path, the
+    platform's address replaced by a custom domain)."""
+    current = str(info.get("url") or "")
+    if not current:
+        return None
+    hosts = {urlsplit(url).netloc.lower() for url in own_urls}
+    return None if urlsplit(current).netloc.lower() in hosts else current
 
 
 def problems(

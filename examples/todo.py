@@ -22,11 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.context import Context
-from bot.dispatch import Bot, Router
-from bot.filters import chat_type, data_startswith
-from bot.keyboards import button, inline_keyboard
-from bot.session import session, user_key
+from bot import Bot, Context, Router, button, chat_type, data_startswith, inline_keyboard, session, user_key
 from bot.types import InlineKeyboardMarkup, ReactionTypeEmoji
 
 __all__ = ["Stats", "Task", "TodoList", "build_bot"]

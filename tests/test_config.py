@@ -205,3 +205,24 @@ def test_pooler_and_direct_url_settings() -> None:
     assert settings.db_pooler == "transaction"
     assert settings.database_direct_url == "postgresql://u@db:5432/bot"
     assert load_settings(PRODUCTION).db_pooler == "auto"
+
+
+def test_a_web_concurrency_heroku_s_buildpack_chose_is_not_followed() -> None:
+    chosen = load_settings({"WEB_CONCURRENCY": "2", "WEB_CONCURRENCY_SET_BY": "heroku/python"})
+    assert (chosen.web_concurrency, chosen.web_concurrency_ignored) == (1, 2)
+    mine = load_settings({"WEB_CONCURRENCY": "3"})
+    assert (mine.web_concurrency, mine.web_concurrency_ignored) == (3, None)
+
+
+def test_every_url_the_deployment_answers_at_is_its_own() -> None:
+    settings = load_settings(
+        {
+            "WEBHOOK_URL": "https://bot.example.com/webhook",
+            "HEROKU_APP_DEFAULT_DOMAIN_NAME": "app-1a.herokuapp.com",
+        }
+    )
+    assert settings.webhook_url == "https://bot.example.com/webhook"
+    assert settings.own_webhook_urls == (
+        "https://bot.example.com/webhook",
+        "https://app-1a.herokuapp.com/webhook",
+    )

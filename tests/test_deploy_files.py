@@ -1,11 +1,16 @@
 """The platform files, each where its platform looks for it, parse, and every `python -m bot …` they name
-is a command our CLI accepts. No PaaS or Docker engine is reachable here; this is what can be checked."""
+is a command our CLI accepts. No PaaS or Docker engine is reachable here; this is what can be checked.
+
+The root holds only what a platform reads from the root by default; everything else is in deploy/ (the
+design card's layout), reached by a path the README gives for each platform.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,7 @@ from bot.cli import _parser
 from bot.config import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 (what a PaaS needs the web process to listen on)
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 ROUTES = {route.path for route in create_app(load_settings({})).routes}
@@ -62,6 +68,50 @@ def test_bot_commands_are_found_in_shell_lines_and_exec_lists() -> None:
     assert bot_commands(["python", "-m", "bot", "serve"]) == [["serve"]]
     with pytest.raises(pytest.fail.Exception):
         assert_valid("python -m bot set-webhok")
+
+
+# What may sit at the top of the repository, and why (ACCEPTANCE.md, "layout" and "platform files").
+CARD = {
+    "pyproject.toml",
+    "README.md",
+    "Procfile",
+    "bot",
+    "migrations",
+    "tests",
+    "deploy",
+    "bench",
+    "docs",
+    "examples",
+}
+READ_FROM_THE_ROOT = {
+    "requirements.txt": "Heroku's Python buildpack (bin/detect, lib/package_manager.sh), Render's build",
+    ".python-version": "Heroku's Python buildpack and Render pick the Python version from it",
+    "app.json": "Heroku's Deploy button and review apps read it only at the root",
+    "render.yaml": "Render looks for the Blueprint at the root unless told otherwise when it is set up",
+    "Procfile": "Heroku (and Railway without a Dockerfile) read the process types only at the root",
+}
+TOOLING = {".ci", ".gitignore"}
+
+
+def test_the_root_holds_the_card_and_only_what_platforms_read_from_the_root() -> None:
+    try:
+        tracked = subprocess.run(
+            ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    top = {path.split("/", 1)[0] for path in tracked}
+    assert top - CARD - set(READ_FROM_THE_ROOT) - TOOLING == set()
+    assert CARD - {"bench", "docs", "examples"} <= top
+    for name in (
+        "Dockerfile",
+        "compose.yaml",
+        "fly.toml",
+        "Caddyfile",
+        "Dockerfile.dockerignore",
+        ".env.example",
+    ):
+        assert (DEPLOY / name).is_file(), name
 
 
 def test_heroku_finds_exactly_one_package_manager_file_at_the_root() -> None:
@@ -117,17 +167,38 @@ def test_render_yaml_is_at_the_root_and_names_only_our_commands() -> None:
 
 
 def test_fly_toml_migrates_on_release_and_checks_a_route_we_serve() -> None:
-    fly = tomllib.loads((ROOT / "fly.toml").read_text())
+    fly = tomllib.loads((DEPLOY / "fly.toml").read_text())
     assert bot_commands(fly["deploy"]["release_command"]) == [["migrate"]]
-    assert (ROOT / fly["build"]["dockerfile"]).exists()
+    # flyctl resolves [build] paths against the config file's folder (`fly deploy --config deploy/fly.toml`
+    # from the root, which is the build context).
+    assert (DEPLOY / fly["build"]["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+    assert (DEPLOY / fly["build"]["ignorefile"]).resolve() == DEPLOY / "Dockerfile.dockerignore"
     assert fly["http_service"]["internal_port"] == int(fly["env"]["PORT"])
     for check in fly["http_service"]["checks"]:
         assert check["path"] in ROUTES
 
 
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|m)", duration)
+    assert match, duration
+    return int(match[1]) * (60 if match[2] == "m" else 1)
+
+
+def test_platforms_give_serve_its_shutdown_timeout_to_stop() -> None:
+    """Fly stops a Machine with SIGINT after 5 s unless told otherwise, Docker after 10 s; serve needs up
+    to SHUTDOWN_TIMEOUT for what is in flight (it stops on SIGINT as on SIGTERM: tests/test_faults.py)."""
+    shutdown = load_settings({}).shutdown_timeout
+    fly = tomllib.loads((DEPLOY / "fly.toml").read_text())
+    assert fly["kill_signal"] in ("SIGTERM", "SIGINT")
+    assert seconds(fly["kill_timeout"]) > shutdown
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert seconds(compose["services"]["bot"]["stop_grace_period"]) > shutdown
+    assert ("STOPSIGNAL", "SIGTERM") in dockerfile()
+
+
 def dockerfile() -> list[tuple[str, str]]:
     """(instruction, arguments), continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
 
@@ -151,17 +222,25 @@ def test_dockerfile_installs_a_wheel_after_its_dependencies_as_a_non_root_user()
 
 
 def test_dockerignore_lets_in_what_the_dockerfile_copies() -> None:
-    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    # BuildKit reads <Dockerfile>.dockerignore beside the Dockerfile; the context is the root.
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     for op, args in dockerfile():
         if op == "COPY" and not args.startswith("--from"):
             for source in args.split()[:-1]:
                 assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
+                assert (ROOT / source).exists(), f"{source} is not in the build context"
 
 
 def test_compose_runs_postgres_migrations_then_the_bot() -> None:
-    compose: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    compose: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
+    for name in ("migrate", "bot"):
+        build = services[name]["build"]
+        assert (DEPLOY / build["context"]).resolve() == ROOT
+        assert (ROOT / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+    [caddyfile] = [v.split(":")[0] for v in services["caddy"]["volumes"] if "Caddyfile" in v]
+    assert (DEPLOY / caddyfile).resolve() == DEPLOY / "Caddyfile"
     assert services["db"]["image"].startswith("postgres:")
     assert bot_commands(services["migrate"]["command"]) == [["migrate"]]
     assert_valid(services["bot"]["command"])
@@ -170,8 +249,8 @@ def test_compose_runs_postgres_migrations_then_the_bot() -> None:
 
 
 def test_env_example_names_every_variable_compose_requires() -> None:
-    required = set(re.findall(r"\$\{(\w+)", (ROOT / "docker-compose.yml").read_text()))
+    required = set(re.findall(r"\$\{(\w+)", (DEPLOY / "compose.yaml").read_text()))
     example = {
-        line.split("=", 1)[0] for line in (ROOT / ".env.example").read_text().splitlines() if "=" in line
+        line.split("=", 1)[0] for line in (DEPLOY / ".env.example").read_text().splitlines() if "=" in line
     }
     assert required <= example

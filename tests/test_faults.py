@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -264,8 +265,9 @@ async def test_terminated_backends_mid_load_lose_and_double_nothing(
     record(f"pg_terminate_backend ({route})", stats, backends_killed=killed, lost=0, doubled=0)
 
 
-async def test_sigterm_finishes_requests_in_flight_and_exits_cleanly(
-    start_bot: Any, fake: FakeTelegram, database_url: str
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT as Fly sends it"])
+async def test_a_stop_signal_finishes_requests_in_flight_and_exits_cleanly(
+    start_bot: Any, fake: FakeTelegram, database_url: str, signum: int
 ) -> None:
     bot = start_bot(DB_LOCK_TIMEOUT="20")
     updates = [message_update(i, -88, PIZZA) for i in range(1, 21)]
@@ -280,7 +282,7 @@ async def test_sigterm_finishes_requests_in_flight_and_exits_cleanly(
                 deliver(client, lambda: bot.url + "/webhook", SECRET, updates[1:], give_up_after=5)
             )
             await asyncio.sleep(0.5)  # all 19 are now waiting for the row lock inside the bot
-            stopping = asyncio.create_task(asyncio.to_thread(bot.terminate))
+            stopping = asyncio.create_task(asyncio.to_thread(bot.terminate, 30.0, signum))
             await asyncio.sleep(0.5)
             await tx.rollback()
             stats = await sending
@@ -288,7 +290,7 @@ async def test_sigterm_finishes_requests_in_flight_and_exits_cleanly(
         finally:
             await blocker.close()
         assert stats.attempts == 19  # none needed a second try: the in-flight ones were finished
-        assert "Traceback" not in bot.output()
+        assert "Traceback" not in bot.output() and "KeyboardInterrupt" not in bot.output()
         fresh = start_bot()
         await check_counts(client, fresh.url, fake, Counter({-88: 20}), 10**6)
 

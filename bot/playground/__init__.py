@@ -6,6 +6,6 @@ through the outbox to a Bot API stand-in inside the process; see `routes.py` and
 
 from __future__ import annotations
 
-from .routes import Playground, absent_routes
+from .routes import Playground
 
-__all__ = ["Playground", "absent_routes"]
+__all__ = ["Playground"]

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from ..testing.updates import text_fields
+from ..rules import text_fields
 
 __all__ = [
     "PEOPLE",

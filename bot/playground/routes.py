@@ -20,21 +20,23 @@ import httpx
 import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..config import Settings
+from ..errors import BotError
 from ..runtime import Runtime
 from ..storage import StorageUnavailable
 from ..storage.postgres import SessionRow
 from ..telegram import decode_update
 from ..types import Update
+from ..webhook import SECRET_HEADER
 from .chats import PEOPLE, ChatRef, ChatType, Ids, Person, message_update
 from .events import EventLog
 from .stand_in import bot_api_transport
 
-__all__ = ["Playground", "absent_routes"]
+__all__ = ["Playground"]
 
 log = logging.getLogger("bot.playground")
 
@@ -81,7 +83,7 @@ class _Peek(msgspec.Struct, frozen=True):
     sender: int = PEOPLE[0].id
 
 
-class _BadRequest(Exception):
+class _BadRequest(BotError):
     pass
 
 
@@ -109,21 +111,6 @@ def _row(name: str, key: str, row: SessionRow | None) -> dict[str, Any]:
         "updated_at": row.updated_at.isoformat(),
         "expires_at": row.expires_at.isoformat() if row.expires_at else None,
     }
-
-
-def absent_routes(settings: Settings) -> list[BaseRoute]:
-    """The playground is off: its page and API answer 404, saying why in one line."""
-    why = "BOT_TOKEN is set and PLAYGROUND is not 1" if settings.bot_token else "PLAYGROUND is off"
-    answer = PlainTextResponse(f"no playground here: {why}\n", status_code=404)
-
-    async def not_here(request: Request) -> Response:
-        return answer
-
-    methods = ["GET", "HEAD", "POST"]
-    return [
-        Route("/", not_here, methods=methods),
-        Route("/playground/{rest:path}", not_here, methods=methods),
-    ]
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -311,8 +298,6 @@ class Playground:
     async def _deliver(self, app: Starlette, update: dict[str, Any]) -> int:
         """POST the update to our own /webhook until it is answered 2xx, as Telegram would (a 4xx is
         final: the same body would be refused again). Returns the last status."""
-        from ..app import SECRET_HEADER  # here: bot.app imports this module
-
         body = json.dumps(update, ensure_ascii=False).encode()
         headers = {SECRET_HEADER: self.settings.webhook_secret, "content-type": "application/json"}
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)

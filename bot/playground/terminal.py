@@ -12,12 +12,13 @@ from typing import Any, TextIO
 
 import httpx
 
+from ..errors import BotError
 from .chats import PEOPLE
 
 __all__ = ["ChatError", "chat"]
 
 
-class ChatError(Exception):
+class ChatError(BotError):
     """Why the chat could not start, in one line."""
 
 

@@ -16,6 +16,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import BotError
+
 __all__ = [
     "Budget",
     "Conflict",
@@ -100,14 +102,14 @@ class OutboxStatus:
     paused_chats: int
 
 
-class StorageUnavailable(Exception):
+class StorageUnavailable(BotError):
     """The database could not do its part (unreachable, lock or statement timeout, pool exhausted...).
 
     The update was not applied; the webhook answers 503 so that Telegram delivers it again.
     """
 
 
-class Conflict(Exception):
+class Conflict(BotError):
     """An optimistic attempt could not be applied as it ran: a session it read changed meanwhile, or the
     update turned out to be applied already. Nothing of it was written; run the update again in a
     locking transaction (`Storage.transaction()`), which also tells a redelivery apart."""

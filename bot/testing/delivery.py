@@ -19,7 +19,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import httpx
 
-from ..app import SECRET_HEADER
+from ..webhook import SECRET_HEADER
 from .updates import encode
 
 __all__ = ["DeliveryStats", "LoopbackHttp", "Poster", "deliver"]

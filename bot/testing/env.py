@@ -18,6 +18,8 @@ def bot_env(database_url: str, telegram_root: str, **overrides: str) -> dict[str
         "WEBHOOK_SECRET": SECRET,
         "DATABASE_URL": database_url,
         "TELEGRAM_API_ROOT": telegram_root,
+        # serve registers it with the fake at start (and refuses to serve a token with no webhook at all).
+        "WEBHOOK_URL": "https://bot.test/webhook",
         "OUTBOX_SWEEP_INTERVAL": "0.5",
         **overrides,
     }

@@ -21,7 +21,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import parse_qsl
 
 import uvicorn
@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from ..errors import BotError
 from .updates import chat_member, user
 
 __all__ = ["MISBEHAVIOURS", "FakeTelegram", "FloodLimits", "Misbehaviour", "RecordedCall", "serve"]
@@ -40,16 +41,7 @@ __all__ = ["MISBEHAVIOURS", "FakeTelegram", "FloodLimits", "Misbehaviour", "Reco
 Misbehaviour = Literal[
     "invalid_utf8", "truncated_json", "deep_nesting", "html_page", "ok_false_200", "huge", "no_body", "reset"
 ]
-MISBEHAVIOURS: tuple[Misbehaviour, ...] = (
-    "invalid_utf8",
-    "truncated_json",
-    "deep_nesting",
-    "html_page",
-    "ok_false_200",
-    "huge",
-    "no_body",
-    "reset",
-)
+MISBEHAVIOURS: tuple[Misbehaviour, ...] = get_args(Misbehaviour)
 HUGE_ANSWER_BYTES = 17 * 1024 * 1024  # past the client's 16 MiB limit
 
 _TOKEN = re.compile(r"^(\d+):[A-Za-z0-9_-]+$")
@@ -122,7 +114,7 @@ def _misbehave(kind: Misbehaviour) -> Response:
     return _ResetMidBody()
 
 
-class _ApiError(Exception):
+class _ApiError(BotError):
     def __init__(self, code: int, description: str, retry_after: int | None = None) -> None:
         self.code, self.description, self.retry_after = code, description, retry_after
 

@@ -78,9 +78,10 @@ class BotProcess:
         self.proc.kill()
         self.proc.wait(10)
 
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM, as a PaaS sends before stopping a process; returns the exit status."""
-        self.proc.send_signal(signal.SIGTERM)
+    def terminate(self, timeout: float = 30.0, signum: int = signal.SIGTERM) -> int:
+        """SIGTERM (or `signum`: Fly sends SIGINT unless told otherwise), as a platform sends before stopping
+        a process; returns the exit status."""
+        self.proc.send_signal(signum)
         return self.proc.wait(timeout)
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ import json
 import time
 from typing import Any
 
+from ..rules import text_fields
 from ..telegram import decode_update
 from ..types import Update
 
@@ -21,17 +22,6 @@ __all__ = [
     "text_update",
     "user",
 ]
-
-
-def text_fields(text: str) -> dict[str, Any]:
-    """A message's `text`, with the bot_command entity Telegram adds when it starts with "/" (offsets and
-    lengths count UTF-16 code units, as the Bot API does)."""
-    fields: dict[str, Any] = {"text": text}
-    if text.startswith("/"):
-        command = text.split(maxsplit=1)[0]
-        length = len(command.encode("utf-16-le")) // 2
-        fields["entities"] = [{"offset": 0, "length": length, "type": "bot_command"}]
-    return fields
 
 
 def user(user_id: int, first_name: str = "Ann", *, is_bot: bool = False) -> dict[str, Any]:
