@@ -16,10 +16,11 @@ the session layer reads them (sorted, when it needs several). The only waits are
 Telegram delivers the update again).
 
 `optimistic_transaction()` takes two round trips and no lock: read, then one statement that applies
-the claim, the write and the replies only if the row is still the version read (its `xmin`), else
-Conflict and the pipeline runs the update again in a locking transaction. It takes one round trip when
-this process remembers the row (`bot.storage.cache`: the session and its `xmin` as this process last
-read or wrote it): the read is skipped, and the same statement checks the version. Both keep no state
+the claim, the write and the replies only if the row is still the version read (its `xmin`, with the
+server's start time: `_revision`), else Conflict and the pipeline runs the update again in a locking
+transaction. It takes one round trip when this process remembers the row (`bot.storage.cache`: the
+session and its version as this process last read or wrote it): the read is skipped, and the same
+statement checks the version. Both keep no state
 on the connection between transactions, so they work the same through PgBouncer in transaction mode.
 """
 
@@ -130,6 +131,19 @@ _OUTBOX = (
     " ORDER BY c.n RETURNING " + _CALL
 )
 _SESSION_COLUMNS = "data::text AS data, version, expires_at <= now() AS expired"
+
+
+def _revision(table: str = "") -> str:
+    """A row version as the optimistic transaction reads, remembers and checks it: the server's start
+    time and the row's `xmin`.
+
+    An xmin names one version of a row only while the server's history goes forward. After a restore,
+    or a failover to a replica that lagged, transaction ids are handed out again from an earlier point:
+    a remembered xmin can come back on another version of the row (the issue's 6 where the history says
+    5). Each of those starts a server (or moves to another), so no revision from before one matches any
+    after it. Computed in the statements themselves: no round trip, and it holds behind a pooler too,
+    where a new server session is no new connection of ours, so that no connection hook would see it."""
+    return f"extract(epoch FROM pg_postmaster_start_time())::text || ':' || {table}xmin::text"
 
 
 class _Args:
@@ -401,7 +415,7 @@ class _OptimisticTransaction:
         self._claim: tuple[int, int] | None = None
         self._key: str | None = None
         self._turn: str | None = None  # the key whose turn this transaction holds
-        self._revision: str | None = _NOT_READ  # the row's xmin when read; None: there was no row
+        self._revision: str | None = _NOT_READ  # the row's version when read (`_revision`); None: no row
         self._cached: Cached | None = None  # what read() answered from the SessionCache
         self._write: tuple[StoredSession, float | None] | None = _NOT_READ  # None: delete
         self._done = False  # the statement was sent (or refused): nothing more goes to the database
@@ -448,7 +462,7 @@ class _OptimisticTransaction:
             done = f"EXISTS (SELECT FROM processed_updates WHERE bot_id = {arg(self._claim[0])} AND update_id = {arg(self._claim[1])})"
         with _unavailable_on_failure(f"read session {key!r}"):
             row = await conn.fetchrow(
-                f"SELECT {done} AS done, s.xmin::text AS revision, s.moved_to, s.expires_at IS NULL AS lasting,"
+                f"SELECT {done} AS done, {_revision('s.')} AS revision, s.moved_to, s.expires_at IS NULL AS lasting,"
                 f" s.{_SESSION_COLUMNS.replace(', ', ', s.')}"
                 f" FROM (VALUES (1)) AS one LEFT JOIN sessions AS s ON s.key = {arg(key)}",
                 *arg.values,
@@ -511,7 +525,7 @@ class _OptimisticTransaction:
             unchanged = (
                 f"NOT EXISTS (SELECT FROM sessions WHERE key = {key})"
                 if self._revision is None
-                else f"EXISTS (SELECT FROM sessions WHERE key = {key} AND xmin::text = {arg(self._revision)})"
+                else f"EXISTS (SELECT FROM sessions WHERE key = {key} AND {_revision()} = {arg(self._revision)})"
             )
         if self._claim is not None:
             where = f" WHERE {unchanged}" if unchanged else ""
@@ -527,7 +541,7 @@ class _OptimisticTransaction:
             assert key is not None and gate is not None
             after = f"EXISTS (SELECT FROM {gate})"
             if self._write is None:
-                sql = f"DELETE FROM sessions WHERE key = {key} AND xmin::text = {arg(self._revision)} AND {after}"
+                sql = f"DELETE FROM sessions WHERE key = {key} AND {_revision()} = {arg(self._revision)} AND {after}"
             elif self._revision is None:
                 session, ttl = self._write
                 sql = (
@@ -541,9 +555,9 @@ class _OptimisticTransaction:
                 sql = (
                     f"UPDATE sessions SET data = {arg(session.data)}::jsonb, version = {arg(session.version)},"
                     f" expires_at = now() + {arg(ttl)}::float8 * interval '1 second', updated_at = now(),"
-                    f" moved_to = NULL WHERE key = {key} AND xmin::text = {arg(self._revision)} AND {after}"
+                    f" moved_to = NULL WHERE key = {key} AND {_revision()} = {arg(self._revision)} AND {after}"
                 )
-            ctes.append(f"w AS ({sql} RETURNING xmin::text AS revision)")
+            ctes.append(f"w AS ({sql} RETURNING {_revision()} AS revision)")
             gate = "w"
         if calls:
             ctes.append(
@@ -579,7 +593,7 @@ class _OptimisticTransaction:
             # check.
             query += ", cur.revision AS cur_revision, cur.data AS cur_data, cur.version AS cur_version"
             joins += (
-                " LEFT JOIN (SELECT xmin::text AS revision, data::text AS data, version FROM sessions"
+                f" LEFT JOIN (SELECT {_revision()} AS revision, data::text AS data, version FROM sessions"
                 f" WHERE key = {key} AND moved_to IS NULL AND expires_at IS NULL) AS cur ON true"
             )
         if calls:
@@ -656,15 +670,13 @@ _Tx = TypeVar("_Tx", _PostgresTransaction, _OptimisticTransaction)
 async def _finished(tx: _Tx, storage: PostgresStorage) -> AsyncIterator[_Tx]:
     """Yield the transaction; commit it when the block ends, roll it back when anything raised.
 
-    When the database failed, everything remembered of it is forgotten: after a failover to a replica
-    that lagged, a remembered xmin could name another row version (transaction ids are handed out
-    again from where the replica was). When a pooler broke a prepared statement, the storage switches
-    to pooler mode and RunAgain asks for the update again."""
+    What this process remembers of sessions outlives a failure: a remembered row version names its
+    server too (`_revision`), so one remembered from before a restore or a failover never matches.
+    When a pooler broke a prepared statement, the storage switches to pooler mode and RunAgain asks
+    for the update again."""
     try:
         yield tx
     except BaseException as exc:
-        if isinstance(exc, StorageUnavailable):
-            storage.cache.clear()
         # Rolling back on a broken connection fails too; the original error is the one to report,
         # and release() in finish() still returns (or discards) the connection.
         with contextlib.suppress(Exception):
@@ -674,7 +686,6 @@ async def _finished(tx: _Tx, storage: PostgresStorage) -> AsyncIterator[_Tx]:
     try:
         await tx.finish(commit=True)
     except StorageUnavailable as exc:
-        storage.cache.clear()
         await storage.run_again_if_pooler_broke(exc)
         raise
 
