@@ -398,7 +398,9 @@ async def test_a_restored_database_that_reused_a_remembered_xmin_is_read_afresh(
         assert await admin.fetchval(next_xid) <= xmin
         while await admin.fetchval(next_xid) < xmin:
             await admin.fetchval("SELECT txid_current()")  # hands one out
-        touched = await admin.fetchval("UPDATE sessions SET updated_at = now() WHERE key = '7' RETURNING xmin::text")
+        touched = await admin.fetchval(
+            "UPDATE sessions SET updated_at = now() WHERE key = '7' RETURNING xmin::text"
+        )
         assert int(touched) == xmin
         assert storage.cache.get("7") is not None
         # The database's history says 5: the next look says so, and the next increment makes 6.
