@@ -20,6 +20,8 @@ and runs the update again (bot/storage/postgres.py).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,7 +41,7 @@ POOLER_MODES = ("auto", "transaction", "none")
 # asyncpg.connect()/create_pool() arguments for a connection that keeps no named statement on the server:
 # the pool's behind a transaction-mode pooler, and every one-off connection (migrations, start-up checks),
 # which gains nothing from a cache and, through a pooler, would leave names behind for the next client.
-NO_STATEMENT_CACHE: dict[str, Any] = {"statement_cache_size": 0}
+NO_STATEMENT_CACHE: Mapping[str, Any] = MappingProxyType({"statement_cache_size": 0})
 
 # PgBouncer's default port, also the one Supabase's dedicated PgBouncer listens on in transaction mode.
 _POOLER_PORTS = {6432, 6543}
