@@ -13,14 +13,15 @@ session breaks there:
 - session-level advisory locks: migrations take a transaction-level lock per step (bot/migrate.py).
 
 How the bot knows (DB_POOLER): `transaction` and `none` say so; `auto` recognises the pooled URLs of known
-providers, and for any other URL asks the server at start-up (`through_a_pooler`). Whatever the setting,
+providers, and for any other URL asks at start-up (`pools_transactions`). Whatever the setting,
 the storage switches to pooler mode at the first prepared-statement error (`broken_prepared_statement`)
 and runs the update again (bot/storage/postgres.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,7 +32,7 @@ __all__ = [
     "NO_STATEMENT_CACHE",
     "POOLER_MODES",
     "broken_prepared_statement",
-    "through_a_pooler",
+    "pools_transactions",
     "transaction_pooler",
 ]
 
@@ -52,7 +53,7 @@ _PREPARED_STATEMENT_ERRORS = (asyncpg.InvalidSQLStatementNameError, asyncpg.Dupl
 
 def transaction_pooler(dsn: str, mode: str = "auto") -> bool | None:
     """Whether connections to `dsn` go through a transaction-mode pooler, as DB_POOLER or the URL says;
-    None when `auto` does not know the URL (then `through_a_pooler` asks the server)."""
+    None when `auto` does not know the URL (then `pools_transactions` asks)."""
     if mode != "auto":
         return mode == "transaction"
     parts = urlsplit(dsn)
@@ -69,13 +70,35 @@ def transaction_pooler(dsn: str, mode: str = "auto") -> bool | None:
     return None
 
 
-async def through_a_pooler(conn: asyncpg.Connection) -> bool:
-    """Whether `conn` reaches PostgreSQL through a pooler: the process id the server sent at connect is
-    not the one serving the connection. A pooler (PgBouncer, Supavisor, ...) makes its own up, since
-    it routes the client's cancel requests itself; PostgreSQL sends its own. One round trip. (A pooler
-    in session mode answers yes too: pooler mode then costs a round trip per query, and is correct.)"""
-    backend: int = await conn.fetchval("SELECT pg_backend_pid()")
-    return backend != conn.get_server_pid()
+async def pools_transactions(connect: Callable[[], Awaitable[asyncpg.Connection]]) -> bool:
+    """Whether the connections `connect` makes (keeping no named statement) reach PostgreSQL through a
+    pooler that lends a server session per transaction. Two connections, a few round trips.
+
+    First, whether a pooler answers at all: the process id the server sent at connect is not the one
+    serving the connection (a pooler makes its own up, since it routes the client's cancel requests
+    itself; PostgreSQL sends its own). Then, whether it keeps a client on one server session: a setting
+    made by the first connection must still be there after a second one took the session the pooler
+    lent last (PgBouncer lends the most recently used first). A pooler in session mode keeps it, and
+    named statements work there; one in transaction mode lends the first another session, or none at
+    all while the only one is taken (then the question times out: the same answer)."""
+    first = await connect()
+    try:
+        if await first.fetchval("SELECT pg_backend_pid()") == first.get_server_pid():
+            return False  # the server itself
+        token = secrets.token_hex(8)
+        await first.execute(f"SELECT set_config('bot.pooler_probe', '{token}', false)")
+        second = await connect()
+        try:
+            await second.execute("BEGIN")
+            try:
+                seen = await first.fetchval("SELECT current_setting('bot.pooler_probe', true)", timeout=5)
+            except TimeoutError:
+                return True
+        finally:
+            await second.close()
+        return bool(seen != token)
+    finally:
+        await first.close()
 
 
 def broken_prepared_statement(exc: BaseException) -> BaseException | None:

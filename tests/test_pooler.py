@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import asyncpg
 import pytest
 
-from bot.pooler import NO_STATEMENT_CACHE, broken_prepared_statement, through_a_pooler, transaction_pooler
+from bot.pooler import NO_STATEMENT_CACHE, broken_prepared_statement, pools_transactions, transaction_pooler
 from bot.storage import RunAgain, StorageUnavailable, StoredSession
 from bot.storage.postgres import PostgresStorage
 from bot.testing.pgbouncer import PgBouncer
@@ -55,14 +56,25 @@ def test_a_broken_prepared_statement_is_found_under_what_it_was_raised_as() -> N
     assert broken_prepared_statement(asyncpg.DuplicatePreparedStatementError("exists")) is not None
 
 
+@pytest.fixture
+def session_pooler(pg_cluster: Any) -> Iterator[PgBouncer]:
+    """PgBouncer in session mode: one server session per client for as long as it stays."""
+    with PgBouncer(
+        pg_cluster.dsn(), run_as=getattr(pg_cluster, "system_user", None), pool_mode="session"
+    ) as bouncer:
+        yield bouncer
+
+
 @pytest.mark.anyio
-async def test_the_server_tells_a_pooler_from_itself(database_url: str, pooled_database_url: str) -> None:
-    for url, pooled in ((database_url, False), (pooled_database_url, True)):
-        conn = await asyncpg.connect(url, **NO_STATEMENT_CACHE)
-        try:
-            assert await through_a_pooler(conn) is pooled
-        finally:
-            await conn.close()
+async def test_the_server_and_a_session_pooler_are_told_from_a_transaction_pooler(
+    database_url: str, pooled_database_url: str, session_pooler: PgBouncer
+) -> None:
+    for url, pooled in (
+        (database_url, False),
+        (pooled_database_url, True),
+        (session_pooler.pooled(database_url), False),  # named statements work there: nothing to change
+    ):
+        assert await pools_transactions(lambda url=url: asyncpg.connect(url, **NO_STATEMENT_CACHE)) is pooled
 
 
 @pytest.mark.anyio

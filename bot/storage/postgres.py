@@ -41,7 +41,7 @@ import asyncpg
 
 from ..metrics import Metrics
 from ..migrate import NotMigrated, check_migrated
-from ..pooler import NO_STATEMENT_CACHE, broken_prepared_statement, through_a_pooler, transaction_pooler
+from ..pooler import NO_STATEMENT_CACHE, broken_prepared_statement, pools_transactions, transaction_pooler
 from . import (
     Budget,
     Conflict,
@@ -373,18 +373,14 @@ class _PostgresTransaction:
 
 
 async def _asks_the_server(dsn: str, connect_kwargs: dict[str, Any]) -> bool:
-    """DB_POOLER=auto with a URL it does not know: whether a pooler answers there (bot.pooler), asked on a
-    connection of its own that keeps no named statement (a pooler's server session may hold another
-    client's)."""
-    conn = await asyncpg.connect(dsn, **connect_kwargs, **NO_STATEMENT_CACHE)
-    try:
-        pooled = await through_a_pooler(conn)
-    finally:
-        await conn.close()
+    """DB_POOLER=auto with a URL it does not know: whether a transaction-mode pooler answers there
+    (bot.pooler), asked on connections of their own that keep no named statement (a pooler's server
+    session may hold another client's)."""
+    pooled = await pools_transactions(lambda: asyncpg.connect(dsn, **connect_kwargs, **NO_STATEMENT_CACHE))
     if pooled:
         log.info(
-            "DATABASE_URL answers through a connection pooler: no prepared statements are kept on the"
-            " server, as with DB_POOLER=transaction (DB_POOLER=none keeps them, for a pooler in session mode)"
+            "DATABASE_URL goes through a connection pooler in transaction mode: no prepared statements are"
+            " kept on the server, as with DB_POOLER=transaction"
         )
     return pooled
 

@@ -36,7 +36,14 @@ def pgbouncer_binary() -> str | None:
 class PgBouncer:
     """One pgbouncer process on a free loopback port, forwarding every database name to `server_url`."""
 
-    def __init__(self, server_url: str, *, run_as: str | None = None, pool_size: int = 20) -> None:
+    def __init__(
+        self,
+        server_url: str,
+        *,
+        run_as: str | None = None,
+        pool_size: int = 20,
+        pool_mode: str = "transaction",
+    ) -> None:
         binary = pgbouncer_binary()
         if binary is None:
             raise FileNotFoundError("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
@@ -61,7 +68,7 @@ class PgBouncer:
             "unix_socket_dir =\n"
             "auth_type = trust\n"
             f"auth_file = {self.workdir / 'userlist.txt'}\n"
-            "pool_mode = transaction\n"
+            f"pool_mode = {pool_mode}\n"
             "max_client_conn = 1000\n"
             f"default_pool_size = {pool_size}\n"
             "ignore_startup_parameters = extra_float_digits\n"
