@@ -1,6 +1,6 @@
 """`python -m bot <command>` (also installed as `bot`): serve, migrate, poll, chat, and webhook management.
 
-Errors a user can fix (configuration, an unmigrated, unreachable or pooler-incompatible database,
+Errors a user can fix (configuration, an unmigrated or unreachable database,
 Telegram refusing the token or the URL) end the process with one line on stderr and a non-zero status,
 never a traceback.
 """
@@ -28,7 +28,7 @@ from .errors import BotError
 from .importer import AppError, load_app
 from .logs import setup_logging
 from .migrate import MigrationError, NotMigrated, check_migrated, migrate
-from .pooler import connect_options
+from .pooler import NO_STATEMENT_CACHE
 from .runtime import StartupError, resolve_identity, start
 from .storage import StorageUnavailable
 from .telegram import BotApi, BotApiError, InvalidUpdate, decode_update
@@ -98,11 +98,6 @@ async def _database_step(variable: str, what: Coroutine[Any, Any, T]) -> T:
         return await what
     except (NotMigrated, MigrationError, _Fail):
         raise
-    except (asyncpg.DuplicatePreparedStatementError, asyncpg.InvalidSQLStatementNameError) as exc:
-        raise _Fail(
-            f"{variable}: prepared statements fail ({_first_line(exc)}), as behind a pooler in"
-            " transaction mode; set DB_POOLER=transaction"
-        ) from exc
     except _CANNOT_CONNECT as exc:
         raise _Fail(f"{variable}: cannot connect: {type(exc).__name__}: {_first_line(exc)}") from exc
     except asyncpg.PostgresError as exc:
@@ -124,7 +119,7 @@ def _migration_url(settings: Settings) -> tuple[str, str]:
 
 async def _migrate_now(settings: Settings) -> list[str]:
     dsn, variable = _migration_url(settings)
-    return await _database_step(variable, migrate(dsn, pooler=settings.db_pooler))
+    return await _database_step(variable, migrate(dsn))
 
 
 async def _require_migrated(settings: Settings) -> None:
@@ -132,7 +127,9 @@ async def _require_migrated(settings: Settings) -> None:
     assert dsn is not None
 
     async def check() -> None:
-        conn = await asyncpg.connect(dsn, timeout=10, **connect_options(dsn, settings.db_pooler))
+        # Keeping no named statement, whatever DB_POOLER says (bot.pooler): through a pooler, one left
+        # on a server session would break the next client there, and this one runs two queries.
+        conn = await asyncpg.connect(dsn, timeout=10, **NO_STATEMENT_CACHE)
         try:
             await check_migrated(conn)
         finally:

@@ -20,7 +20,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from .errors import BotError
-from .pooler import connect_options
+from .pooler import NO_STATEMENT_CACHE
 
 # A direct connection or one borrowed from a pool.
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -121,14 +121,12 @@ def _compare(
     return [m for m in files if m.version not in applied]
 
 
-async def pending(
-    conn_or_dsn: Connection | str, directory: Path = MIGRATIONS_DIR, *, pooler: str = "auto"
-) -> list[str]:
+async def pending(conn_or_dsn: Connection | str, directory: Path = MIGRATIONS_DIR) -> list[str]:
     """Names of the migrations this database still needs; MigrationError if it disagrees with the files."""
     files = _load(directory)
     if not isinstance(conn_or_dsn, str):
         return [m.name for m in _compare(files, await _applied(conn_or_dsn), directory)]
-    conn = await asyncpg.connect(conn_or_dsn, timeout=30, **connect_options(conn_or_dsn, pooler))
+    conn = await asyncpg.connect(conn_or_dsn, timeout=30, **NO_STATEMENT_CACHE)
     try:
         return [m.name for m in _compare(files, await _applied(conn), directory)]
     finally:
@@ -149,11 +147,14 @@ async def check_migrated(conn: Connection, directory: Path = MIGRATIONS_DIR) -> 
         )
 
 
-async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR, *, pooler: str = "auto") -> list[str]:
-    """Apply what is missing; return the names applied now (empty when up to date)."""
+async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply what is missing; return the names applied now (empty when up to date).
+
+    The connection keeps no named statement on the server, whatever DB_POOLER says: through a pooler,
+    a name left on a server session would break the next client that meets it there."""
     files = _load(directory)
     applied_now: list[str] = []
-    conn = await asyncpg.connect(dsn, timeout=30, **connect_options(dsn, pooler))
+    conn = await asyncpg.connect(dsn, timeout=30, **NO_STATEMENT_CACHE)
     try:
         while True:
             # One file per transaction, each under the lock and each deciding afresh what is next, so

@@ -27,6 +27,7 @@ from .storage import (
     Conflict,
     OptimisticStorage,
     PendingCall,
+    RunAgain,
     StaleRead,
     Storage,
     StorageUnavailable,
@@ -145,7 +146,11 @@ class Pipeline:
             return Outcome(Status.DUPLICATE)
         done = self._running[update_id] = asyncio.Event()
         try:
-            outcome = await self._route(update)
+            try:
+                outcome = await self._route(update)
+            except RunAgain:
+                # Nothing of it was applied, and the storage dealt with the cause (a pooler found).
+                outcome = await self._route(update)
         finally:
             del self._running[update_id]
             done.set()

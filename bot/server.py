@@ -67,6 +67,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._head_bytes = 0  # received in chunks that did not finish a head, while waiting for one
         self._chunk = 0  # size of the chunk being parsed
+        self._ended = False  # a request ended in the chunk being parsed
         self._waiting_for_head = True
         self._begun = False  # a byte of the current request has arrived
         self._refusal: tuple[int, str] | None = None
@@ -83,12 +84,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     # --- the head: counted as it arrives, since httptools buffers an unfinished header itself ---
 
     def data_received(self, data: bytes) -> None:
-        waiting, self._chunk = self._waiting_for_head, len(data)
+        self._chunk, self._ended = len(data), False
         super().data_received(data)
         if self.transport.is_closing():
             return
-        # A chunk that finished a head may carry a body: on_headers_complete checked that head exactly.
-        if waiting and self._waiting_for_head:
+        # Counted only when all of the chunk belongs to a head still unfinished: one that finished a
+        # head was checked exactly by on_headers_complete, and one in which a request ended holds that
+        # request (a body of any size) before the next head. That next head's first bytes are left
+        # uncounted, at most one read; its exact size is still checked when it ends.
+        if self._waiting_for_head and not self._ended:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse(431, f"request headers over {MAX_HEAD_BYTES} bytes")
@@ -125,6 +129,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()
+        self._ended = True
         self._waiting_for_head = True  # what comes next on this connection is the next request's head
         self._begun = False
         super().on_message_complete()

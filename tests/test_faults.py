@@ -22,6 +22,7 @@ import pytest
 
 from bot.app import SECRET_HEADER
 from bot.apps.pizza_testing import PIZZA, hunger
+from bot.pooler import transaction_pooler
 from bot.testing.delivery import DeliveryStats, deliver
 from bot.testing.env import SECRET, USERNAME, bot_env
 from bot.testing.fake_telegram import FakeTelegram
@@ -263,6 +264,31 @@ async def test_terminated_backends_mid_load_lose_and_double_nothing(
         assert bot.proc.poll() is None
         await check_counts(client, bot.url, fake, expected, 10**6)
     record(f"pg_terminate_backend ({route})", stats, backends_killed=killed, lost=0, doubled=0)
+
+
+@pytest.mark.parametrize("route", ["pgbouncer"])
+@pytest.mark.parametrize("setting", ["auto", "none"])
+async def test_a_transaction_pooler_on_a_port_auto_does_not_know_answers_no_503(
+    start_bot: Any, fake: FakeTelegram, pgbouncer: Any, database_url: str, route: str, setting: str
+) -> None:
+    # The pooler's port is a free one, neither 6432 nor 6543: the URL does not say "pooler". Its server
+    # sessions hold the statement names a new process prepares first, as another client left them.
+    assert not transaction_pooler(pgbouncer.pooled(database_url))
+    await pgbouncer.leave_prepared_statements(database_url)
+    bot = start_bot(DB_POOLER=setting)
+    updates, expected = workload(chats=200, per_chat=10)  # 2,000
+    async with httpx.AsyncClient(timeout=30) as client:
+        # Telegram-like: 40 in flight, one per chat at a time, anything but a 2xx delivered again.
+        stats = await deliver(
+            client, lambda: bot.url + "/webhook", SECRET, updates, in_flight=40, one_per_chat=True
+        )
+        await check_counts(client, bot.url, fake, expected, 10**6)
+    # auto asks the server at start-up and finds the pooler; with none, the first broken prepared
+    # statement switches the pool, with one warning, and the update runs again: no 503 either way.
+    switches = bot.output().count("set DB_POOLER=transaction")
+    assert switches == (0 if setting == "auto" else 1), bot.output()[-3000:]
+    assert stats.statuses.get(503, 0) == 0, dict(stats.statuses)
+    record(f"unrecognised pooler, DB_POOLER={setting}", stats, answered_503=0, lost=0, doubled=0)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT as Fly sends it"])

@@ -6,6 +6,7 @@ guards against a hang. Nothing here asserts how long something took.
 
 from __future__ import annotations
 
+import random
 import select
 import socket
 import threading
@@ -136,6 +137,87 @@ def test_too_big_or_too_many_headers_get_431(
     assert reply.startswith(b"HTTP/1.1 431 ")
     assert any(reason in reply for reason in complaint), reply
     still_counts(bot, fake, -502)
+
+
+# --- Bodies: every one up to MAX_BODY_BYTES is accepted, however its bytes arrive ----------------------
+
+MAX_BODY_BYTES = 1024 * 1024  # the default (bot.config)
+
+
+def pizza_body(size: int, update_id: int, chat_id: int) -> bytes:
+    """A valid 🍕 message whose JSON is exactly `size` bytes: a long Cyrillic text, as in the issue."""
+    filler = size - len(encode(message_update(update_id, chat_id, PIZZA)))
+    body = encode(message_update(update_id, chat_id, PIZZA + "я" * (filler // 2) + "x" * (filler % 2)))
+    assert len(body) == size
+    return body
+
+
+def webhook_post(body: bytes, *, close: bool = False) -> bytes:
+    return (
+        HEAD
+        + f"{SECRET_HEADER}: {SECRET}\r\nContent-Length: {len(body)}\r\n".encode()
+        + (b"Connection: close\r\n" if close else b"")
+        + b"\r\n"
+        + body
+    )
+
+
+def hunger_level(bot: BotProcess, fake: FakeTelegram, chat_id: int, update_id: int) -> str:
+    """What /hunger answers in the chat now."""
+    response = httpx.post(
+        bot.url + "/webhook",
+        content=encode(hunger(update_id, chat_id)),
+        headers={SECRET_HEADER: SECRET, "content-type": "application/json"},
+        timeout=HANG_GUARD,
+    )
+    assert response.status_code == 200
+    fake.wait_for(lambda: len(fake.delivered_messages(chat_id)) == 1, timeout=HANG_GUARD)
+    text: str = fake.delivered_messages(chat_id)[0]["text"]
+    return text
+
+
+@pytest.mark.parametrize(
+    ("size", "status"),
+    [(16 * 1024, 200), (64 * 1024, 200), (MAX_BODY_BYTES, 200), (MAX_BODY_BYTES + 1, 413)],
+    ids=["16KiB", "64KiB", "1MiB-the-limit", "one-byte-past-the-limit"],
+)
+def test_an_update_sent_in_one_write_is_applied_up_to_the_body_limit(
+    serve_bot: ServeBot, fake: FakeTelegram, size: int, status: int
+) -> None:
+    # The issue's finding: headers and body in one write used to meet the header guard (431) past 16 KiB.
+    bot = serve_bot()
+    chat = -510
+    with connect(bot) as sock:
+        sock.sendall(webhook_post(pizza_body(size, 1, chat), close=True))
+        reply = answer(sock)
+    assert reply.startswith(b"HTTP/1.1 %d " % status), reply[:200]
+    expected = 1 if status == 200 else 0
+    assert hunger_level(bot, fake, chat, 2) == f"Your hunger level is {expected}!"
+
+
+def test_an_update_arriving_in_any_pieces_is_applied_and_pipelined_requests_too(
+    serve_bot: ServeBot, fake: FakeTelegram
+) -> None:
+    bot = serve_bot()
+    rng = random.Random(16)
+    sizes = (64 * 1024, 30_000, 20_000)
+    with connect(bot) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Cut at random points (inside the head, across its end, inside the body), each piece its own
+        # write with a pause, so that the server reads them apart.
+        request = webhook_post(pizza_body(sizes[0], 1, -511))
+        cuts = sorted(rng.sample(range(1, len(request)), 12))
+        for start, end in zip([0, *cuts], [*cuts, len(request)], strict=True):
+            sock.sendall(request[start:end])
+            threading.Event().wait(0.01)
+        # Then two requests in one write, the second's head right after the first's body.
+        sock.sendall(
+            webhook_post(pizza_body(sizes[1], 2, -511))
+            + webhook_post(pizza_body(sizes[2], 3, -511), close=True)
+        )
+        replies = answer(sock)
+    assert replies.count(b"HTTP/1.1 200 ") == 3, replies[:300]
+    assert hunger_level(bot, fake, -511, 4) == "Your hunger level is 3!"
 
 
 def test_a_connection_that_sends_nothing_is_closed(serve_bot: ServeBot) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "OutgoingCall",
     "PendingCall",
     "Reservation",
+    "RunAgain",
     "StaleRead",
     "Storage",
     "StorageUnavailable",
@@ -107,6 +108,12 @@ class StorageUnavailable(BotError):
 
     The update was not applied; the webhook answers 503 so that Telegram delivers it again.
     """
+
+
+class RunAgain(StorageUnavailable):
+    """Nothing of the update was applied, and what failed it is dealt with already (the storage changed
+    how it talks to the database): run it again at once, once. Anywhere that does not, it is a
+    StorageUnavailable like any other (503, Telegram delivers it again)."""
 
 
 class Conflict(BotError):

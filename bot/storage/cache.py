@@ -1,11 +1,13 @@
 """What one process remembers between updates of a chat, for the optimistic transaction: pure, no I/O.
 
 `SessionCache` keeps the sessions this process last read or wrote with the row version they had (the
-row's `xmin`), so the next update of that chat can skip the read: its one statement writes only if the
-row still has that version, which is exactly the check a fresh read would have been followed by. A copy
-that went stale (another process wrote the chat) costs one conflict, answered with the current row in
-the same round trip. `Turns` lets one update per session key at a time run in this process, so two
-updates of a busy chat wait for each other here instead of conflicting in the database.
+row's `xmin` and the server's start time, so that a version from before a restore or a failover never
+matches one after it), so the next update of that chat can skip the read: its one statement writes only
+if the row still has that version, which is exactly the check a fresh read would have been followed by.
+A copy that went stale (another process wrote the chat, or the database went back in time) costs one
+conflict, answered with the current row in the same round trip. `Turns` lets one update per session key
+at a time run in this process, so two updates of a busy chat wait for each other here instead of
+conflicting in the database.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ __all__ = ["Cached", "SessionCache", "Turns"]
 @dataclass(frozen=True, slots=True)
 class Cached:
     session: StoredSession
-    revision: str  # the row's xmin when it held `session`
+    revision: str  # the row's version when it held `session`: "<server start time>:<xmin>"
     since: float  # time.monotonic() when remembered
     refreshed: bool = False  # learnt from a refused statement: another process wrote the key just now
 
@@ -61,9 +63,6 @@ class SessionCache:
 
     def forget(self, key: str) -> None:
         self._entries.pop(key, None)
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 class Turns:

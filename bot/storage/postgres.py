@@ -16,10 +16,11 @@ the session layer reads them (sorted, when it needs several). The only waits are
 Telegram delivers the update again).
 
 `optimistic_transaction()` takes two round trips and no lock: read, then one statement that applies
-the claim, the write and the replies only if the row is still the version read (its `xmin`), else
-Conflict and the pipeline runs the update again in a locking transaction. It takes one round trip when
-this process remembers the row (`bot.storage.cache`: the session and its `xmin` as this process last
-read or wrote it): the read is skipped, and the same statement checks the version. Both keep no state
+the claim, the write and the replies only if the row is still the version read (its `xmin`, with the
+server's start time: `_revision`), else Conflict and the pipeline runs the update again in a locking
+transaction. It takes one round trip when this process remembers the row (`bot.storage.cache`: the
+session and its version as this process last read or wrote it): the read is skipped, and the same
+statement checks the version. Both keep no state
 on the connection between transactions, so they work the same through PgBouncer in transaction mode.
 """
 
@@ -28,8 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,7 +41,7 @@ import asyncpg
 
 from ..metrics import Metrics
 from ..migrate import NotMigrated, check_migrated
-from ..pooler import connect_options
+from ..pooler import NO_STATEMENT_CACHE, broken_prepared_statement, pools_transactions, transaction_pooler
 from . import (
     Budget,
     Conflict,
@@ -48,6 +50,7 @@ from . import (
     OutgoingCall,
     PendingCall,
     Reservation,
+    RunAgain,
     StaleRead,
     StorageUnavailable,
     StoredSession,
@@ -55,6 +58,9 @@ from . import (
 from .cache import Cached, SessionCache, Turns
 
 __all__ = ["PostgresStorage", "SessionRow"]
+
+log = logging.getLogger("bot.storage")
+T = TypeVar("T")
 
 
 @contextmanager
@@ -125,6 +131,19 @@ _OUTBOX = (
     " ORDER BY c.n RETURNING " + _CALL
 )
 _SESSION_COLUMNS = "data::text AS data, version, expires_at <= now() AS expired"
+
+
+def _revision(table: str = "") -> str:
+    """A row version as the optimistic transaction reads, remembers and checks it: the server's start
+    time and the row's `xmin`.
+
+    An xmin names one version of a row only while the server's history goes forward. After a restore,
+    or a failover to a replica that lagged, transaction ids are handed out again from an earlier point:
+    a remembered xmin can come back on another version of the row (the issue's 6 where the history says
+    5). Each of those starts a server (or moves to another), so no revision from before one matches any
+    after it. Computed in the statements themselves: no round trip, and it holds behind a pooler too,
+    where a new server session is no new connection of ours, so that no connection hook would see it."""
+    return f"extract(epoch FROM pg_postmaster_start_time())::text || ':' || {table}xmin::text"
 
 
 class _Args:
@@ -353,6 +372,19 @@ class _PostgresTransaction:
                     await self._pool.release(held)
 
 
+async def _asks_the_server(dsn: str, connect_kwargs: dict[str, Any]) -> bool:
+    """DB_POOLER=auto with a URL it does not know: whether a transaction-mode pooler answers there
+    (bot.pooler), asked on connections of their own that keep no named statement (a pooler's server
+    session may hold another client's)."""
+    pooled = await pools_transactions(lambda: asyncpg.connect(dsn, **connect_kwargs, **NO_STATEMENT_CACHE))
+    if pooled:
+        log.info(
+            "DATABASE_URL goes through a connection pooler in transaction mode: no prepared statements are"
+            " kept on the server, as with DB_POOLER=transaction"
+        )
+    return pooled
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Nothing to reset on release: this storage never LISTENs, SETs, holds cursors or advisory locks
     (nothing survives a transaction, as PgBouncer's transaction mode requires), and an open transaction
@@ -379,7 +411,7 @@ class _OptimisticTransaction:
         self._claim: tuple[int, int] | None = None
         self._key: str | None = None
         self._turn: str | None = None  # the key whose turn this transaction holds
-        self._revision: str | None = _NOT_READ  # the row's xmin when read; None: there was no row
+        self._revision: str | None = _NOT_READ  # the row's version when read (`_revision`); None: no row
         self._cached: Cached | None = None  # what read() answered from the SessionCache
         self._write: tuple[StoredSession, float | None] | None = _NOT_READ  # None: delete
         self._done = False  # the statement was sent (or refused): nothing more goes to the database
@@ -426,7 +458,7 @@ class _OptimisticTransaction:
             done = f"EXISTS (SELECT FROM processed_updates WHERE bot_id = {arg(self._claim[0])} AND update_id = {arg(self._claim[1])})"
         with _unavailable_on_failure(f"read session {key!r}"):
             row = await conn.fetchrow(
-                f"SELECT {done} AS done, s.xmin::text AS revision, s.moved_to, s.expires_at IS NULL AS lasting,"
+                f"SELECT {done} AS done, {_revision('s.')} AS revision, s.moved_to, s.expires_at IS NULL AS lasting,"
                 f" s.{_SESSION_COLUMNS.replace(', ', ', s.')}"
                 f" FROM (VALUES (1)) AS one LEFT JOIN sessions AS s ON s.key = {arg(key)}",
                 *arg.values,
@@ -489,7 +521,7 @@ class _OptimisticTransaction:
             unchanged = (
                 f"NOT EXISTS (SELECT FROM sessions WHERE key = {key})"
                 if self._revision is None
-                else f"EXISTS (SELECT FROM sessions WHERE key = {key} AND xmin::text = {arg(self._revision)})"
+                else f"EXISTS (SELECT FROM sessions WHERE key = {key} AND {_revision()} = {arg(self._revision)})"
             )
         if self._claim is not None:
             where = f" WHERE {unchanged}" if unchanged else ""
@@ -505,7 +537,7 @@ class _OptimisticTransaction:
             assert key is not None and gate is not None
             after = f"EXISTS (SELECT FROM {gate})"
             if self._write is None:
-                sql = f"DELETE FROM sessions WHERE key = {key} AND xmin::text = {arg(self._revision)} AND {after}"
+                sql = f"DELETE FROM sessions WHERE key = {key} AND {_revision()} = {arg(self._revision)} AND {after}"
             elif self._revision is None:
                 session, ttl = self._write
                 sql = (
@@ -519,9 +551,9 @@ class _OptimisticTransaction:
                 sql = (
                     f"UPDATE sessions SET data = {arg(session.data)}::jsonb, version = {arg(session.version)},"
                     f" expires_at = now() + {arg(ttl)}::float8 * interval '1 second', updated_at = now(),"
-                    f" moved_to = NULL WHERE key = {key} AND xmin::text = {arg(self._revision)} AND {after}"
+                    f" moved_to = NULL WHERE key = {key} AND {_revision()} = {arg(self._revision)} AND {after}"
                 )
-            ctes.append(f"w AS ({sql} RETURNING xmin::text AS revision)")
+            ctes.append(f"w AS ({sql} RETURNING {_revision()} AS revision)")
             gate = "w"
         if calls:
             ctes.append(
@@ -557,7 +589,7 @@ class _OptimisticTransaction:
             # check.
             query += ", cur.revision AS cur_revision, cur.data AS cur_data, cur.version AS cur_version"
             joins += (
-                " LEFT JOIN (SELECT xmin::text AS revision, data::text AS data, version FROM sessions"
+                f" LEFT JOIN (SELECT {_revision()} AS revision, data::text AS data, version FROM sessions"
                 f" WHERE key = {key} AND moved_to IS NULL AND expires_at IS NULL) AS cur ON true"
             )
         if calls:
@@ -631,26 +663,26 @@ _Tx = TypeVar("_Tx", _PostgresTransaction, _OptimisticTransaction)
 
 
 @asynccontextmanager
-async def _finished(tx: _Tx, cache: SessionCache) -> AsyncIterator[_Tx]:
+async def _finished(tx: _Tx, storage: PostgresStorage) -> AsyncIterator[_Tx]:
     """Yield the transaction; commit it when the block ends, roll it back when anything raised.
 
-    When the database failed, everything remembered of it is forgotten: after a failover to a replica
-    that lagged, a remembered xmin could name another row version (transaction ids are handed out
-    again from where the replica was)."""
+    What this process remembers of sessions outlives a failure: a remembered row version names its
+    server too (`_revision`), so one remembered from before a restore or a failover never matches.
+    When a pooler broke a prepared statement, the storage switches to pooler mode and RunAgain asks
+    for the update again."""
     try:
         yield tx
     except BaseException as exc:
-        if isinstance(exc, StorageUnavailable):
-            cache.clear()
         # Rolling back on a broken connection fails too; the original error is the one to report,
         # and release() in finish() still returns (or discards) the connection.
         with contextlib.suppress(Exception):
             await tx.finish(commit=False)
+        await storage.run_again_if_pooler_broke(exc)
         raise
     try:
         await tx.finish(commit=True)
-    except StorageUnavailable:
-        cache.clear()
+    except StorageUnavailable as exc:
+        await storage.run_again_if_pooler_broke(exc)
         raise
 
 
@@ -676,13 +708,20 @@ class PostgresStorage:
         self,
         pool: asyncpg.Pool,
         *,
+        dsn: str,
+        connect_kwargs: dict[str, Any],
         acquire_timeout: float = 5.0,
         lock_timeout: float = 5.0,
         statement_timeout: float = 10.0,
         metrics: Metrics | None = None,
         cache_size: int = 5000,
     ) -> None:
+        """`pool` connects to `dsn` with `connect_kwargs`; with `NO_STATEMENT_CACHE` among them, in
+        pooler mode already."""
         self._pool = pool
+        # To reconnect the pool in pooler mode (`run_again_if_pooler_broke`).
+        self._dsn, self._connect_kwargs = dsn, connect_kwargs
+        self._pooler_mode = connect_kwargs.get("statement_cache_size") == 0
         self._acquire_timeout = acquire_timeout
         self._metrics = metrics  # for the lock-wait and pool-wait histograms
         # Timeouts as SET LOCAL inside each transaction, sent in the same simple-query message as BEGIN:
@@ -717,23 +756,33 @@ class PostgresStorage:
         """Open a pool. Connections are made lazily after the first, so a database that is down at
         start-up is reported here, and one that goes away later is reconnected by the pool.
 
-        `pooler` is DB_POOLER: behind a transaction-mode pooler no statement is cached on the server."""
+        `pooler` is DB_POOLER: behind a transaction-mode pooler no statement is cached on the server.
+        With `auto` and a URL it does not know, one more connection asks the server (bot.pooler)."""
+        connect_kwargs: dict[str, Any] = {
+            "timeout": connect_timeout,
+            # application_name (naming the bot in pg_stat_activity) is one of the few startup
+            # parameters PgBouncer passes on; the timeouts are set inside each transaction instead.
+            "server_settings": {"application_name": application_name},
+        }
         with _unavailable_on_failure("connect to the database"):
+            pooled = transaction_pooler(dsn, pooler)
+            if pooled is None:
+                pooled = await _asks_the_server(dsn, connect_kwargs)
+            if pooled:
+                connect_kwargs.update(NO_STATEMENT_CACHE)
             pool = await asyncpg.create_pool(
                 dsn,
                 min_size=min_size,
                 max_size=max_size,
-                timeout=connect_timeout,
                 # Stale connections (a database restart, a failover) are replaced, not handed out.
                 max_inactive_connection_lifetime=60.0,
                 reset=_keep_session,
-                # application_name (naming the bot in pg_stat_activity) is one of the few startup
-                # parameters PgBouncer passes on; the timeouts are set inside each transaction instead.
-                server_settings={"application_name": application_name},
-                **connect_options(dsn, pooler),
+                **connect_kwargs,
             )
         return cls(
             pool,
+            dsn=dsn,
+            connect_kwargs=connect_kwargs,
             acquire_timeout=acquire_timeout,
             lock_timeout=lock_timeout,
             statement_timeout=statement_timeout,
@@ -753,6 +802,50 @@ class PostgresStorage:
     def acquire_timeout(self) -> float:
         return self._acquire_timeout
 
+    @property
+    def pooler_mode(self) -> bool:
+        """No statement is cached on the server: DB_POOLER said so, or a pooler was found."""
+        return self._pooler_mode
+
+    async def run_again_if_pooler_broke(self, exc: BaseException) -> None:
+        """Raise RunAgain when `exc` is a prepared statement broken by a transaction-mode pooler (then
+        the pool is in pooler mode already: `_pooler_broke`)."""
+        if await self._pooler_broke(exc):
+            raise RunAgain("a pooler broke a prepared statement; now in pooler mode") from exc
+
+    async def _pooler_broke(self, exc: BaseException) -> bool:
+        """Whether `exc` is a prepared statement broken by a transaction-mode pooler that DB_POOLER did
+        not name (or `auto` did not find). The first time, the pool switches to pooler mode: new
+        connections keep no statement on the server, and the open ones are replaced as they come back
+        (asyncpg's expiry). The failed statement never ran, so its work can be done again at once."""
+        broken = broken_prepared_statement(exc)
+        if broken is None:
+            return False
+        if not self._pooler_mode:
+            self._pooler_mode = True
+            self._connect_kwargs = {**self._connect_kwargs, **NO_STATEMENT_CACHE}
+            self._pool.set_connect_args(self._dsn, **self._connect_kwargs)
+            await self._pool.expire_connections()
+            log.warning(
+                "DATABASE_URL: prepared statements fail (%s: %s), as behind a pooler in transaction mode;"
+                " switched to running without them: set DB_POOLER=transaction to start that way",
+                type(broken).__name__,
+                str(broken).partition("\n")[0],  # asyncpg adds a many-line hint
+            )
+        return True
+
+    async def _on_pool(self, what: str, run: Callable[[], Awaitable[T]]) -> T:
+        """Statements on any pooled connection, outside an update's transaction. One refused by a pooler
+        for its prepared statement's name never ran: it is run once more, in pooler mode."""
+        try:
+            with _unavailable_on_failure(what):
+                return await run()
+        except StorageUnavailable as exc:
+            if not await self._pooler_broke(exc):
+                raise
+        with _unavailable_on_failure(what):
+            return await run()
+
     def contend(self, key: str) -> None:
         now = time.monotonic()
         if len(self._contended) > 1000:
@@ -768,15 +861,16 @@ class PostgresStorage:
             _PostgresTransaction(
                 self._pool, self._acquire_timeout, self._metrics, self._begin, self.cache.forget
             ),
-            self.cache,
+            self,
         )
 
     def optimistic_transaction(self) -> AbstractAsyncContextManager[_OptimisticTransaction]:
-        return _finished(_OptimisticTransaction(self), self.cache)
+        return _finished(_OptimisticTransaction(self), self)
 
     async def _execute(self, what: str, query: str, *args: Any) -> str:
-        with _unavailable_on_failure(what):
-            return await self._pool.execute(query, *args, timeout=self._acquire_timeout * 2)
+        return await self._on_pool(
+            what, lambda: self._pool.execute(query, *args, timeout=self._acquire_timeout * 2)
+        )
 
     async def mark_sent(self, call_id: int) -> None:
         await self._execute(
@@ -809,8 +903,9 @@ class PostgresStorage:
         )
 
     async def claim_due(self, limit: int, lease: float, now: float | None = None) -> list[PendingCall]:
-        with _unavailable_on_failure("claim due replies"):
-            rows = await self._pool.fetch(
+        rows = await self._on_pool(
+            "claim due replies",
+            lambda: self._pool.fetch(
                 # heads: each chat's first unsent call, in one pass over the pending index (a
                 # NOT EXISTS per row was quadratic when the planner misjudged a fresh backlog).
                 "WITH t AS (SELECT to_timestamp(coalesce($3::float8, extract(epoch FROM now()))) AS now),"
@@ -825,14 +920,16 @@ class PostgresStorage:
                 lease,
                 now,
                 timeout=self._acquire_timeout * 2,
-            )
+            ),
+        )
         return _pending(rows)
 
     async def reserve_send(
         self, call: PendingCall, budgets: Sequence[Budget], now: float
     ) -> Reservation | None:
-        with _unavailable_on_failure("reserve a send"):
-            row = await self._pool.fetchrow(
+        row = await self._on_pool(
+            "reserve a send",
+            lambda: self._pool.fetchrow(
                 "SELECT * FROM reserve_send($1, $2, $3::text[], $4::float8[], $5::float8[], $6)",
                 call.id,
                 call.chat,
@@ -841,20 +938,24 @@ class PostgresStorage:
                 [float(b.burst) for b in budgets],
                 now,
                 timeout=self._acquire_timeout * 2,
-            )
+            ),
+        )
         assert row is not None
         return None if row["wait"] is None else Reservation(row["wait"], row["blocked_by"])
 
     async def pause_sends(self, chat: str | None, until: float, now: float) -> bool:
-        with _unavailable_on_failure("pause sends"):
-            everything: bool = await self._pool.fetchval(
+        everything: bool = await self._on_pool(
+            "pause sends",
+            lambda: self._pool.fetchval(
                 "SELECT pause_sends($1, $2, $3)", chat, until, now, timeout=self._acquire_timeout * 2
-            )
+            ),
+        )
         return everything
 
     async def outbox_status(self, now: float) -> OutboxStatus:
-        with _unavailable_on_failure("read the outbox status"):
-            row = await self._pool.fetchrow(
+        row = await self._on_pool(
+            "read the outbox status",
+            lambda: self._pool.fetchrow(
                 "SELECT (SELECT count(*) FROM outbox WHERE sent_at IS NULL AND failed_at IS NULL) AS unsent,"
                 " (SELECT extract(epoch FROM min(created_at))::float8 FROM outbox"
                 "  WHERE sent_at IS NULL AND failed_at IS NULL) AS oldest,"
@@ -862,7 +963,8 @@ class PostgresStorage:
                 " (SELECT count(*) FROM send_budget WHERE key <> '*' AND paused_until > $1) AS paused_chats",
                 now,
                 timeout=self._acquire_timeout * 2,
-            )
+            ),
+        )
         assert row is not None
         return OutboxStatus(
             unsent=row["unsent"],
@@ -903,12 +1005,14 @@ class PostgresStorage:
         return total
 
     async def ping(self) -> None:
-        with _unavailable_on_failure("ping"):
+        async def check() -> None:
             async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
                 try:
                     await check_migrated(conn)
                 except NotMigrated as exc:
                     raise StorageUnavailable(str(exc)) from exc
+
+        await self._on_pool("ping", check)
 
     async def close(self) -> None:
         try:
@@ -921,32 +1025,38 @@ class PostgresStorage:
     async def peek(self, key: str) -> SessionRow | None:
         """The committed row for display (the playground), read without a lock: never waits on, or
         holds up, an update. Lock placeholders (data IS NULL) are nobody's session."""
-        with _unavailable_on_failure(f"peek at session {key!r}"):
-            row = await self._pool.fetchrow(
+        row = await self._on_pool(
+            f"peek at session {key!r}",
+            lambda: self._pool.fetchrow(
                 "SELECT key, data::text AS data, version, updated_at, expires_at FROM sessions"
                 " WHERE key = $1 AND data IS NOT NULL",
                 key,
                 timeout=self._acquire_timeout * 2,
-            )
+            ),
+        )
         return None if row is None else SessionRow(**dict(row))
 
     async def latest_update_id(self, bot_id: int) -> int | None:
         """The highest update id recorded for the bot: the playground numbers its own updates above it."""
-        with _unavailable_on_failure("read the latest update id"):
-            latest: int | None = await self._pool.fetchval(
+        latest: int | None = await self._on_pool(
+            "read the latest update id",
+            lambda: self._pool.fetchval(
                 "SELECT max(update_id) FROM processed_updates WHERE bot_id = $1",
                 bot_id,
                 timeout=self._acquire_timeout * 2,
-            )
+            ),
+        )
         return latest
 
     async def queued_calls(self, bot_id: int, update_id: int) -> int:
         """How many Bot API calls the update queued: the replies `python -m bot chat` waits for."""
-        with _unavailable_on_failure("count queued calls"):
-            count: int = await self._pool.fetchval(
+        count: int = await self._on_pool(
+            "count queued calls",
+            lambda: self._pool.fetchval(
                 "SELECT count(*) FROM outbox WHERE bot_id = $1 AND update_id = $2",
                 bot_id,
                 update_id,
                 timeout=self._acquire_timeout * 2,
-            )
+            ),
+        )
         return count

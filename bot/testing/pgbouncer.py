@@ -8,6 +8,7 @@ PgBouncer refuses to run as root; as root it runs as `run_as` (a user that can r
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shutil
@@ -15,8 +16,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+
+import asyncpg
 
 from .processes import free_port
 
@@ -31,7 +36,14 @@ def pgbouncer_binary() -> str | None:
 class PgBouncer:
     """One pgbouncer process on a free loopback port, forwarding every database name to `server_url`."""
 
-    def __init__(self, server_url: str, *, run_as: str | None = None, pool_size: int = 20) -> None:
+    def __init__(
+        self,
+        server_url: str,
+        *,
+        run_as: str | None = None,
+        pool_size: int = 20,
+        pool_mode: str = "transaction",
+    ) -> None:
         binary = pgbouncer_binary()
         if binary is None:
             raise FileNotFoundError("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
@@ -56,7 +68,7 @@ class PgBouncer:
             "unix_socket_dir =\n"
             "auth_type = trust\n"
             f"auth_file = {self.workdir / 'userlist.txt'}\n"
-            "pool_mode = transaction\n"
+            f"pool_mode = {pool_mode}\n"
             "max_client_conn = 1000\n"
             f"default_pool_size = {pool_size}\n"
             "ignore_startup_parameters = extra_float_digits\n"
@@ -97,6 +109,35 @@ class PgBouncer:
     def pooled(self, url: str) -> str:
         """The same database as the server URL `url`, through the pooler."""
         return self.dsn(urlsplit(url).path.lstrip("/") or "postgres")
+
+    async def leave_prepared_statements(self, url: str, sessions: int = 4, count: int = 64) -> None:
+        """Leave the named statements a process's asyncpg prepares first (`__asyncpg_stmt_1__` to
+        `count`, in hex) on `sessions` server sessions of the database of server URL `url`, as a client
+        with asyncpg's statement cache on leaves them behind this pooler: in transaction mode nothing
+        resets a server session when its client leaves. Each client holds a transaction open while it
+        prepares, so that each is on a server session of its own."""
+        clients = [await asyncpg.connect(self.pooled(url), statement_cache_size=0) for _ in range(sessions)]
+        try:
+            for client in clients:
+                await client.execute(
+                    "BEGIN; "
+                    + "; ".join(f"PREPARE __asyncpg_stmt_{n:x}__ AS SELECT {n}" for n in range(1, count + 1))
+                )
+            await asyncio.gather(*(client.execute("COMMIT") for client in clients))
+        finally:
+            for client in clients:
+                await client.close()
+
+    @asynccontextmanager
+    async def holding_a_server_session(self, url: str) -> AsyncIterator[None]:
+        """Hold the server session the pooler lent last (it lends the most recently used one first)
+        inside an open transaction: the next client to run something gets another one."""
+        client = await asyncpg.connect(self.pooled(url), statement_cache_size=0)
+        try:
+            await client.execute("BEGIN; SELECT 1")
+            yield
+        finally:
+            await client.close()
 
     def log(self) -> str:
         path = self.workdir / "pgbouncer.log"
