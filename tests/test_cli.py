@@ -558,7 +558,12 @@ def test_a_webhook_url_telegram_refuses_stops_serve_in_one_line_naming_its_sourc
 
 
 @pytest.mark.parametrize(
-    ("method", "variable"), [("getMe", "BOT_TOKEN: getMe at"), ("setWebhook", "WEBHOOK_URL: setWebhook")]
+    ("method", "variable"),
+    [
+        ("getMe", "BOT_TOKEN: getMe at"),
+        ("getWebhookInfo", "BOT_TOKEN: getWebhookInfo at"),
+        ("setWebhook", "WEBHOOK_URL: setWebhook"),
+    ],
 )
 def test_a_bot_api_that_trickles_at_start_up_stops_serve_in_one_line(
     method: str, variable: str, fake: FakeTelegram, telegram_root: str, database_url: str
