@@ -29,7 +29,7 @@ from .importer import AppError, load_app
 from .logs import setup_logging
 from .migrate import MigrationError, NotMigrated, check_migrated, migrate
 from .pooler import NO_STATEMENT_CACHE
-from .runtime import StartupError, resolve_identity, start
+from .runtime import StartupError, bot_api, resolve_identity, start
 from .storage import StorageUnavailable
 from .telegram import BotApi, BotApiError, InvalidUpdate, decode_update
 from .webhook import foreign_webhook, problems, register, registration
@@ -149,8 +149,8 @@ async def _preflight(settings: Settings, bot: Bot[Any], *, check_migrations: boo
         await _require_migrated(settings)
     if settings.bot_token is None:
         return settings
-    async with httpx.AsyncClient(timeout=20) as client:
-        api = BotApi(settings.bot_token, client, settings.telegram_api_root)
+    async with httpx.AsyncClient(timeout=settings.bot_api_timeout) as client:
+        api = bot_api(settings, client, settings.bot_token)
         me = await resolve_identity(settings, api)
         await _register_webhook(settings, api, bot)
     return dataclasses.replace(settings, bot_username=me.username)
@@ -265,9 +265,9 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 async def _call(settings: Settings, method: str, params: dict[str, Any]) -> Any:
     if settings.bot_token is None:
         raise _Fail(f"BOT_TOKEN: required for {method}")
-    async with httpx.AsyncClient(timeout=20) as client:
+    async with httpx.AsyncClient(timeout=settings.bot_api_timeout) as client:
         try:
-            return await BotApi(settings.bot_token, client, settings.telegram_api_root).call(method, params)
+            return await bot_api(settings, client, settings.bot_token).call(method, params)
         except BotApiError as exc:
             raise _Fail(str(exc)) from exc
 
@@ -306,6 +306,10 @@ def _delete_webhook(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# Seconds getUpdates waits for an update before answering with none.
+_LONG_POLL = 5
+
+
 async def _poll_forever(settings: Settings, bot: Bot[Any]) -> None:
     async with start(settings, bot=bot) as runtime:
         assert runtime.api is not None
@@ -315,7 +319,9 @@ async def _poll_forever(settings: Settings, bot: Bot[Any]) -> None:
         while True:
             try:
                 raw = await runtime.api.call(
-                    "getUpdates", {"offset": offset, "timeout": 5, "allowed_updates": allowed_updates}
+                    "getUpdates",
+                    {"offset": offset, "timeout": _LONG_POLL, "allowed_updates": allowed_updates},
+                    timeout=_LONG_POLL + runtime.api.timeout,  # Telegram holds it open that long
                 )
             except BotApiError as exc:
                 if exc.error_code == 409:

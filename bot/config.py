@@ -97,6 +97,7 @@ class Settings:
     send_rate_private: int
     outbox_backoff_max: float
     outbox_give_up: float
+    send_pause_max: float
     web_concurrency: int
     # WEB_CONCURRENCY's value when the platform, not the operator, set it (and it was not followed).
     web_concurrency_ignored: int | None
@@ -367,6 +368,9 @@ def load_settings(
         send_rate_private=_int(env, "SEND_RATE_PRIVATE", 1, 1, 1000),
         outbox_backoff_max=_seconds(env, "OUTBOX_BACKOFF_MAX", 60.0, 1, 3600),
         outbox_give_up=_seconds(env, "OUTBOX_GIVE_UP", 3600.0, 10, 7 * 86400),
+        # Telegram's own pauses for the whole bot's limit are seconds long; a longer retry_after is a
+        # chat's, and pausing every chat for it would silence the bot.
+        send_pause_max=_seconds(env, "SEND_PAUSE_MAX", 30.0, 1, 300),
         web_concurrency=web_concurrency,
         web_concurrency_ignored=web_concurrency_ignored,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -80,8 +79,8 @@ class ImmediateApi(ApiMethods):
     async def call(self, method: str, **params: Any) -> Any:
         if self._api is None:
             raise RuntimeError(f"ctx.api.call({method!r}): no BOT_TOKEN, so there is no Bot API to ask")
-        async with asyncio.timeout(self._timeout):
-            return await self._api.call(method, json_params(params))
+        # The client's own deadline, not asyncio.timeout: that would raise TimeoutError, not BotApiError.
+        return await self._api.call(method, json_params(params), timeout=self._timeout)
 
 
 _NO_API = ImmediateApi(None, 0)

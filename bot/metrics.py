@@ -20,8 +20,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 UPDATE_KINDS = (*_KINDS, "other")  # "other": a kind the bot does not route
 UPDATE_OUTCOMES = ("applied", "duplicate", "ignored", "failed", "unavailable")
-CALL_OUTCOMES = ("sent", "retry", "failed", "rate_limited")
-WAIT_REASONS = ("bot_budget", "chat_budget", "order")
+CALL_OUTCOMES = ("sent", "retry", "failed", "rate_limited", "moved")
+WAIT_REASONS = ("bot_budget", "chat_budget", "order", "taken_over")
 
 # Seconds. Updates take milliseconds and must finish in REQUEST_DEADLINE (25 s); waits for a lock or a
 # pooled connection are 0 when all is well and up to their timeouts (5 s by default) when not.
@@ -58,8 +58,8 @@ class Metrics:
         )
         self.api_calls = Counter(
             "bot_api_calls",
-            "Outgoing Bot API calls by method and outcome: sent, retry (5xx or network error),"
-            " failed (refused, not retried), rate_limited (429).",
+            "Outgoing Bot API calls by method and outcome: sent, retry (5xx, network error, no answer"
+            " in time), failed (refused, not retried), rate_limited (429), moved (to a supergroup).",
             ["method", "outcome"],
             registry=r,
         )
@@ -72,7 +72,7 @@ class Metrics:
         self.outbox_waits = Counter(
             "bot_outbox_waits",
             "Sends put back in the outbox to wait: for the whole bot's budget, the chat's, or an earlier"
-            " reply to the same chat.",
+            " reply to the same chat; or left to another sender that took them over (taken_over).",
             ["reason"],
             registry=r,
         )

@@ -28,7 +28,7 @@ from .storage import Storage
 from .storage.postgres import PostgresStorage
 from .telegram import BotApi, BotApiError
 
-__all__ = ["Runtime", "StartupError", "start"]
+__all__ = ["Runtime", "StartupError", "bot_api", "start"]
 
 log = logging.getLogger("bot.runtime")
 
@@ -51,6 +51,11 @@ class Runtime:
     metrics: Metrics
 
 
+def bot_api(settings: Settings, client: httpx.AsyncClient, token: str) -> BotApi:
+    """The Bot API client: calls go to TELEGRAM_API_ROOT, each within BOT_API_TIMEOUT in all."""
+    return BotApi(token, client, settings.telegram_api_root, timeout=settings.bot_api_timeout)
+
+
 def send_limits(settings: Settings) -> Limits:
     return Limits(
         per_second=settings.send_rate_global,
@@ -58,6 +63,7 @@ def send_limits(settings: Settings) -> Limits:
         private_per_second=settings.send_rate_private,
         backoff_max=settings.outbox_backoff_max,
         give_up_after=settings.outbox_give_up,
+        bot_pause_max=settings.send_pause_max,
     )
 
 
@@ -98,13 +104,13 @@ async def start(
         except AppError as exc:
             raise StartupError(f"APP: {exc}") from exc
     metrics = Metrics()
-    # Long enough for Telegram's own latency under load: a call that times out and is retried may be
-    # sent twice (docs/RELIABILITY.md), so the timeout must not fire while Telegram is merely slow.
+    # BOT_API_TIMEOUT is each call's total deadline (BotApi); httpx's own timeouts bound each step
+    # inside it, a connect to 5 s.
     timeout = httpx.Timeout(settings.bot_api_timeout, connect=5.0)
     limits = httpx.Limits(max_connections=100)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=bot_api_transport) as http:
         token = settings.bot_token or (_TRIAL_TOKEN if bot_api_transport is not None else None)
-        api = BotApi(token, http, settings.telegram_api_root) if token else None
+        api = bot_api(settings, http, token) if token else None
         # Without a token there is nobody to ask getMe: the trial's name comes from the settings.
         me = await resolve_identity(settings, api if settings.bot_token else None)
         owned: Storage | None = None
@@ -140,11 +146,11 @@ async def start(
                 yield Runtime(settings, storage, api, me, pipeline, outbox, metrics)
             finally:
                 sweeper.cancel()
-                # The sweeper ends only by this cancellation (it survives every error), so the drain
-                # below always runs.
+                # The sweeper ends only by this cancellation (it survives every error), so the close
+                # below always runs, and every send has ended before the pool and the client close.
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
-                await outbox.drain(settings.shutdown_timeout)
+                await outbox.close(settings.shutdown_timeout)
         finally:
             if owned is not None:
                 await owned.close()

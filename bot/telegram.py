@@ -7,6 +7,7 @@ types and kept in the update's raw body (`Update.raw`), so Telegram can add fiel
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ from .types import (
     Chat,
     ChatMember,
     ChatMemberUpdated,
+    Int64,
     Message,
     MessageEntity,
     MessageReactionUpdated,
@@ -74,11 +76,13 @@ def decode_update(body: bytes) -> Update:
 
 
 class BotApiError(BotError):
-    """A Bot API call failed: Telegram said `ok: false`, or no usable answer came back.
+    """A Bot API call failed: Telegram said `ok: false`, or no usable answer came back in time.
 
     Every way a call can fail ends here, so a sender only has to ask two questions: retry it or give
     up (`permanent`), and could the first attempt have reached Telegram anyway (`may_have_arrived`: the
-    request was sent, and the answer was lost, late or unreadable, so a retry may double it).
+    request was sent, and the answer was lost, late or unreadable, so a retry may double it). Two of
+    Telegram's `parameters` come along: `retry_after` (a 429) and `migrate_to_chat_id` (a group that
+    became a supergroup: the call goes to that chat instead).
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class BotApiError(BotError):
         retry_after: float | None = None,
         *,
         may_have_arrived: bool = False,
+        migrate_to_chat_id: int | None = None,
     ) -> None:
         code = f" ({error_code})" if error_code is not None else ""
         super().__init__(f"{method} failed{code}: {description}")
@@ -97,11 +102,18 @@ class BotApiError(BotError):
         self.error_code = error_code
         self.retry_after = retry_after
         self.may_have_arrived = may_have_arrived
+        self.migrate_to_chat_id = migrate_to_chat_id
 
     @property
     def permanent(self) -> bool:
-        """Retrying cannot help: the request itself is wrong (bad chat, bot blocked, bad parameters)."""
+        """Retrying the same request cannot help: it is wrong (bad chat, bot blocked, bad parameters).
+        A group that became a supergroup is such a 400 too: `migrate_to_chat_id` says where to send."""
         return self.error_code is not None and 400 <= self.error_code < 500 and self.error_code != 429
+
+
+class _ResponseParameters(msgspec.Struct):
+    retry_after: float | None = None
+    migrate_to_chat_id: Int64 | None = None
 
 
 class _ApiResponse(msgspec.Struct):
@@ -109,7 +121,7 @@ class _ApiResponse(msgspec.Struct):
     result: Any = None
     description: str = ""
     error_code: int | None = None
-    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+    parameters: _ResponseParameters = msgspec.field(default_factory=_ResponseParameters)
 
 
 _response_decoder = msgspec.json.Decoder(_ApiResponse)
@@ -117,25 +129,66 @@ _response_decoder = msgspec.json.Decoder(_ApiResponse)
 # getUpdates' 100 updates stay far below this; more is not the Bot API, and is not held in memory.
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
+# httpcore's trace events that mean the request has started to go out (HTTP/1.1 or HTTP/2).
+_SENDING = frozenset({"http11.send_request_headers.started", "http2.send_request_headers.started"})
+
 
 class BotApi:
-    """Calls `{api_root}/bot{token}/{method}` on one shared httpx client (connection reuse, timeouts).
+    """Calls `{api_root}/bot{token}/{method}` on one shared httpx client (connection reuse).
+
+    Every call has one total deadline, `timeout` seconds (per call: `call(..., timeout=)`) for the
+    connection, the request, the answer's headers and its whole body together. httpx's own timeouts
+    bound each read, so an answer trickling in a byte at a time would never end without it.
 
     The client is owned by whoever created it (the app's lifespan), not by this object. `call` raises
-    only BotApiError, whatever the network or the server does.
+    only BotApiError, whatever the network or the server does, a missed deadline included.
     """
 
-    def __init__(self, token: str, client: httpx.AsyncClient, api_root: str = "https://api.telegram.org"):
+    def __init__(
+        self,
+        token: str,
+        client: httpx.AsyncClient,
+        api_root: str = "https://api.telegram.org",
+        *,
+        timeout: float = 30.0,
+    ) -> None:
         self._base = f"{api_root.rstrip('/')}/bot{token}/"
         self._client = client
+        self.timeout = timeout
 
-    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+    # A per-call deadline, as httpx's own `timeout=`: the callers' asyncio.timeout would raise
+    # TimeoutError, not the BotApiError every caller handles.
+    async def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Any:
+        """Call `method` with `params` (sent as JSON) and return its `result`, within `timeout` seconds
+        (default: the client's)."""
         content = msgspec.json.encode(params or {})
+        deadline = self.timeout if timeout is None else timeout
+        events: list[str] = []
+
+        async def trace(event: str, info: dict[str, Any]) -> None:
+            events.append(event)
+
         try:
-            async with self._client.stream(
-                "POST", self._base + method, content=content, headers={"content-type": "application/json"}
-            ) as response:
-                body = await read_at_most(response.aiter_bytes(), MAX_ANSWER_BYTES)
+            async with asyncio.timeout(deadline):
+                async with self._client.stream(
+                    "POST",
+                    self._base + method,
+                    content=content,
+                    headers={"content-type": "application/json"},
+                    extensions={"trace": trace},
+                ) as response:
+                    body = await read_at_most(response.aiter_bytes(), MAX_ANSWER_BYTES)
+        except TimeoutError:
+            # Sent unless the trace shows it never got that far (a transport without traces, such as
+            # the playground's, says nothing: then it may have been).
+            sent = not events or not _SENDING.isdisjoint(events)
+            raise BotApiError(method, f"no answer within {deadline:g} s", may_have_arrived=sent) from None
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Never sent: a retry cannot double anything.
             raise BotApiError(method, f"no connection to the Bot API: {exc!r}") from exc
@@ -157,12 +210,12 @@ class BotApi:
                 method, f"unreadable HTTP {response.status_code} answer ({what})", may_have_arrived=True
             ) from None
         if not answer.ok:
-            retry_after = answer.parameters.get("retry_after")
             raise BotApiError(
                 method,
                 answer.description or "no description",
                 answer.error_code if answer.error_code is not None else response.status_code,
-                float(retry_after) if isinstance(retry_after, int | float) else None,
+                answer.parameters.retry_after,
+                migrate_to_chat_id=answer.parameters.migrate_to_chat_id,
             )
         return answer.result
 

@@ -48,16 +48,18 @@ def registration(
 
 
 async def register(api: BotApi, params: dict[str, Any], *, attempts: int = 4) -> None:
-    """setWebhook, waiting out Telegram's flood limit: instances starting together may hit it."""
+    """setWebhook, waiting out Telegram's flood limit (instances starting together may hit it), but
+    never longer than one call may take: a start-up that would wait longer fails instead, in one line."""
     for attempt in range(attempts):
         try:
             await api.call("setWebhook", params)
             return
         except BotApiError as exc:
-            if exc.error_code != 429 or attempt == attempts - 1:
+            wait = exc.retry_after or 1
+            if exc.error_code != 429 or attempt == attempts - 1 or wait > api.timeout:
                 raise
-            log.info("setWebhook: flood limit, trying again in %s s", exc.retry_after or 1)
-            await asyncio.sleep(exc.retry_after or 1)
+            log.info("setWebhook: flood limit, trying again in %g s", wait)
+            await asyncio.sleep(wait)
 
 
 def foreign_webhook(info: dict[str, Any], own_urls: Sequence[str]) -> str | None:

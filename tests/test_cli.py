@@ -572,6 +572,31 @@ def test_a_webhook_url_telegram_refuses_stops_serve_in_one_line_naming_its_sourc
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("method", "variable"),
+    [
+        ("getMe", "BOT_TOKEN: getMe at"),
+        ("getWebhookInfo", "BOT_TOKEN: getWebhookInfo at"),
+        ("setWebhook", "WEBHOOK_URL: setWebhook"),
+    ],
+)
+def test_a_bot_api_that_trickles_at_start_up_stops_serve_in_one_line(
+    method: str, variable: str, fake: FakeTelegram, telegram_root: str, database_url: str
+) -> None:
+    # Headers at once, then a byte at a time: `serve` used to wait for the whole answer (an hour here),
+    # printing nothing. Now each call has BOT_API_TIMEOUT in all.
+    fake.trickle_interval = 0.5
+    fake.misbehave_next(method, "trickle")
+    env = bot_env(
+        database_url, telegram_root, BOT_API_TIMEOUT="2", WEBHOOK_URL="https://pizza.example.com/webhook"
+    )
+    result = bot("serve", env=env, timeout=40)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"bot: {variable}")
+    assert f"{method} failed: no answer within 2 s" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_webhook_info_flags_another_url_a_recent_error_and_pending_updates(
     fake: FakeTelegram, telegram_root: str, database_url: str
 ) -> None:

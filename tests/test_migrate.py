@@ -155,3 +155,28 @@ async def test_a_migration_waits_for_another_release_migrating_at_the_same_time(
         assert await asyncio.wait_for(running, 60) == sorted([*REAL, NOTES])
     finally:
         await other.close()
+
+
+async def test_the_send_leases_migration_ends_an_hour_long_pause_of_every_send(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    # The old rule paused every send for a 429's whole retry_after once two chats were paused, and
+    # kept it in the database, so a restart found the bot silenced still. 005 ends such a pause; the
+    # chats' own pauses stay.
+    before = tmp_path / "before"
+    before.mkdir()
+    for name in REAL:
+        if int(name.split("_", 1)[0]) < 5:
+            shutil.copy(MIGRATIONS_DIR / name, before / name)
+    await migrate(empty_database_url, before)
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        until = await conn.fetchval("SELECT extract(epoch FROM now())::float8 + 3600")
+        await conn.execute(
+            "INSERT INTO send_budget (key, paused_until) VALUES ('*', $1), ('-5', $1), ('-6', $1)", until
+        )
+        await migrate(empty_database_url, MIGRATIONS_DIR)
+        paused = dict(await conn.fetch("SELECT key, paused_until FROM send_budget ORDER BY key"))
+    finally:
+        await conn.close()
+    assert paused == {"*": 0, "-5": until, "-6": until}

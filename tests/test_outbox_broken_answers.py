@@ -15,8 +15,10 @@ from bot.app import SECRET_HEADER
 from bot.apps.pizza_testing import PIZZA, hunger
 from bot.metrics import Metrics
 from bot.outbox import Outbox
+from bot.runtime import start
 from bot.storage import OutgoingCall, PendingCall
 from bot.storage.memory import MemoryStorage
+from bot.storage.postgres import PostgresStorage
 from bot.telegram import BotApi
 from bot.testing.env import SECRET, TOKEN, make_settings
 from bot.testing.fake_telegram import MISBEHAVIOURS, FakeTelegram
@@ -49,7 +51,9 @@ async def test_every_broken_answer_is_retried_and_every_reply_is_sent_exactly_on
 ) -> None:
     chats = {-300 - n: kind for n, kind in enumerate(MISBEHAVIOURS)}
     fake.misbehave_next("sendMessage", *chats.values())  # the first answer of each reply is broken
-    async with open_client(make_settings(database_url, telegram_root)) as client:
+    fake.trickle_interval = 0.1  # the trickling one: cut short after BOT_API_TIMEOUT
+    settings = make_settings(database_url, telegram_root, BOT_API_TIMEOUT="2")
+    async with open_client(settings) as client:
         for n, chat_id in enumerate(chats):
             await post(client, message_update(2 * n + 1, chat_id, PIZZA))
             await post(client, hunger(2 * n + 2, chat_id))
@@ -145,3 +149,68 @@ async def test_a_retry_after_a_timeout_is_the_second_doubling_window_and_is_logg
     # Documented in docs/RELIABILITY.md: no idempotency key, so the retry doubles it, and the log says so.
     assert [m["text"] for m in fake.delivered_messages(-320)] == ["Your hunger level is 1!"] * 2
     assert "the first attempt may have reached Telegram" in caplog.text
+
+
+async def test_a_trickling_answer_is_cut_at_the_deadline_and_its_retry_never_overlaps_it(
+    open_client: OpenClient,
+    database_url: str,
+    telegram_root: str,
+    fake: FakeTelegram,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The issue's case: headers at once, then a byte a second. Each read was quick, so the call never
+    # timed out; its lease ran out and the sweeper sent the same reply again, alongside it.
+    settings = make_settings(
+        database_url, telegram_root, BOT_API_TIMEOUT="1", OUTBOX_LEASE="3", OUTBOX_SWEEP_INTERVAL="0.1"
+    )
+    fake.trickle_interval = 0.2
+    fake.misbehave_next("sendMessage", "trickle")
+    async with open_client(settings) as client:
+        await post(client, message_update(1, -330, PIZZA))
+        await post(client, hunger(2, -330))
+        await fake.wait_for_async(lambda: len(fake.delivered_messages(-330)) == 1, timeout=30)
+        # Tried twice, one after the other: cut at the deadline (and logged as a possible double), then
+        # sent; never two attempts at once.
+        assert await settled_reply(database_url) == (2, None)
+    assert fake.most_at_once("sendMessage") == 1
+    assert "sendMessage failed: no answer within 1 s" in caplog.text
+    assert "the first attempt may have reached Telegram" in caplog.text
+
+
+async def test_shutdown_ends_every_send_before_the_pool_closes_and_the_next_start_doubles_nothing(
+    database_url: str, telegram_root: str, fake: FakeTelegram
+) -> None:
+    # Replies the sweeper is sending when the process stops (a deploy), Telegram taking 1 s to answer.
+    # They used to run on after the pool and the HTTP client closed: Telegram had them, the database
+    # never heard, and the next start sent them again.
+    settings = make_settings(
+        database_url, telegram_root, OUTBOX_SWEEP_INTERVAL="0.1", OUTBOX_LEASE="2", BOT_API_TIMEOUT="1.5"
+    )
+    storage = await PostgresStorage.connect(database_url)
+    try:
+        async with storage.transaction() as tx:
+            calls = [OutgoingCall("sendMessage", {"chat_id": -340 - n, "text": "late"}) for n in range(3)]
+            await tx.enqueue(1, 1, calls, lease=0)  # left by a process that died: the sweeper's
+    finally:
+        await storage.close()
+    fake.delay = 1.0
+    async with start(settings):
+        await fake.wait_for_async(lambda: fake.in_flight("sendMessage") == 3, timeout=10)
+    # "Shutdown complete": every send ended and was recorded, and nothing is sent any more.
+    assert await settled(database_url) == [1, 1, 1]
+    await asyncio.sleep(1.5)
+    assert len(fake.calls("sendMessage")) == 3
+    fake.delay = 0
+    async with start(settings):  # the next start, past the lease
+        await asyncio.sleep(3)
+    assert sorted(m["chat"]["id"] for m in fake.delivered_messages()) == [-342, -341, -340]
+
+
+async def settled(database_url: str) -> list[int]:
+    """Each outbox row's attempts once it is marked sent; -1 for a row that is not."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT attempts, sent_at IS NOT NULL AS sent FROM outbox ORDER BY id")
+    finally:
+        await conn.close()
+    return [r["attempts"] if r["sent"] else -1 for r in rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -120,7 +121,7 @@ def test_what_is_not_an_update_is_refused_with_a_reason(body: bytes, complaint: 
 @pytest.fixture
 async def api(telegram_root: str) -> AsyncIterator[BotApi]:
     async with httpx.AsyncClient(timeout=5) as client:
-        yield BotApi(TOKEN, client, telegram_root)
+        yield BotApi(TOKEN, client, telegram_root, timeout=2)
 
 
 @pytest.mark.anyio
@@ -145,6 +146,38 @@ async def test_bot_api_errors_carry_code_description_and_retry_after(api: BotApi
     assert caught.value.error_code == 400
     assert caught.value.permanent
     assert "message text is empty" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_a_group_that_became_a_supergroup_says_where_it_went(api: BotApi, fake: FakeTelegram) -> None:
+    fake.migrated[-5] = -1005
+    with pytest.raises(BotApiError, match="upgraded to a supergroup") as caught:
+        await api.call("sendMessage", {"chat_id": -5, "text": "x"})
+    assert (caught.value.error_code, caught.value.migrate_to_chat_id) == (400, -1005)
+    assert fake.delivered_messages() == []
+
+
+@pytest.mark.anyio
+async def test_a_trickling_answer_ends_at_the_total_deadline(fake: FakeTelegram, telegram_root: str) -> None:
+    # Headers at once, then a byte every 0.1 s: httpx's timeouts are per read (5 s here), so only the
+    # call's total deadline ends it; it used to last as long as the answer did (an hour).
+    fake.trickle_interval = 0.1
+    fake.misbehave_next("getMe", "trickle")
+    async with httpx.AsyncClient(timeout=5) as client, asyncio.timeout(30):
+        with pytest.raises(BotApiError, match=r"getMe failed: no answer within 1 s") as caught:
+            await BotApi(TOKEN, client, telegram_root, timeout=1).get_me()
+    assert caught.value.may_have_arrived and not caught.value.permanent
+    await fake.wait_for_async(lambda: fake.most_at_once("getMe") == 1 and not fake.in_flight("getMe"))
+
+
+@pytest.mark.anyio
+async def test_the_deadline_is_set_per_call_too(fake: FakeTelegram, telegram_root: str) -> None:
+    fake.delay = 0.5
+    async with httpx.AsyncClient(timeout=5) as client:
+        api = BotApi(TOKEN, client, telegram_root, timeout=0.2)
+        assert (await api.call("getMe", timeout=5))["username"] == fake.username
+        with pytest.raises(BotApiError, match=r"no answer within 0\.2 s"):
+            await api.call("getMe")
 
 
 @pytest.mark.anyio

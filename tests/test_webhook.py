@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -74,6 +75,13 @@ async def test_register_waits_out_a_flood_limit_and_gives_up_on_a_refusal(
         with pytest.raises(BotApiError, match="An HTTPS URL must be provided"):
             await register(api, {"url": "http://plain.example.com/webhook"})
         assert len(fake.calls("setWebhook")) == 3  # a refusal is not retried
+        # A flood limit longer than a call may take ends the start-up in one line, not in a silent wait.
+        fake.fail_next(
+            "setWebhook", error_code=429, description="Too Many Requests: retry after 600", retry_after=600
+        )
+        with pytest.raises(BotApiError, match="retry after 600"):
+            await asyncio.wait_for(register(api, {"url": OURS}), 10)
+        assert len(fake.calls("setWebhook")) == 4
 
 
 @pytest.mark.parametrize(

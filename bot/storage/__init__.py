@@ -14,13 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ..errors import BotError
 
 __all__ = [
     "Budget",
     "Conflict",
+    "FloodRule",
     "Moved",
     "OptimisticStorage",
     "OutboxStatus",
@@ -68,6 +69,9 @@ class PendingCall:
     params: dict[str, Any]
     created_at: float  # epoch seconds, when the update's transaction queued it (the give-up clock)
     attempts: int = 0  # sends tried before this one
+    # Which lease of the row this sender holds (each claim takes a new one): a sender whose lease ran out
+    # and was taken by another finds out when it asks to send (`reserve_send`), and does not send.
+    lease_no: int = 0
 
     @property
     def chat(self) -> str | None:
@@ -87,10 +91,36 @@ class Budget:
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """The answer to reserve_send: go now (wait 0), or wait `wait` seconds for the budget `blocked_by`."""
+    """The answer to reserve_send, which has already acted on it:
 
-    wait: float
+    - "go": send now; the slots are taken and the call's lease runs from now.
+    - "wait": the call is due again in `wait` seconds, when the budget `blocked_by` allows it.
+    - "behind": an earlier call to the same chat is unsent and goes first; this one is due as soon as it
+      is its chat's first.
+    - "lost": not this sender's to send any more: its lease ran out and another sender took the call, or
+      the call was settled meanwhile.
+    """
+
+    verdict: Literal["go", "wait", "behind", "lost"]
+    wait: float = 0.0
     blocked_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FloodRule:
+    """When a 429 counts as the whole bot's flood limit rather than its chat's.
+
+    Telegram does not say which limit a 429 is for. A chat's own limit is the usual one (20 a minute in
+    a group), and pausing every chat for it would let one busy group silence the bot. So only this
+    counts as the bot's: `chats` distinct chats answered 429 within `within` seconds, while the whole
+    bot has been sending at least `rate` sends a second. Such a pause lasts the 429's retry_after, and
+    never more than `pause_max` seconds.
+    """
+
+    chats: int = 3
+    within: float = 10.0
+    rate: float = 15.0
+    pause_max: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,14 +214,21 @@ class Storage(Protocol):
         call of each chat, so a chat's calls go out in the order they were queued."""
 
     async def reserve_send(
-        self, call: PendingCall, budgets: Sequence[Budget], now: float
-    ) -> Reservation | None:
-        """Take a slot in every budget for sending `call` now, or in none of them (shared by every
-        process using this storage). None: an earlier call to the same chat is unsent and goes first."""
+        self, call: PendingCall, budgets: Sequence[Budget], now: float, lease: float
+    ) -> Reservation:
+        """Right before sending `call`: take a slot in every budget, or in none of them (shared by every
+        process using this storage), and renew the call's lease for `lease` seconds from `now`, if the
+        sender still holds it. A call that may not go now is put back, due when it may (`Reservation`).
+        The sends of the whole bot are counted here, for `pause_sends`' rule."""
 
-    async def pause_sends(self, chat: str | None, until: float, now: float) -> bool:
-        """A 429: no sends to `chat` before `until`. Pauses every send, and returns True, when the call
-        had no chat or another chat is paused already (the flood limit hit is the bot's own)."""
+    async def pause_sends(self, chat: str | None, until: float, now: float, rule: FloodRule) -> bool:
+        """A 429 for a call to `chat`: no sends to it before `until`. When `rule` says the whole bot is
+        over its limit, every send pauses too, until `until` but no longer than `rule.pause_max`; returns
+        whether it did."""
+
+    async def move_chat(self, chat: str, to: int) -> int:
+        """A group became a supergroup (`to`): every unsent call to `chat` goes to `to` instead, in the
+        order they were queued. Returns how many calls moved."""
 
     async def outbox_status(self, now: float) -> OutboxStatus: ...
 

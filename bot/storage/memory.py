@@ -8,13 +8,23 @@ State is lost when the process exits.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Hashable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import Budget, Moved, OutboxStatus, OutgoingCall, PendingCall, Reservation, StoredSession
+from . import (
+    Budget,
+    FloodRule,
+    Moved,
+    OutboxStatus,
+    OutgoingCall,
+    PendingCall,
+    Reservation,
+    StoredSession,
+)
 
 __all__ = ["MemoryStorage"]
 
@@ -39,6 +49,7 @@ class _OutboxRow:
     failed_at: float | None = None
     last_error: str | None = None
     attempts: int = 0
+    lease_no: int = 0
 
     @property
     def chat(self) -> str | None:
@@ -46,13 +57,25 @@ class _OutboxRow:
         return None if chat_id is None else str(chat_id)
 
     def pending(self) -> PendingCall:
-        return PendingCall(self.id, self.method, self.params, self.created_at, self.attempts)
+        return PendingCall(self.id, self.method, self.params, self.created_at, self.attempts, self.lease_no)
+
+    def lease(self, until: float) -> None:
+        """A new lease (a new claim): whoever held the last one may no longer send it."""
+        self.lease_until = until
+        self.lease_no += 1
 
 
 @dataclass
 class _Budget:
     next_at: float = 0.0
     paused_until: float = 0.0
+    limited_at: float = 0.0  # the last 429 for this chat
+    sends: float = 0.0  # the whole bot's send meter, as in PostgreSQL's send_budget (005)
+    sends_at: float = 0.0
+
+    def recent_sends(self, now: float) -> float:
+        """About how many sends the last second held: the meter decayed by e^(-seconds since)."""
+        return self.sends * math.exp(-min(max(now - self.sends_at, 0.0), 60.0))
 
 
 class _KeyedLocks:
@@ -141,7 +164,7 @@ class _MemoryTransaction:
         ]
         for row in due:
             self._leases[row.id] = now + lease
-        return [r.pending() for r in due]
+        return [replace(r.pending(), lease_no=r.lease_no + 1) for r in due]
 
     def commit(self) -> None:
         storage = self._storage
@@ -154,7 +177,7 @@ class _MemoryTransaction:
         storage._processed.update((ids, now) for ids in self._claimed)
         storage._outbox.update((row.id, row) for row in self._queued)
         for call_id, lease_until in self._leases.items():
-            storage._outbox[call_id].lease_until = lease_until
+            storage._outbox[call_id].lease(lease_until)
 
     def release(self) -> None:
         for key in reversed(self._held):
@@ -222,34 +245,52 @@ class MemoryStorage:
         now = time.time() if now is None else now
         due = [r for r in self._outbox.values() if _is_due(r, now) and not self._earlier_unsent(r)][:limit]
         for row in due:
-            row.lease_until = now + lease
+            row.lease(now + lease)
         return [r.pending() for r in due]
 
     async def reserve_send(
-        self, call: PendingCall, budgets: Sequence[Budget], now: float
-    ) -> Reservation | None:
+        self, call: PendingCall, budgets: Sequence[Budget], now: float, lease: float
+    ) -> Reservation:
         row = self._outbox.get(call.id)
-        if row is not None and self._earlier_unsent(row):
-            return None
+        if row is None or row.lease_no != call.lease_no or not _unsent(row):
+            return Reservation("lost")
+        if self._earlier_unsent(row):
+            row.lease_until = now
+            return Reservation("behind")
         states = [self._budgets.setdefault(b.key, _Budget()) for b in budgets]
         wait, blocked_by = max(
             (max(s.paused_until, s.next_at - b.interval * (b.burst - 1)) - now, b.key)
             for s, b in zip(states, budgets, strict=True)
         )
         if wait > 0:
-            return Reservation(wait, blocked_by)
+            row.lease_until = now + wait
+            return Reservation("wait", wait, blocked_by)
         for state, budget in zip(states, budgets, strict=True):
             state.next_at = max(state.next_at, now) + budget.interval
-        return Reservation(0.0)
+            if budget.key == "*":
+                state.sends, state.sends_at = state.recent_sends(now) + 1, max(state.sends_at, now)
+        row.lease_until = now + lease
+        return Reservation("go")
 
-    async def pause_sends(self, chat: str | None, until: float, now: float) -> bool:
-        everything = chat is None or any(
-            key not in ("*", chat) and b.paused_until > now for key, b in self._budgets.items()
-        )
-        for key in {chat or "*", "*"} if everything else {chat or "*"}:
-            state = self._budgets.setdefault(key, _Budget())
+    async def pause_sends(self, chat: str | None, until: float, now: float, rule: FloodRule) -> bool:
+        if chat is not None:
+            state = self._budgets.setdefault(chat, _Budget())
             state.paused_until = max(state.paused_until, until)
+            state.limited_at = max(state.limited_at, now)
+        limited = sum(1 for k, b in self._budgets.items() if k != "*" and b.limited_at > now - rule.within)
+        everything = (
+            limited >= rule.chats and self._budgets.get("*", _Budget()).recent_sends(now) >= rule.rate
+        )
+        if everything:
+            state = self._budgets.setdefault("*", _Budget())
+            state.paused_until = max(state.paused_until, min(until, now + rule.pause_max))
         return everything
+
+    async def move_chat(self, chat: str, to: int) -> int:
+        moving = [row for row in self._outbox.values() if row.chat == chat and _unsent(row)]
+        for row in moving:
+            row.params = {**row.params, "chat_id": to}
+        return len(moving)
 
     async def outbox_status(self, now: float) -> OutboxStatus:
         unsent = [r for r in self._outbox.values() if _unsent(r)]

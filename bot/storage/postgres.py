@@ -45,6 +45,7 @@ from ..pooler import NO_STATEMENT_CACHE, broken_prepared_statement, pools_transa
 from . import (
     Budget,
     Conflict,
+    FloodRule,
     Moved,
     OutboxStatus,
     OutgoingCall,
@@ -78,7 +79,10 @@ def _unavailable_on_failure(what: str) -> Iterator[None]:
 
 
 # What every query handing calls to a sender returns, for _pending().
-_CALL = "id, method, payload::text AS payload, attempts, extract(epoch FROM created_at)::float8 AS created_at"
+_CALL = (
+    "id, method, payload::text AS payload, attempts, extract(epoch FROM created_at)::float8 AS created_at,"
+    " lease_no"
+)
 
 
 async def _acquire(pool: asyncpg.Pool, wait_limit: float) -> asyncpg.pool.PoolConnectionProxy:
@@ -91,7 +95,9 @@ async def _acquire(pool: asyncpg.Pool, wait_limit: float) -> asyncpg.pool.PoolCo
 
 def _pending(rows: Sequence[asyncpg.Record]) -> list[PendingCall]:
     return [
-        PendingCall(r["id"], r["method"], json.loads(r["payload"]), r["created_at"], r["attempts"])
+        PendingCall(
+            r["id"], r["method"], json.loads(r["payload"]), r["created_at"], r["attempts"], r["lease_no"]
+        )
         for r in sorted(rows, key=lambda r: r["id"])
         if r["id"] is not None
     ]
@@ -325,7 +331,7 @@ class _PostgresTransaction:
         conn = await self._connection()
         with _unavailable_on_failure("claim unsent replies"):
             rows = await conn.fetch(
-                "UPDATE outbox SET lease_until = now() + $3 * interval '1 second'"
+                "UPDATE outbox SET lease_until = now() + $3 * interval '1 second', lease_no = lease_no + 1"
                 " WHERE bot_id = $1 AND update_id = $2 AND sent_at IS NULL AND failed_at IS NULL"
                 f" AND lease_until <= now() RETURNING {_CALL}",
                 bot_id,
@@ -593,7 +599,7 @@ class _OptimisticTransaction:
                 f" WHERE key = {key} AND moved_to IS NULL AND expires_at IS NULL) AS cur ON true"
             )
         if calls:
-            query += ", o.id, o.method, o.payload, o.attempts, o.created_at"
+            query += ", o.id, o.method, o.payload, o.attempts, o.created_at, o.lease_no"
             joins += " LEFT JOIN o ON true"
         conn = await self._connection()
         with _unavailable_on_failure("apply the update"):
@@ -911,7 +917,8 @@ class PostgresStorage:
                 "WITH t AS (SELECT to_timestamp(coalesce($3::float8, extract(epoch FROM now()))) AS now),"
                 " heads AS (SELECT DISTINCT ON (chat_key) id FROM outbox"
                 "  WHERE sent_at IS NULL AND failed_at IS NULL ORDER BY chat_key, id)"
-                " UPDATE outbox SET lease_until = t.now + $2 * interval '1 second' FROM t WHERE id IN ("
+                " UPDATE outbox SET lease_until = t.now + $2 * interval '1 second', lease_no = lease_no + 1"
+                " FROM t WHERE id IN ("
                 " SELECT o.id FROM outbox o, t WHERE o.sent_at IS NULL AND o.failed_at IS NULL"
                 " AND o.lease_until <= t.now AND (o.chat_key IS NULL OR o.id IN (SELECT id FROM heads))"
                 " ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED)"
@@ -925,32 +932,53 @@ class PostgresStorage:
         return _pending(rows)
 
     async def reserve_send(
-        self, call: PendingCall, budgets: Sequence[Budget], now: float
-    ) -> Reservation | None:
+        self, call: PendingCall, budgets: Sequence[Budget], now: float, lease: float
+    ) -> Reservation:
         row = await self._on_pool(
             "reserve a send",
             lambda: self._pool.fetchrow(
-                "SELECT * FROM reserve_send($1, $2, $3::text[], $4::float8[], $5::float8[], $6)",
+                "SELECT * FROM reserve_send($1, $2, $3, $4::text[], $5::float8[], $6::float8[], $7, $8)",
                 call.id,
+                call.lease_no,
                 call.chat,
                 [b.key for b in budgets],
                 [b.interval for b in budgets],
                 [float(b.burst) for b in budgets],
                 now,
+                lease,
                 timeout=self._acquire_timeout * 2,
             ),
         )
         assert row is not None
-        return None if row["wait"] is None else Reservation(row["wait"], row["blocked_by"])
+        return Reservation(row["verdict"], row["wait"] or 0.0, row["blocked_by"])
 
-    async def pause_sends(self, chat: str | None, until: float, now: float) -> bool:
+    async def pause_sends(self, chat: str | None, until: float, now: float, rule: FloodRule) -> bool:
         everything: bool = await self._on_pool(
             "pause sends",
             lambda: self._pool.fetchval(
-                "SELECT pause_sends($1, $2, $3)", chat, until, now, timeout=self._acquire_timeout * 2
+                "SELECT pause_sends($1, $2, $3, $4, $5, $6, $7)",
+                chat,
+                until,
+                now,
+                rule.chats,
+                rule.within,
+                rule.rate,
+                rule.pause_max,
+                timeout=self._acquire_timeout * 2,
             ),
         )
         return everything
+
+    async def move_chat(self, chat: str, to: int) -> int:
+        # chat_key is generated from the payload: it follows.
+        status = await self._execute(
+            "move replies to a new chat",
+            "UPDATE outbox SET payload = jsonb_set(payload, '{chat_id}', to_jsonb($2::bigint))"
+            " WHERE chat_key = $1 AND sent_at IS NULL AND failed_at IS NULL",
+            chat,
+            to,
+        )
+        return int(status.rsplit(" ", 1)[-1])
 
     async def outbox_status(self, now: float) -> OutboxStatus:
         row = await self._on_pool(

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from ..storage import Budget, Moved, OutgoingCall, Storage, StoredSession, Transaction
+from ..storage import Budget, FloodRule, Moved, OutgoingCall, Storage, StoredSession, Transaction
 
 __all__ = ["CHECKS", "Check", "StorageFactory", "run_checks"]
 
@@ -343,28 +343,67 @@ async def sends_keep_chat_order_and_share_budgets(make: StorageFactory) -> None:
     storage = await make()
     calls = [OutgoingCall("sendMessage", {"chat_id": chat, "text": "x"}) for chat in (5, 5, 6)]
     async with storage.transaction() as tx:
-        first, second, other = await tx.enqueue(1, 1, calls, lease=0)
+        _, second, _ = await tx.enqueue(1, 1, calls, lease=0)
     now = time.time() + 1
     due = await storage.claim_due(10, 30, now)
-    assert [p.id for p in due] == [first.id, other.id], "only each chat's first unsent call is due"
-    assert await storage.reserve_send(second, [Budget("*", 1.0)], now) is None, "a chat's calls go in order"
+    assert [p.params["chat_id"] for p in due] == [5, 6], "only each chat's first unsent call is due"
+    first, other = due
+    behind = await storage.reserve_send(second, [Budget("*", 1.0)], now, 30)
+    assert behind.verdict == "behind", "a chat's calls go in order"
     bot = Budget("*", 1.0)
-    taken = await storage.reserve_send(first, [bot, Budget("5", 10.0)], now)
-    assert taken is not None and taken.wait == 0, "a free budget gives a slot at once"
-    spent = await storage.reserve_send(other, [bot, Budget("6", 10.0)], now)
-    assert spent is not None and spent.blocked_by == "*", "the bot's budget is shared by every chat"
+    taken = await storage.reserve_send(first, [bot, Budget("5", 10.0)], now, 30)
+    assert taken.verdict == "go", "a free budget gives a slot at once"
+    spent = await storage.reserve_send(other, [bot, Budget("6", 10.0)], now, 30)
+    assert spent.verdict == "wait" and spent.blocked_by == "*", "the bot's budget is shared by every chat"
     assert abs(spent.wait - 1.0) < 0.01, "and says when its next slot is"
-    again = await storage.reserve_send(other, [bot, Budget("6", 10.0)], now + 1)
-    assert again is not None and again.wait == 0, "a refused reservation took no slot in the chat's budget"
+    again = await storage.reserve_send(other, [bot, Budget("6", 10.0)], now + 1, 30)
+    assert again.verdict == "go", "a refused reservation took no slot in the chat's budget"
     await storage.mark_sent(first.id)
-    chat = await storage.reserve_send(second, [Budget("*", 0.001), Budget("5", 10.0)], now + 2)
-    assert chat is not None and chat.blocked_by == "5" and abs(chat.wait - 8.0) < 0.01, "a chat's own budget"
-    assert not await storage.pause_sends("6", now + 5, now), "a 429 pauses its chat"
-    assert await storage.pause_sends("7", now + 5, now), "a second paused chat pauses the whole bot"
-    paused = await storage.reserve_send(second, [Budget("*", 0.001), Budget("5", 0.001)], now + 20)
-    assert paused is not None and paused.wait == 0, "pauses end"
-    status = await storage.outbox_status(now + 1)
-    assert status.unsent == 2 and abs(status.paused_for - 4.0) < 0.01 and status.paused_chats == 2
+    chat = await storage.reserve_send(second, [Budget("*", 0.001), Budget("5", 10.0)], now + 2, 30)
+    assert chat.verdict == "wait" and chat.blocked_by == "5" and abs(chat.wait - 8.0) < 0.01, (
+        "a chat's budget"
+    )
+    # Two sends in the last second or so (the meter reads 1.37 at now + 1): "near the budget" at rate 1.
+    rule = FloodRule(chats=2, within=10.0, rate=1.0, pause_max=4.0)
+    assert not await storage.pause_sends("6", now + 3600, now + 1, rule), "a 429 pauses its chat only"
+    quiet = FloodRule(chats=2, within=10.0, rate=100.0, pause_max=4.0)
+    assert not await storage.pause_sends("7", now + 3600, now + 1, quiet), "two chats, the bot sending little"
+    assert await storage.pause_sends("8", now + 3600, now + 1, rule), "429s in chats at once, near the budget"
+    status = await storage.outbox_status(now + 2)
+    assert abs(status.paused_for - 3.0) < 0.01, "the whole bot pauses for pause_max, not retry_after"
+    assert status.unsent == 2 and status.paused_chats == 3, "each chat for its retry_after"
+    paused = await storage.reserve_send(second, [Budget("*", 0.001), Budget("5", 0.001)], now + 20, 30)
+    assert paused.verdict == "go", "pauses end"
+
+
+async def a_lease_covers_the_call_from_when_it_is_sent(make: StorageFactory) -> None:
+    storage = await make()
+    calls = [OutgoingCall("sendMessage", {"chat_id": 5, "text": "x"})]
+    async with storage.transaction() as tx:
+        [queued] = await tx.enqueue(1, 1, calls, lease=0)
+    now = time.time() + 1
+    [taken] = await storage.claim_due(10, 30, now)
+    free = [Budget("*", 0.001)]
+    lost = await storage.reserve_send(queued, free, now, 30)
+    assert lost.verdict == "lost", "a sender whose lease was taken over is told so before it sends"
+    assert (await storage.reserve_send(taken, free, now + 20, 30)).verdict == "go", "the holder may send"
+    assert await storage.claim_due(10, 30, now + 40) == [], "the reservation renewed the lease from then"
+    [retaken] = await storage.claim_due(10, 30, now + 51)
+    assert (await storage.reserve_send(taken, free, now + 51, 30)).verdict == "lost", "once it ran out"
+    await storage.mark_sent(retaken.id)
+    assert (await storage.reserve_send(retaken, free, now + 52, 30)).verdict == "lost", "a sent call"
+
+
+async def a_moved_chat_takes_its_unsent_calls_in_order(make: StorageFactory) -> None:
+    storage = await make()
+    calls = [
+        OutgoingCall("sendMessage", {"chat_id": chat, "text": str(n)}) for n, chat in enumerate((5, 9, 5))
+    ]
+    async with storage.transaction() as tx:
+        await tx.enqueue(1, 1, calls, lease=0)
+    assert await storage.move_chat("5", 9) == 2, "every unsent call to the chat moves"
+    due = await storage.claim_due(10, 30)
+    assert [(p.params["chat_id"], p.params["text"]) for p in due] == [(9, "0")], "one chat now, in order"
 
 
 CHECKS: list[Check] = [
@@ -387,6 +426,8 @@ CHECKS: list[Check] = [
     outbox_leases_and_confirmations,
     a_move_leaves_a_forward_until_it_expires,
     sends_keep_chat_order_and_share_budgets,
+    a_lease_covers_the_call_from_when_it_is_sent,
+    a_moved_chat_takes_its_unsent_calls_in_order,
 ]
 
 

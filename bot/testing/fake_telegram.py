@@ -2,8 +2,9 @@
 
 `GET|POST /bot<token>/<method>` with parameters in the query string, a form or a JSON body, answered
 `{"ok": true, "result": ...}` or `{"ok": false, "error_code": ..., "description": ...}` like the real
-server. Every call is recorded; failures, delays and broken answers (`misbehave_next`) can be injected. `serve()` runs it with uvicorn in
-a background thread, so it works from sync and async tests and for bot processes alike.
+server. Every call is recorded; failures, delays, broken or trickling answers (`misbehave_next`) and
+groups that became supergroups (`migrated`) can be injected. `serve()` runs it with uvicorn in a
+background thread, so it works from sync and async tests and for bot processes alike.
 
     python -m bot.testing.fake_telegram --port 8081     # for benchmarks and local trials
 """
@@ -18,31 +19,23 @@ import re
 import socket
 import threading
 import time
-from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 from urllib.parse import parse_qsl
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from ..errors import BotError
+from .bad_answers import MISBEHAVIOURS, Misbehaviour, misbehave, trickle
 from .updates import chat_member, user
 
 __all__ = ["MISBEHAVIOURS", "FakeTelegram", "FloodLimits", "Misbehaviour", "RecordedCall", "serve"]
-
-# Answers the real Bot API (or a proxy in front of it) has been seen to give, or could: each one is
-# given instead of carrying out the call, so the call did not take effect.
-Misbehaviour = Literal[
-    "invalid_utf8", "truncated_json", "deep_nesting", "html_page", "ok_false_200", "huge", "no_body", "reset"
-]
-MISBEHAVIOURS: tuple[Misbehaviour, ...] = get_args(Misbehaviour)
-HUGE_ANSWER_BYTES = 17 * 1024 * 1024  # past the client's 16 MiB limit
 
 _TOKEN = re.compile(r"^(\d+):[A-Za-z0-9_-]+$")
 _SECRET_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
@@ -77,46 +70,10 @@ class FloodLimits:
     retry_after: int = 5
 
 
-class _ResetMidBody(Response):
-    """Promises 1000 bytes, sends a few, then drops the connection."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"1000")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b'{"ok": true, "res', "more_body": True})
-        raise ConnectionResetError("the fake Bot API drops the connection mid-body (on purpose)")
-
-
-async def _huge_answer() -> AsyncIterator[bytes]:
-    yield b'{"ok": true, "result": "'
-    chunk = b"a" * (1024 * 1024)
-    for _ in range(HUGE_ANSWER_BYTES // len(chunk)):
-        yield chunk
-    yield b'"}'
-
-
-def _misbehave(kind: Misbehaviour) -> Response:
-    if kind == "invalid_utf8":
-        return Response(b'{"ok": true, "result": {"text": "\xc3\x28"}}', media_type="application/json")
-    if kind == "truncated_json":
-        return Response(b'{"ok": true, "result": {"message_id": 1, "te', media_type="application/json")
-    if kind == "deep_nesting":
-        depth = 100_000
-        return Response(b'{"ok": true, "result": ' + b"[" * depth + b"]" * depth + b"}")
-    if kind == "html_page":
-        return Response(b"<html><body><h1>502 Bad Gateway</h1></body></html>", 502, media_type="text/html")
-    if kind == "ok_false_200":
-        return Response(b'{"ok": false, "description": "Internal error"}', media_type="application/json")
-    if kind == "huge":
-        return StreamingResponse(_huge_answer(), media_type="application/json")
-    if kind == "no_body":
-        return Response(b"", 200)
-    return _ResetMidBody()
-
-
 class _ApiError(BotError):
-    def __init__(self, code: int, description: str, retry_after: int | None = None) -> None:
-        self.code, self.description, self.retry_after = code, description, retry_after
+    def __init__(self, code: int, description: str, **parameters: int | None) -> None:
+        self.code, self.description = code, description
+        self.parameters = {name: value for name, value in parameters.items() if value is not None}
 
 
 def _as_int(params: dict[str, Any], name: str) -> int:
@@ -133,22 +90,27 @@ class FakeTelegram:
         self.username = username
         self.privacy = privacy
         self.delay = 0.0
+        self.trickle_interval = 1.0
         self._lock = threading.Condition()
         self._calls: list[RecordedCall] = []
         self._failures: list[_Failure] = []
-        self._misbehaviours: dict[str, list[Misbehaviour]] = {}
+        # method -> (broken answer, the chat it is for or None for any), in order
+        self._misbehaviours: dict[str, list[tuple[Misbehaviour, str | None]]] = {}
         self._delivered: list[dict[str, Any]] = []
         self._updates: list[dict[str, Any]] = []
         self._webhook: dict[str, Any] = {}
         self._webhook_error: tuple[int, str] | None = None
         self._next_message_id = 1
         self.admins: dict[int, set[int]] = {}  # chat id → user ids getChatMember calls administrators
+        self.migrated: dict[int, int] = {}  # a group's chat id → the supergroup it became
         self._generation = 0  # bumped by reset(): ends long polls of a previous test's (dead) client
         # What the fake's "now" is, for RecordedCall.at and the flood limits: a test's fake clock, or time.
         self.clock: Callable[[], float] = time.time
         self.flood_limits: FloodLimits | None = None
         self._recent: dict[int | None, deque[float]] = defaultdict(deque)  # chat (None: all) -> send times
         self._delivered_calls: list[RecordedCall] = []
+        self._open: Counter[str] = Counter()  # method -> requests being answered right now
+        self._most_open: Counter[str] = Counter()
         self.app = Starlette(routes=[Route("/bot{token}/{method}", self._endpoint, methods=["GET", "POST"])])
 
     # --- what tests use ---
@@ -175,6 +137,17 @@ class FakeTelegram:
         """The sendMessage calls that were answered ok (not failed, not refused by a flood limit)."""
         with self._lock:
             return [c for c in self._delivered_calls if chat_id is None or c.params.get("chat_id") == chat_id]
+
+    def in_flight(self, method: str) -> int:
+        """How many calls of `method` are being answered right now."""
+        with self._lock:
+            return self._open[method]
+
+    def most_at_once(self, method: str) -> int:
+        """The most calls of `method` that were being answered at the same time (a slow or trickling
+        answer is being answered until its last byte, or until the client hangs up)."""
+        with self._lock:
+            return self._most_open[method]
 
     def wait_for(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
         """Block until `condition()` holds (checked on every call), or raise TimeoutError."""
@@ -207,10 +180,12 @@ class FakeTelegram:
         with self._lock:
             self._failures.append(_Failure(method, times, error_code, description, retry_after, chat_id))
 
-    def misbehave_next(self, method: str, *kinds: Misbehaviour) -> None:
-        """Answer the next calls of `method` with these broken answers, one per call, in order."""
+    def misbehave_next(self, method: str, *kinds: Misbehaviour, chat_id: int | None = None) -> None:
+        """Answer the next calls of `method` (to `chat_id` only, if given) with these broken answers, one
+        per call, in order."""
+        chat = None if chat_id is None else str(chat_id)
         with self._lock:
-            self._misbehaviours.setdefault(method, []).extend(kinds)
+            self._misbehaviours.setdefault(method, []).extend((kind, chat) for kind in kinds)
 
     def push_update(self, update: dict[str, Any]) -> None:
         with self._lock:
@@ -239,12 +214,16 @@ class FakeTelegram:
             self._webhook = {}
             self._webhook_error = None
             self.delay = 0.0
+            self.trickle_interval = 1.0
             self.admins = {}
+            self.migrated = {}
             self._generation += 1
             self.clock = time.time
             self.flood_limits = None
             self._recent.clear()
             self._delivered_calls.clear()
+            self._open.clear()
+            self._most_open.clear()
 
     # --- the protocol ---
 
@@ -269,10 +248,28 @@ class FakeTelegram:
         with self._lock:
             self._calls.append(recorded)
             self._lock.notify_all()
-            broken = self._misbehaviours.get(method)
-            misbehaviour = broken.pop(0) if broken else None
-        if misbehaviour is not None:
-            return _misbehave(misbehaviour)
+            misbehaviour = self._next_misbehaviour(method, params)
+            self._open[method] += 1
+            self._most_open[method] = max(self._most_open[method], self._open[method])
+        generation = self._generation
+
+        def done() -> None:
+            with self._lock:
+                if generation == self._generation:  # not a call of a test that reset() forgot
+                    self._open[method] -= 1
+
+        if misbehaviour == "trickle":  # being answered until the trickle ends
+            return trickle(self.trickle_interval, done)
+        try:
+            if misbehaviour is not None:
+                return misbehave(misbehaviour)
+            return await self._answer(int(match.group(1)), method, params, recorded)
+        finally:
+            done()
+
+    async def _answer(
+        self, bot_id: int, method: str, params: dict[str, Any], recorded: RecordedCall
+    ) -> Response:
         if self.delay:
             await asyncio.sleep(self.delay)
         try:
@@ -280,14 +277,22 @@ class FakeTelegram:
             handler = getattr(self, f"_m_{method}", None)
             if handler is None:
                 raise _ApiError(404, "Not Found: method not found")
-            result = await handler(int(match.group(1)), params)
+            result = await handler(bot_id, params)
         except _ApiError as exc:
-            return self._error(exc.code, exc.description, exc.retry_after)
+            return self._error(exc.code, exc.description, exc.parameters)
         if method == "sendMessage":
             with self._lock:
                 self._delivered_calls.append(recorded)
                 self._lock.notify_all()
         return JSONResponse({"ok": True, "result": result})
+
+    def _next_misbehaviour(self, method: str, params: dict[str, Any]) -> Misbehaviour | None:
+        broken = self._misbehaviours.get(method, [])
+        for n, (kind, chat) in enumerate(broken):
+            if chat is None or chat == str(params.get("chat_id")):
+                del broken[n]
+                return kind
+        return None
 
     def _maybe_fail(self, method: str, params: dict[str, Any]) -> None:
         with self._lock:
@@ -298,7 +303,7 @@ class FakeTelegram:
                     and (failure.chat_id is None or str(failure.chat_id) == str(params.get("chat_id")))
                 ):
                     failure.times -= 1
-                    raise _ApiError(failure.error_code, failure.description, failure.retry_after)
+                    raise _ApiError(failure.error_code, failure.description, retry_after=failure.retry_after)
             if method == "sendMessage" and self.flood_limits is not None:
                 self._check_flood(self.flood_limits, params)
 
@@ -315,16 +320,18 @@ class FakeTelegram:
                 recent.popleft()
             if len(recent) >= most:
                 raise _ApiError(
-                    429, f"Too Many Requests: retry after {limits.retry_after}", limits.retry_after
+                    429,
+                    f"Too Many Requests: retry after {limits.retry_after}",
+                    retry_after=limits.retry_after,
                 )
         self._recent[None].append(now)
         self._recent[chat].append(now)
 
     @staticmethod
-    def _error(code: int, description: str, retry_after: int | None = None) -> JSONResponse:
+    def _error(code: int, description: str, parameters: dict[str, int] | None = None) -> JSONResponse:
         body: dict[str, Any] = {"ok": False, "error_code": code, "description": description}
-        if retry_after is not None:
-            body["parameters"] = {"retry_after": retry_after}
+        if parameters:
+            body["parameters"] = parameters
         return JSONResponse(body, status_code=code)
 
     async def _m_getMe(self, bot_id: int, params: dict[str, Any]) -> dict[str, Any]:
@@ -340,6 +347,13 @@ class FakeTelegram:
 
     async def _m_sendMessage(self, bot_id: int, params: dict[str, Any]) -> dict[str, Any]:
         chat_id = _as_int(params, "chat_id")
+        with self._lock:
+            moved_to = self.migrated.get(chat_id)
+        if moved_to is not None:
+            # The real server's answer to a send to a group that became a supergroup.
+            raise _ApiError(
+                400, "Bad Request: group chat was upgraded to a supergroup chat", migrate_to_chat_id=moved_to
+            )
         text = params.get("text")
         if not text:
             raise _ApiError(400, "Bad Request: message text is empty")
