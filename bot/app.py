@@ -2,8 +2,9 @@
 (imported only when it is on: a production app never loads the local trial's code).
 
 POST /webhook: secret → body (bounded) → decode → pipeline (claim, lock, handlers, commit) → 200, and
-only then the replies go out. Anything that keeps the update from being committed answers 503, so
-Telegram delivers it again; nothing is acknowledged before it is durable.
+only then the replies go out. A fault that may pass (the database away or slow) answers 503, so Telegram
+delivers the update again; one that would fail every delivery (a bug, a value that cannot be stored) is
+committed as a dead letter and answered 200. Nothing is acknowledged before it is durable.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
 from .dispatch import Bot
+from .failures import TryLater
 from .limits import TooLarge, read_at_most
 from .metrics import CONTENT_TYPE
 from .runtime import Runtime, start
@@ -69,12 +71,11 @@ async def webhook(request: Request) -> Response:
     except InvalidUpdate as exc:
         return _error(400, str(exc))
     try:
-        async with asyncio.timeout(settings.request_deadline):
-            outcome = await runtime.pipeline.process(update)
-    except (StorageUnavailable, TimeoutError) as exc:
-        reason = str(exc) or f"no result within {settings.request_deadline:g} s"
+        # Applied, or recorded as a dead letter (a bug, a value that cannot be stored): 200 either way.
+        outcome = await runtime.pipeline.process(update)
+    except TryLater as exc:
         log.warning(
-            "update %d not applied, answering 503 so Telegram redelivers it: %s", update.update_id, reason
+            "update %d not applied, answering 503 so Telegram redelivers it: %s", update.update_id, exc
         )
         return _error(503, "temporarily unavailable, deliver again later")
     if settings.webhook_reply and outcome.to_send:

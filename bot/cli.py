@@ -1,4 +1,5 @@
-"""`python -m bot <command>` (also installed as `bot`): serve, migrate, poll, chat, and webhook management.
+"""`python -m bot <command>` (also installed as `bot`): serve, migrate, poll, chat, webhook management, and
+the dead letters (list, replay).
 
 Errors a user can fix (configuration, an unmigrated or unreachable database,
 Telegram refusing the token or the URL) end the process with one line on stderr and a non-zero status,
@@ -13,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterator
@@ -23,14 +25,18 @@ import httpx
 import msgspec
 
 from .config import DEFAULT_APP, ConfigError, Settings, load_settings
+from .dead_letters import Replayed, describe_letter, replay_all, table
 from .dispatch import Bot
 from .errors import BotError
+from .failures import TryLater
 from .importer import AppError, load_app
 from .logs import setup_logging
 from .migrate import MigrationError, NotMigrated, check_migrated, migrate
+from .pipeline import Status
 from .pooler import NO_STATEMENT_CACHE
 from .runtime import StartupError, bot_api, resolve_identity, start
-from .storage import StorageUnavailable
+from .storage import DeadLetter, StorageUnavailable
+from .storage.postgres import PostgresStorage
 from .telegram import BotApi, BotApiError, InvalidUpdate, decode_update
 from .webhook import foreign_webhook, problems, register, registration
 
@@ -338,13 +344,13 @@ async def _poll_forever(settings: Settings, bot: Bot[Any]) -> None:
                     log.warning("skipping an update that does not decode: %s", exc)
                     offset = max(offset, int(item.get("update_id", offset - 1)) + 1)
                     continue
-                # Offset moves past an update only once it is committed: a database outage means the
-                # same update again, as with a webhook's 503.
+                # Offset moves past an update only once it is committed, applied or as a dead letter: a
+                # database outage means the same update again, as with a webhook's 503.
                 while True:
                     try:
                         outcome = await runtime.pipeline.process(update)
                         break
-                    except StorageUnavailable as exc:
+                    except TryLater as exc:
                         log.warning("update %d not applied, retrying: %s", update.update_id, exc)
                         await asyncio.sleep(1)
                 runtime.outbox.send_soon(outcome.to_send)
@@ -358,6 +364,64 @@ def _poll(settings: Settings, args: argparse.Namespace) -> int:
     with _database(settings, bot.name) as settings, contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_poll_forever(settings, bot))
     return 0
+
+
+async def _listed(settings: Settings) -> list[DeadLetter]:
+    await _require_migrated(settings)
+    assert settings.database_url is not None
+    storage = await PostgresStorage.connect(settings.database_url, max_size=1, pooler=settings.db_pooler)
+    try:
+        return await storage.dead_letters(settings.bot_id)
+    finally:
+        await storage.close()
+
+
+def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    with _database(settings, _app(settings, args).name) as live:
+        letters = asyncio.run(_listed(live))
+    if args.update_id is None:
+        print(table(letters, shutil.get_terminal_size((160, 24)).columns))
+        return 0
+    for letter in letters:
+        if letter.update_id == args.update_id:
+            print(describe_letter(letter))
+            return 0
+    raise _Fail(f"update {args.update_id} is not a dead letter (`python -m bot dead-letters` lists them)")
+
+
+async def _replay_now(settings: Settings, bot: Bot[Any], update_id: int | None) -> list[Replayed]:
+    await _require_migrated(settings)
+    async with start(settings, bot=bot) as runtime:
+        letters = await runtime.storage.dead_letters(runtime.me.id)
+        if update_id is not None:
+            letters = [letter for letter in letters if letter.update_id == update_id]
+            if not letters:
+                raise _Fail(
+                    f"update {update_id} is not a dead letter (`python -m bot dead-letters` lists them)"
+                )
+        replayed = await replay_all(runtime.pipeline, letters)
+        for one in replayed:
+            runtime.outbox.send_soon(one.to_send)  # start() waits for them before it returns
+        still = {letter.update_id: letter for letter in await runtime.storage.dead_letters(runtime.me.id)}
+        return [
+            dataclasses.replace(
+                r, note=f"{r.note} (attempt {still[r.update_id].attempts}): {still[r.update_id].error}"
+            )
+            if r.status is Status.DEAD_LETTER and r.update_id in still
+            else r
+            for r in replayed
+        ]
+
+
+def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    bot = _app(settings, args)
+    with _database(settings, bot.name) as live:
+        replayed = asyncio.run(_replay_now(live, bot, None if args.all else args.update_id))
+    for one in replayed:
+        print(f"update {one.update_id}: {one.note}")
+    if not replayed:
+        print("no dead letters")
+    return 0 if all(one.done for one in replayed) else 1
 
 
 def _chat(settings: Settings, args: argparse.Namespace) -> int:
@@ -416,6 +480,22 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "poll", parents=[app], help="long-poll getUpdates instead of serving a webhook (local use)"
     )
+    letters = sub.add_parser(
+        "dead-letters",
+        parents=[app],
+        help="list the updates that failed for good (a bug, a value that cannot be stored); with an"
+        " UPDATE_ID, show one in full: the update, the error and its traceback",
+    )
+    letters.add_argument("update_id", metavar="UPDATE_ID", type=int, nargs="?")
+    replay = sub.add_parser(
+        "replay",
+        parents=[app],
+        help="run dead letters again, once the code is fixed: each is applied once and removed from the"
+        " list, or stays listed if it fails again (exit status 1)",
+    )
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("update_id", metavar="UPDATE_ID", type=int, nargs="?")
+    which.add_argument("--all", action="store_true", help="every dead letter, oldest first")
     chat = sub.add_parser("chat", help="talk to a running local bot from this terminal (its playground)")
     chat.add_argument("--chat-type", choices=["group", "supergroup", "private", "channel"], default="group")
     chat.add_argument("--chat-id", type=int, help="continue a chat made before (its id was printed)")
@@ -433,6 +513,8 @@ _COMMANDS: dict[str, tuple[Callable[[Settings, argparse.Namespace], int], bool, 
     "webhook-info": (_webhook_info, False, False),
     "delete-webhook": (_delete_webhook, False, False),
     "poll": (_poll, False, True),
+    "dead-letters": (_dead_letters, False, True),
+    "replay": (_replay, False, True),
     "chat": (_chat, False, False),
 }
 
@@ -450,6 +532,6 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s", note)
     try:
         return command(settings, args)
-    except (_Fail, StartupError, MigrationError, NotMigrated, StorageUnavailable) as exc:
+    except (_Fail, StartupError, MigrationError, NotMigrated, StorageUnavailable, TryLater) as exc:
         print(f"bot: {exc}", file=sys.stderr)
         return 1

@@ -76,6 +76,8 @@ class Settings:
     db_optimistic: bool
     session_cache: int
     request_deadline: float
+    dead_letter_after: int
+    dead_letter_after_seconds: float
     max_body_bytes: int
     outbox_lease: float
     bot_api_timeout: float
@@ -346,6 +348,11 @@ def load_settings(
         session_cache=_int(env, "SESSION_CACHE", 5000, 0, 1_000_000),
         # Well under Telegram's 60 s, after which it would redeliver while we may still be working.
         request_deadline=_seconds(env, "REQUEST_DEADLINE", 25.0, 1, 55),
+        # An update that keeps failing transiently (503 after 503) becomes a dead letter at its Nth
+        # failure once this long has passed since its first, instead of holding its chat for Telegram's
+        # 24 hours of redeliveries; both, so that a short outage does not dead-letter what it delays.
+        dead_letter_after=_int(env, "DEAD_LETTER_AFTER", 5, 1, 1000),
+        dead_letter_after_seconds=_seconds(env, "DEAD_LETTER_AFTER_SECONDS", 300.0, 0, 86400),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 1024 * 1024, 1024 * 1024, 64 * 1024 * 1024),
         outbox_lease=lease,
         bot_api_timeout=api_timeout,

@@ -62,13 +62,15 @@ class Bot(Router[S]):
         self.examples: list[str] = []
 
     def catch(self, hook: E) -> E:
-        """Set the error hook, `async def on_error(error, ctx)`, for an exception from a handler or a
-        middleware (grammY's `bot.catch`, aiogram's errors router).
+        """Set the error hook, `async def on_error(error, ctx)`, for an exception from the bot's code
+        (grammY's `bot.catch`, aiogram's errors router): a handler or middleware, and also a filter, a
+        key function, a session that cannot be loaded or saved.
 
-        The failed handler's session changes and queued calls are discarded first, so the hook sees the
-        sessions as loaded and can reply (`ctx.reply("Sorry…")`), change a session, or re-raise. What it
-        does commits with the update, exactly once; if it raises, the update is rolled back, logged and
-        acknowledged, as without a hook. Database errors never reach it: those answer 503 so Telegram
+        For a handler or middleware, its session changes and queued calls are discarded first, so the
+        hook sees the sessions as loaded and can reply (`ctx.reply("Sorry…")`), change a session, or
+        re-raise; for the rest it runs after the update was rolled back, without sessions. What it does
+        commits with the update, exactly once; if it raises, the update is rolled back and recorded as
+        a dead letter, as without a hook. Database outages never reach it: those answer 503 so Telegram
         redelivers the update. Usable as a decorator.
         """
         check_async(hook, "error hook", "error, ctx")

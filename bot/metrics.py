@@ -19,7 +19,7 @@ __all__ = ["CONTENT_TYPE", "UPDATE_KINDS", "UPDATE_OUTCOMES", "Metrics"]
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 UPDATE_KINDS = (*_KINDS, "other")  # "other": a kind the bot does not route
-UPDATE_OUTCOMES = ("applied", "duplicate", "ignored", "failed", "unavailable")
+UPDATE_OUTCOMES = ("applied", "duplicate", "ignored", "failed", "dead_letter", "unavailable")
 CALL_OUTCOMES = ("sent", "retry", "failed", "rate_limited", "moved")
 WAIT_REASONS = ("bot_budget", "chat_budget", "order", "taken_over")
 

@@ -20,6 +20,7 @@ from .config import TRIAL_USERNAME, Settings
 from .context import BotIdentity
 from .dispatch import Bot
 from .errors import BotError
+from .failures import TransientFailures
 from .importer import AppError, load_app
 from .metrics import Metrics
 from .outbox import Limits, Outbox
@@ -140,6 +141,8 @@ async def start(
                 api=api,
                 api_timeout=settings.api_call_timeout,
                 optimistic=settings.db_optimistic,
+                deadline=settings.request_deadline,
+                give_up=TransientFailures(settings.dead_letter_after, settings.dead_letter_after_seconds),
             )
             sweeper = asyncio.create_task(outbox.run_sweeper(settings.sweep_interval))
             try:

@@ -181,6 +181,6 @@ def build_bot() -> Bot[TodoList]:
             else:
                 ctx.reply(str(error))
             return
-        raise error  # a bug: rolled back, logged and acknowledged by the framework
+        raise error  # a bug: rolled back and kept as a dead letter, to replay once fixed
 
     return bot

@@ -235,7 +235,7 @@ async def test_updates_the_bot_does_not_handle_are_200_without_database_work(
     assert await table_counts(database_url) == {"sessions": 0, "processed_updates": 0, "outbox": 0}
 
 
-async def test_a_handler_bug_is_rolled_back_and_acknowledged(
+async def test_a_handler_bug_is_rolled_back_recorded_as_a_dead_letter_and_acknowledged(
     open_client: OpenClient, settings: Settings, fake: FakeTelegram, caplog: pytest.LogCaptureFixture
 ) -> None:
     bot = build_bot()
@@ -250,10 +250,22 @@ async def test_a_handler_bug_is_rolled_back_and_acknowledged(
         assert await post(client, message_update(2, -11, "boom")) == 200
         assert await post(client, hunger(3, -11)) == 200
         assert await replies(fake, -11, 1) == ["Your hunger level is 1!"]
-        assert "update 2: handler failed" in caplog.text
+        assert "update 2 is a dead letter (attempt 1): ZeroDivisionError: bug" in caplog.text
     assert any(
-        getattr(r, "update_id", None) == 2 and getattr(r, "outcome", None) == "failed" for r in caplog.records
+        getattr(r, "update_id", None) == 2 and getattr(r, "outcome", None) == "dead_letter"
+        for r in caplog.records
     )
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        row = await conn.fetchrow("SELECT chat, kind, error, attempts FROM dead_letters WHERE update_id = 2")
+    finally:
+        await conn.close()
+    assert row is not None and dict(row) == {
+        "chat": "-11",
+        "kind": "message",
+        "error": "ZeroDivisionError: bug",
+        "attempts": 1,
+    }
 
 
 async def test_a_locked_row_past_lock_timeout_is_503_and_nothing_is_half_written(

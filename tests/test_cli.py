@@ -26,22 +26,12 @@ from bot.migrate import MIGRATIONS_DIR
 from bot.testing.env import SECRET, TOKEN, bot_env
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess, free_port
+from bot.testing.processes import run_cli as bot
 from bot.testing.updates import callback_update, encode, message_update
 
 TODO_APP = "examples.todo:build_bot"
 
 MIGRATIONS = sorted(path.name for path in MIGRATIONS_DIR.glob("*.sql"))
-
-
-def bot(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BOT_TOKEN", "WEBHOOK_SECRET")}
-    return subprocess.run(
-        [sys.executable, "-m", "bot", *args],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,8 @@ def test_defaults_give_a_local_trial_with_a_generated_secret() -> None:
     assert settings.telegram_api_root == "https://api.telegram.org"
     assert settings.port == 8000
     assert settings.max_body_bytes == 1024 * 1024
+    # An update failing transiently is given up on at its 5th failure, 5 minutes after its first.
+    assert (settings.dead_letter_after, settings.dead_letter_after_seconds) == (5, 300.0)
 
 
 def test_production_settings_are_read_as_given() -> None:
@@ -87,6 +89,8 @@ def test_sslmode_in_database_url_is_kept_for_the_driver() -> None:
         ({"MIGRATE_ON_START": "maybe"}, "MIGRATE_ON_START", "true or false"),
         ({"DB_CONCURRENCY": "yolo"}, "DB_CONCURRENCY", "one of locked, optimistic"),
         ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY", "between 1 and 64"),
+        ({"DEAD_LETTER_AFTER": "0"}, "DEAD_LETTER_AFTER", "between 1 and 1000"),
+        ({"DEAD_LETTER_AFTER_SECONDS": "never"}, "DEAD_LETTER_AFTER_SECONDS", "number of seconds"),
     ],
 )
 def test_bad_settings_name_the_variable_and_the_problem(

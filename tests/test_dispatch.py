@@ -10,6 +10,7 @@ import pytest
 
 from bot.context import BotIdentity, Context
 from bot.dispatch import Bot, Router
+from bot.failures import TryLater
 from bot.filters import text
 from bot.metrics import Metrics
 from bot.pipeline import Pipeline, Status
@@ -193,25 +194,50 @@ async def test_the_error_hook_sees_the_state_before_the_handler_and_its_reply_is
     assert stored is not None and '"count":11' in stored.data.replace(" ", "")
 
 
-async def test_an_error_hook_that_raises_rolls_the_update_back(storage: Storage) -> None:
+async def test_an_error_hook_that_raises_rolls_the_update_back_into_a_dead_letter(storage: Storage) -> None:
     bot = counting_bot()
+    hooked: list[str] = []
 
     @bot.catch
     async def on_error(error: Exception, ctx: Context[Counted]) -> None:
+        hooked.append(str(error))
         ctx.session.count += 10
         raise error
 
     run = Pipeline(bot, storage, ME, Metrics())
     await run.process(text_update(1, -1, "+"))
     outcome = await run.process(text_update(2, -1, "boom"))
-    assert (outcome.status, outcome.to_send) == (Status.FAILED, [])
-    assert (
-        run.metrics.count("bot_updates_total", kind="message", outcome="failed") == 1
-    )  # one failed update, counted once
+    assert (outcome.status, outcome.to_send) == (Status.DEAD_LETTER, [])
+    assert hooked == ["a bug"]  # the hook ran once, and not again when the update was recorded
+    assert run.metrics.count("bot_updates_total", kind="message", outcome="dead_letter") == 1
     async with storage.transaction() as tx:
         stored = await tx.read("-1")
-        assert await tx.claim_update(ME.id, 2)  # not recorded: a rolled-back update left nothing
-    assert stored is not None and '"count":1' in stored.data.replace(" ", "")
+        assert not await tx.claim_update(ME.id, 2)  # claimed with its dead letter: not run again
+    assert stored is not None and '"count":1' in stored.data.replace(" ", "")  # neither +100 nor +10
+    [letter] = await storage.dead_letters(ME.id)
+    assert (letter.update_id, letter.chat, letter.error) == (2, "-1", "ZeroDivisionError: a bug")
+
+
+async def test_an_error_hook_sees_failures_outside_the_handlers_too_and_may_handle_them(
+    storage: Storage,
+) -> None:
+    """A filter's bug reaches the hook as well (with no sessions: none were loaded); a hook that returns
+    handled it, so its reply is sent and nothing is recorded."""
+    bot: Bot[Counted] = Bot(session(initial=Counted))
+
+    @bot.message(lambda ctx: 1 / 0)
+    async def never(ctx: Context[Counted]) -> None:
+        raise AssertionError("its filter fails")
+
+    @bot.catch
+    async def on_error(error: Exception, ctx: Context[Counted]) -> None:
+        ctx.reply(f"sorry: {type(error).__name__}")
+
+    run = Pipeline(bot, storage, ME, Metrics())
+    outcome = await run.process(text_update(1, -1, "x"))
+    assert outcome.status is Status.FAILED
+    assert [c.params["text"] for c in outcome.to_send] == ["sorry: ZeroDivisionError"]
+    assert await storage.dead_letters(ME.id) == []
 
 
 async def test_database_errors_never_reach_the_error_hook() -> None:
@@ -226,6 +252,6 @@ async def test_database_errors_never_reach_the_error_hook() -> None:
     async def on_error(error: Exception, ctx: Context[None]) -> None:
         hooked.append(error)
 
-    with pytest.raises(StorageUnavailable):
+    with pytest.raises(TryLater, match="lock timeout"):
         await Pipeline(bot, MemoryStorage(), ME, Metrics()).process(text_update(1, -1, "x"))
     assert hooked == []

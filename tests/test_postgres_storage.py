@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -22,7 +23,14 @@ from bot.metrics import Metrics
 from bot.migrate import migrate
 from bot.pipeline import Outcome, Pipeline, Status
 from bot.session import session
-from bot.storage import Conflict, OutgoingCall, StaleRead, StorageUnavailable, StoredSession
+from bot.storage import (
+    Conflict,
+    OutgoingCall,
+    StaleRead,
+    StorageRefused,
+    StorageUnavailable,
+    StoredSession,
+)
 from bot.storage.postgres import PostgresStorage
 from bot.telegram import Update
 from bot.testing.pgbouncer import PgBouncer
@@ -327,7 +335,7 @@ async def test_a_failed_transaction_leaves_the_remembered_sessions_it_did_not_to
             await tx.read("8")
             await tx.write("nul\x00", StoredSession("{}"))  # PostgreSQL refuses NUL in text
 
-    with pytest.raises(StorageUnavailable):
+    with pytest.raises(StorageRefused):
         await fail()
     assert postgres.cache.get("7") is not None
     outcome = await run.process(text_update(2, chat_id=7, text="look"))
@@ -413,6 +421,31 @@ async def test_a_restored_database_that_reused_a_remembered_xmin_is_read_afresh(
         await storage.close()
         if bouncer is not None:
             bouncer.stop()
+
+
+@pytest.mark.parametrize(
+    ("key", "data", "refusal"),
+    [
+        ("8", '{"s": "\\u0000"}', "UntranslatableCharacterError"),  # jsonb refuses \u0000 in a string
+        ("nul\x00", "{}", "CharacterNotInRepertoireError"),  # text refuses NUL
+        # A key too long for the primary key's index (random: a repetitive one would be compressed).
+        (secrets.token_hex(8000), "{}", "ProgramLimitExceededError"),
+    ],
+)
+async def test_a_value_the_database_refuses_is_storage_refused_not_unavailable(
+    postgres: PostgresStorage, key: str, data: str, refusal: str
+) -> None:
+    """Finding 3 of issue 16: refused data was StorageUnavailable, a 503 on every delivery. It is
+    StorageRefused now: deterministic (the update becomes a dead letter), and nothing was written."""
+
+    async def refused() -> None:
+        async with postgres.transaction() as tx:
+            await tx.read("9")
+            await tx.write(key, StoredSession(data))
+
+    with pytest.raises(StorageRefused, match=refusal):
+        await refused()
+    assert await postgres.pool.fetchval("SELECT count(*) FROM sessions") == 0
 
 
 async def _write_count(storage: PostgresStorage, key: str, count: int) -> None:
@@ -593,5 +626,5 @@ async def test_values_that_cannot_be_sql_literals_still_commit(postgres: Postgre
         async with postgres.transaction() as tx:
             await tx.write("nul\x00", StoredSession("{}"))
 
-    with pytest.raises(StorageUnavailable, match="write sessions"):  # PostgreSQL refuses NUL in text
+    with pytest.raises(StorageRefused, match="write sessions"):  # PostgreSQL refuses NUL in text
         await write_nul()

@@ -260,8 +260,10 @@ async def test_a_filter_reading_a_session_fails_saying_filters_run_before_the_da
     async def handler(ctx: Context[Seen]) -> None:
         raise AssertionError("unreachable")
 
-    with pytest.raises(Exception, match="filters run before the database is touched"):
-        await process(bot, message_update(1, -1, "x"), NoDatabase())
+    storage = MemoryStorage()
+    assert (await process(bot, message_update(1, -1, "x"), storage)).status is Status.DEAD_LETTER
+    [letter] = await storage.dead_letters(ME.id)
+    assert "filters run before the database is touched" in letter.error
 
 
 def test_a_router_is_included_once_and_never_in_itself() -> None:
@@ -349,7 +351,7 @@ async def test_a_middleware_calling_next_twice_is_a_bug_not_a_double_apply() -> 
         ctx.reply("once")
 
     outcome = await process(bot, message_update(1, -1, "x"))
-    assert outcome.status is Status.FAILED
+    assert outcome.status is Status.DEAD_LETTER
     assert outcome.to_send == []
 
 

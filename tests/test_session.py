@@ -15,6 +15,7 @@ import pytest
 
 from bot.context import BotIdentity, Context
 from bot.dispatch import Bot
+from bot.failures import TryLater
 from bot.filters import text
 from bot.metrics import Metrics
 from bot.outbox import Outbox
@@ -28,6 +29,7 @@ from bot.session import (
     user_key,
 )
 from bot.storage import (
+    DeadLetter,
     Moved,
     OutgoingCall,
     PendingCall,
@@ -119,6 +121,13 @@ class _CountingTransaction:
 
     async def claim_unsent(self, bot_id: int, update_id: int, lease: float) -> list[PendingCall]:
         return await self.tx.claim_unsent(bot_id, update_id, lease)
+
+    async def dead_letter(self, bot_id: int, letter: DeadLetter) -> None:
+        self._count("dead letter", str(letter.update_id))
+        await self.tx.dead_letter(bot_id, letter)
+
+    async def take_dead_letter(self, bot_id: int, update_id: int) -> DeadLetter | None:
+        return await self.tx.take_dead_letter(bot_id, update_id)
 
 
 @pytest.fixture
@@ -281,8 +290,8 @@ async def test_assigning_a_lazy_session_before_loading_it_fails_and_writes_nothi
     run = pipeline(bot, counting)
     await run.process(text_update(1, chat_id=7, text="+"))
     counting.ops.clear()
-    assert (await run.process(text_update(2, chat_id=7, text="blind"))).status is Status.FAILED
-    assert counting.ops == {}
+    assert (await run.process(text_update(2, chat_id=7, text="blind"))).status is Status.DEAD_LETTER
+    assert counting.ops == {("claim", "2"): 1, ("dead letter", "2"): 1}  # nothing read or written
     assert await count_of(counting.inner, "7") == 1
 
 
@@ -356,7 +365,7 @@ async def test_a_version_with_no_migration_step_fails_naming_the_key_and_the_ste
     async with counting.inner.transaction() as tx:
         await tx.write("7", StoredSession('{"pizzaCount": 3}', version=0))
     result = await pipeline(pizza_v2_bot(), counting).process(text_update(1, chat_id=7, text="🍕"))
-    assert result.status is Status.FAILED
+    assert result.status is Status.DEAD_LETTER
     assert (
         "session 'session', key '7' is version 0, and no migration upgrades version 0 (known: [1])"
         in caplog.text
@@ -373,7 +382,7 @@ async def test_a_session_written_by_a_newer_version_is_refused_not_downgraded(
     async with counting.inner.transaction() as tx:
         await tx.write("7", StoredSession(newer, version=3))
     result = await pipeline(pizza_v2_bot(), counting).process(text_update(1, chat_id=7, text="🍕"))
-    assert result.status is Status.FAILED
+    assert result.status is Status.DEAD_LETTER
     assert "session 'session', key '7' is version 3, newer than this code's version 2" in caplog.text
     saved = await stored(counting.inner, "7")
     assert saved is not None and saved.version == 3 and json.loads(saved.data)["favourite"] == "margherita"
@@ -385,7 +394,7 @@ async def test_a_stored_row_that_no_longer_decodes_fails_the_update_naming_sessi
     async with counting.inner.transaction() as tx:
         await tx.write("7", StoredSession('{"count": "many"}'))
     result = await pipeline(counter_bot(), counting).process(text_update(1, chat_id=7, text="+"))
-    assert result.status is Status.FAILED
+    assert result.status is Status.DEAD_LETTER
     assert (
         "SessionDecodeError: session 'session', key '7': the stored row (version 0) no longer decodes as "
         "Counted, field `$.count`: Expected `int`, got `str`" in caplog.text
@@ -433,7 +442,7 @@ async def test_a_session_value_that_does_not_fit_or_cannot_be_stored_fails_the_u
     run = pipeline(typed_bot(), storage, optimistic=optimistic)
     await run.process(text_update(1, chat_id=7, text="+"))
     failed = await run.process(text_update(2, chat_id=7, text=action))
-    assert failed.status is Status.FAILED
+    assert failed.status is Status.DEAD_LETTER
     assert f"SessionValueError: session 'session', key '7': {error}. Nothing was saved" in caplog.text
     saved = await stored(storage, "7")
     assert saved is not None and json.loads(saved.data) == {"count": 1, "tags": []}  # the last good value
@@ -492,9 +501,9 @@ async def test_handler_bug_rolls_back_and_the_chat_keeps_working(
     run = pipeline(bot, storage, optimistic=optimistic)
     await run.process(text_update(1, chat_id=7, text="+"))
     failed = await run.process(text_update(2, chat_id=7, text="boom"))
-    assert failed.status is Status.FAILED and failed.to_send == []
-    assert "update 2: handler failed" in caplog.text and "handler bug" in caplog.text
-    assert run.metrics.count("bot_updates_total", kind="message", outcome="failed") == 1
+    assert failed.status is Status.DEAD_LETTER and failed.to_send == []
+    assert "update 2 is a dead letter (attempt 1): RuntimeError: handler bug" in caplog.text
+    assert run.metrics.count("bot_updates_total", kind="message", outcome="dead_letter") == 1
     look = await run.process(text_update(3, chat_id=7, text="look"))
     assert [c.params["text"] for c in look.to_send] == ["1"]
 
@@ -668,7 +677,7 @@ async def test_a_session_in_its_own_storage_is_written_there_and_rolled_back_wit
     await run.process(from_user(2, -1, 100, "+"))
     assert (await count_of(storage, "-1"), await count_of(elsewhere, "user:100")) == (2, 2)
     assert await stored(storage, "user:100") is None
-    assert (await run.process(from_user(3, -1, 100, "boom"))).status is Status.FAILED
+    assert (await run.process(from_user(3, -1, 100, "boom"))).status is Status.DEAD_LETTER
     assert (await count_of(storage, "-1"), await count_of(elsewhere, "user:100")) == (2, 2)
     # The exactly-once record lives in the bot's storage: a redelivery changes neither storage.
     assert (await run.process(from_user(2, -1, 100, "+"))).status is Status.DUPLICATE
@@ -715,7 +724,7 @@ async def test_a_session_in_its_own_storage_commits_first_so_a_crash_between_com
 ) -> None:
     main = MainCommitFails()
     run = pipeline(multi_bot(user_storage=storage), main)
-    with pytest.raises(StorageUnavailable):
+    with pytest.raises(TryLater, match="connection lost at commit"):
         await run.process(from_user(1, -1, 100, "+"))
     # The other storage committed; the bot's did not, so the update is not recorded as applied...
     assert (await count_of(main.inner, "-1"), await count_of(storage, "user:100")) == (0, 1)

@@ -64,6 +64,7 @@ async def test_the_suite_fails_a_storage_without_locks_on_every_concurrency_prom
         "a_read_of_a_missing_key_waits_too",
         "concurrent_claims_of_one_update_let_one_through",
         "a_claim_waits_for_the_first_attempt",
+        "a_take_waits_for_another_take_of_the_same_letter",
     }
 
 
@@ -75,4 +76,6 @@ async def test_the_suite_fails_a_storage_that_does_not_roll_back() -> None:
         "rollback_discards_writes",
         "a_rolled_back_claim_can_be_claimed_again",
         "a_claim_waits_for_the_first_attempt",
+        "dead_letters_are_kept_until_taken",
+        "a_take_waits_for_another_take_of_the_same_letter",
     }

@@ -6,6 +6,10 @@ other's increments. The same transaction records the update as processed (`claim
 update's outgoing calls (`enqueue`), so the session write, the exactly-once record and the replies commit
 or vanish together.
 
+An update whose handling fails for good is recorded instead, in the same kind of transaction as its
+claim: a dead letter (`dead_letter`), listed by `dead_letters` and taken back by a replay
+(`take_dead_letter`), whose transaction then applies it exactly once.
+
 `docs/SESSIONS.md` describes the contract in prose; `bot.testing.conformance` checks an adapter against it.
 """
 
@@ -21,6 +25,7 @@ from ..errors import BotError
 __all__ = [
     "Budget",
     "Conflict",
+    "DeadLetter",
     "FloodRule",
     "Moved",
     "OptimisticStorage",
@@ -31,6 +36,7 @@ __all__ = [
     "RunAgain",
     "StaleRead",
     "Storage",
+    "StorageRefused",
     "StorageUnavailable",
     "StoredSession",
     "Transaction",
@@ -124,6 +130,20 @@ class FloodRule:
 
 
 @dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An update whose handling failed for good (docs/RELIABILITY.md), kept for `python -m bot replay`."""
+
+    update_id: int
+    body: str  # the update as received: the webhook's JSON body
+    error: str  # one line: the exception's type and message
+    traceback: str
+    chat: str | None  # the chat id, when the update has a chat
+    kind: str | None  # message, callback_query...; None for a kind the bot does not route
+    attempts: int = 1  # deliveries (or replays) that failed
+    failed_at: float = 0.0  # epoch seconds of the last failure; set by the storage when listing
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxStatus:
     """What /metrics shows about the outbox, read at scrape time."""
 
@@ -144,6 +164,15 @@ class RunAgain(StorageUnavailable):
     """Nothing of the update was applied, and what failed it is dealt with already (the storage changed
     how it talks to the database): run it again at once, once. Anywhere that does not, it is a
     StorageUnavailable like any other (503, Telegram delivers it again)."""
+
+
+class StorageRefused(BotError):
+    """The database refused a value this update tried to store: PostgreSQL's data exceptions (SQLSTATE
+    class 22, e.g. jsonb refusing `\\u0000` in a string) and values over its limits (class 54).
+
+    Deterministic: every delivery of the update would be refused the same way, so it is a dead letter
+    (answered 200), not a 503. Nothing of the transaction was written.
+    """
 
 
 class Conflict(BotError):
@@ -186,6 +215,16 @@ class Transaction(Protocol):
 
     async def claim_unsent(self, bot_id: int, update_id: int, lease: float) -> list[PendingCall]:
         """Take over this update's calls that nobody confirmed and whose lease has run out."""
+
+    async def dead_letter(self, bot_id: int, letter: DeadLetter) -> None:
+        """Record the update as a dead letter, replacing any earlier letter of the same update id. Called
+        after `claim_update` claimed it (or after `take_dead_letter` took it, for a replay that failed
+        again), so it is recorded once."""
+
+    async def take_dead_letter(self, bot_id: int, update_id: int) -> DeadLetter | None:
+        """Remove the update's dead letter, locking it until the transaction ends: a replay's claim. None
+        when there is none (never recorded, or replayed meanwhile). A concurrent take of the same update
+        waits here until the first one commits or rolls back."""
 
 
 class Storage(Protocol):
@@ -236,6 +275,9 @@ class Storage(Protocol):
         """Forget processed update ids and sent (or abandoned) calls older than the given ages in seconds,
         and delete expired sessions, without waiting on rows locked at the moment. Returns how many rows
         it removed."""
+
+    async def dead_letters(self, bot_id: int) -> list[DeadLetter]:
+        """The bot's dead letters, oldest failure first."""
 
     async def ping(self) -> None:
         """Raise StorageUnavailable unless the storage answers and is ready to serve."""

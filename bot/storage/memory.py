@@ -17,6 +17,7 @@ from typing import Any
 
 from . import (
     Budget,
+    DeadLetter,
     FloodRule,
     Moved,
     OutboxStatus,
@@ -112,6 +113,8 @@ class _MemoryTransaction:
         self._claimed: list[tuple[int, int]] = []
         self._queued: list[_OutboxRow] = []
         self._leases: dict[int, float] = {}
+        # (bot id, update id) -> the letter to record, or None to remove it; applied on commit.
+        self._letters: dict[tuple[int, int], DeadLetter | None] = {}
 
     async def _lock(self, key: Hashable) -> None:
         if key not in self._held:
@@ -166,6 +169,17 @@ class _MemoryTransaction:
             self._leases[row.id] = now + lease
         return [replace(r.pending(), lease_no=r.lease_no + 1) for r in due]
 
+    async def dead_letter(self, bot_id: int, letter: DeadLetter) -> None:
+        await self._lock(("dead letter", bot_id, letter.update_id))
+        self._letters[bot_id, letter.update_id] = letter
+
+    async def take_dead_letter(self, bot_id: int, update_id: int) -> DeadLetter | None:
+        ids = (bot_id, update_id)
+        await self._lock(("dead letter", *ids))
+        letter = self._letters[ids] if ids in self._letters else self._storage._dead_letters.get(ids)
+        self._letters[ids] = None
+        return letter
+
     def commit(self) -> None:
         storage = self._storage
         for key, row in self._writes.items():
@@ -178,6 +192,11 @@ class _MemoryTransaction:
         storage._outbox.update((row.id, row) for row in self._queued)
         for call_id, lease_until in self._leases.items():
             storage._outbox[call_id].lease(lease_until)
+        for ids, letter in self._letters.items():
+            if letter is None:
+                storage._dead_letters.pop(ids, None)
+            else:
+                storage._dead_letters[ids] = replace(letter, failed_at=now)
 
     def release(self) -> None:
         for key in reversed(self._held):
@@ -199,6 +218,7 @@ class MemoryStorage:
     _processed: dict[tuple[int, int], float] = field(default_factory=dict)
     _outbox: dict[int, _OutboxRow] = field(default_factory=dict)
     _budgets: dict[str, _Budget] = field(default_factory=dict)
+    _dead_letters: dict[tuple[int, int], DeadLetter] = field(default_factory=dict)
     _locks: _KeyedLocks = field(default_factory=_KeyedLocks)
     _last_id: int = 0
 
@@ -318,6 +338,10 @@ class MemoryStorage:
         for key in expired:
             del self._sessions[key]
         return len(old_ids) + len(old_calls) + len(expired)
+
+    async def dead_letters(self, bot_id: int) -> list[DeadLetter]:
+        mine = [letter for (bot, _), letter in self._dead_letters.items() if bot == bot_id]
+        return sorted(mine, key=lambda letter: (letter.failed_at, letter.update_id))
 
     async def ping(self) -> None:
         return None

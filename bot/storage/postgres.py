@@ -13,7 +13,8 @@ and sends nothing (an increment), four when it queues replies:
 Lock order inside a transaction is: the update id's unique index entry, then session rows in the order
 the session layer reads them (sorted, when it needs several). The only waits are on those, bounded by
 `lock_timeout`; every failure of the database or the connection becomes StorageUnavailable (503, and
-Telegram delivers the update again).
+Telegram delivers the update again), except a value the database refuses, which becomes StorageRefused
+(the same value would be refused on every delivery: the update becomes a dead letter).
 
 `optimistic_transaction()` takes two round trips and no lock: read, then one statement that applies
 the claim, the write and the replies only if the row is still the version read (its `xmin`, with the
@@ -45,6 +46,7 @@ from ..pooler import NO_STATEMENT_CACHE, broken_prepared_statement, pools_transa
 from . import (
     Budget,
     Conflict,
+    DeadLetter,
     FloodRule,
     Moved,
     OutboxStatus,
@@ -53,6 +55,7 @@ from . import (
     Reservation,
     RunAgain,
     StaleRead,
+    StorageRefused,
     StorageUnavailable,
     StoredSession,
 )
@@ -64,16 +67,25 @@ log = logging.getLogger("bot.storage")
 T = TypeVar("T")
 
 
+# What the database refuses in a value, whenever it is sent: data exceptions (class 22: jsonb and text
+# refusing NUL, numbers out of range...), values over its limits (class 54: a key too long for the index,
+# a jsonb over 255 MB), and arguments asyncpg cannot encode. The same value is refused on every delivery.
+_REFUSED = (asyncpg.DataError, asyncpg.ProgramLimitExceededError, asyncpg.exceptions._base.DataError)
+
+
 @contextmanager
 def _unavailable_on_failure(what: str) -> Iterator[None]:
-    """Whatever the driver raises here (a lost connection, a timeout, a terminated backend, a protocol
-    state error after one, a missing table), the update was not stored. Reporting it as
+    """Whatever else the driver raises here (a lost connection, a timeout, a terminated backend, a
+    protocol state error after one, a missing table), the update was not stored. Reporting it as
     StorageUnavailable makes the webhook answer 503 and Telegram deliver the update again; treating it
-    as a handler bug would acknowledge an update we never kept."""
+    as a bug would dead-letter an update that its next delivery would apply. A refused value is
+    StorageRefused: delivering it again cannot help (the update becomes a dead letter)."""
     try:
         yield
-    except (StorageUnavailable, Conflict):
+    except (StorageUnavailable, StorageRefused, Conflict):
         raise
+    except _REFUSED as exc:
+        raise StorageRefused(f"{what}: the database refused a value: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:
         raise StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
 
@@ -91,6 +103,13 @@ async def _acquire(pool: asyncpg.Pool, wait_limit: float) -> asyncpg.pool.PoolCo
     if pool.get_idle_size():
         return await pool.acquire()
     return await pool.acquire(timeout=wait_limit)
+
+
+_DEAD_LETTER = "update_id, chat, kind, body, error, traceback, attempts, extract(epoch FROM failed_at)::float8 AS failed_at"
+
+
+def _dead_letter(row: asyncpg.Record) -> DeadLetter:
+    return DeadLetter(**dict(row))
 
 
 def _pending(rows: Sequence[asyncpg.Record]) -> list[PendingCall]:
@@ -340,6 +359,39 @@ class _PostgresTransaction:
             )
         return _pending(rows)
 
+    async def dead_letter(self, bot_id: int, letter: DeadLetter) -> None:
+        await self._flush()
+        conn = await self._connection()
+        with _unavailable_on_failure("record a dead letter"):
+            # Replacing a letter left from long ago: update ids are claimed only for 25 h (prune), and
+            # Telegram may number a bot's updates afresh after a week.
+            await conn.execute(
+                "INSERT INTO dead_letters (bot_id, update_id, chat, kind, body, error, traceback, attempts)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (bot_id, update_id) DO UPDATE SET"
+                " chat = EXCLUDED.chat, kind = EXCLUDED.kind, body = EXCLUDED.body, error = EXCLUDED.error,"
+                " traceback = EXCLUDED.traceback, attempts = EXCLUDED.attempts, failed_at = now()",
+                bot_id,
+                letter.update_id,
+                letter.chat,
+                letter.kind,
+                letter.body,
+                letter.error,
+                letter.traceback,
+                letter.attempts,
+            )
+
+    async def take_dead_letter(self, bot_id: int, update_id: int) -> DeadLetter | None:
+        await self._flush()
+        conn = await self._connection()
+        with _unavailable_on_failure("take a dead letter"):
+            # The delete locks the row: a second replay waits here, then finds it gone.
+            row = await conn.fetchrow(
+                f"DELETE FROM dead_letters WHERE bot_id = $1 AND update_id = $2 RETURNING {_DEAD_LETTER}",
+                bot_id,
+                update_id,
+            )
+        return None if row is None else _dead_letter(row)
+
     def _commit_script(self) -> str:
         """The pending writes, the placeholder clean-up and COMMIT as one simple query (ValueError when
         a value cannot travel as a literal)."""
@@ -504,6 +556,12 @@ class _OptimisticTransaction:
 
     async def claim_unsent(self, bot_id: int, update_id: int, lease: float) -> list[PendingCall]:
         raise self._give_up("replies of a redelivered update: run it with locks")
+
+    async def dead_letter(self, bot_id: int, letter: DeadLetter) -> None:
+        raise self._give_up("a dead letter: record it with locks")
+
+    async def take_dead_letter(self, bot_id: int, update_id: int) -> DeadLetter | None:
+        raise self._give_up("a replay: run it with locks")
 
     async def _apply(
         self, calls: Sequence[OutgoingCall], bot_id: int = 0, update_id: int = 0, lease: float = 0.0
@@ -1031,6 +1089,17 @@ class PostgresStorage:
             status = await self._execute(what, query, age)
             total += int(status.rsplit(" ", 1)[-1])
         return total
+
+    async def dead_letters(self, bot_id: int) -> list[DeadLetter]:
+        rows = await self._on_pool(
+            "list dead letters",
+            lambda: self._pool.fetch(
+                f"SELECT {_DEAD_LETTER} FROM dead_letters WHERE bot_id = $1 ORDER BY failed_at, update_id",
+                bot_id,
+                timeout=self._acquire_timeout * 2,
+            ),
+        )
+        return [_dead_letter(row) for row in rows]
 
     async def ping(self) -> None:
         async def check() -> None:

@@ -13,7 +13,20 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["BotProcess", "free_port"]
+__all__ = ["BotProcess", "free_port", "run_cli"]
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m bot ARGS` to the end, with `env` on top of this process's environment minus the bot's
+    own variables (a developer's DATABASE_URL or BOT_TOKEN must not leak into a test's command)."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BOT_TOKEN", "WEBHOOK_SECRET")}
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:
