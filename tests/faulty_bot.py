@@ -22,7 +22,8 @@ FAILING_TEXTS = {
     "handler": "ZeroDivisionError: division by zero",
     "nul in the session \x00": "StorageRefused",  # jsonb refuses \u0000 in a string
     "nul in a reply \x00": "StorageRefused",
-    "cannot encode": "TypeError",  # an object in the session's list
+    "cannot encode": "SessionValueError",  # an object in the session's list
+    "wrong type": "SessionValueError",  # a str where the session's class says int
 }
 FILTER_DATA = "oops"
 
@@ -66,6 +67,8 @@ def _build(fixed: bool) -> Bot[Tally]:
                 ctx.reply(kept)
         elif said == "cannot encode":
             ctx.session.notes.append(object() if not fixed else "an object")
+        elif said == "wrong type" and not fixed:
+            ctx.session.count = "seven"  # type: ignore[assignment]
 
     return bot
 

@@ -97,7 +97,7 @@ async def test_a_filter_that_raises_is_a_dead_letter_recorded_as_received(storag
     run = Pipeline(button_bot(hooked), storage, ME, Metrics())
     raw = callback_update(1, -7, 5, FILTER_DATA)
     body = json.dumps(raw, indent=1).encode()  # as received: kept byte for byte, not re-encoded
-    outcome = await run.process(decode_update(body), body)
+    outcome = await run.process(decode_update(body))
     assert (outcome.status, outcome.to_send, hooked) == (Status.DEAD_LETTER, [], ["ValueError"])
     [letter] = await storage.dead_letters(ME.id)
     assert (letter.update_id, letter.chat, letter.kind, letter.attempts) == (1, "-7", "callback_query", 1)
@@ -382,9 +382,9 @@ def test_the_dead_letter_table_shows_each_in_one_line_cut_to_fit() -> None:
 async def test_every_kind_of_bug_is_a_dead_letter_the_chat_moves_on_and_replay_applies_each_once(
     open_client: OpenClient, database_url: str, telegram_root: str, fake: FakeTelegram
 ) -> None:
-    """The issue's test: a bot whose filter, middleware, handler, session value (a string jsonb refuses)
-    and session encoding each fail on some updates, and a reply the database refuses, driven through the
-    webhook. Each is answered 200 (on its first delivery, and on a redelivery without running again),
+    """The issue's test: a bot whose filter, middleware, handler, session values (a string jsonb refuses,
+    a value of the wrong type) and session encoding each fail on some updates, and a reply the database
+    refuses, driven through the webhook. Each is answered 200 (on its first delivery, and on a redelivery without running again),
     is listed by `python -m bot dead-letters`, and the chat's later updates are counted exactly; once the
     code is fixed, `python -m bot replay --all` applies each once."""
     chat = -7
