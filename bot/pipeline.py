@@ -387,7 +387,7 @@ class Pipeline:
         self, ctx: Context[Any], found: Match, *, optimistic: bool, replay: bool = False
     ) -> Outcome:
         update = ctx.update
-        status = Status.APPLIED
+        status = Status.APPLIED if found else Status.IGNORED  # (ignored: a replay nothing wants now)
         hooked = False
         try:
             async with self._unit(update, optimistic=optimistic, replay=replay) as unit:

@@ -187,6 +187,21 @@ async def test_replay_applies_a_dead_letter_once_and_removes_it(storage: Storage
     assert await count(storage) == 1
 
 
+async def test_a_replay_no_handler_wants_any_more_is_ignored_and_unlisted(storage: Storage) -> None:
+    broken = Pipeline(button_bot(), storage, ME, Metrics())
+    assert (await broken.process(press(1, FILTER_DATA))).status is Status.DEAD_LETTER
+    [letter] = await storage.dead_letters(ME.id)
+    without_buttons: Bot[Counted] = Bot(session(Counted))
+
+    @without_buttons.message()
+    async def any_message(ctx: Context[Counted]) -> None:
+        ctx.session.count += 1
+
+    replayed = await Pipeline(without_buttons, storage, ME, Metrics()).replay(letter)
+    assert (replayed.status, replayed.to_send) == (Status.IGNORED, [])
+    assert (await count(storage), await storage.dead_letters(ME.id)) == (0, [])
+
+
 async def test_a_replay_that_fails_again_stays_listed_with_one_more_attempt(storage: Storage) -> None:
     run = Pipeline(button_bot(), storage, ME, Metrics())
     assert (await run.process(press(1, FILTER_DATA))).status is Status.DEAD_LETTER
