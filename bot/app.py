@@ -78,7 +78,8 @@ async def webhook(request: Request) -> Response:
             "update %d not applied, answering 503 so Telegram redelivers it: %s", update.update_id, exc
         )
         return _error(503, "temporarily unavailable, deliver again later")
-    if settings.webhook_reply and outcome.to_send:
+    # A call that uploads files cannot ride in a JSON answer: it is sent as multipart, after the commit.
+    if settings.webhook_reply and outcome.to_send and not outcome.to_send[0].has_files:
         return await _reply_in_response(runtime, outcome.to_send)
     runtime.outbox.send_soon(outcome.to_send)
     return Response(status_code=200)

@@ -16,6 +16,7 @@ from typing import TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from .errors import BotError
+from .files import MAX_UPLOAD_BYTES
 from .libpq import UnsupportedParameter, for_asyncpg
 from .pooler import POOLER_MODES
 
@@ -91,6 +92,7 @@ class Settings:
     playground: bool
     app: str
     api_call_timeout: float
+    upload_max_bytes: int
     log_format: str
     metrics_token: str | None
     metrics_port: int | None
@@ -367,6 +369,8 @@ def load_settings(
         app=app,
         # Handlers wait for `ctx.api` calls while holding their session rows locked: keep it short.
         api_call_timeout=_seconds(env, "API_CALL_TIMEOUT", 5.0, 0.1, 30),
+        # The public Bot API takes files of up to 50 MB; a local Bot API server, up to 2000 MB.
+        upload_max_bytes=_int(env, "UPLOAD_MAX_BYTES", MAX_UPLOAD_BYTES, 1, 2000 * 1024 * 1024),
         log_format=log_format,
         metrics_token=metrics_token,
         metrics_port=metrics_port,

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from pathlib import Path
+from typing import IO, Any, Generic, TypeVar
 
-from .files import json_params
+import msgspec
+
+from .files import MAX_UPLOAD_BYTES, prepare
 from .kinds import KindAccessors
 from .methods import ApiMethods, OutboxMethods
 from .rules import Command, parse_command
 from .session import NoSuchSession, SessionNotLoaded, SessionSlot
 from .storage import OutgoingCall
 from .telegram import BotApi
-from .types import CallbackQuery, Chat, Message, Update, User
+from .types import CallbackQuery, Chat, File, Message, Update, User
 
 __all__ = ["BotIdentity", "Context", "ImmediateApi", "Outbox", "QueuedCall"]
 
@@ -72,15 +75,37 @@ class ImmediateApi(ApiMethods):
     safe to repeat.
     """
 
-    def __init__(self, api: BotApi | None, timeout: float) -> None:
+    def __init__(self, api: BotApi | None, timeout: float, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
         self._api = api
         self._timeout = timeout
+        # The largest file a call may upload (UPLOAD_MAX_BYTES), here and in the calls a handler queues.
+        self.max_upload_bytes = max_upload_bytes
+
+    def _client(self, what: str) -> BotApi:
+        if self._api is None:
+            raise RuntimeError(f"ctx.api.{what}: no BOT_TOKEN, so there is no Bot API to ask")
+        return self._api
 
     async def call(self, method: str, **params: Any) -> Any:
-        if self._api is None:
-            raise RuntimeError(f"ctx.api.call({method!r}): no BOT_TOKEN, so there is no Bot API to ask")
+        api = self._client(f"call({method!r})")
+        values, files = prepare(method, params, self.max_upload_bytes)
         # The client's own deadline, not asyncio.timeout: that would raise TimeoutError, not BotApiError.
-        return await self._api.call(method, json_params(params), timeout=self._timeout)
+        return await api.call(method, values, files=files, timeout=self._timeout)
+
+    async def download(self, file: File | str, into: Path | IO[bytes]) -> int:
+        """Download a file Telegram keeps (a `File` from `get_file`, or a file_id: a photo's, a
+        document's...) into a path or a binary stream (`io.BytesIO()` for the bytes); returns its size.
+        Within the client's total deadline (BOT_API_TIMEOUT), not API_CALL_TIMEOUT: a file takes longer
+        than a call, and the handler holds its chat's lock meanwhile, so download in a handler only what
+        it needs now."""
+        api = self._client("download()")
+        if isinstance(file, str) or file.file_path is None:
+            file_id = file if isinstance(file, str) else file.file_id
+            found = await api.call("getFile", {"file_id": file_id}, timeout=self._timeout)
+            file = msgspec.convert(found, File)
+        if file.file_path is None:
+            raise ValueError(f"download(): Telegram gave no file_path for {file.file_id!r} (over 20 MB?)")
+        return await api.download(file.file_path, into)
 
 
 _NO_API = ImmediateApi(None, 0)
@@ -179,8 +204,10 @@ class Context(KindAccessors, Generic[S]):
         return Outbox(self)
 
     def call(self, method: str, **params: Any) -> QueuedCall:
-        """Queue a Bot API call. It is sent after the update's transaction commits, never before."""
-        call = OutgoingCall(method, json_params(params))
+        """Queue a Bot API call. It is sent after the update's transaction commits, never before. Its
+        files (InputFile) are read now, into the outbox with it: a path or a stream may be gone later."""
+        values, files = prepare(method, params, self.api.max_upload_bytes)
+        call = OutgoingCall(method, values, files)
         self.calls.append(call)
         return QueuedCall(call)
 

@@ -305,11 +305,13 @@ class Outbox:
     async def _call(self, call: PendingCall) -> None:
         """The Bot API call, within the client's deadline, or less when shutdown cuts it short."""
         assert self._api is not None
+        # Read only now, one call at a time: a claim of many calls holds none of their bytes.
+        files = await self._storage.call_files(call.id) if call.has_files else ()
         try:
             async with asyncio.timeout(None) as deadline:
                 self._in_flight.add(deadline)
                 try:
-                    await self._api.call(call.method, call.params)
+                    await self._api.call(call.method, call.params, files=files)
                 finally:
                     self._in_flight.discard(deadline)
         except TimeoutError:

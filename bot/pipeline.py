@@ -26,6 +26,7 @@ from .context import BotIdentity, Context, ImmediateApi
 from .dispatch import Bot, ErrorHook
 from .errors import BotError
 from .failures import TransientFailures, TryLater, dead_letter, describe, is_transient
+from .files import MAX_UPLOAD_BYTES
 from .metrics import Metrics
 from .router import Match
 from .rules import ImplausibleMigration, chat_migration
@@ -130,13 +131,14 @@ class Pipeline:
         optimistic: bool = False,
         deadline: float = 25.0,
         give_up: TransientFailures | None = None,
+        max_upload_bytes: int = MAX_UPLOAD_BYTES,
     ) -> None:
         self.bot = bot
         self.storage = storage
         self.me = me
         self.metrics = metrics
         self.lease = lease
-        self.api = ImmediateApi(api, api_timeout)
+        self.api = ImmediateApi(api, api_timeout, max_upload_bytes)
         self.optimistic = optimistic and isinstance(storage, OptimisticStorage)
         self.deadline = deadline  # seconds for one delivery (REQUEST_DEADLINE)
         # When an update failing transiently again and again is recorded as a dead letter.

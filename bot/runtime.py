@@ -143,6 +143,7 @@ async def start(
                 optimistic=settings.db_optimistic,
                 deadline=settings.request_deadline,
                 give_up=TransientFailures(settings.dead_letter_after, settings.dead_letter_after_seconds),
+                max_upload_bytes=settings.upload_max_bytes,
             )
             sweeper = asyncio.create_task(outbox.run_sweeper(settings.sweep_interval))
             try:

@@ -8,12 +8,16 @@ types and kept in the update's raw body (`Update.raw`), so Telegram can add fiel
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import mimetypes
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import IO, Any, TypeVar
 
 import httpx
 import msgspec
 
 from .errors import BotError
+from .files import Upload
 from .limits import TooLarge, read_at_most
 
 # The types lived here before they were generated: these names stay importable from here, so code
@@ -153,6 +157,7 @@ class BotApi:
         timeout: float = 30.0,
     ) -> None:
         self._base = f"{api_root.rstrip('/')}/bot{token}/"
+        self._files = f"{api_root.rstrip('/')}/file/bot{token}/"
         self._client = client
         self.timeout = timeout
 
@@ -163,11 +168,79 @@ class BotApi:
         method: str,
         params: dict[str, Any] | None = None,
         *,
+        files: Sequence[Upload] = (),
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> Any:
-        """Call `method` with `params` (sent as JSON) and return its `result`, within `timeout` seconds
-        (default: the client's)."""
-        content = msgspec.json.encode(params or {})
+        """Call `method` with `params` and return its `result`, within `timeout` seconds (default: the
+        client's). The parameters go as JSON; with `files` (which they name as "attach://<name>"), as
+        multipart/form-data, each parameter a field (a str as it is, anything else as JSON)."""
+        if files:
+            request: dict[str, Any] = {
+                "data": {
+                    k: v if isinstance(v, str) else msgspec.json.encode(v).decode()
+                    for k, v in (params or {}).items()
+                },
+                "files": [(f.name, (f.filename, f.data, _media_type(f.filename))) for f in files],
+            }
+        else:
+            request = {
+                "content": msgspec.json.encode(params or {}),
+                "headers": {"content-type": "application/json"},
+            }
+        body, status = await self._post(method, self._base + method, request, timeout, _read_answer)
+        try:
+            answer = _response_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as exc:
+            # An HTML error page from a proxy, an empty body, invalid UTF-8, absurd nesting... msgspec
+            # raises the last two as UnicodeDecodeError and RecursionError, not as DecodeError.
+            what = "empty" if not body else f"{type(exc).__name__}: {str(exc)[:200]}"
+            raise BotApiError(
+                method, f"unreadable HTTP {status} answer ({what})", may_have_arrived=True
+            ) from None
+        if not answer.ok:
+            raise BotApiError(
+                method,
+                answer.description or "no description",
+                answer.error_code if answer.error_code is not None else status,
+                answer.parameters.retry_after,
+                migrate_to_chat_id=answer.parameters.migrate_to_chat_id,
+            )
+        return answer.result
+
+    async def download(
+        self,
+        file_path: str,
+        into: Path | IO[bytes],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> int:
+        """Stream a file Telegram keeps (`getFile`'s `file_path`) from `{root}/file/bot{token}/{file_path}`
+        into a path or a binary stream, within the same total deadline as a call; returns its size. A
+        path is written only once the whole file arrived (a failed download leaves nothing there)."""
+        what = f"download {file_path}"
+        if not isinstance(into, Path):
+            size, _ = await self._post(what, self._files + file_path, {}, timeout, _writing(into), "GET")
+            return size
+        part = into.with_name(into.name + ".part")
+        try:
+            with part.open("wb") as sink:
+                size, _ = await self._post(what, self._files + file_path, {}, timeout, _writing(sink), "GET")
+            part.replace(into)
+        finally:
+            part.unlink(missing_ok=True)
+        return size
+
+    async def _post(
+        self,
+        what: str,
+        url: str,
+        request: dict[str, Any],
+        timeout: float | None,  # noqa: ASYNC109
+        read: _Reader[_T],
+        verb: str = "POST",
+    ) -> tuple[_T, int]:
+        """One request within the total deadline, its answer handed to `read`; every failure of the
+        network or the server becomes BotApiError, saying whether the request may have arrived."""
         deadline = self.timeout if timeout is None else timeout
         events: list[str] = []
 
@@ -176,48 +249,56 @@ class BotApi:
 
         try:
             async with asyncio.timeout(deadline):
-                async with self._client.stream(
-                    "POST",
-                    self._base + method,
-                    content=content,
-                    headers={"content-type": "application/json"},
-                    extensions={"trace": trace},
-                ) as response:
-                    body = await read_at_most(response.aiter_bytes(), MAX_ANSWER_BYTES)
+                async with self._client.stream(verb, url, **request, extensions={"trace": trace}) as response:
+                    return await read(what, response), response.status_code
         except TimeoutError:
             # Sent unless the trace shows it never got that far (a transport without traces, such as
             # the playground's, says nothing: then it may have been).
             sent = not events or not _SENDING.isdisjoint(events)
-            raise BotApiError(method, f"no answer within {deadline:g} s", may_have_arrived=sent) from None
+            raise BotApiError(what, f"no answer within {deadline:g} s", may_have_arrived=sent) from None
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Never sent: a retry cannot double anything.
-            raise BotApiError(method, f"no connection to the Bot API: {exc!r}") from exc
+            raise BotApiError(what, f"no connection to the Bot API: {exc!r}") from exc
         # From here on the request went out: whatever happened to the answer, Telegram may have acted on it.
         except httpx.HTTPError as exc:
             # A read timeout, a reset, a truncated or malformed answer.
-            raise BotApiError(method, f"no answer from the Bot API: {exc!r}", may_have_arrived=True) from exc
+            raise BotApiError(what, f"no answer from the Bot API: {exc!r}", may_have_arrived=True) from exc
         except TooLarge:
             raise BotApiError(
-                method, f"answer over {MAX_ANSWER_BYTES} bytes: not the Bot API", may_have_arrived=True
+                what, f"answer over {MAX_ANSWER_BYTES} bytes: not the Bot API", may_have_arrived=True
             ) from None
-        try:
-            answer = _response_decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as exc:
-            # An HTML error page from a proxy, an empty body, invalid UTF-8, absurd nesting... msgspec
-            # raises the last two as UnicodeDecodeError and RecursionError, not as DecodeError.
-            what = "empty" if not body else f"{type(exc).__name__}: {str(exc)[:200]}"
-            raise BotApiError(
-                method, f"unreadable HTTP {response.status_code} answer ({what})", may_have_arrived=True
-            ) from None
-        if not answer.ok:
-            raise BotApiError(
-                method,
-                answer.description or "no description",
-                answer.error_code if answer.error_code is not None else response.status_code,
-                answer.parameters.retry_after,
-                migrate_to_chat_id=answer.parameters.migrate_to_chat_id,
-            )
-        return answer.result
 
     async def get_me(self) -> User:
         return msgspec.convert(await self.call("getMe"), User)
+
+
+_T = TypeVar("_T")
+_Reader = Callable[[str, httpx.Response], Awaitable[_T]]
+
+
+async def _read_answer(what: str, response: httpx.Response) -> bytes:
+    return await read_at_most(response.aiter_bytes(), MAX_ANSWER_BYTES)
+
+
+def _writing(sink: IO[bytes]) -> _Reader[int]:
+    """A reader that streams a file's body into `sink`, chunk by chunk; a non-200 is the Bot API's error."""
+
+    async def read(what: str, response: httpx.Response) -> int:
+        if response.status_code != 200:
+            answer = await read_at_most(response.aiter_bytes(), MAX_ANSWER_BYTES)
+            try:
+                described = _response_decoder.decode(answer).description
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+                described = ""
+            raise BotApiError(what, described or f"HTTP {response.status_code}", response.status_code)
+        size = 0
+        async for chunk in response.aiter_bytes():
+            sink.write(chunk)
+            size += len(chunk)
+        return size
+
+    return read
+
+
+def _media_type(filename: str) -> str:
+    return mimetypes.guess_type(filename)[0] or "application/octet-stream"

@@ -4764,13 +4764,13 @@ class InputMediaAnimation(TelegramType, frozen=True, kw_only=True, tag_field="ty
 
     type: ClassVar[Literal["animation"]] = "animation"
     """Type of the media, must be animation"""
-    media: str
+    media: InputFile | str
     """File to send. Pass a file_id to send a file that exists on the Telegram servers (recommended), pass an
     HTTP URL for Telegram to get a file from the Internet, or pass "attach://<file_attach_name>" to upload
     a new one using multipart/form-data under <file_attach_name> name. More information on Sending Files:
     https://core.telegram.org/bots/api#sending-files
     """
-    thumbnail: str | None = None
+    thumbnail: InputFile | str | None = None
     """Thumbnail of the file sent; can be ignored if thumbnail generation for the file is supported
     server-side. The thumbnail should be in JPEG format and less than 200 kB in size. A thumbnail's width
     and height should not exceed 320. Ignored if the file is not uploaded using multipart/form-data.
@@ -4804,13 +4804,13 @@ class InputMediaAudio(TelegramType, frozen=True, kw_only=True, tag_field="type",
 
     type: ClassVar[Literal["audio"]] = "audio"
     """Type of the media, must be audio"""
-    media: str
+    media: InputFile | str
     """File to send. Pass a file_id to send a file that exists on the Telegram servers (recommended), pass an
     HTTP URL for Telegram to get a file from the Internet, or pass "attach://<file_attach_name>" to upload
     a new one using multipart/form-data under <file_attach_name> name. More information on Sending Files:
     https://core.telegram.org/bots/api#sending-files
     """
-    thumbnail: str | None = None
+    thumbnail: InputFile | str | None = None
     """Thumbnail of the file sent; can be ignored if thumbnail generation for the file is supported
     server-side. The thumbnail should be in JPEG format and less than 200 kB in size. A thumbnail's width
     and height should not exceed 320. Ignored if the file is not uploaded using multipart/form-data.
@@ -4840,13 +4840,13 @@ class InputMediaDocument(TelegramType, frozen=True, kw_only=True, tag_field="typ
 
     type: ClassVar[Literal["document"]] = "document"
     """Type of the media, must be document"""
-    media: str
+    media: InputFile | str
     """File to send. Pass a file_id to send a file that exists on the Telegram servers (recommended), pass an
     HTTP URL for Telegram to get a file from the Internet, or pass "attach://<file_attach_name>" to upload
     a new one using multipart/form-data under <file_attach_name> name. More information on Sending Files:
     https://core.telegram.org/bots/api#sending-files
     """
-    thumbnail: str | None = None
+    thumbnail: InputFile | str | None = None
     """Thumbnail of the file sent; can be ignored if thumbnail generation for the file is supported
     server-side. The thumbnail should be in JPEG format and less than 200 kB in size. A thumbnail's width
     and height should not exceed 320. Ignored if the file is not uploaded using multipart/form-data.
@@ -4886,14 +4886,14 @@ class InputMediaLivePhoto(TelegramType, frozen=True, kw_only=True, tag_field="ty
 
     type: ClassVar[Literal["live_photo"]] = "live_photo"
     """Type of the media, must be live_photo"""
-    media: str
+    media: InputFile | str
     """Video of the live photo to send. Pass a file_id to send a file that exists on the Telegram servers
     (recommended) or pass "attach://<file_attach_name>" to upload a new one using multipart/form-data under
     <file_attach_name> name. More information on Sending Files:
     https://core.telegram.org/bots/api#sending-files. Sending live photos by a URL is currently
     unsupported.
     """
-    photo: str
+    photo: InputFile | str
     """The static photo to send. Pass a file_id to send a file that exists on the Telegram servers
     (recommended) or pass "attach://<file_attach_name>" to upload a new one using multipart/form-data under
     <file_attach_name> name. More information on Sending Files:
@@ -4936,7 +4936,7 @@ class InputMediaPhoto(TelegramType, frozen=True, kw_only=True, tag_field="type",
 
     type: ClassVar[Literal["photo"]] = "photo"
     """Type of the media, must be photo"""
-    media: str
+    media: InputFile | str
     """File to send. Pass a file_id to send a file that exists on the Telegram servers (recommended), pass an
     HTTP URL for Telegram to get a file from the Internet, or pass "attach://<file_attach_name>" to upload
     a new one using multipart/form-data under <file_attach_name> name. More information on Sending Files:
@@ -4962,7 +4962,7 @@ class InputMediaSticker(TelegramType, frozen=True, kw_only=True, tag_field="type
 
     type: ClassVar[Literal["sticker"]] = "sticker"
     """Type of the media, must be sticker"""
-    media: str
+    media: InputFile | str
     """File to send. Pass a file_id to send a file that exists on the Telegram servers (recommended), pass an
     HTTP URL for Telegram to get a .WEBP sticker from the Internet, or pass "attach://<file_attach_name>"
     to upload a new .WEBP, .TGS, or .WEBM sticker using multipart/form-data under <file_attach_name> name.
@@ -5008,13 +5008,13 @@ class InputMediaVideo(TelegramType, frozen=True, kw_only=True, tag_field="type",
 
     type: ClassVar[Literal["video"]] = "video"
     """Type of the media, must be video"""
-    media: str
+    media: InputFile | str
     """File to send. Pass a file_id to send a file that exists on the Telegram servers (recommended), pass an
     HTTP URL for Telegram to get a file from the Internet, or pass "attach://<file_attach_name>" to upload
     a new one using multipart/form-data under <file_attach_name> name. More information on Sending Files:
     https://core.telegram.org/bots/api#sending-files
     """
-    thumbnail: str | None = None
+    thumbnail: InputFile | str | None = None
     """Thumbnail of the file sent; can be ignored if thumbnail generation for the file is supported
     server-side. The thumbnail should be in JPEG format and less than 200 kB in size. A thumbnail's width
     and height should not exceed 320. Ignored if the file is not uploaded using multipart/form-data.
@@ -5022,7 +5022,7 @@ class InputMediaVideo(TelegramType, frozen=True, kw_only=True, tag_field="type",
     "attach://<file_attach_name>" if the thumbnail was uploaded using multipart/form-data under
     <file_attach_name>. More information on Sending Files: https://core.telegram.org/bots/api#sending-files
     """
-    cover: str | None = None
+    cover: InputFile | str | None = None
     """Cover for the video in the message. Pass a file_id to send a file that exists on the Telegram servers
     (recommended), pass an HTTP URL for Telegram to get a file from the Internet, or pass
     "attach://<file_attach_name>" to upload a new one using multipart/form-data under <file_attach_name>
@@ -5058,14 +5058,14 @@ class InputPaidMediaLivePhoto(TelegramType, frozen=True, kw_only=True, tag_field
 
     type: ClassVar[Literal["live_photo"]] = "live_photo"
     """Type of the media, must be live_photo"""
-    media: str
+    media: InputFile | str
     """Video of the live photo to send. Pass a file_id to send a file that exists on the Telegram servers
     (recommended) or pass "attach://<file_attach_name>" to upload a new one using multipart/form-data under
     <file_attach_name> name. More information on Sending Files:
     https://core.telegram.org/bots/api#sending-files. Sending live photos by a URL is currently
     unsupported.
     """
-    photo: str
+    photo: InputFile | str
     """The static photo to send. Pass a file_id to send a file that exists on the Telegram servers
     (recommended) or pass "attach://<file_attach_name>" to upload a new one using multipart/form-data under
     <file_attach_name> name. More information on Sending Files:
@@ -5082,7 +5082,7 @@ class InputPaidMediaPhoto(TelegramType, frozen=True, kw_only=True, tag_field="ty
 
     type: ClassVar[Literal["photo"]] = "photo"
     """Type of the media, must be photo"""
-    media: str
+    media: InputFile | str
     """File to send. Pass a file_id to send a file that exists on the Telegram servers (recommended), pass an
     HTTP URL for Telegram to get a file from the Internet, or pass "attach://<file_attach_name>" to upload
     a new one using multipart/form-data under <file_attach_name> name. More information on Sending Files:
@@ -5098,13 +5098,13 @@ class InputPaidMediaVideo(TelegramType, frozen=True, kw_only=True, tag_field="ty
 
     type: ClassVar[Literal["video"]] = "video"
     """Type of the media, must be video"""
-    media: str
+    media: InputFile | str
     """File to send. Pass a file_id to send a file that exists on the Telegram servers (recommended), pass an
     HTTP URL for Telegram to get a file from the Internet, or pass "attach://<file_attach_name>" to upload
     a new one using multipart/form-data under <file_attach_name> name. More information on Sending Files:
     https://core.telegram.org/bots/api#sending-files
     """
-    thumbnail: str | None = None
+    thumbnail: InputFile | str | None = None
     """Thumbnail of the file sent; can be ignored if thumbnail generation for the file is supported
     server-side. The thumbnail should be in JPEG format and less than 200 kB in size. A thumbnail's width
     and height should not exceed 320. Ignored if the file is not uploaded using multipart/form-data.
@@ -5112,7 +5112,7 @@ class InputPaidMediaVideo(TelegramType, frozen=True, kw_only=True, tag_field="ty
     "attach://<file_attach_name>" if the thumbnail was uploaded using multipart/form-data under
     <file_attach_name>. More information on Sending Files: https://core.telegram.org/bots/api#sending-files
     """
-    cover: str | None = None
+    cover: InputFile | str | None = None
     """Cover for the video in the message. Pass a file_id to send a file that exists on the Telegram servers
     (recommended), pass an HTTP URL for Telegram to get a file from the Internet, or pass
     "attach://<file_attach_name>" to upload a new one using multipart/form-data under <file_attach_name>
@@ -5138,7 +5138,7 @@ class InputProfilePhotoStatic(TelegramType, frozen=True, kw_only=True, tag_field
 
     type: ClassVar[Literal["static"]] = "static"
     """Type of the profile photo, must be static"""
-    photo: str
+    photo: InputFile | str
     """The static profile photo. Profile photos can't be reused and can only be uploaded as a new file, so you
     can pass "attach://<file_attach_name>" if the photo was uploaded using multipart/form-data under
     <file_attach_name>. More information on Sending Files: https://core.telegram.org/bots/api#sending-files
@@ -5153,7 +5153,7 @@ class InputProfilePhotoAnimated(TelegramType, frozen=True, kw_only=True, tag_fie
 
     type: ClassVar[Literal["animated"]] = "animated"
     """Type of the profile photo, must be animated"""
-    animation: str
+    animation: InputFile | str
     """The animated profile photo. Profile photos can't be reused and can only be uploaded as a new file, so
     you can pass "attach://<file_attach_name>" if the photo was uploaded using multipart/form-data under
     <file_attach_name>. More information on Sending Files: https://core.telegram.org/bots/api#sending-files
@@ -5170,7 +5170,7 @@ class InputStoryContentPhoto(TelegramType, frozen=True, kw_only=True, tag_field=
 
     type: ClassVar[Literal["photo"]] = "photo"
     """Type of the content, must be photo"""
-    photo: str
+    photo: InputFile | str
     """The photo to post as a story. The photo must be of the size 1080x1920 and must not exceed 10 MB. The
     photo can't be reused and can only be uploaded as a new file, so you can pass
     "attach://<file_attach_name>" if the photo was uploaded using multipart/form-data under
@@ -5186,7 +5186,7 @@ class InputStoryContentVideo(TelegramType, frozen=True, kw_only=True, tag_field=
 
     type: ClassVar[Literal["video"]] = "video"
     """Type of the content, must be video"""
-    video: str
+    video: InputFile | str
     """The video to post as a story. The video must be of the size 720x1280, streamable, encoded with H.265
     codec, with key frames added each second in the MPEG4 format, and must not exceed 30 MB. The video
     can't be reused and can only be uploaded as a new file, so you can pass "attach://<file_attach_name>"
@@ -5292,7 +5292,7 @@ class InputSticker(TelegramType, frozen=True, kw_only=True):
     https://core.telegram.org/bots/api#inputsticker
     """
 
-    sticker: str
+    sticker: InputFile | str
     """The added sticker. Pass a file_id as a String to send a file that already exists on the Telegram
     servers, pass an HTTP URL as a String for Telegram to get a file from the Internet, or pass
     "attach://<file_attach_name>" to upload a new file using multipart/form-data under <file_attach_name>

@@ -91,6 +91,8 @@ def test_sslmode_in_database_url_is_kept_for_the_driver() -> None:
         ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY", "between 1 and 64"),
         ({"DEAD_LETTER_AFTER": "0"}, "DEAD_LETTER_AFTER", "between 1 and 1000"),
         ({"DEAD_LETTER_AFTER_SECONDS": "never"}, "DEAD_LETTER_AFTER_SECONDS", "number of seconds"),
+        ({"UPLOAD_MAX_BYTES": "50MB"}, "UPLOAD_MAX_BYTES", "whole number"),
+        ({"UPLOAD_MAX_BYTES": "0"}, "UPLOAD_MAX_BYTES", "between 1 and 2097152000"),
     ],
 )
 def test_bad_settings_name_the_variable_and_the_problem(

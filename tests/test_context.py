@@ -8,7 +8,6 @@ import httpx
 import pytest
 
 from bot.context import BotIdentity, Context, ImmediateApi, QueuedCall
-from bot.files import FilesNotSupported
 from bot.keyboards import button, inline_keyboard
 from bot.storage import OutgoingCall
 from bot.telegram import BotApi, BotApiError, decode_update
@@ -161,12 +160,12 @@ async def test_ctx_outbox_queues_every_method_typed_as_the_json_telegram_reads()
     ]
 
 
-async def test_an_input_file_is_refused_with_a_reason_until_uploads_are_supported() -> None:
+async def test_a_file_is_read_when_queued_and_raw_bytes_are_refused_with_the_way_to_send_them() -> None:
     c = ctx(message_update(1, -5, "hi"))
-    with pytest.raises(FilesNotSupported, match="multipart"):
-        c.outbox.send_photo(chat_id=-5, photo=InputFile(b"\x89PNG", filename="x.png"))
-    with pytest.raises(FilesNotSupported, match="photo: bytes"):
+    c.outbox.send_photo(chat_id=-5, photo=InputFile(b"\x89PNG", filename="x.png"))
+    assert c.calls[0].params == {"chat_id": -5, "photo": "attach://file0"}
+    assert [(f.name, f.filename, f.data) for f in c.calls[0].files] == [("file0", "x.png", b"\x89PNG")]
+    with pytest.raises(TypeError, match="photo: bytes are a file to upload: pass InputFile"):
         c.call("sendPhoto", chat_id=-5, photo=b"\x89PNG")  # was sent as a base64 str, read as a file_id
-    assert c.calls == []
     c.outbox.send_photo(chat_id=-5, photo="AgACAgIAAxkBAAIB")  # a file_id goes as is
-    assert c.calls[0].params == {"chat_id": -5, "photo": "AgACAgIAAxkBAAIB"}
+    assert c.calls[1] == OutgoingCall("sendPhoto", {"chat_id": -5, "photo": "AgACAgIAAxkBAAIB"})

@@ -290,7 +290,10 @@ def render_types(schema: Schema) -> str:
                 body.append(f'    {field.name}: ClassVar[Literal["{tag.value}"]] = "{tag.value}"')
                 body += docstring(field_doc(field), "    ")
                 continue
-            annotation = names.union(field.types)
+            # A field that may name a file of the same request ("attach://<name>") takes the file itself:
+            # bot/files.py uploads it under a name of its own and writes that reference in its place.
+            attaches = "attach://" in field.description and field.types == ("String",)
+            annotation = "InputFile | str" if attaches else names.union(field.types)
             rename = ', name="from"' if field.name == "from" else ""
             if field.required:
                 default = f" = msgspec.field({rename[2:]})" if rename else ""

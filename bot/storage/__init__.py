@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from ..errors import BotError
+from ..files import Upload
 
 __all__ = [
     "Budget",
@@ -60,10 +61,12 @@ class Moved:
 
 @dataclass(frozen=True, slots=True)
 class OutgoingCall:
-    """A Bot API call a handler asked for; sent only after the update's transaction commits."""
+    """A Bot API call a handler asked for; sent only after the update's transaction commits. Its files
+    (read when it was queued) are named in `params` as "attach://<name>"."""
 
     method: str
     params: dict[str, Any]
+    files: tuple[Upload, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,9 @@ class PendingCall:
     # Which lease of the row this sender holds (each claim takes a new one): a sender whose lease ran out
     # and was taken by another finds out when it asks to send (`reserve_send`), and does not send.
     lease_no: int = 0
+    # Whether it uploads files: the sender asks for them (`Storage.call_files`) right before sending, so
+    # that a claim of many calls does not hold all their bytes at once.
+    has_files: bool = False
 
     @property
     def chat(self) -> str | None:
@@ -238,7 +244,11 @@ class Storage(Protocol):
     # The sender's side of the outbox. Times are epoch seconds from the sender's clock (`now`; None:
     # the storage's own), so tests can drive the sender with a fake clock.
 
-    async def mark_sent(self, call_id: int) -> None: ...
+    async def mark_sent(self, call_id: int) -> None:
+        """Record a confirmed send. The files of a call are dropped once it is sent or given up on."""
+
+    async def call_files(self, call_id: int) -> tuple[Upload, ...]:
+        """The files a queued call uploads, as they were read when it was queued."""
 
     async def mark_failed(
         self, call_id: int, error: str, *, retry_in: float | None, now: float | None = None

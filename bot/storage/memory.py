@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..files import Upload
 from . import (
     Budget,
     DeadLetter,
@@ -51,6 +52,7 @@ class _OutboxRow:
     last_error: str | None = None
     attempts: int = 0
     lease_no: int = 0
+    files: tuple[Upload, ...] = ()
 
     @property
     def chat(self) -> str | None:
@@ -58,7 +60,15 @@ class _OutboxRow:
         return None if chat_id is None else str(chat_id)
 
     def pending(self) -> PendingCall:
-        return PendingCall(self.id, self.method, self.params, self.created_at, self.attempts, self.lease_no)
+        return PendingCall(
+            self.id,
+            self.method,
+            self.params,
+            self.created_at,
+            self.attempts,
+            self.lease_no,
+            has_files=bool(self.files),
+        )
 
     def lease(self, until: float) -> None:
         """A new lease (a new claim): whoever held the last one may no longer send it."""
@@ -152,7 +162,16 @@ class _MemoryTransaction:
     ) -> list[PendingCall]:
         now = time.time()
         rows = [
-            _OutboxRow(self._storage._next_id(), bot_id, update_id, c.method, c.params, now + lease, now)
+            _OutboxRow(
+                self._storage._next_id(),
+                bot_id,
+                update_id,
+                c.method,
+                c.params,
+                now + lease,
+                now,
+                files=c.files,
+            )
             for c in calls
         ]
         self._queued.extend(rows)
@@ -239,6 +258,10 @@ class MemoryStorage:
         row = self._outbox[call_id]
         row.sent_at = time.time()
         row.attempts += 1
+        row.files = ()
+
+    async def call_files(self, call_id: int) -> tuple[Upload, ...]:
+        return self._outbox[call_id].files
 
     async def mark_failed(
         self, call_id: int, error: str, *, retry_in: float | None, now: float | None = None
@@ -249,6 +272,7 @@ class MemoryStorage:
         now = time.time() if now is None else now
         if retry_in is None:
             row.failed_at = now
+            row.files = ()
         else:
             row.lease_until = now + retry_in
 

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from ..files import Upload, pack_uploads, unpack_uploads
 from ..metrics import Metrics
 from ..migrate import NotMigrated, check_migrated
 from ..pooler import NO_STATEMENT_CACHE, broken_prepared_statement, pools_transactions, transaction_pooler
@@ -90,10 +91,11 @@ def _unavailable_on_failure(what: str) -> Iterator[None]:
         raise StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
-# What every query handing calls to a sender returns, for _pending().
+# What every query handing calls to a sender returns, for _pending(): whether a call has files, not
+# the files (008).
 _CALL = (
     "id, method, payload::text AS payload, attempts, extract(epoch FROM created_at)::float8 AS created_at,"
-    " lease_no"
+    " lease_no, files IS NOT NULL AS has_files"
 )
 
 
@@ -115,7 +117,13 @@ def _dead_letter(row: asyncpg.Record) -> DeadLetter:
 def _pending(rows: Sequence[asyncpg.Record]) -> list[PendingCall]:
     return [
         PendingCall(
-            r["id"], r["method"], json.loads(r["payload"]), r["created_at"], r["attempts"], r["lease_no"]
+            r["id"],
+            r["method"],
+            json.loads(r["payload"]),
+            r["created_at"],
+            r["attempts"],
+            r["lease_no"],
+            r["has_files"],
         )
         for r in sorted(rows, key=lambda r: r["id"])
         if r["id"] is not None
@@ -149,12 +157,27 @@ _UPSERT = _INSERT + (
     " ON CONFLICT (key) DO UPDATE SET data = EXCLUDED.data, version = EXCLUDED.version,"
     " expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at, moved_to = NULL"
 )
-_OUTBOX = (
-    "INSERT INTO outbox (bot_id, update_id, method, payload, lease_until)"
-    " SELECT {bot}, {update}, c.method, c.payload::jsonb, now() + {lease} * interval '1 second'"
-    " FROM unnest({methods}::text[], {payloads}::text[]) WITH ORDINALITY AS c(method, payload, n){where}"
-    " ORDER BY c.n RETURNING " + _CALL
-)
+
+
+def _queue(
+    arg: _Args, bot_id: int, update_id: int, lease: float, calls: Sequence[OutgoingCall], where: str = ""
+) -> str:
+    """The INSERT that queues calls (leased to the caller), returning them as `_pending` reads them. A
+    bytea[] of files only when a call has some: asyncpg looks that array type up on a connection's first
+    use of it, a round trip that updates without files do not pay."""
+    files, column = "", "NULL::bytea"
+    if any(c.files for c in calls):
+        files, column = f", {arg([pack_uploads(c.files) for c in calls])}::bytea[]", "c.files"
+    return (
+        "INSERT INTO outbox (bot_id, update_id, method, payload, files, lease_until)"
+        f" SELECT {arg(bot_id)}, {arg(update_id)}, c.method, c.payload::jsonb, {column},"
+        f" now() + {arg(lease)} * interval '1 second'"
+        f" FROM unnest({arg([c.method for c in calls])}::text[], {arg([json.dumps(c.params) for c in calls])}::text[]{files})"
+        f" WITH ORDINALITY AS c(method, payload{', files' if files else ''}, n){where}"
+        f" ORDER BY c.n RETURNING {_CALL}"
+    )
+
+
 _SESSION_COLUMNS = "data::text AS data, version, expires_at <= now() AS expired"
 
 
@@ -333,14 +356,7 @@ class _PostgresTransaction:
         arg = _Args()
         # The writes ride along as data-modifying CTEs: one round trip for both.
         writes = self._writes_as_ctes(arg)
-        insert = _OUTBOX.format(
-            bot=arg(bot_id),
-            update=arg(update_id),
-            lease=arg(lease),
-            methods=arg([c.method for c in calls]),
-            payloads=arg([json.dumps(c.params) for c in calls]),
-            where="",
-        )
+        insert = _queue(arg, bot_id, update_id, lease, calls)
         with _unavailable_on_failure("queue replies"):
             rows = await conn.fetch(writes + insert, *arg.values)
         return _pending(rows)
@@ -620,18 +636,8 @@ class _OptimisticTransaction:
             ctes.append(f"w AS ({sql} RETURNING {_revision()} AS revision)")
             gate = "w"
         if calls:
-            ctes.append(
-                "o AS ("
-                + _OUTBOX.format(
-                    bot=arg(bot_id),
-                    update=arg(update_id),
-                    lease=arg(lease),
-                    methods=arg([c.method for c in calls]),
-                    payloads=arg([json.dumps(c.params) for c in calls]),
-                    where=f" WHERE EXISTS (SELECT FROM {gate})" if gate else "",
-                )
-                + ")"
-            )
+            where = f" WHERE EXISTS (SELECT FROM {gate})" if gate else ""
+            ctes.append(f"o AS ({_queue(arg, bot_id, update_id, lease, calls, where)})")
         self._done = True
         if not ctes:
             return []
@@ -657,7 +663,7 @@ class _OptimisticTransaction:
                 f" WHERE key = {key} AND moved_to IS NULL AND expires_at IS NULL) AS cur ON true"
             )
         if calls:
-            query += ", o.id, o.method, o.payload, o.attempts, o.created_at, o.lease_no"
+            query += ", o.id, o.method, o.payload, o.attempts, o.created_at, o.lease_no, o.has_files"
             joins += " LEFT JOIN o ON true"
         conn = await self._connection()
         with _unavailable_on_failure("apply the update"):
@@ -939,9 +945,19 @@ class PostgresStorage:
     async def mark_sent(self, call_id: int) -> None:
         await self._execute(
             "mark reply sent",
-            "UPDATE outbox SET sent_at = now(), attempts = attempts + 1, last_error = NULL WHERE id = $1",
+            "UPDATE outbox SET sent_at = now(), attempts = attempts + 1, last_error = NULL, files = NULL"
+            " WHERE id = $1",
             call_id,
         )
+
+    async def call_files(self, call_id: int) -> tuple[Upload, ...]:
+        packed = await self._on_pool(
+            "read a reply's files",
+            lambda: self._pool.fetchval(
+                "SELECT files FROM outbox WHERE id = $1", call_id, timeout=self._acquire_timeout * 2
+            ),
+        )
+        return unpack_uploads(packed)
 
     async def mark_failed(
         self, call_id: int, error: str, *, retry_in: float | None, now: float | None = None
@@ -950,6 +966,7 @@ class PostgresStorage:
             "mark reply failed",
             "UPDATE outbox SET attempts = attempts + 1, last_error = $2,"
             " failed_at = CASE WHEN $3::float8 IS NULL THEN now() END,"
+            " files = CASE WHEN $3::float8 IS NULL THEN NULL ELSE files END,"
             " lease_until = to_timestamp(coalesce($4::float8, extract(epoch FROM now()))"
             " + coalesce($3::float8, 0)) WHERE id = $1",
             call_id,

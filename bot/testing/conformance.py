@@ -30,6 +30,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
+from ..files import Upload
 from ..storage import Budget, DeadLetter, FloodRule, Moved, OutgoingCall, Storage, StoredSession, Transaction
 
 __all__ = ["CHECKS", "Check", "StorageFactory", "run_checks"]
@@ -324,6 +325,29 @@ async def outbox_leases_and_confirmations(make: StorageFactory) -> None:
     assert await storage.claim_due(10, 30) == [], "claim_due leases what it returns"
 
 
+async def a_call_s_files_wait_with_it_until_it_is_sent(make: StorageFactory) -> None:
+    storage = await make()
+    photo = Upload("file0", "cat.png", bytes(range(256)) * 4)
+    calls = [
+        OutgoingCall("sendPhoto", {"chat_id": 1, "photo": "attach://file0"}, (photo,)),
+        OutgoingCall("sendMessage", {"chat_id": 2, "text": "no file"}),
+    ]
+    async with storage.transaction() as tx:
+        pending = await tx.enqueue(5, 10, calls, lease=0.2)
+    assert [p.has_files for p in pending] == [True, False], "enqueue says which calls carry files"
+    await asyncio.sleep(0.3)
+    due = {p.method: p for p in await storage.claim_due(10, 30)}
+    assert due["sendPhoto"].has_files and not due["sendMessage"].has_files, "so does a claim"
+    assert await storage.call_files(due["sendPhoto"].id) == (photo,), "the bytes come back as queued"
+    assert await storage.call_files(due["sendMessage"].id) == ()
+    await storage.mark_sent(due["sendPhoto"].id)
+    assert await storage.call_files(due["sendPhoto"].id) == (), "a sent call's files are dropped"
+    async with storage.transaction() as tx:
+        given_up = (await tx.enqueue(5, 11, calls[:1], lease=30))[0]
+    await storage.mark_failed(given_up.id, "Bad Request", retry_in=None)
+    assert await storage.call_files(given_up.id) == (), "so are a given-up call's"
+
+
 async def a_move_leaves_a_forward_until_it_expires(make: StorageFactory) -> None:
     storage = await make()
     await _write(storage, "old", '{"n": 1}')
@@ -497,6 +521,7 @@ CHECKS: list[Check] = [
     prune_removes_expired_sessions,
     prune_forgets_old_update_ids_and_settled_calls,
     outbox_leases_and_confirmations,
+    a_call_s_files_wait_with_it_until_it_is_sent,
     a_move_leaves_a_forward_until_it_expires,
     sends_keep_chat_order_and_share_budgets,
     a_lease_covers_the_call_from_when_it_is_sent,

@@ -1,9 +1,12 @@
 """A fake Telegram Bot API server that speaks the real HTTP protocol, for tests and benchmarks.
 
-`GET|POST /bot<token>/<method>` with parameters in the query string, a form or a JSON body, answered
-`{"ok": true, "result": ...}` or `{"ok": false, "error_code": ..., "description": ...}` like the real
-server. Every call is recorded; failures, delays, broken or trickling answers (`misbehave_next`) and
-groups that became supergroups (`migrated`) can be injected. `serve()` runs it with uvicorn in a
+`GET|POST /bot<token>/<method>` with parameters in the query string, a form, a JSON body or
+multipart/form-data (uploads), answered `{"ok": true, "result": ...}` or `{"ok": false, "error_code": ...,
+"description": ...}` like the real server. Every method of the Bot API is answered: a few as Telegram
+would (sendMessage, getChatMember, setWebhook, getUpdates, getFile...), the rest with the smallest valid
+result of their type (`results.py`). Every call is recorded with its files; an uploaded file gets a
+file_id, `getFile` knows it and `GET /file/bot<token>/<file_path>` serves it. Failures, delays, broken or
+trickling answers (`misbehave_next`) and groups that became supergroups (`migrated`) can be injected. `serve()` runs it with uvicorn in a
 background thread, so it works from sync and async tests and for bot processes alike.
 
     python -m bot.testing.fake_telegram --port 8081     # for benchmarks and local trials
@@ -14,16 +17,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import re
 import socket
 import threading
 import time
+import typing
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
 
 import uvicorn
 from starlette.applications import Starlette
@@ -32,7 +36,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import BotError
+from ..files import Upload
+from ..forms import BadForm, read_params
+from ..types import Message, Update
 from .bad_answers import MISBEHAVIOURS, Misbehaviour, misbehave, trickle
+from .results import RESULT_TYPES, SENT_MEDIA, FileStore, minimal
 from .updates import chat_member, user
 
 __all__ = ["MISBEHAVIOURS", "FakeTelegram", "FloodLimits", "Misbehaviour", "RecordedCall", "serve"]
@@ -47,6 +55,8 @@ class RecordedCall:
     method: str
     params: dict[str, Any]
     at: float
+    # The uploads, by part name: the params name each "attach://<name>".
+    files: dict[str, Upload] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,7 +110,8 @@ class FakeTelegram:
         self._updates: list[dict[str, Any]] = []
         self._webhook: dict[str, Any] = {}
         self._webhook_error: tuple[int, str] | None = None
-        self._next_message_id = 1
+        self._message_ids = itertools.count(1)
+        self._files = FileStore()
         self.admins: dict[int, set[int]] = {}  # chat id → user ids getChatMember calls administrators
         self.migrated: dict[int, int] = {}  # a group's chat id → the supergroup it became
         self._generation = 0  # bumped by reset(): ends long polls of a previous test's (dead) client
@@ -111,7 +122,12 @@ class FakeTelegram:
         self._delivered_calls: list[RecordedCall] = []
         self._open: Counter[str] = Counter()  # method -> requests being answered right now
         self._most_open: Counter[str] = Counter()
-        self.app = Starlette(routes=[Route("/bot{token}/{method}", self._endpoint, methods=["GET", "POST"])])
+        self.app = Starlette(
+            routes=[
+                Route("/bot{token}/{method}", self._endpoint, methods=["GET", "POST"]),
+                Route("/file/bot{token}/{file_path:path}", self._file, methods=["GET"]),
+            ]
+        )
 
     # --- what tests use ---
 
@@ -187,9 +203,10 @@ class FakeTelegram:
         with self._lock:
             self._misbehaviours.setdefault(method, []).extend((kind, chat) for kind in kinds)
 
-    def push_update(self, update: dict[str, Any]) -> None:
+    def push_update(self, update: Update | dict[str, Any]) -> None:
+        """An update for getUpdates to hand out."""
         with self._lock:
-            self._updates.append(update)
+            self._updates.append(update.json() if isinstance(update, Update) else update)
             self._lock.notify_all()
 
     def webhook_failed(self, message: str, at: float | None = None) -> None:
@@ -224,27 +241,21 @@ class FakeTelegram:
             self._delivered_calls.clear()
             self._open.clear()
             self._most_open.clear()
+            self._message_ids = itertools.count(1)
+            self._files = FileStore()
 
     # --- the protocol ---
 
     async def _endpoint(self, request: Request) -> Response:
         token, method = request.path_params["token"], request.path_params["method"]
-        params: dict[str, Any] = dict(request.query_params)
-        content_type = request.headers.get("content-type", "")
-        if "json" in content_type:
-            body = await request.body()
-            try:
-                params.update(json.loads(body) if body else {})
-            except (ValueError, TypeError):
-                return self._error(400, "Bad Request: can't parse JSON")
-        elif "x-www-form-urlencoded" in content_type:
-            # Parsed here rather than with request.form(), which needs python-multipart; multipart
-            # uploads (files) are not something this bot sends.
-            params.update(parse_qsl((await request.body()).decode()))
+        try:
+            params, files = await read_params(request)
+        except BadForm as exc:
+            return self._error(400, f"Bad Request: {exc}")
         match = _TOKEN.match(token)
         if match is None:
             return self._error(401, "Unauthorized")
-        recorded = RecordedCall(token, method, params, self.clock())
+        recorded = RecordedCall(token, method, params, self.clock(), files)
         with self._lock:
             self._calls.append(recorded)
             self._lock.notify_all()
@@ -275,9 +286,12 @@ class FakeTelegram:
         try:
             self._maybe_fail(method, params)
             handler = getattr(self, f"_m_{method}", None)
-            if handler is None:
+            if handler is not None:
+                result = await handler(bot_id, params)
+            elif method in RESULT_TYPES:
+                result = self._any_method(bot_id, method, params, recorded.files)
+            else:
                 raise _ApiError(404, "Not Found: method not found")
-            result = await handler(bot_id, params)
         except _ApiError as exc:
             return self._error(exc.code, exc.description, exc.parameters)
         if method == "sendMessage":
@@ -354,25 +368,78 @@ class FakeTelegram:
             raise _ApiError(
                 400, "Bad Request: group chat was upgraded to a supergroup chat", migrate_to_chat_id=moved_to
             )
-        text = params.get("text")
-        if not text:
+        if not params.get("text"):
             raise _ApiError(400, "Bad Request: message text is empty")
-        with self._lock:
-            message_id = self._next_message_id
-            self._next_message_id += 1
-        message: dict[str, Any] = {
-            "message_id": message_id,
-            "from": {"id": bot_id, "is_bot": True, "first_name": "Test bot", "username": self.username},
-            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
-            "date": int(time.time()),
-            "text": text,
-        }
-        if "message_thread_id" in params:
-            message["message_thread_id"] = int(params["message_thread_id"])
+        message = self._message(bot_id, params)
         with self._lock:
             self._delivered.append(message)
             self._lock.notify_all()
         return message
+
+    def _message(self, bot_id: int, params: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        """The Message a send of these parameters makes: a new message id, the text or caption sent."""
+        chat_id = _as_int(params, "chat_id")
+        with self._lock:
+            message_id = next(self._message_ids)
+        message: dict[str, Any] = {
+            "message_id": message_id,
+            "from": {"id": bot_id, "is_bot": True, "first_name": "Test bot", "username": self.username},
+            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
+            "date": int(self.clock()),
+        }
+        for name in ("text", "caption"):
+            if isinstance(params.get(name), str) and params[name]:
+                message[name] = params[name]
+        if "message_thread_id" in params:
+            message["message_thread_id"] = int(params["message_thread_id"])
+        return {**message, **fields}
+
+    def _any_method(self, bot_id: int, method: str, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        """A method without a handler of its own: a message for a send (with the file it sends, kept for
+        getFile), else the smallest valid result of the method's type."""
+        result_type = RESULT_TYPES[method]
+        sends_message = Message in (typing.get_args(result_type) or (result_type,))
+        if sends_message and "chat_id" in params and not params.get("inline_message_id"):
+            with self._lock:
+                media = self._files.media(method, params, files)
+            return self._message(bot_id, params, **media)
+        if method == "sendMediaGroup":
+            return self._media_group(bot_id, params, files)
+        return minimal(result_type, prefer=lambda t: t is bool and "inline_message_id" in params)
+
+    def _media_group(self, bot_id: int, params: dict[str, Any], files: dict[str, Upload]) -> list[Any]:
+        media = params.get("media")
+        items = json.loads(media) if isinstance(media, str) else media
+        if not isinstance(items, list) or not 1 <= len(items) <= 10:
+            raise _ApiError(400, "Bad Request: media must be an array of 1 to 10 items")
+        messages = []
+        for item in items:
+            kind = item.get("type") if isinstance(item, dict) else None
+            if (
+                not isinstance(kind, str)
+                or kind not in SENT_MEDIA.values()
+                or not isinstance(item.get("media"), str)
+            ):
+                raise _ApiError(400, "Bad Request: wrong media in the media group")
+            with self._lock:
+                shown = self._files.shown(kind, item["media"], files)
+            messages.append(self._message(bot_id, {"chat_id": params["chat_id"], **item}, **{kind: shown}))
+        return messages
+
+    async def _m_getFile(self, bot_id: int, params: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            found = self._files.file(str(params.get("file_id", "")))
+        if found is None:
+            raise _ApiError(400, "Bad Request: invalid file_id")
+        return found
+
+    async def _file(self, request: Request) -> Response:
+        """A file's download, as `{root}/file/bot<token>/<file_path>`."""
+        with self._lock:
+            content = self._files.content(request.path_params["file_path"])
+        if content is None or _TOKEN.match(request.path_params["token"]) is None:
+            return self._error(404, "Not Found")
+        return Response(content, media_type="application/octet-stream")
 
     async def _m_answerCallbackQuery(self, bot_id: int, params: dict[str, Any]) -> bool:
         if not params.get("callback_query_id"):
@@ -386,15 +453,9 @@ class FakeTelegram:
             raise _ApiError(400, "Bad Request: message text is empty")
         if params.get("inline_message_id"):
             return True
-        chat_id, message_id = _as_int(params, "chat_id"), _as_int(params, "message_id")
-        return {
-            "message_id": message_id,
-            "from": {"id": bot_id, "is_bot": True, "first_name": "Bot", "username": self.username},
-            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
-            "date": int(time.time()),
-            "edit_date": int(time.time()),
-            "text": params["text"],
-        }
+        return self._message(
+            bot_id, params, message_id=_as_int(params, "message_id"), edit_date=int(self.clock())
+        )
 
     async def _m_getChatMember(self, bot_id: int, params: dict[str, Any]) -> dict[str, Any]:
         chat_id, user_id = _as_int(params, "chat_id"), _as_int(params, "user_id")

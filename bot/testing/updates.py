@@ -75,7 +75,10 @@ def message_update(
     return {"update_id": update_id, kind: message}
 
 
-def encode(update: dict[str, Any]) -> bytes:
+def encode(update: Update | dict[str, Any]) -> bytes:
+    """A webhook body: an Update's raw JSON (what it was decoded from), or a dict as JSON."""
+    if isinstance(update, Update):
+        return update.raw
     return json.dumps(update, ensure_ascii=False).encode()
 
 
