@@ -42,6 +42,7 @@ from bot.testing.env import SECRET, USERNAME, bot_env
 from bot.testing.fake_telegram import FakeTelegram, serve
 from bot.testing.processes import BotProcess
 from bot.testing.updates import message_update
+from bot.types import Update
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,9 @@ WORKLOADS = {
 }
 
 
-def make_updates(w: Workload, seed: int = 7) -> tuple[list[dict[str, Any]], Counter[int]]:
+def make_updates(w: Workload, seed: int = 7) -> tuple[list[Update], Counter[int]]:
     rng = random.Random(seed)
-    updates: list[dict[str, Any]] = []
+    updates: list[Update] = []
     expected: Counter[int] = Counter()
     update_id = 1
     for chat in range(w.chats):
@@ -258,7 +259,8 @@ async def raw_postgres(w: Workload, dsn: str) -> dict[str, Any]:
     gate = asyncio.Semaphore(w.in_flight)
     latencies: list[float] = []
 
-    async def one(update: dict[str, Any]) -> None:
+    async def one(built: Update) -> None:
+        update = built.json()
         message = update["message"]
         async with gate, pool.acquire() as conn:
             started = time.perf_counter()

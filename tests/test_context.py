@@ -21,13 +21,14 @@ from bot.types import (
     ChatMemberMember,
     InputFile,
     Message,
+    Update,
     User,
 )
 
 pytestmark = pytest.mark.anyio
 
 
-def ctx(raw: dict[str, Any], api: ImmediateApi | None = None) -> Context[Any]:
+def ctx(raw: Update | dict[str, Any], api: ImmediateApi | None = None) -> Context[Any]:
     update = decode_update(encode(raw))
     return (
         Context(update, BotIdentity(1, "todo_bot"))
@@ -47,7 +48,7 @@ async def test_reply_works_with_and_without_await_and_says_it_is_not_sent_yet() 
 
 
 async def test_a_button_press_replies_in_the_chat_of_its_message_and_its_topic() -> None:
-    raw = callback_update(1, -5, 7, "x", message_id=9)
+    raw = callback_update(1, -5, 7, "x", message_id=9).json()
     raw["callback_query"]["message"].update(message_thread_id=3, is_topic_message=True)
     c = ctx(raw)
     assert c.reply("hi").params == {"chat_id": -5, "text": "hi", "message_thread_id": 3}
@@ -60,7 +61,7 @@ async def test_a_button_press_replies_in_the_chat_of_its_message_and_its_topic()
 
 
 async def test_an_inline_mode_button_edits_by_inline_message_id_and_has_no_chat() -> None:
-    raw = callback_update(1, -5, 7, "x")
+    raw = callback_update(1, -5, 7, "x").json()
     del raw["callback_query"]["message"]
     raw["callback_query"]["inline_message_id"] = "AbC"
     c = ctx(raw)

@@ -110,7 +110,9 @@ async def test_traffic_shows_in_updates_latency_waits_and_bot_api_calls(
         assert await post(client, message_update(1, -5, PIZZA)) == 200
         assert await post(client, message_update(1, -5, PIZZA)) == 200  # a redelivery
         assert await post(client, hunger(2, -5)) == 200
-        assert await post(client, {"update_id": 3, "edited_message": message_update(3, -5, PIZZA)["message"]})
+        assert await post(
+            client, {"update_id": 3, "edited_message": message_update(3, -5, PIZZA).json()["message"]}
+        )
         await fake.wait_for_async(lambda: len(fake.delivered()) == 1)
         samples = await scrape_until(client, lambda s: value(s, "bot_outbox_unsent") == 0)
     assert value(samples, "bot_updates_total", kind="message", outcome="applied") == 2

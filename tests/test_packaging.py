@@ -10,6 +10,7 @@ import sysconfig
 import tomllib
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -255,3 +256,97 @@ def test_a_bot_in_another_folder_passes_mypy_strict_against_the_installed_wheel(
     (tmp_path / "my_bot.py").write_text(USER_BOT.replace('text="later"', 'txt="later"'))
     checked = subprocess.run(mypy, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert checked.returncode == 1 and 'Unexpected keyword argument "txt"' in checked.stdout, checked.stdout
+
+
+USER_TESTS = """
+import pytest
+
+from bot.testing.updates import callback_update, text_update
+from bot.types import InputFile
+from shop_bot import build_bot
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_start_is_answered_once_on_both_storages(webhook, storage, fake):
+    async with webhook(build_bot(), storage) as hook:
+        start = text_update(1, 5, "/start", from_id=5)
+        await hook.send(start)
+        await hook.send(start)  # Telegram delivers it again
+        await hook.send(callback_update(2, 5, 5, "buy"))
+        [photo] = await hook.calls("sendPhoto")
+        assert photo.files["file0"].data == b"PNG"
+    assert [m["text"] for m in fake.sent_messages(5)] == ["hi 1"]
+
+
+async def test_the_fake_answers_what_the_bot_asks_now(webhook, memory_storage, fake):
+    async with webhook(build_bot(), memory_storage) as hook:
+        await hook.send(text_update(1, 6, "/me", from_id=6))
+        assert await hook.replies(6) == ["I am @test_bot"]
+"""
+
+USER_SHOP_BOT = """
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bot.context import Context
+from bot.dispatch import Bot
+from bot.session import session
+from bot.types import InputFile
+
+
+@dataclass
+class Visits:
+    n: int = 0
+
+
+def build_bot() -> Bot[Visits]:
+    bot: Bot[Visits] = Bot(session(initial=Visits))
+
+    @bot.command("start")
+    async def start(ctx: Context[Visits]) -> None:
+        ctx.session.n += 1
+        ctx.reply(f"hi {ctx.session.n}")
+
+    @bot.command("me")
+    async def me(ctx: Context[Visits]) -> None:
+        found = await ctx.api.get_me()
+        ctx.reply(f"I am @{found.username}")
+
+    @bot.callback_query()
+    async def buy(ctx: Context[Visits]) -> None:
+        assert ctx.chat is not None
+        ctx.outbox.send_photo(chat_id=ctx.chat.id, photo=InputFile(b"PNG", filename="item.png"))
+        ctx.answer()
+
+    return bot
+"""
+
+
+def test_a_bot_in_another_folder_is_tested_with_the_installed_plugin_s_fixtures(
+    installed: Path, tmp_path: Path, pg_cluster: Any
+) -> None:
+    """What a user does: install the wheel, write a bot and a test that uses the fixtures (no conftest),
+    run pytest in that folder. The plugin is found through its entry point; PostgreSQL is this suite's
+    server (TEST_DATABASE_URL), in a template of the user's run's own."""
+    (tmp_path / "shop_bot.py").write_text(USER_SHOP_BOT)
+    (tmp_path / "test_shop_bot.py").write_text(USER_TESTS)
+    env = {"PATH": "/usr/bin:/bin", "TEST_DATABASE_URL": pg_cluster.dsn(), "HOME": str(tmp_path)}
+    ran = subprocess.run(
+        [installed, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "3 passed" in ran.stdout, ran.stdout
+    where = subprocess.run(
+        [installed, "-c", "import bot.testing.plugin as p; print(p.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert where.stdout.startswith(str(installed.parent.parent)), where  # the wheel's plugin, not ours

@@ -636,7 +636,7 @@ def multi_bot(user_storage: Storage | None = None) -> Bot[Any]:
 
 
 def from_user(update_id: int, chat_id: int, user_id: int, text: str) -> Update:
-    raw = message_update(update_id, chat_id, text)
+    raw = message_update(update_id, chat_id, text).json()
     raw["message"]["from"]["id"] = user_id
     return decode_update(encode(raw))
 

@@ -80,7 +80,7 @@ async def test_a_group_keeps_a_list_and_buttons_tick_tasks_off(chat: Chat, fake:
     press = callback_update(chat.id(), GROUP, BOB, "done:1", message_id=55)
     await chat.send(press)
     [answer] = await chat.calls("answerCallbackQuery", 1)
-    assert answer == {"callback_query_id": press["callback_query"]["id"], "text": "Done: buy milk"}
+    assert answer == {"callback_query_id": press.json()["callback_query"]["id"], "text": "Done: buy milk"}
     [edit] = await chat.calls("editMessageText", 1)
     assert (edit["chat_id"], edit["message_id"]) == (GROUP, 55)
     assert edit["text"] == "✅ 1. buy milk\n▫️ 2. fix the bike"

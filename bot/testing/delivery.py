@@ -14,11 +14,12 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import SplitResult, urlsplit
 
 import httpx
 
+from ..types import Update
 from ..webhook import SECRET_HEADER
 from .updates import encode
 
@@ -109,19 +110,17 @@ class DeliveryStats:
         return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else 0.0
 
 
-def _chat_of(update: dict[str, Any]) -> int | None:
-    for kind in ("message", "channel_post", "edited_message"):
-        if kind in update:
-            chat_id: int = update[kind]["chat"]["id"]
-            return chat_id
-    return None
+def _chat_of(update: Update) -> int | None:
+    """The chat whose messages take turns: callback queries and the like travel apart, as in Telegram."""
+    message = update.message or update.channel_post or update.edited_message
+    return None if message is None else message.chat.id
 
 
 async def deliver(
     client: Poster,
     url: Callable[[], str],
     secret: str,
-    updates: Sequence[dict[str, Any]],
+    updates: Sequence[Update],
     *,
     in_flight: int = 32,
     one_per_chat: bool = False,
@@ -165,7 +164,7 @@ async def deliver(
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    async def one(update: dict[str, Any]) -> None:
+    async def one(update: Update) -> None:
         body = encode(update)
         # The chat's turn first, then a connection: a busy chat must not hold connections other
         # chats could use. asyncio.Lock is FIFO, so a chat's updates keep their order.

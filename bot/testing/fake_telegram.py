@@ -397,14 +397,14 @@ class FakeTelegram:
     def _any_method(self, bot_id: int, method: str, params: dict[str, Any], files: dict[str, Upload]) -> Any:
         """A method without a handler of its own: a message for a send (with the file it sends, kept for
         getFile), else the smallest valid result of the method's type."""
+        if method == "sendMediaGroup":
+            return self._media_group(bot_id, params, files)
         result_type = RESULT_TYPES[method]
         sends_message = Message in (typing.get_args(result_type) or (result_type,))
         if sends_message and "chat_id" in params and not params.get("inline_message_id"):
             with self._lock:
                 media = self._files.media(method, params, files)
             return self._message(bot_id, params, **media)
-        if method == "sendMediaGroup":
-            return self._media_group(bot_id, params, files)
         return minimal(result_type, prefer=lambda t: t is bool and "inline_message_id" in params)
 
     def _media_group(self, bot_id: int, params: dict[str, Any], files: dict[str, Upload]) -> list[Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import msgspec
@@ -62,7 +62,7 @@ class _Builder:
             return self.value(chosen, depth)
         if origin is Literal:
             return get_args(tp)[0]
-        if origin is list:
+        if origin in (list, Sequence):
             return []
         if origin is dict or tp is object:
             return {}
