@@ -496,7 +496,10 @@ def _parser() -> argparse.ArgumentParser:
     which = replay.add_mutually_exclusive_group(required=True)
     which.add_argument("update_id", metavar="UPDATE_ID", type=int, nargs="?")
     which.add_argument("--all", action="store_true", help="every dead letter, oldest first")
-    chat = sub.add_parser("chat", help="talk to a running local bot from this terminal (its playground)")
+    chat = sub.add_parser(
+        "chat",
+        help="talk to a running local bot from this terminal (its playground); !N presses inline button N",
+    )
     chat.add_argument("--chat-type", choices=["group", "supergroup", "private", "channel"], default="group")
     chat.add_argument("--chat-id", type=int, help="continue a chat made before (its id was printed)")
     chat.add_argument("--title", default="Terminal chat")

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from .errors import BotError
 from .files import Upload
 
-__all__ = ["BadForm", "read_params"]
+__all__ = ["BadForm", "parse_body", "read_params"]
 
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?')
 _DISPOSITION = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -25,13 +25,16 @@ class BadForm(BotError, ValueError):
 
 
 async def read_params(request: Request) -> tuple[dict[str, Any], dict[str, Upload]]:
-    """The call's parameters (a multipart field or a urlencoded value as the string sent; a JSON body as
-    its values) and its files by part name."""
+    """The call's parameters (the query string's, then the body's) and its files by part name."""
     params: dict[str, Any] = dict(request.query_params)
-    content_type = request.headers.get("content-type", "")
+    found, files = parse_body(await request.body(), request.headers.get("content-type", ""))
+    return {**params, **found}, files
+
+
+def parse_body(body: bytes, content_type: str) -> tuple[dict[str, Any], dict[str, Upload]]:
+    """A body's parameters (a multipart field or a urlencoded value as the string sent; a JSON body as
+    its values) and its files by part name."""
     media_type = content_type.partition(";")[0].strip().lower()
-    body = await request.body()
-    files: dict[str, Upload] = {}
     if media_type == "application/json":
         try:
             decoded = json.loads(body) if body else {}
@@ -39,13 +42,13 @@ async def read_params(request: Request) -> tuple[dict[str, Any], dict[str, Uploa
             raise BadForm("can't parse JSON") from None
         if not isinstance(decoded, dict):
             raise BadForm("can't parse JSON: an object expected")
-        params.update(decoded)
-    elif media_type == "application/x-www-form-urlencoded":
-        params.update(parse_qsl(body.decode("utf-8", "replace")))
-    elif media_type == "multipart/form-data":
+        return decoded, {}
+    if media_type == "application/x-www-form-urlencoded":
+        return dict(parse_qsl(body.decode("utf-8", "replace"))), {}
+    if media_type == "multipart/form-data":
         fields, files = _multipart(body, content_type)
-        params.update(fields)
-    return params, files
+        return dict(fields), files
+    return {}, {}
 
 
 def _multipart(body: bytes, content_type: str) -> tuple[dict[str, str], dict[str, Upload]]:

@@ -354,6 +354,18 @@ def test_chat_counts_survive_a_restart_of_the_local_bot(tmp_path: Path) -> None:
             assert second.terminate() == 0
 
 
+def test_chat_shows_a_keyboard_presses_a_button_and_shows_the_edit(database_url: str, tmp_path: Path) -> None:
+    env = {"DATABASE_URL": database_url, "APP": "examples.todo:build_bot"}
+    with BotProcess(env, tmp_path / "todo.log") as todo:
+        todo.wait_ready(60)
+        talk = chat("--chat-type", "group", port=todo.port, lines="/add buy milk\n!1\n")
+    assert talk.returncode == 0, talk.stderr
+    shown = talk.stdout.splitlines()[1:]
+    assert shown[:2] == ["bot: ▫️ 1. buy milk", "  [!1 ✅ 1]"]
+    # The answer has no chat to keep it in order with the edit: either may come first.
+    assert sorted(shown[2:]) == ["(notice: Done: buy milk)", "bot edited message 1: ✅ 1. buy milk"]
+
+
 def test_chat_without_a_running_bot_says_so_in_one_line() -> None:
     result = chat(port=free_port(), lines="")
     assert result.returncode == 1

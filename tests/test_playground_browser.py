@@ -141,6 +141,52 @@ def test_the_playground_counts_in_two_groups_and_ignores_a_redelivery(
 
 
 @pytest.fixture
+def todo_bot(database_url: str, tmp_path: Path) -> Iterator[BotProcess]:
+    """The to-do example in the local trial: a bot with inline buttons that edits its message."""
+    with BotProcess(
+        {"DATABASE_URL": database_url, "APP": "examples.todo:build_bot"}, tmp_path / "bot.log"
+    ) as bot:
+        bot.wait_ready()
+        yield bot
+
+
+def test_pressing_an_inline_button_shows_the_edited_message_and_text_stays_text(
+    browser: Any, todo_bot: BotProcess, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 20)
+
+    def texts(selector: str) -> list[str]:
+        found: list[str] = browser.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].map((e) => e.textContent)", selector
+        )
+        return found
+
+    browser.get(todo_bot.url + "/")
+    wait.until(lambda _: texts("#chat-title") == ["First group"] and texts("#link") == ["connected"])
+    # A task whose text is markup: the page must show it, not run it.
+    evil = '<img src=x onerror="window.injected = 1">'
+    browser.find_element(By.ID, "text").send_keys(f"/add {evil}" + Keys.ENTER)
+    wait.until(lambda _: texts(".msg.bot .text") == [f"▫️ 1. {evil}"])
+    wait.until(lambda _: texts(".msg.bot .key") == ["✅ 1"])
+    browser.find_element(By.CSS_SELECTOR, ".msg.bot .key").click()  # a callback query, through /webhook
+    wait.until(lambda _: texts(".msg.press p") == ["Ann pressed “done:1”"])
+    wait.until(lambda _: texts(".msg.bot .text") == [f"✅ 1. {evil}"])
+    # The same message, edited in place: no second bot message, its keyboard now empty.
+    assert texts(".msg.bot .text") == [f"✅ 1. {evil}"]
+    assert texts(".msg.bot .key") == [] and texts(".msg.bot .status") == ["edited"]
+    wait.until(lambda _: texts("#toast") == ["Done: " + evil])  # answerCallbackQuery's notice
+    assert browser.execute_script("return window.injected") is None
+    assert browser.execute_script("return document.querySelectorAll('.messages img').length") == 0
+    screenshot = tmp_path / "playground-buttons.png"
+    browser.save_screenshot(str(screenshot))
+    print(f"screenshot: {screenshot}")
+
+
+@pytest.fixture
 def phone(tmp_path: Path) -> Iterator[Any]:
     """Chromium emulating a phone 390 CSS pixels wide (headless Chromium ignores window sizes under
     ~500 px, so the width comes from mobile emulation)."""

@@ -22,6 +22,7 @@ __all__ = [
     "Person",
     "is_playground_id",
     "message_update",
+    "telegram_chat",
 ]
 
 BASE = 2**52
@@ -75,6 +76,15 @@ class Ids:
         return BASE + self._last
 
 
+def telegram_chat(chat: ChatRef) -> dict[str, Any]:
+    """The chat as a Telegram Chat object."""
+    shown: dict[str, Any] = {"id": chat.id, "type": chat.type}
+    shown["first_name" if chat.type == "private" else "title"] = chat.title
+    if chat.is_forum:
+        shown["is_forum"] = True
+    return shown
+
+
 def message_update(
     update_id: int,
     chat: ChatRef,
@@ -87,10 +97,7 @@ def message_update(
     """An Update as Telegram sends it: a channel's posts come from the channel, everything else from a
     person; a text starting with "/" carries its bot_command entity; `service` adds fields such as
     migrate_to_chat_id."""
-    shown: dict[str, Any] = {"id": chat.id, "type": chat.type}
-    shown["first_name" if chat.type == "private" else "title"] = chat.title
-    if chat.is_forum:
-        shown["is_forum"] = True
+    shown = telegram_chat(chat)
     message: dict[str, Any] = {"message_id": update_id - BASE, "date": int(time.time()), "chat": shown}
     if chat.type == "channel":
         message["sender_chat"] = shown

@@ -32,9 +32,9 @@ from ..storage.postgres import SessionRow
 from ..telegram import decode_update
 from ..types import Update
 from ..webhook import SECRET_HEADER
-from .chats import PEOPLE, ChatRef, ChatType, Ids, Person, message_update
+from .chats import PEOPLE, ChatRef, ChatType, Ids, Person, message_update, telegram_chat
 from .events import EventLog
-from .stand_in import bot_api_transport
+from .stand_in import Shown, bot_api_transport, file_response
 
 __all__ = ["Playground"]
 
@@ -71,6 +71,13 @@ class _NewChat(msgspec.Struct, frozen=True):
 
 class _Upgrade(msgspec.Struct, frozen=True):
     chat: ChatRef
+    sender: int = PEOPLE[0].id
+
+
+class _Press(msgspec.Struct, frozen=True):
+    chat: ChatRef
+    message_id: int
+    data: Annotated[str, msgspec.Meta(max_length=64)]
     sender: int = PEOPLE[0].id
 
 
@@ -150,15 +157,17 @@ class Playground:
         self._ids = Ids()
         self._ids_checked = False
         self._sent: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self.shown = Shown()
 
     def bot_api_transport(self) -> httpx.AsyncBaseTransport:
-        return bot_api_transport(self.events, with_telegram=self.settings.bot_token is not None)
+        return bot_api_transport(self.events, self.shown, with_telegram=self.settings.bot_token is not None)
 
     def routes(self) -> list[BaseRoute]:
         reads = {"info": self._info, "events": self._poll}
         writes = {
             "chats": self._new_chat,
             "send": self._send,
+            "press": self._press,
             "burst": self._burst,
             "redeliver": self._redeliver,
             "upgrade": self._upgrade,
@@ -168,11 +177,16 @@ class Playground:
             Route("/", self._page, methods=["GET"]),
             *(Route(f"/playground/api/{n}", _json_api(h), methods=["GET"]) for n, h in reads.items()),
             *(Route(f"/playground/api/{n}", _json_api(h), methods=["POST"]) for n, h in writes.items()),
+            Route("/playground/files/{file_id}", self._file, methods=["GET"]),
             Mount("/playground/static", StaticFiles(packages=[("bot.playground", "static")])),
         ]
 
     async def _page(self, request: Request) -> Response:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    async def _file(self, request: Request) -> Response:
+        """A photo the bot sent, for the page to show."""
+        return file_response(self.shown, request.path_params["file_id"])
 
     # --- the API ---
 
@@ -214,11 +228,46 @@ class Playground:
         update = self._new_update(ask.chat, _sender(ask.chat, ask.sender), ask.text, ask.thread_id)
         status = await self._deliver(request.app, update)
         await self._show_sessions(runtime, update)
-        # How many replies are on their way (None: this storage can't say), so a client knows what to
-        # wait for.
-        count = getattr(runtime.storage, "queued_calls", None)
-        replies = None if count is None else await count(runtime.me.id, update["update_id"])
-        return {"update_id": update["update_id"], "status": status, "replies": replies}
+        return {
+            "update_id": update["update_id"],
+            "status": status,
+            "replies": await _replies(runtime, update),
+        }
+
+    async def _press(self, request: Request, runtime: Runtime) -> Any:
+        """A press on an inline button of one of the bot's messages: a callback query, through the
+        webhook like any update. Only a button the message has can be pressed, as in Telegram."""
+        ask: _Press = await _decode(request, _Press)
+        await self._check_ids(runtime)
+        message = self.shown.message(ask.chat.id, ask.message_id)
+        markup = (message or {}).get("reply_markup") or {}
+        buttons = [b for row in markup.get("inline_keyboard", []) for b in row]
+        if message is None or not any(b.get("callback_data") == ask.data for b in buttons):
+            raise _BadRequest(f"message {ask.message_id} has no button with callback data {ask.data!r}")
+        sender = _sender(ask.chat, ask.sender)
+        update_id = self._ids.next()
+        update = {
+            "update_id": update_id,
+            "callback_query": {
+                "id": str(update_id),
+                "from": {"id": sender.id, "is_bot": False, "first_name": sender.first_name},
+                "chat_instance": str(ask.chat.id),
+                "message": {**message, "chat": telegram_chat(ask.chat)},
+                "data": ask.data,
+            },
+        }
+        self._remember(update)
+        self.events.publish(
+            "press",
+            update_id=update_id,
+            chat_id=ask.chat.id,
+            message_id=ask.message_id,
+            data=ask.data,
+            sender=sender.first_name,
+        )
+        status = await self._deliver(request.app, update)
+        await self._show_sessions(runtime, update)
+        return {"update_id": update_id, "status": status, "replies": await _replies(runtime, update)}
 
     async def _burst(self, request: Request, runtime: Runtime) -> Any:
         """`count` updates at once, as Telegram sends a busy chat's backlog over parallel connections."""
@@ -279,9 +328,7 @@ class Playground:
     ) -> dict[str, Any]:
         thread_id = thread_id if chat.is_forum else None
         update = message_update(self._ids.next(), chat, sender, text=text, thread_id=thread_id, **service)
-        self._sent[update["update_id"]] = update
-        while len(self._sent) > KEEP_UPDATES:
-            self._sent.popitem(last=False)
+        self._remember(update)
         message = update.get("message") or update["channel_post"]
         self.events.publish(
             "update",
@@ -294,6 +341,12 @@ class Playground:
             date=message["date"],
         )
         return update
+
+    def _remember(self, update: dict[str, Any]) -> None:
+        """Kept for "deliver again"."""
+        self._sent[update["update_id"]] = update
+        while len(self._sent) > KEEP_UPDATES:
+            self._sent.popitem(last=False)
 
     async def _deliver(self, app: Starlette, update: dict[str, Any]) -> int:
         """POST the update to our own /webhook until it is answered 2xx, as Telegram would (a 4xx is
@@ -337,7 +390,13 @@ class Playground:
         self.events.publish("session", chat_id=_chat_of(update), rows=rows)
 
 
+async def _replies(runtime: Runtime, update: dict[str, Any]) -> int | None:
+    """How many calls the update queued (None: this storage can't say), so a client knows what to wait for."""
+    count = getattr(runtime.storage, "queued_calls", None)
+    return None if count is None else int(await count(runtime.me.id, update["update_id"]))
+
+
 def _chat_of(update: dict[str, Any]) -> int:
-    message = update.get("message") or update["channel_post"]
+    message = update.get("message") or update.get("channel_post") or update["callback_query"]["message"]
     chat_id: int = message["chat"]["id"]
     return chat_id

@@ -1,12 +1,15 @@
 """`python -m bot chat`: the playground from a terminal. Lines typed at the prompt go to a running local
 bot as updates (through its playground API, so through its `POST /webhook`), and its replies are
-printed as they arrive."""
+printed as they arrive: the text as Telegram shows it (formatting read, never shown as markup), a photo's
+address, edits, and the buttons of an inline keyboard, numbered: `!2` presses the second (a callback
+query, through the webhook too). A reply keyboard's buttons are printed; typing one sends it."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import re
 import sys
 from typing import Any, TextIO
 
@@ -29,6 +32,8 @@ class _Session:
         self.epoch = ""
         self.after = 0
         self.answers = 0  # the bot's calls to this chat seen so far
+        self.buttons: list[tuple[int, str]] = []  # the inline buttons shown last: (message id, data)
+        self.shown = asyncio.Event()  # set each time events were shown
 
     async def post(self, name: str, body: dict[str, Any]) -> Any:
         response = await self.client.post(f"/playground/api/{name}", json=body)
@@ -45,16 +50,60 @@ class _Session:
             self.after = events[-1]["seq"]
         return events
 
+    def say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
     def show(self, chat_id: int, events: list[dict[str, Any]]) -> None:
         for event in events:
-            if event["kind"] == "reply" and event["chat_id"] == chat_id:
+            kind = event["kind"]
+            if kind in ("reply", "edit") and event["chat_id"] == chat_id:
                 self.answers += 1
-                print(f"bot: {event['text']}", file=self.out, flush=True)
-            elif event["kind"] == "call" and event["params"].get("chat_id") == chat_id:
+                edited = f"bot edited message {event['message_id']}" if kind == "edit" else "bot"
+                if event.get("photo"):
+                    self.say(f"bot sent a photo: {event['photo']}")
+                if event.get("text") is not None:
+                    self.say(f"{edited}: {event['text']}")
+                elif kind == "edit":
+                    self.say(f"{edited}'s buttons")
+                self.keyboard(event["message_id"], event.get("keyboard"))
+            elif kind == "keyboard" and event["chat_id"] == chat_id:
+                rows = event["markup"].get("keyboard")
+                shown = " ".join(
+                    f"[{b if isinstance(b, str) else b['text']}]" for row in rows or [] for b in row
+                )
+                self.say(f"keyboard: {shown} (type one)" if rows else "(keyboard removed)")
+            elif kind == "answer":
                 self.answers += 1
-                print(f"bot called {event['method']} {event['params']}", file=self.out, flush=True)
-            elif event["kind"] == "delivery" and event["status"] != 200:
-                print(f"(update {event['update_id']}: HTTP {event['status']})", file=self.out, flush=True)
+                if event.get("text"):
+                    self.say(f"({'alert' if event['show_alert'] else 'notice'}: {event['text']})")
+            elif kind == "call" and str(event["params"].get("chat_id")) == str(chat_id):
+                self.answers += 1
+                self.say(f"bot called {event['method']} {event['params']}")
+            elif kind == "delivery" and event["status"] != 200:
+                self.say(f"(update {event['update_id']}: HTTP {event['status']})")
+        self.shown.set()
+
+    def keyboard(self, message_id: int, rows: list[list[dict[str, Any]]] | None) -> None:
+        """Number an inline keyboard's buttons: `!N` presses button N."""
+        if not rows:
+            return
+        shown = []
+        for row in rows:
+            for button in row:
+                if isinstance(button.get("callback_data"), str):
+                    self.buttons.append((message_id, button["callback_data"]))
+                    shown.append(f"[!{len(self.buttons)} {button['text']}]")
+                elif button.get("url"):
+                    shown.append(f"[{button['text']}: {button['url']}]")
+        self.say("  " + " ".join(shown))
+
+    async def caught_up(self, expected: int | None, within: float = 10.0) -> None:
+        """Wait (a while at most) until the calls the lines so far queued have been shown."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while expected is not None and self.answers < expected:
+                    self.shown.clear()
+                    await self.shown.wait()
 
     async def follow(self, chat_id: int) -> None:
         while True:
@@ -103,13 +152,19 @@ async def chat(
                 line = await asyncio.to_thread(stdin.readline)
                 if not line:
                     break
-                if line.strip():
-                    sent = await session.post(
-                        "send", {"chat": room, "text": line.strip(), "sender": person.id}
-                    )
-                    expected = (
-                        None if expected is None or sent["replies"] is None else expected + sent["replies"]
-                    )
+                text = line.strip()
+                pressed = re.fullmatch(r"!(\d+)", text)
+                if pressed is not None:
+                    await session.caught_up(expected)  # the buttons of what was sent so far, shown
+                if pressed is not None and 1 <= int(pressed.group(1)) <= len(session.buttons):
+                    message_id, data = session.buttons[int(pressed.group(1)) - 1]
+                    body = {"chat": room, "message_id": message_id, "data": data, "sender": person.id}
+                    sent = await session.post("press", body)
+                elif text:
+                    sent = await session.post("send", {"chat": room, "text": text, "sender": person.id})
+                else:
+                    continue
+                expected = None if expected is None or sent["replies"] is None else expected + sent["replies"]
         finally:
             follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -15,7 +15,10 @@ function load() {
     const saved = JSON.parse(localStorage.getItem(STORE));
     if (saved && Array.isArray(saved.chats)) return saved;
   } catch (e) { /* a damaged store starts over */ }
-  return { chats: [], messages: {}, sessions: {}, current: null, topic: null, sender: null, epoch: null, after: 0 };
+  return {
+    chats: [], messages: {}, sessions: {}, keyboards: {}, current: null, topic: null, sender: null, epoch: null,
+    after: 0,
+  };
 }
 
 function save() {
@@ -49,6 +52,102 @@ function el(tag, attrs, ...children) {
   }
   for (const child of children) if (child !== null && child !== undefined) node.append(child);
   return node;
+}
+
+// --- a bot's message: its formatting and its buttons ---
+// The server hands a message as Telegram does, text and entities (parse_mode already read): it is drawn
+// with DOM nodes and textContent only, so nothing in it is ever parsed as HTML. Offsets are UTF-16 code
+// units, as JavaScript's string indices are.
+
+const ENTITY_TAGS = {
+  bold: "b", italic: "i", underline: "u", strikethrough: "s", spoiler: "span", code: "code", pre: "pre",
+  text_link: "a", blockquote: "blockquote", expandable_blockquote: "blockquote",
+};
+
+function safeUrl(url) {
+  try {
+    const parsed = new URL(url);
+    return ["http:", "https:", "tg:", "mailto:"].includes(parsed.protocol) ? parsed.href : null;
+  } catch (e) {
+    return null;
+  }
+}
+
+function wrap(entity, child) {
+  const tag = ENTITY_TAGS[entity.type];
+  if (!tag) return child;
+  const node = document.createElement(tag);
+  if (entity.type === "spoiler") {
+    node.className = "spoiler";
+    node.title = "spoiler: click to show";
+    node.addEventListener("click", () => node.classList.add("shown"));
+  }
+  if (tag === "a") {
+    const url = safeUrl(entity.url);
+    if (!url) return child;  // javascript: and the like stay text
+    node.href = url;
+    node.target = "_blank";
+    node.rel = "noopener noreferrer";
+  }
+  node.append(child);
+  return node;
+}
+
+function formatted(text, entities) {
+  const list = Array.isArray(entities) ? entities : [];
+  const cuts = new Set([0, text.length]);
+  for (const e of list) { cuts.add(e.offset); cuts.add(e.offset + e.length); }
+  const points = [...cuts].filter((n) => n >= 0 && n <= text.length).sort((a, b) => a - b);
+  const out = el("p", { class: "text" });
+  for (let i = 0; i + 1 < points.length; i++) {
+    const [from, to] = [points[i], points[i + 1]];
+    let node = document.createTextNode(text.slice(from, to));
+    // Innermost (latest start, then shortest) first, so the outer entities wrap it.
+    const covering = list.filter((e) => e.offset <= from && e.offset + e.length >= to)
+      .sort((a, b) => (b.offset - a.offset) || (a.length - b.length));
+    for (const entity of covering) node = wrap(entity, node);
+    out.append(node);
+  }
+  return out;
+}
+
+function inlineKeyboard(chatId, message) {
+  if (!Array.isArray(message.keyboard)) return null;
+  return el("div", { class: "keyboard inline" }, ...message.keyboard.map((row) => el("div", { class: "keys" },
+    ...row.map((button) => {
+      if (typeof button.callback_data === "string") {
+        return el("button", {
+          type: "button", class: "key", "data-callback": button.callback_data,
+          onclick: () => press(chatId, message.message_id, button.callback_data),
+        }, button.text);
+      }
+      const url = button.url ? safeUrl(button.url) : null;
+      if (url) return el("a", { class: "key", href: url, target: "_blank", rel: "noopener noreferrer" }, button.text);
+      return el("button", { type: "button", class: "key", disabled: "disabled", title: "not in the playground" }, button.text);
+    }))));
+}
+
+function replyKeyboard() {
+  const chat = currentChat();
+  const markup = chat ? state.keyboards[chat.id] : null;
+  const box = $("reply-keyboard");
+  $("text").placeholder = (markup && markup.input_field_placeholder) || "Message";
+  if (!markup || !Array.isArray(markup.keyboard)) { box.replaceChildren(); box.hidden = true; return; }
+  box.hidden = false;
+  box.replaceChildren(...markup.keyboard.map((row) => el("div", { class: "keys" }, ...row.map((button) => {
+    const label = typeof button === "string" ? button : button.text;
+    return el("button", {
+      type: "button", class: "key",
+      onclick: () => {
+        if (markup.one_time_keyboard) { delete state.keyboards[chat.id]; save(); replyKeyboard(); }
+        send(label);
+      },
+    }, label);
+  }))));
+}
+
+function findBotMessage(chatId, messageId) {
+  return messagesOf(chatId).find((m) => m.kind === "bot" && m.message_id === messageId) || null;
 }
 
 // --- events from the server ---
@@ -99,13 +198,38 @@ function apply(event) {
       break;
     }
     case "reply":
-      push(event.chat_id, { kind: "bot", text: event.text, thread_id: event.thread_id });
+      push(event.chat_id, {
+        kind: "bot", text: event.text, entities: event.entities, keyboard: event.keyboard, photo: event.photo,
+        message_id: event.message_id, thread_id: event.thread_id,
+      });
       break;
-    case "call":
-      if (event.params && typeof event.params.chat_id === "number") {
-        push(event.params.chat_id, { kind: "call", text: event.method + " " + JSON.stringify(event.params) });
+    case "edit": {
+      const message = findBotMessage(event.chat_id, event.message_id);
+      if (message) {
+        if (event.text !== undefined) { message.text = event.text; message.entities = event.entities; }
+        message.keyboard = event.keyboard;
+        message.edited = true;
       }
       break;
+    }
+    case "keyboard":
+      if (Array.isArray(event.markup.keyboard)) state.keyboards[event.chat_id] = event.markup;
+      else if (event.markup.remove_keyboard) delete state.keyboards[event.chat_id];
+      else if (event.markup.force_reply) state.keyboards[event.chat_id] = { input_field_placeholder: event.markup.input_field_placeholder };
+      break;
+    case "press":
+      push(event.chat_id, { kind: "press", text: event.sender + " pressed “" + event.data + "”", thread_id: null });
+      break;
+    case "answer":
+      if (event.text) toast(event.text, event.show_alert);
+      break;
+    case "call": {
+      const chatId = Number(event.params && event.params.chat_id);  // a multipart field is a string
+      if (Number.isSafeInteger(chatId)) {
+        push(chatId, { kind: "call", text: event.method + " " + JSON.stringify(event.params) });
+      }
+      break;
+    }
     case "session":
       state.sessions[event.chat_id] = event.rows;
       break;
@@ -166,10 +290,16 @@ function statusText(message) {
   return (message.status >= 200 && message.status < 300 ? "✓ " : "✗ ") + message.status + tries + again;
 }
 
-function renderMessage(message) {
+function renderMessage(message, chatId) {
   if (message.kind === "bot") {
-    return el("li", { class: "msg bot" }, el("span", { class: "who" }, "bot"), el("p", {}, message.text));
+    return el("li", { class: "msg bot" + (message.edited ? " edited" : ""), "data-message": message.message_id },
+      el("span", { class: "who" }, "bot"),
+      message.photo ? el("img", { class: "photo", src: message.photo, alt: "photo from the bot" }) : null,
+      message.text ? formatted(message.text, message.entities) : null,
+      message.edited ? el("span", { class: "status" }, "edited") : null,
+      inlineKeyboard(chatId, message));
   }
+  if (message.kind === "press") return el("li", { class: "msg service press" }, el("p", {}, message.text));
   if (message.kind === "call") return el("li", { class: "msg service" }, el("p", {}, "bot called " + message.text));
   if (message.service) {
     return el("li", { class: "msg service", "data-update": message.update_id },
@@ -200,7 +330,8 @@ function renderConversation() {
   const shown = chat ? messagesOf(chat.id).filter((m) => !forum || (m.thread_id ?? null) === state.topic) : [];
   const list = $("messages");
   const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 40;
-  list.replaceChildren(...shown.map(renderMessage));
+  list.replaceChildren(...shown.map((m) => renderMessage(m, chat.id)));
+  replyKeyboard();
   if (atBottom) list.scrollTop = list.scrollHeight;
 }
 
@@ -229,6 +360,15 @@ function report(error) {
   $("link").textContent = "error: " + error.message;
 }
 
+function toast(text, alert) {
+  const box = $("toast");
+  box.textContent = text;
+  box.className = "toast" + (alert ? " alert" : "");
+  box.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { box.hidden = true; }, alert ? 6000 : 3000);
+}
+
 // --- controls ---
 
 function sendBody(text) {
@@ -239,6 +379,12 @@ function sendBody(text) {
 function send(text) {
   if (!currentChat() || !text) return Promise.resolve();
   return api("send", sendBody(text)).catch(report);
+}
+
+function press(chatId, messageId, data) {
+  const chat = state.chats.find((c) => c.id === chatId);
+  if (!chat) return Promise.resolve();
+  return api("press", { chat: chatRef(chat), message_id: messageId, data, sender: state.sender }).catch(report);
 }
 
 async function refreshSession() {
