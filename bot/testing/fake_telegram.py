@@ -23,7 +23,6 @@ import re
 import socket
 import threading
 import time
-import typing
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,12 +34,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import BotError
 from ..files import Upload
 from ..forms import BadForm, read_params
-from ..types import Message, Update
+from ..types import Update
 from .bad_answers import MISBEHAVIOURS, Misbehaviour, misbehave, trickle
-from .results import RESULT_TYPES, SENT_MEDIA, FileStore, minimal
+from .results import RESULT_TYPES, ApiError, FileStore, MessageAnswers, as_int
 from .updates import chat_member, user
 
 __all__ = ["MISBEHAVIOURS", "FakeTelegram", "FloodLimits", "Misbehaviour", "RecordedCall", "serve"]
@@ -80,20 +78,7 @@ class FloodLimits:
     retry_after: int = 5
 
 
-class _ApiError(BotError):
-    def __init__(self, code: int, description: str, **parameters: int | None) -> None:
-        self.code, self.description = code, description
-        self.parameters = {name: value for name, value in parameters.items() if value is not None}
-
-
-def _as_int(params: dict[str, Any], name: str) -> int:
-    try:
-        return int(params[name])
-    except (KeyError, TypeError, ValueError):
-        raise _ApiError(400, f"Bad Request: {name} is required") from None
-
-
-class FakeTelegram:
+class FakeTelegram(MessageAnswers):
     """State of the fake: recorded calls, the webhook, updates for getUpdates, injected failures."""
 
     def __init__(self, username: str = "test_bot", privacy: bool = False) -> None:
@@ -291,8 +276,8 @@ class FakeTelegram:
             elif method in RESULT_TYPES:
                 result = self._any_method(bot_id, method, params, recorded.files)
             else:
-                raise _ApiError(404, "Not Found: method not found")
-        except _ApiError as exc:
+                raise ApiError(404, "Not Found: method not found")
+        except ApiError as exc:
             return self._error(exc.code, exc.description, exc.parameters)
         if method == "sendMessage":
             with self._lock:
@@ -317,7 +302,7 @@ class FakeTelegram:
                     and (failure.chat_id is None or str(failure.chat_id) == str(params.get("chat_id")))
                 ):
                     failure.times -= 1
-                    raise _ApiError(failure.error_code, failure.description, retry_after=failure.retry_after)
+                    raise ApiError(failure.error_code, failure.description, retry_after=failure.retry_after)
             if method == "sendMessage" and self.flood_limits is not None:
                 self._check_flood(self.flood_limits, params)
 
@@ -333,7 +318,7 @@ class FakeTelegram:
             while recent and recent[0] <= now - span:
                 recent.popleft()
             if len(recent) >= most:
-                raise _ApiError(
+                raise ApiError(
                     429,
                     f"Too Many Requests: retry after {limits.retry_after}",
                     retry_after=limits.retry_after,
@@ -360,129 +345,55 @@ class FakeTelegram:
         }
 
     async def _m_sendMessage(self, bot_id: int, params: dict[str, Any]) -> dict[str, Any]:
-        chat_id = _as_int(params, "chat_id")
+        chat_id = as_int(params, "chat_id")
         with self._lock:
             moved_to = self.migrated.get(chat_id)
         if moved_to is not None:
             # The real server's answer to a send to a group that became a supergroup.
-            raise _ApiError(
+            raise ApiError(
                 400, "Bad Request: group chat was upgraded to a supergroup chat", migrate_to_chat_id=moved_to
             )
         if not params.get("text"):
-            raise _ApiError(400, "Bad Request: message text is empty")
+            raise ApiError(400, "Bad Request: message text is empty")
         message = self._message(bot_id, params)
         with self._lock:
             self._delivered.append(message)
             self._lock.notify_all()
         return message
 
-    def _message(self, bot_id: int, params: dict[str, Any], **fields: Any) -> dict[str, Any]:
-        """The Message a send of these parameters makes: a new message id, the text or caption sent."""
-        chat_id = _as_int(params, "chat_id")
-        with self._lock:
-            message_id = next(self._message_ids)
-        message: dict[str, Any] = {
-            "message_id": message_id,
-            "from": {"id": bot_id, "is_bot": True, "first_name": "Test bot", "username": self.username},
-            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
-            "date": int(self.clock()),
-        }
-        for name in ("text", "caption"):
-            if isinstance(params.get(name), str) and params[name]:
-                message[name] = params[name]
-        if "message_thread_id" in params:
-            message["message_thread_id"] = int(params["message_thread_id"])
-        return {**message, **fields}
-
-    def _any_method(self, bot_id: int, method: str, params: dict[str, Any], files: dict[str, Upload]) -> Any:
-        """A method without a handler of its own: a message for a send (with the file it sends, kept for
-        getFile), else the smallest valid result of the method's type."""
-        if method == "sendMediaGroup":
-            return self._media_group(bot_id, params, files)
-        result_type = RESULT_TYPES[method]
-        sends_message = Message in (typing.get_args(result_type) or (result_type,))
-        if sends_message and "chat_id" in params and not params.get("inline_message_id"):
-            with self._lock:
-                media = self._files.media(method, params, files)
-            return self._message(bot_id, params, **media)
-        return minimal(result_type, prefer=lambda t: t is bool and "inline_message_id" in params)
-
-    def _media_group(self, bot_id: int, params: dict[str, Any], files: dict[str, Upload]) -> list[Any]:
-        media = params.get("media")
-        items = json.loads(media) if isinstance(media, str) else media
-        if not isinstance(items, list) or not 1 <= len(items) <= 10:
-            raise _ApiError(400, "Bad Request: media must be an array of 1 to 10 items")
-        messages = []
-        for item in items:
-            kind = item.get("type") if isinstance(item, dict) else None
-            if (
-                not isinstance(kind, str)
-                or kind not in SENT_MEDIA.values()
-                or not isinstance(item.get("media"), str)
-            ):
-                raise _ApiError(400, "Bad Request: wrong media in the media group")
-            with self._lock:
-                shown = self._files.shown(kind, item["media"], files)
-            messages.append(self._message(bot_id, {"chat_id": params["chat_id"], **item}, **{kind: shown}))
-        return messages
-
-    async def _m_getFile(self, bot_id: int, params: dict[str, Any]) -> dict[str, Any]:
-        with self._lock:
-            found = self._files.file(str(params.get("file_id", "")))
-        if found is None:
-            raise _ApiError(400, "Bad Request: invalid file_id")
-        return found
-
-    async def _file(self, request: Request) -> Response:
-        """A file's download, as `{root}/file/bot<token>/<file_path>`."""
-        with self._lock:
-            content = self._files.content(request.path_params["file_path"])
-        if content is None or _TOKEN.match(request.path_params["token"]) is None:
-            return self._error(404, "Not Found")
-        return Response(content, media_type="application/octet-stream")
-
     async def _m_answerCallbackQuery(self, bot_id: int, params: dict[str, Any]) -> bool:
         if not params.get("callback_query_id"):
-            raise _ApiError(
+            raise ApiError(
                 400, "Bad Request: query is too old and response timeout expired or query ID is invalid"
             )
         return True
 
-    async def _m_editMessageText(self, bot_id: int, params: dict[str, Any]) -> dict[str, Any] | bool:
-        if not params.get("text"):
-            raise _ApiError(400, "Bad Request: message text is empty")
-        if params.get("inline_message_id"):
-            return True
-        return self._message(
-            bot_id, params, message_id=_as_int(params, "message_id"), edit_date=int(self.clock())
-        )
-
     async def _m_getChatMember(self, bot_id: int, params: dict[str, Any]) -> dict[str, Any]:
-        chat_id, user_id = _as_int(params, "chat_id"), _as_int(params, "user_id")
+        chat_id, user_id = as_int(params, "chat_id"), as_int(params, "user_id")
         with self._lock:
             admin = user_id in self.admins.get(chat_id, set())
         return chat_member("administrator" if admin else "member", user(user_id, "User"))
 
     async def _m_answerInlineQuery(self, bot_id: int, params: dict[str, Any]) -> bool:
         if not params.get("inline_query_id"):
-            raise _ApiError(
+            raise ApiError(
                 400, "Bad Request: query is too old and response timeout expired or query ID is invalid"
             )
         if not isinstance(params.get("results"), list):
-            raise _ApiError(400, "Bad Request: can't parse inline query results: an array expected")
+            raise ApiError(400, "Bad Request: can't parse inline query results: an array expected")
         return True
 
     async def _m_setWebhook(self, bot_id: int, params: dict[str, Any]) -> bool:
         # The checks the real server makes, with its words.
         url = str(params.get("url") or "")
         if not url:
-            raise _ApiError(400, "Bad Request: bad webhook: URL is empty")
+            raise ApiError(400, "Bad Request: bad webhook: URL is empty")
         if not url.startswith("https://"):
-            raise _ApiError(400, "Bad Request: bad webhook: An HTTPS URL must be provided for webhook")
+            raise ApiError(400, "Bad Request: bad webhook: An HTTPS URL must be provided for webhook")
         if "secret_token" in params and not _SECRET_TOKEN.match(str(params["secret_token"])):
-            raise _ApiError(400, "Bad Request: secret token contains unallowed characters")
+            raise ApiError(400, "Bad Request: secret token contains unallowed characters")
         if not 1 <= int(params.get("max_connections", 40)) <= 100:
-            raise _ApiError(400, "Bad Request: bad webhook: max_connections must be between 1 and 100")
+            raise ApiError(400, "Bad Request: bad webhook: max_connections must be between 1 and 100")
         with self._lock:
             self._webhook = dict(params)
             if str(params.get("drop_pending_updates")).lower() == "true":
@@ -514,7 +425,7 @@ class FakeTelegram:
     async def _m_getUpdates(self, bot_id: int, params: dict[str, Any]) -> list[dict[str, Any]]:
         with self._lock:
             if self._webhook:
-                raise _ApiError(409, "Conflict: can't use getUpdates method while webhook is active")
+                raise ApiError(409, "Conflict: can't use getUpdates method while webhook is active")
         offset = int(params.get("offset", 0))
         limit = int(params.get("limit", 100))
         allowed = params.get("allowed_updates")

@@ -9,19 +9,40 @@ the Bot API schema's `returns`: so every method of the schema gets an answer its
 
 from __future__ import annotations
 
+import itertools
+import json
+import threading
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from .. import methods
+from ..errors import BotError
 from ..files import Upload
 from ..methods import METHODS, ApiMethods
 from ..types import Message
 
-__all__ = ["RESULT_TYPES", "SENT_MEDIA", "FileStore", "minimal"]
+__all__ = ["RESULT_TYPES", "SENT_MEDIA", "ApiError", "FileStore", "MessageAnswers", "as_int", "minimal"]
+
+
+class ApiError(BotError):
+    """An answer `{"ok": false}` of the fake, with Telegram's code, words and parameters."""
+
+    def __init__(self, code: int, description: str, **parameters: int | None) -> None:
+        self.code, self.description = code, description
+        self.parameters = {name: value for name, value in parameters.items() if value is not None}
+
+
+def as_int(params: Mapping[str, Any], name: str) -> int:
+    try:
+        return int(params[name])
+    except (KeyError, TypeError, ValueError):
+        raise ApiError(400, f"Bad Request: {name} is required") from None
 
 
 def _result_types() -> dict[str, Any]:
@@ -162,3 +183,89 @@ def _unique(file_id: str) -> str:
 def _suffix(filename: str) -> str:
     dot = filename.rfind(".")
     return filename[dot:] if 0 < dot < len(filename) - 1 and filename[dot:].replace(".", "").isalnum() else ""
+
+
+class MessageAnswers:
+    """The fake's answers that make messages: a send of any kind (a file it sends kept for getFile and
+    the download), an edit, a media group; and every other method's smallest valid result. Mixed into
+    FakeTelegram, whose state it shares."""
+
+    username: str
+    clock: Callable[[], float]
+    _lock: threading.Condition
+    _files: FileStore
+    _message_ids: itertools.count[int]
+
+    def _message(self, bot_id: int, params: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        """The Message a send of these parameters makes: a new message id, the text or caption sent."""
+        chat_id = as_int(params, "chat_id")
+        with self._lock:
+            message_id = next(self._message_ids)
+        message: dict[str, Any] = {
+            "message_id": message_id,
+            "from": {"id": bot_id, "is_bot": True, "first_name": "Test bot", "username": self.username},
+            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
+            "date": int(self.clock()),
+        }
+        for name in ("text", "caption"):
+            if isinstance(params.get(name), str) and params[name]:
+                message[name] = params[name]
+        if "message_thread_id" in params:
+            message["message_thread_id"] = int(params["message_thread_id"])
+        return {**message, **fields}
+
+    def _any_method(self, bot_id: int, method: str, params: dict[str, Any], files: dict[str, Upload]) -> Any:
+        """A method without a handler of its own: a message for a send (with the file it sends, kept for
+        getFile), else the smallest valid result of the method's type."""
+        if method == "sendMediaGroup":
+            return self._media_group(bot_id, params, files)
+        result_type = RESULT_TYPES[method]
+        sends_message = Message in (typing.get_args(result_type) or (result_type,))
+        if sends_message and "chat_id" in params and not params.get("inline_message_id"):
+            with self._lock:
+                media = self._files.media(method, params, files)
+            return self._message(bot_id, params, **media)
+        return minimal(result_type, prefer=lambda t: t is bool and "inline_message_id" in params)
+
+    def _media_group(self, bot_id: int, params: dict[str, Any], files: dict[str, Upload]) -> list[Any]:
+        media = params.get("media")
+        items = json.loads(media) if isinstance(media, str) else media
+        if not isinstance(items, list) or not 1 <= len(items) <= 10:
+            raise ApiError(400, "Bad Request: media must be an array of 1 to 10 items")
+        messages = []
+        for item in items:
+            kind = item.get("type") if isinstance(item, dict) else None
+            if (
+                not isinstance(kind, str)
+                or kind not in SENT_MEDIA.values()
+                or not isinstance(item.get("media"), str)
+            ):
+                raise ApiError(400, "Bad Request: wrong media in the media group")
+            with self._lock:
+                shown = self._files.shown(kind, item["media"], files)
+            messages.append(self._message(bot_id, {"chat_id": params["chat_id"], **item}, **{kind: shown}))
+        return messages
+
+    async def _m_getFile(self, bot_id: int, params: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            found = self._files.file(str(params.get("file_id", "")))
+        if found is None:
+            raise ApiError(400, "Bad Request: invalid file_id")
+        return found
+
+    async def _file(self, request: Request) -> Response:
+        """A file's download, as `{root}/file/bot<token>/<file_path>`."""
+        with self._lock:
+            content = self._files.content(request.path_params["file_path"])
+        if content is None:
+            return JSONResponse({"ok": False, "error_code": 404, "description": "Not Found"}, status_code=404)
+        return Response(content, media_type="application/octet-stream")
+
+    async def _m_editMessageText(self, bot_id: int, params: dict[str, Any]) -> dict[str, Any] | bool:
+        if not params.get("text"):
+            raise ApiError(400, "Bad Request: message text is empty")
+        if params.get("inline_message_id"):
+            return True
+        return self._message(
+            bot_id, params, message_id=as_int(params, "message_id"), edit_date=int(self.clock())
+        )
