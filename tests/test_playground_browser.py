@@ -186,6 +186,58 @@ def test_pressing_an_inline_button_shows_the_edited_message_and_text_stays_text(
     print(f"screenshot: {screenshot}")
 
 
+def test_the_shop_s_photos_and_html_captions_show_as_telegram_would(
+    browser: Any, database_url: str, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 20)
+    env = {"DATABASE_URL": database_url, "APP": "examples.shop:build_bot"}
+    with BotProcess(env, tmp_path / "shop.log") as shop:
+        shop.wait_ready()
+        browser.get(shop.url + "/")
+        wait.until(
+            lambda _: (
+                browser.execute_script("return document.querySelector('#link').textContent") == "connected"
+            )
+        )
+        browser.find_element(By.ID, "text").send_keys("/start" + Keys.ENTER)
+        # Three photos, uploaded from bytes through the outbox, each drawn from its upload...
+        wait.until(
+            lambda _: (
+                browser.execute_script(
+                    "return [...document.querySelectorAll('.msg.bot img.photo')].filter((i) => i.complete && i.naturalWidth === 48).length"
+                )
+                == 3
+            )
+        )
+        # ...with its HTML caption as formatting (a <b>, not the text "<b>"), and a button to press.
+        bold = browser.execute_script(
+            "return [...document.querySelectorAll('.msg.bot .text b')].map((b) => b.textContent)"
+        )
+        assert bold == ["Croissant", "Cinnamon roll", "Éclair"]
+        captions = browser.execute_script(
+            "return [...document.querySelectorAll('.msg.bot .text')].map((p) => p.textContent)"
+        )
+        assert captions[0] == "Croissant: 5 ⭐, 3 left"
+        browser.find_element(
+            By.CSS_SELECTOR, ".msg.bot .key"
+        ).click()  # Buy: an invoice (a call shown as such)
+        wait.until(
+            lambda _: any(
+                "sendInvoice" in t
+                for t in browser.execute_script(
+                    "return [...document.querySelectorAll('.msg.service p')].map((p) => p.textContent)"
+                )
+            )
+        )
+        screenshot = tmp_path / "playground-shop.png"
+        browser.save_screenshot(str(screenshot))
+        print(f"screenshot: {screenshot}")
+
+
 @pytest.fixture
 def phone(tmp_path: Path) -> Iterator[Any]:
     """Chromium emulating a phone 390 CSS pixels wide (headless Chromium ignores window sizes under
