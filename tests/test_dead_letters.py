@@ -95,7 +95,7 @@ async def test_a_filter_that_raises_is_a_dead_letter_recorded_as_received(storag
     `process` (HTTP 500 on every delivery; `poll` died) and the error hook never heard of it."""
     hooked: list[str] = []
     run = Pipeline(button_bot(hooked), storage, ME, Metrics())
-    raw = callback_update(1, -7, 5, FILTER_DATA)
+    raw = callback_update(1, -7, 5, FILTER_DATA).json()
     body = json.dumps(raw, indent=1).encode()  # as received: kept byte for byte, not re-encoded
     outcome = await run.process(decode_update(body))
     assert (outcome.status, outcome.to_send, hooked) == (Status.DEAD_LETTER, [], ["ValueError"])
@@ -423,7 +423,7 @@ async def test_every_kind_of_bug_is_a_dead_letter_the_chat_moves_on_and_replay_a
     lines = listed.stdout.splitlines()
     assert lines[0].split() == ["UPDATE", "CHAT", "KIND", "ATTEMPTS", "FAILED", "(UTC)", "ERROR"]
     rows = {int(line.split()[0]): line for line in lines[1:]}
-    assert sorted(rows) == [u["update_id"] for u in failing]
+    assert sorted(rows) == [u.update_id for u in failing]
     assert "callback_query" in rows[100] and "ValueError: invalid literal for int()" in rows[100]
     for update_id, error in zip(range(101, 101 + len(FAILING_TEXTS)), FAILING_TEXTS.values(), strict=True):
         assert f"{update_id}  " in rows[update_id] and f" {chat} " in rows[update_id]
@@ -435,7 +435,7 @@ async def test_every_kind_of_bug_is_a_dead_letter_the_chat_moves_on_and_replay_a
     fixed = ("--app", "faulty_bot:build_fixed")
     replayed = cli("replay", "--all", *fixed, database_url=database_url, telegram_root=telegram_root)
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
-    assert replayed.stdout.splitlines() == [f"update {u['update_id']}: applied" for u in failing]
+    assert replayed.stdout.splitlines() == [f"update {u.update_id}: applied" for u in failing]
     again = cli("replay", "--all", *fixed, database_url=database_url, telegram_root=telegram_root)
     assert (again.returncode, again.stdout.strip()) == (0, "no dead letters")
     missing = cli("replay", "102", *fixed, database_url=database_url, telegram_root=telegram_root)

@@ -74,7 +74,7 @@ def test_what_a_dead_letter_records_can_always_be_stored() -> None:
         raise ValueError("text with \x00 in it")
     except ValueError as exc:
         error = exc
-    raw = message_update(3, -7, "x", extra={"field_from_a_newer_bot_api": 1})
+    raw = message_update(3, -7, "x", extra={"field_from_a_newer_bot_api": 1}).json()
     letter = dead_letter(decode_update(encode(raw)), error, attempts=2)
     assert (letter.update_id, letter.chat, letter.kind, letter.attempts) == (3, "-7", "message", 2)
     assert json.loads(letter.body) == raw  # what was received, not only what was decoded
