@@ -195,7 +195,7 @@ async def test_kill_9_mid_load_then_a_fresh_process_serves_the_rest(
         await asyncio.sleep(1.5)
         sends = fake.calls("sendMessage")
         per_chat = Counter(c.params["chat_id"] for c in sends)
-        assert set(per_chat) == {a["message"]["chat"]["id"] for a in asks}  # none lost
+        assert set(per_chat) == {a.json()["message"]["chat"]["id"] for a in asks}  # none lost
         # Telegram has no idempotency key: a reply the killed process had sent but not yet recorded as
         # sent is sent again. Only those may be doubled: the first copy from the dead process (arriving at
         # most a moment after its death, from socket buffers), the second from the new one.

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +60,37 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         driver.quit()
 
 
-@pytest.fixture
-def local_bot(database_url: str, tmp_path: Path) -> Iterator[BotProcess]:
+def trial(database_url: str, tmp_path: Path, **env: str) -> Iterator[BotProcess]:
     """`python -m bot serve` as in the README's run command: no token, so the local trial."""
     assert "BOT_TOKEN" not in os.environ, "the local trial is a bot without a token"
-    with BotProcess({"DATABASE_URL": database_url}, tmp_path / "bot.log") as bot:
+    with BotProcess({"DATABASE_URL": database_url, **env}, tmp_path / "bot.log") as bot:
         bot.wait_ready()
         yield bot
+
+
+def all_text(browser: Any, selector: str) -> list[str]:
+    """The text of every match, read in one script: the page redraws its lists, and an element found a
+    moment ago may be gone."""
+    found: list[str] = browser.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map((e) => e.textContent)", selector
+    )
+    return found
+
+
+def opened(browser: Any, bot: BotProcess) -> tuple[Any, Callable[[str], list[str]]]:
+    """The playground of `bot`, connected, with its first group open: a wait, and `texts(selector)`."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 20)
+    texts = partial(all_text, browser)
+    browser.get(bot.url + "/")
+    wait.until(lambda _: texts("#chat-title") == ["First group"] and texts("#link") == ["connected"])
+    return wait, texts
+
+
+@pytest.fixture
+def local_bot(database_url: str, tmp_path: Path) -> Iterator[BotProcess]:
+    yield from trial(database_url, tmp_path)
 
 
 def test_the_playground_counts_in_two_groups_and_ignores_a_redelivery(
@@ -77,13 +102,7 @@ def test_the_playground_counts_in_two_groups_and_ignores_a_redelivery(
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     wait = WebDriverWait(browser, 20)
-
-    def texts(selector: str) -> list[str]:
-        # In one script: the page redraws its lists, and an element found a moment ago may be gone.
-        found: list[str] = browser.execute_script(
-            "return [...document.querySelectorAll(arguments[0])].map((e) => e.textContent)", selector
-        )
-        return found
+    texts = partial(all_text, browser)
 
     def click(selector: str, containing: str = "") -> None:
         """Click the first match, found afresh until the click lands (the page may redraw meanwhile)."""
@@ -143,11 +162,7 @@ def test_the_playground_counts_in_two_groups_and_ignores_a_redelivery(
 @pytest.fixture
 def todo_bot(database_url: str, tmp_path: Path) -> Iterator[BotProcess]:
     """The to-do example in the local trial: a bot with inline buttons that edits its message."""
-    with BotProcess(
-        {"DATABASE_URL": database_url, "APP": "examples.todo:build_bot"}, tmp_path / "bot.log"
-    ) as bot:
-        bot.wait_ready()
-        yield bot
+    yield from trial(database_url, tmp_path, APP="examples.todo:build_bot")
 
 
 def test_pressing_an_inline_button_shows_the_edited_message_and_text_stays_text(
@@ -155,18 +170,8 @@ def test_pressing_an_inline_button_shows_the_edited_message_and_text_stays_text(
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(browser, 20)
-
-    def texts(selector: str) -> list[str]:
-        found: list[str] = browser.execute_script(
-            "return [...document.querySelectorAll(arguments[0])].map((e) => e.textContent)", selector
-        )
-        return found
-
-    browser.get(todo_bot.url + "/")
-    wait.until(lambda _: texts("#chat-title") == ["First group"] and texts("#link") == ["connected"])
+    wait, texts = opened(browser, todo_bot)
     # A task whose text is markup: the page must show it, not run it.
     evil = '<img src=x onerror="window.injected = 1">'
     browser.find_element(By.ID, "text").send_keys(f"/add {evil}" + Keys.ENTER)
@@ -186,56 +191,31 @@ def test_pressing_an_inline_button_shows_the_edited_message_and_text_stays_text(
     print(f"screenshot: {screenshot}")
 
 
+@pytest.fixture
+def shop_bot(database_url: str, tmp_path: Path) -> Iterator[BotProcess]:
+    """The shop example in the local trial: photos uploaded from bytes, HTML captions, Buy buttons."""
+    yield from trial(database_url, tmp_path, APP="examples.shop:build_bot")
+
+
 def test_the_shop_s_photos_and_html_captions_show_as_telegram_would(
-    browser: Any, database_url: str, tmp_path: Path
+    browser: Any, shop_bot: BotProcess, tmp_path: Path
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(browser, 20)
-    env = {"DATABASE_URL": database_url, "APP": "examples.shop:build_bot"}
-    with BotProcess(env, tmp_path / "shop.log") as shop:
-        shop.wait_ready()
-        browser.get(shop.url + "/")
-        wait.until(
-            lambda _: (
-                browser.execute_script("return document.querySelector('#link').textContent") == "connected"
-            )
-        )
-        browser.find_element(By.ID, "text").send_keys("/start" + Keys.ENTER)
-        # Three photos, uploaded from bytes through the outbox, each drawn from its upload...
-        wait.until(
-            lambda _: (
-                browser.execute_script(
-                    "return [...document.querySelectorAll('.msg.bot img.photo')].filter((i) => i.complete && i.naturalWidth === 48).length"
-                )
-                == 3
-            )
-        )
-        # ...with its HTML caption as formatting (a <b>, not the text "<b>"), and a button to press.
-        bold = browser.execute_script(
-            "return [...document.querySelectorAll('.msg.bot .text b')].map((b) => b.textContent)"
-        )
-        assert bold == ["Croissant", "Cinnamon roll", "Éclair"]
-        captions = browser.execute_script(
-            "return [...document.querySelectorAll('.msg.bot .text')].map((p) => p.textContent)"
-        )
-        assert captions[0] == "Croissant: 5 ⭐, 3 left"
-        browser.find_element(
-            By.CSS_SELECTOR, ".msg.bot .key"
-        ).click()  # Buy: an invoice (a call shown as such)
-        wait.until(
-            lambda _: any(
-                "sendInvoice" in t
-                for t in browser.execute_script(
-                    "return [...document.querySelectorAll('.msg.service p')].map((p) => p.textContent)"
-                )
-            )
-        )
-        screenshot = tmp_path / "playground-shop.png"
-        browser.save_screenshot(str(screenshot))
-        print(f"screenshot: {screenshot}")
+    wait, texts = opened(browser, shop_bot)
+    loaded = "return [...document.querySelectorAll('.msg.bot img.photo')].filter((i) => i.naturalWidth === 48).length"
+    browser.find_element(By.ID, "text").send_keys("/start" + Keys.ENTER)
+    # Three photos, uploaded from bytes through the outbox, each drawn from its upload...
+    wait.until(lambda _: browser.execute_script(loaded) == 3)
+    # ...with its HTML caption as formatting (a <b>, not the text "<b>"), and a button to press.
+    assert texts(".msg.bot .text b") == ["Croissant", "Cinnamon roll", "Éclair"]
+    assert texts(".msg.bot .text")[0] == "Croissant: 5 ⭐, 3 left"
+    browser.find_element(By.CSS_SELECTOR, ".msg.bot .key").click()  # Buy: an invoice, shown as the call
+    wait.until(lambda _: any("sendInvoice" in t for t in texts(".msg.service p")))
+    screenshot = tmp_path / "playground-shop.png"
+    browser.save_screenshot(str(screenshot))
+    print(f"screenshot: {screenshot}")
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ import re
 from html.parser import HTMLParser
 from typing import Any
 
+from ..errors import BotError
+
 __all__ = ["BadMarkup", "entities_of"]
 
 Entity = dict[str, Any]
@@ -39,7 +41,7 @@ _TAGS = {
 }
 
 
-class BadMarkup(ValueError):
+class BadMarkup(BotError, ValueError):
     """Telegram's 400: "can't parse entities: ..."."""
 
 

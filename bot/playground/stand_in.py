@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..errors import BotError
 from ..files import Upload
 from ..forms import BadForm, parse_body, read_params
 from ..testing.results import RESULT_TYPES, minimal
@@ -40,7 +41,7 @@ KEEP_FILES = 100
 _IMAGES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"))
 
 
-class _Refused(Exception):
+class _Refused(BotError):
     def __init__(self, description: str) -> None:
         self.description = description
 
