@@ -199,7 +199,7 @@ from bot.context import Context
 from bot.dispatch import Bot
 from bot.keyboards import button, inline_keyboard, reply_keyboard
 from bot.session import session, user_key
-from bot.types import InlineQueryResultArticle, InputTextMessageContent, Message, ReactionTypeEmoji
+from bot.types import InlineQueryResultArticle, InputFile, InputMediaPhoto, InputTextMessageContent, Message, ReactionTypeEmoji
 
 
 @dataclass
@@ -223,6 +223,8 @@ def build_bot() -> Bot[Count]:
         sent: Message = await ctx.api.send_message(chat_id=ctx.chat.id, text="now")
         ctx.outbox.edit_message_text(chat_id=ctx.chat.id, message_id=sent.message_id, text="later")
         ctx.outbox.send_message(chat_id=ctx.chat.id, text="pick", reply_markup=reply_keyboard(["a", "b"]))
+        photo = InputFile(b"PNG", filename="x.png")
+        ctx.outbox.send_media_group(chat_id=ctx.chat.id, media=[InputMediaPhoto(media=photo), InputMediaPhoto(media="id")])
         ctx.answer()
 
     @bot.inline_query()

@@ -18,7 +18,9 @@ from bot.context import Context
 from bot.dispatch import Bot
 from bot.filters import data_startswith
 from bot.keyboards import button, inline_keyboard, reply_keyboard, url_button
+from bot.playground.chats import BASE
 from bot.playground.formatting import BadMarkup, entities_of
+from bot.playground.stand_in import _ByChat
 from bot.session import session
 from bot.types import InputFile
 
@@ -194,3 +196,25 @@ async def test_markup_telegram_would_refuse_is_refused_and_never_reaches_the_pag
     after = await page.wait_for(of("reply", chat))
     assert after["text"] == "after the refused one"  # the refused reply was the chat's first: it gave up
     assert not [e for e in page.seen if e["kind"] == "reply" and "img" in e["text"]]
+
+
+async def test_with_a_token_an_upload_to_a_playground_chat_goes_to_the_stand_in() -> None:
+    """PLAYGROUND=1 with a token: calls are routed by their chat_id, read from a multipart body too."""
+    seen: list[str] = []
+
+    def answering(name: str) -> httpx.MockTransport:
+        def handle(request: httpx.Request) -> httpx.Response:
+            seen.append(name)
+            return httpx.Response(200, json={"ok": True, "result": True})
+
+        return httpx.MockTransport(handle)
+
+    router = _ByChat(answering("stand-in"), answering("telegram"))
+    async with httpx.AsyncClient(transport=router) as http:
+        for chat_id in (-(BASE + 5), -100123):
+            await http.post(
+                "http://telegram/botX/sendPhoto",
+                data={"chat_id": str(chat_id)},
+                files=[("file0", ("cat.png", PNG, "image/png"))],
+            )
+    assert seen == ["stand-in", "telegram"]
