@@ -6,3 +6,7 @@
 -- queries that claim calls return only whether a call has files: the sender reads them right before
 -- sending, one call at a time.
 ALTER TABLE outbox ADD COLUMN files bytea;
+
+-- During a rolling deploy, a process of the previous release that claims a call with files sends its
+-- payload without them ("attach://file0" names nothing): Telegram answers 400 and that call is given up
+-- on. Calls without files, all that release could queue, are unaffected.
