@@ -105,6 +105,7 @@ class Settings:
     web_concurrency: int
     # WEB_CONCURRENCY's value when the platform, not the operator, set it (and it was not followed).
     web_concurrency_ignored: int | None
+    timer_concurrency: int
 
     @property
     def bot_id(self) -> int:
@@ -384,4 +385,6 @@ def load_settings(
         send_pause_max=_seconds(env, "SEND_PAUSE_MAX", 30.0, 1, 300),
         web_concurrency=web_concurrency,
         web_concurrency_ignored=web_concurrency_ignored,
+        # Timers fired at once by one process, each holding a pooled connection while it runs.
+        timer_concurrency=_int(env, "TIMER_CONCURRENCY", 4, 1, 100),
     )

@@ -1,7 +1,10 @@
-"""What a handler gets: the update, the bot's identity, its sessions, and a queue for outgoing calls."""
+"""What a handler gets: the update, the bot's identity, its sessions, and queues for outgoing calls and
+for timers."""
 
 from __future__ import annotations
 
+import math
+import uuid
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +17,11 @@ from .kinds import KindAccessors
 from .methods import ApiMethods, OutboxMethods
 from .rules import Command, parse_command
 from .session import NoSuchSession, SessionNotLoaded, SessionSlot
-from .storage import OutgoingCall
+from .storage import DueTimer, OutgoingCall, TimerChange
 from .telegram import BotApi
 from .types import CallbackQuery, Chat, File, Message, Update, User
 
-__all__ = ["BotIdentity", "Context", "ImmediateApi", "Outbox", "QueuedCall"]
+__all__ = ["BotIdentity", "Context", "Fire", "ImmediateApi", "Outbox", "QueuedCall", "timer_context"]
 
 S = TypeVar("S")
 
@@ -108,6 +111,17 @@ class ImmediateApi(ApiMethods):
         return await api.download(file.file_path, into)
 
 
+@dataclass(frozen=True, slots=True)
+class Fire:
+    """What a timer's handler finds in `ctx.timer`: which timer fired, with what, and how late."""
+
+    name: str
+    key: str
+    payload: Any  # as scheduled, through JSON: dicts, lists, strings, numbers, booleans, None
+    due_at: float  # epoch seconds
+    late: float  # seconds after due_at that it was picked to fire: more than a moment if the bot was down
+
+
 _NO_API = ImmediateApi(None, 0)
 _UNPARSED: Any = object()
 
@@ -122,6 +136,8 @@ class Context(KindAccessors, Generic[S]):
         self.me = me
         self.api = api
         self.calls: list[OutgoingCall] = []
+        self.timers: list[TimerChange] = []
+        self.timer: Fire | None = None  # set when this is a timer's fire, not an update
         self._slots: Mapping[str, SessionSlot[Any]] | None = None
         self._command: Any = _UNPARSED
 
@@ -240,6 +256,81 @@ class Context(KindAccessors, Generic[S]):
             raise ValueError("edit_text(): the button press names no message")
         return self.call("editMessageText", text=text, **params)
 
+    # --- timers, committed with the update ---------------------------------------------------------
+
+    def schedule(
+        self,
+        handler: str,
+        *,
+        after: float | None = None,
+        at: float | None = None,
+        payload: Any = None,
+        name: str | None = None,
+        key: str | None = None,
+    ) -> str:
+        """Run the timer handler `handler` (`@bot.timer(handler)`) `after` seconds from now, or `at` an
+        epoch time, once, with `payload` (anything JSON can hold) in `ctx.timer.payload`. Returns the
+        timer's name.
+
+        Scheduled only if this update commits; fired once, by whichever process finds it due, even
+        across restarts. The fire runs like an update of this chat, from this sender: the same sessions,
+        `ctx.reply` to this chat. `after=0` runs it right after the commit, off the webhook's deadline.
+
+        `key` and `name` identify the timer: scheduling one again replaces it, `cancel(name)` removes
+        it. The key defaults to this chat's id (a timer's own key in a fire); the fires of one key run
+        one at a time, earliest first. Without a name each call schedules a new timer."""
+        if (after is None) == (at is None):
+            raise TypeError("schedule(): give after= (seconds from now) or at= (epoch seconds), one of them")
+        when = after if after is not None else at
+        if not isinstance(when, int | float) or not math.isfinite(when) or (after is not None and after < 0):
+            raise ValueError(
+                f"schedule(): after/at must be a finite number of seconds (after >= 0), not {when!r}"
+            )
+        encoded = msgspec.json.encode(payload).decode()
+        if "\\u0000" in encoded:
+            raise ValueError("schedule(): the payload holds a NUL character, which the database cannot store")
+        timer_name = name if name is not None else uuid.uuid4().hex
+        self.timers.append(
+            TimerChange(self._timer_key(key), timer_name, handler, encoded, self._origin(), at, after)
+        )
+        return timer_name
+
+    def cancel(self, name: str, *, key: str | None = None) -> None:
+        """Cancel the timer `name` of `key` (default: as in `schedule`) if it has not fired, when this
+        update commits. Cancelling a timer that does not exist is not an error."""
+        self.timers.append(TimerChange(self._timer_key(key), name))
+
+    def _timer_key(self, key: str | None) -> str:
+        if key is not None:
+            return key
+        if self.timer is not None:
+            return self.timer.key
+        chat = self.update.chat
+        if chat is None:
+            raise ValueError(f"schedule(): this {self.update.kind or 'update'} has no chat: pass key=")
+        return str(chat.id)
+
+    def _origin(self) -> str:
+        """Where a timer comes from, stored with it: a Bot API Message without content, so that the
+        fire's stand-in update has the chat, sender and topic its sessions are keyed by and its replies
+        go to."""
+        chat = self.update.chat
+        if chat is None:
+            return "null"
+        message = self.update.any_message
+        topic = (
+            message is not None and bool(message.is_topic_message) and message.message_thread_id is not None
+        )
+        origin = Message(
+            message_id=0,
+            date=0 if message is None else message.date,
+            chat=chat,
+            from_user=self.update.from_user,
+            message_thread_id=message.message_thread_id if topic and message is not None else None,
+            is_topic_message=True if topic else None,
+        )
+        return msgspec.json.encode(origin).decode()
+
     def _query(self, what: str) -> CallbackQuery:
         query = self.update.callback_query
         if query is None:
@@ -257,3 +348,14 @@ class Outbox(OutboxMethods[QueuedCall]):
 
     def call(self, method: str, **params: Any) -> QueuedCall:
         return self._ctx.call(method, **params)
+
+
+def timer_context(timer: DueTimer, me: BotIdentity, api: ImmediateApi = _NO_API) -> Context[Any]:
+    """The context of a timer's fire. Its update is a stand-in: id the timer's id negated (so the
+    fire's replies are keyed apart from every real update's), and a message without content from the
+    chat, sender and topic the timer was scheduled from, so that session keys and `ctx.reply` work as
+    they did there."""
+    message = msgspec.json.decode(timer.origin, type=Message | None)
+    ctx: Context[Any] = Context(Update(update_id=-timer.id, message=message), me, api)
+    ctx.timer = Fire(timer.name, timer.key, msgspec.json.decode(timer.payload), timer.due_at, timer.late)
+    return ctx

@@ -16,7 +16,8 @@ from typing import Any, TypeAlias, TypeVar
 
 from .callables import check_async, describe
 from .context import DEFAULT_SESSION, Context
-from .router import Handler, Middleware, Router, SkipHandler
+from .dialogs import Dialog
+from .router import H, Handler, Middleware, Router, SkipHandler
 from .session import SessionConfig, chat_key, chat_user_key, user_key
 from .types import UPDATE_KINDS
 
@@ -32,7 +33,7 @@ _MIGRATION_KINDS = {"message"}
 
 
 class Bot(Router[S]):
-    """Handlers (it is a `Router`), sessions and an error hook.
+    """Handlers (it is a `Router`), sessions, timer handlers and an error hook.
 
     `session` is the default session (`ctx.session`); `sessions` adds named ones (`ctx.fragment(name)`),
     for example one per chat and one per user.
@@ -57,6 +58,8 @@ class Bot(Router[S]):
         _check_distinct_keys(self.sessions)
         _check_merge_keys(self.sessions)
         self.error_hook: ErrorHook | None = None
+        # Timer handlers by name (`ctx.schedule(name, ...)`); none: no process looks for due timers.
+        self.timers: dict[str, Handler[Any]] = {}
         # Messages the playground offers as one-click buttons ("{username}" becomes the bot's); the
         # first is also what its "send 20 at once" sends.
         self.examples: list[str] = []
@@ -76,6 +79,37 @@ class Bot(Router[S]):
         check_async(hook, "error hook", "error, ctx")
         self.error_hook = hook
         return hook
+
+    def timer(self, name: str) -> Callable[[H], H]:
+        """Register `async def handler(ctx)` for the timers scheduled as `ctx.schedule(name, ...)`. It runs
+        once per timer, when due, like a handler of the update that scheduled it: in a transaction of
+        its own, with that chat's sessions, its replies sent after the commit; `ctx.timer` says which
+        timer, with what payload, and how late."""
+
+        def register(handler: H) -> H:
+            self._add_timer(name, handler)
+            return handler
+
+        return register
+
+    def _add_timer(self, name: str, handler: Handler[Any]) -> None:
+        check_async(handler, "timer handler", "ctx")
+        if name in self.timers:
+            raise ValueError(f"a timer handler named {name!r} is registered already")
+        self.timers[name] = handler
+
+    def include_router(self, router: Router[S]) -> Router[S]:
+        """As `Router.include_router`; a `Dialog` also brings its session and its timeout's handler."""
+        if not isinstance(router, Dialog):
+            return super().include_router(router)
+        if router.session_name in self.sessions or router.timer_handler in self.timers:
+            raise ValueError(f"{router!r}: another dialog named {router.name!r} is included already")
+        sessions = {**self.sessions, router.session_name: replace(router.config, name=router.session_name)}
+        _check_distinct_keys(sessions)
+        super().include_router(router)
+        self.sessions = sessions
+        self._add_timer(router.timer_handler, router.timed_out)
+        return router
 
     def allowed_updates(self) -> list[str]:
         """The update kinds to ask Telegram for (setWebhook's and getUpdates' `allowed_updates`): those

@@ -20,6 +20,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 UPDATE_KINDS = (*_KINDS, "other")  # "other": a kind the bot does not route
 UPDATE_OUTCOMES = ("applied", "duplicate", "ignored", "failed", "dead_letter", "unavailable")
+TIMER_OUTCOMES = ("applied", "duplicate", "failed", "dead_letter", "unavailable")
 CALL_OUTCOMES = ("sent", "retry", "failed", "rate_limited", "moved")
 WAIT_REASONS = ("bot_budget", "chat_budget", "order", "taken_over")
 
@@ -27,6 +28,8 @@ WAIT_REASONS = ("bot_budget", "chat_budget", "order", "taken_over")
 # pooled connection are 0 when all is well and up to their timeouts (5 s by default) when not.
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25)
 _WAIT = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10)
+# Seconds a timer fired after it was due: under a second while the bot runs, up to the downtime after.
+_LATE = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 
 
 class Metrics:
@@ -94,6 +97,25 @@ class Metrics:
             "bot_send_pause_seconds", "Seconds left of a 429 pause of every send; 0 when none.", registry=r
         )
         self.paused_chats = Gauge("bot_send_paused_chats", "Chats paused by a 429 right now.", registry=r)
+        self.timers = Counter(
+            "bot_timers",
+            "Timer fires by outcome: applied, duplicate (another process fired it), failed (its handler"
+            " raised: kept as failed), unavailable (the database: fired again after its lease).",
+            ["outcome"],
+            registry=r,
+        )
+        self.timer_seconds = Histogram(
+            "bot_timer_duration_seconds",
+            "Time to fire one timer: claim to commit.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.timer_lateness = Histogram(
+            "bot_timer_lateness_seconds",
+            "How long after it was due a timer was picked to fire.",
+            buckets=_LATE,
+            registry=r,
+        )
         # Children looked up once: labels() costs more than the increment itself, once per update.
         self._updates = {
             (kind, outcome): self.updates.labels(kind, outcome)
@@ -107,10 +129,16 @@ class Metrics:
         for reason in WAIT_REASONS:
             self.outbox_waits.labels(reason)
         self.outbox_given_up.labels("sendMessage")
+        self._timers = {outcome: self.timers.labels(outcome) for outcome in TIMER_OUTCOMES}
 
     def update_done(self, kind: str, outcome: str, seconds: float) -> None:
         self._updates[kind, outcome].inc()
         self.update_seconds.observe(seconds)
+
+    def timer_done(self, outcome: str, seconds: float, late: float) -> None:
+        self._timers[outcome].inc()
+        self.timer_seconds.observe(seconds)
+        self.timer_lateness.observe(late)
 
     def set_outbox_status(self, status: OutboxStatus | None) -> None:
         """Read at scrape time; None (the database did not answer) shows as NaN, not a stale value."""

@@ -8,6 +8,9 @@ A failure costs only its update (`bot.failures`): a transient one raises TryLate
 it again) until the update has failed too often for too long; a deterministic one (the bot's code, a
 value that cannot be stored) rolls the update back, then claims it and records it as a dead letter in
 one transaction, and it is acknowledged. `replay` runs a dead letter again once the code is fixed.
+
+A due timer's fire (`fire`) runs the same way, its claim deleting the timer; a fire that fails for good
+keeps its timer, marked failed with the error (the timers' own dead letter), never fired again.
 """
 
 from __future__ import annotations
@@ -16,16 +19,16 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
 
-from .context import BotIdentity, Context, ImmediateApi
+from .context import BotIdentity, Context, ImmediateApi, timer_context
 from .dispatch import Bot, ErrorHook
 from .errors import BotError
-from .failures import TransientFailures, TryLater, dead_letter, describe, is_transient
+from .failures import TransientFailures, TryLater, dead_letter, describe, is_transient, storable
 from .files import MAX_UPLOAD_BYTES
 from .metrics import Metrics
 from .router import Match
@@ -34,11 +37,13 @@ from .session import AlreadyApplied, SessionConfig, SessionSlot
 from .storage import (
     Conflict,
     DeadLetter,
+    DueTimer,
     OptimisticStorage,
     PendingCall,
     RunAgain,
     StaleRead,
     Storage,
+    TimerChange,
     Transaction,
 )
 from .telegram import BotApi, decode_update
@@ -90,22 +95,35 @@ class _Claim:
     read makes a redelivery stop before its handler sees a session.
     """
 
+    always = False  # claimed even when nothing was read or queued
+
     def __init__(self, tx: Transaction, bot_id: int, update_id: int, *, replay: bool = False) -> None:
         self._tx, self._bot_id, self._update_id = tx, bot_id, update_id
         self._replay = replay  # a replay's claim is taking its dead letter: the update id is claimed
         self.done = False
         self.duplicate = False
 
+    async def _take(self) -> bool:
+        if self._replay:
+            return await self._tx.take_dead_letter(self._bot_id, self._update_id) is not None
+        return await self._tx.claim_update(self._bot_id, self._update_id)
+
     async def __call__(self) -> None:
         if not self.done:
-            if self._replay:
-                taken = await self._tx.take_dead_letter(self._bot_id, self._update_id)
-                self.duplicate = taken is None
-            else:
-                self.duplicate = not await self._tx.claim_update(self._bot_id, self._update_id)
+            self.duplicate = not await self._take()
             self.done = True
         if self.duplicate:
             raise AlreadyApplied(f"update {self._update_id} was applied before")
+
+
+class _TimerClaim(_Claim):
+    """A fire's claim deletes its timer (the stand-in update's id is the timer's, negated): a timer is
+    fired when that commits, and another attempt finds it gone. Always taken, or it would fire again."""
+
+    always = True
+
+    async def _take(self) -> bool:
+        return await self._tx.claim_timer(self._bot_id, -self._update_id)
 
 
 class _Hooked(BotError):
@@ -145,6 +163,8 @@ class Pipeline:
         self.give_up = give_up or TransientFailures(deliveries=5, seconds=300.0)
         self._running: dict[int, asyncio.Event] = {}  # update id -> set when its attempt here ends
         self._applied: dict[int, float] = {}  # ids done here with no calls queued -> when, oldest first
+        # Told of the timers an update or a fire changed, once committed (the timer loop's wake-up).
+        self.on_schedule: Callable[[Sequence[TimerChange]], None] | None = None
 
     async def process(self, update: Update) -> Outcome:
         """Apply the update exactly once, or record it as a dead letter. Raises TryLater when neither
@@ -184,6 +204,71 @@ class Pipeline:
             if is_transient(error):
                 raise TryLater(self._why(error)) from error
             raise
+
+    async def fire(self, timer: DueTimer) -> Outcome:
+        """Run a due timer's handler exactly once, as an update's handlers run: in a transaction of its
+        own, with the sessions of the chat and sender it was scheduled from, its replies queued in the
+        outbox, and its claim deleting the timer, so that one fire commits, whichever process runs it and
+        however often. No request deadline: this is where long work goes.
+
+        A failure is classified as an update's is. Transient: TryLater, the timer stays (leased) and is
+        fired again once its lease runs out, until it has failed so too often for too long (`give_up`).
+        Deterministic: the error hook, as for an update; without one (or if the hook fails too) the fire
+        is rolled back and the timer kept, marked failed with the error (DEAD_LETTER), never fired again."""
+        started = time.perf_counter()
+        outcome = "unavailable"
+        try:
+            result = await self._fire(timer)
+            outcome = result.status.value
+            return result
+        finally:
+            seconds = time.perf_counter() - started
+            self.metrics.timer_done(outcome, seconds, timer.late)
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "timer %d (%s): %s in %.1f ms, %.3f s late",
+                    timer.id,
+                    timer.handler,
+                    outcome,
+                    seconds * 1000,
+                    timer.late,
+                    extra={"timer": timer.id, "outcome": outcome, "duration": round(seconds, 6)},
+                )
+
+    async def _fire(self, timer: DueTimer) -> Outcome:
+        try:
+            handler = self.bot.timers.get(timer.handler)
+            if handler is None:
+                raise LookupError(
+                    f"no timer handler {timer.handler!r} (registered: {sorted(self.bot.timers)})"
+                )
+            outcome = await self._apply_in(
+                timer_context(timer, self.me, self.api), [handler], optimistic=False, claim=_TimerClaim
+            )
+        except Exception as exc:
+            error = exc.error if isinstance(exc, _Hooked) else exc
+            line = describe(error)
+            if is_transient(error):
+                # Counted by the stand-in's id, the timer's negated: never an update's.
+                failures = self.give_up.failed(-timer.id, time.monotonic())
+                if failures is None:
+                    raise TryLater(self._why(error)) from error
+                seconds = time.monotonic() - failures.first
+                line = f"gave up after {failures.count} transient failures in {seconds:.0f} s: {self._why(error)}"
+            log.error(
+                "timer %d (%s %r of key %r) failed and is kept as failed, never fired again: %s",
+                timer.id,
+                timer.handler,
+                timer.name,
+                timer.key,
+                line,
+                exc_info=error,
+                extra={"timer": timer.id, "outcome": Status.DEAD_LETTER.value},
+            )
+            await self.storage.fail_timer(timer.id, storable(line))
+            return Outcome(Status.DEAD_LETTER)
+        self.give_up.succeeded(-timer.id)
+        return outcome
 
     async def _process(self, update: Update) -> Outcome:
         """A redelivery of an update this process committed (applied, or recorded as a dead letter), and
@@ -327,6 +412,8 @@ class Pipeline:
                     error = failure
                 else:
                     _handled(update, error)
+                    if ctx.timers:
+                        await tx.schedule(self.me.id, ctx.timers)
                     return Outcome(
                         Status.FAILED, await tx.enqueue(self.me.id, update_id, ctx.calls, self.lease)
                     )
@@ -344,7 +431,7 @@ class Pipeline:
 
     @asynccontextmanager
     async def _unit(
-        self, update: Update, *, optimistic: bool = False, replay: bool = False
+        self, update: Update, *, optimistic: bool = False, replay: bool = False, claim: type[_Claim] = _Claim
     ) -> AsyncIterator[_Unit]:
         """The update's transactions: on the bot's storage (the claim, the outbox, sessions without a
         storage of their own), plus one per other storage a session names.
@@ -361,7 +448,7 @@ class Pipeline:
                 main = await stack.enter_async_context(optimistic_storage.optimistic_transaction())
             else:
                 main = await stack.enter_async_context(self.storage.transaction())
-            unit = _Unit(self.storage, main, _Claim(main, self.me.id, update.update_id, replay=replay))
+            unit = _Unit(self.storage, main, claim(main, self.me.id, update.update_id, replay=replay))
             for config in self.bot.sessions.values():
                 if config.storage is not None and id(config.storage) not in unit.transactions:
                     tx = await stack.enter_async_context(config.storage.transaction())
@@ -386,13 +473,19 @@ class Pipeline:
         return await self._apply_in(ctx, found, optimistic=False, replay=replay)
 
     async def _apply_in(
-        self, ctx: Context[Any], found: Match, *, optimistic: bool, replay: bool = False
+        self,
+        ctx: Context[Any],
+        found: Match,
+        *,
+        optimistic: bool,
+        replay: bool = False,
+        claim: type[_Claim] = _Claim,
     ) -> Outcome:
         update = ctx.update
         status = Status.APPLIED if found else Status.IGNORED  # (ignored: a replay nothing wants now)
         hooked = False
         try:
-            async with self._unit(update, optimistic=optimistic, replay=replay) as unit:
+            async with self._unit(update, optimistic=optimistic, replay=replay, claim=claim) as unit:
                 slots = {
                     name: unit.slot(config, config.key(update)) for name, config in self.bot.sessions.items()
                 }
@@ -404,6 +497,8 @@ class Pipeline:
                                 await slot.load()
                         if found:  # (a replay's update that no handler wants now only takes its letter)
                             await self.bot.run(ctx, found)
+                            if ctx.timers:
+                                self._check_timers(ctx.timers)
                     except (AlreadyApplied, Conflict):  # the storage's business, not the bot's
                         raise
                     except Exception as error:
@@ -413,9 +508,9 @@ class Pipeline:
                         hooked = True
                         await self._on_error(hook, error, ctx, slots.values())
                         status = Status.FAILED
-                    if ctx.calls or replay:
-                        # Replies are exactly-once too, even from a handler with no session; and a
-                        # replay always takes its dead letter.
+                    if ctx.calls or ctx.timers or replay or unit.claim.always:
+                        # Replies and timers are exactly-once too, even from a handler with no session;
+                        # and a replay always takes its dead letter, a fire its timer.
                         await unit.claim()
                 except AlreadyApplied:
                     pass
@@ -428,7 +523,9 @@ class Pipeline:
                     )
                 for slot in slots.values():
                     await slot.save()
-                return Outcome(
+                if ctx.timers:
+                    await unit.main.schedule(self.me.id, ctx.timers)
+                outcome = Outcome(
                     status, await unit.main.enqueue(self.me.id, update.update_id, ctx.calls, self.lease)
                 )
         except Exception as failure:
@@ -437,6 +534,19 @@ class Pipeline:
             if hooked and not is_transient(failure) and not isinstance(failure, Conflict):
                 raise _Hooked(failure) from failure
             raise
+        if ctx.timers and self.on_schedule is not None:
+            self.on_schedule(ctx.timers)
+        return outcome
+
+    def _check_timers(self, changes: Sequence[TimerChange]) -> None:
+        """A timer for a handler that does not exist is the scheduling handler's mistake: it fails
+        there, where the error hook and the log can name it, not when it would fire."""
+        for change in changes:
+            if change.handler is not None and change.handler not in self.bot.timers:
+                raise LookupError(
+                    f"ctx.schedule({change.handler!r}): no such timer handler"
+                    f" (register it with @bot.timer({change.handler!r}); registered: {sorted(self.bot.timers)})"
+                )
 
     async def _on_error(
         self, hook: ErrorHook, error: Exception, ctx: Context[Any], slots: Iterable[SessionSlot[Any]]
@@ -448,6 +558,7 @@ class Pipeline:
         for slot in slots:
             slot.discard_changes()
         ctx.calls.clear()
+        ctx.timers.clear()
         await hook(error, ctx)
         _handled(ctx.update, error)
 

@@ -1,7 +1,9 @@
-"""The long-lived parts of a running bot, opened and closed together: HTTP client, pool, sweeper.
+"""The long-lived parts of a running bot, opened and closed together: HTTP client, pool, sweeper, and
+the timer loop (for a bot with timer handlers).
 
 Both ways of receiving updates (the webhook app and `poll`) run inside `start()`, so they share one
-shutdown order: stop the sweeper, let in-flight replies finish, then close the pool and the client.
+shutdown order: stop firing timers and let the fires under way finish, stop the sweeper, let in-flight
+replies finish, then close the pool and the client.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .pipeline import Pipeline
 from .storage import Storage
 from .storage.postgres import PostgresStorage
 from .telegram import BotApi, BotApiError
+from .timers import TimerLoop
 
 __all__ = ["Runtime", "StartupError", "bot_api", "start"]
 
@@ -50,6 +53,7 @@ class Runtime:
     pipeline: Pipeline
     outbox: Outbox
     metrics: Metrics
+    timers: TimerLoop | None = None  # None: the bot has no timer handlers, and nothing looks for any
 
 
 def bot_api(settings: Settings, client: httpx.AsyncClient, token: str) -> BotApi:
@@ -146,15 +150,34 @@ async def start(
                 max_upload_bytes=settings.upload_max_bytes,
             )
             sweeper = asyncio.create_task(outbox.run_sweeper(settings.sweep_interval))
+            timers = firing = None
+            if bot.timers:
+                timers = TimerLoop(
+                    pipeline,
+                    outbox,
+                    lease=settings.outbox_lease,
+                    interval=settings.sweep_interval,
+                    concurrency=settings.timer_concurrency,
+                )
+                pipeline.on_schedule = timers.wake
+                firing = asyncio.create_task(timers.run())
             try:
-                yield Runtime(settings, storage, api, me, pipeline, outbox, metrics)
+                yield Runtime(settings, storage, api, me, pipeline, outbox, metrics, timers)
             finally:
+                # One SHUTDOWN_TIMEOUT for the fires and the sends together.
+                ends = asyncio.get_running_loop().time() + settings.shutdown_timeout
+                if timers is not None and firing is not None:
+                    firing.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await firing
+                    # Fires still running finish first: their replies are queued before the close below.
+                    await timers.drain(settings.shutdown_timeout)
                 sweeper.cancel()
                 # The sweeper ends only by this cancellation (it survives every error), so the close
                 # below always runs, and every send has ended before the pool and the client close.
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
-                await outbox.close(settings.shutdown_timeout)
+                await outbox.close(max(0.0, ends - asyncio.get_running_loop().time()))
         finally:
             if owned is not None:
                 await owned.close()

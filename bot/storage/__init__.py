@@ -2,9 +2,10 @@
 
 A storage hands out one transaction per update. Inside it, `read` locks the key until the transaction
 ends, so two updates of one chat (in one process or in several) take turns instead of overwriting each
-other's increments. The same transaction records the update as processed (`claim_update`) and queues the
-update's outgoing calls (`enqueue`), so the session write, the exactly-once record and the replies commit
-or vanish together.
+other's increments. The same transaction records the update as processed (`claim_update`), queues the
+update's outgoing calls (`enqueue`) and schedules its timers (`schedule`), so the session write, the
+exactly-once record, the replies and the timers commit or vanish together. A due timer is fired the same
+way, in a transaction whose claim (`claim_timer`) deletes it.
 
 An update whose handling fails for good is recorded instead, in the same kind of transaction as its
 claim: a dead letter (`dead_letter`), listed by `dead_letters` and taken back by a replay
@@ -27,6 +28,7 @@ __all__ = [
     "Budget",
     "Conflict",
     "DeadLetter",
+    "DueTimer",
     "FloodRule",
     "Moved",
     "OptimisticStorage",
@@ -40,6 +42,7 @@ __all__ = [
     "StorageRefused",
     "StorageUnavailable",
     "StoredSession",
+    "TimerChange",
     "Transaction",
 ]
 
@@ -159,6 +162,38 @@ class OutboxStatus:
     paused_chats: int
 
 
+@dataclass(frozen=True, slots=True)
+class TimerChange:
+    """A timer a handler scheduled (`handler` set) or cancelled (`handler` None), applied on commit.
+
+    `key` and `name` identify it: scheduling the same pair again replaces the timer. It is due at `at`
+    (epoch seconds) or `after` seconds from the storage's clock at commit, whichever is given.
+    `payload` is JSON for the handler; `origin` is the chat, sender and topic (a Bot API Message as
+    JSON) the fire's sessions are keyed by and its replies go to."""
+
+    key: str
+    name: str
+    handler: str | None = None
+    payload: str = "null"
+    origin: str = "{}"
+    at: float | None = None
+    after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DueTimer:
+    """A due timer, leased to the process that picked it to fire now."""
+
+    id: int  # new with every (re)scheduling: claiming this id fires this version of the timer only
+    key: str
+    name: str
+    handler: str
+    payload: str
+    origin: str
+    due_at: float  # epoch seconds
+    late: float  # seconds between due_at and when it was picked
+
+
 class StorageUnavailable(BotError):
     """The database could not do its part (unreachable, lock or statement timeout, pool exhausted...).
 
@@ -232,6 +267,14 @@ class Transaction(Protocol):
         when there is none (never recorded, or replayed meanwhile). A concurrent take of the same update
         waits here until the first one commits or rolls back."""
 
+    async def schedule(self, bot_id: int, changes: Sequence[TimerChange]) -> None:
+        """Schedule, replace or cancel timers, in order, when the transaction commits."""
+
+    async def claim_timer(self, bot_id: int, timer_id: int) -> bool:
+        """The claim of a timer's fire: delete the timer on commit; False if it is gone (fired, replaced
+        or cancelled meanwhile). A concurrent claim of the same timer waits here until this transaction
+        commits or rolls back."""
+
 
 class Storage(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[Transaction]:
@@ -280,6 +323,14 @@ class Storage(Protocol):
         order they were queued. Returns how many calls moved."""
 
     async def outbox_status(self, now: float) -> OutboxStatus: ...
+
+    async def claim_due_timers(self, bot_id: int, limit: int, lease: float) -> list[DueTimer]:
+        """Lease up to `limit` due timers of the bot for `lease` seconds, earliest first: only timers
+        nobody holds a lease on, and only the earliest of each key, so one key's timers fire one after
+        the other, in order. The storage's own clock decides what is due."""
+
+    async def fail_timer(self, timer_id: int, error: str) -> None:
+        """The timer's handler failed: keep it, with the error, and never fire it again."""
 
     async def prune(self, keep_updates: float, keep_sent: float) -> int:
         """Forget processed update ids and sent (or abandoned) calls older than the given ages in seconds,

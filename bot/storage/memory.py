@@ -3,6 +3,9 @@
 It keeps the same promises as PostgresStorage within one process: per-key locks held to the end of the
 transaction, writes applied only on commit, and a redelivered update waiting for its first attempt.
 State is lost when the process exits.
+
+Timers are due by `clock` (the system's by default): a test hands in a clock it moves by hand, and
+fires a five-minute timer without waiting five minutes.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..files import Upload
+from ..outbox import Clock, SystemClock
 from . import (
     Budget,
     DeadLetter,
+    DueTimer,
     FloodRule,
     Moved,
     OutboxStatus,
@@ -26,6 +31,7 @@ from . import (
     PendingCall,
     Reservation,
     StoredSession,
+    TimerChange,
 )
 
 __all__ = ["MemoryStorage"]
@@ -77,6 +83,23 @@ class _OutboxRow:
 
 
 @dataclass
+class _TimerRow:
+    id: int
+    bot_id: int
+    change: TimerChange
+    due_at: float
+    lease_until: float = float("-inf")
+    failed: str | None = None  # the error, once its handler failed
+
+    def due(self, now: float) -> DueTimer:
+        c = self.change
+        assert c.handler is not None
+        return DueTimer(
+            self.id, c.key, c.name, c.handler, c.payload, c.origin, self.due_at, now - self.due_at
+        )
+
+
+@dataclass
 class _Budget:
     next_at: float = 0.0
     paused_until: float = 0.0
@@ -125,6 +148,8 @@ class _MemoryTransaction:
         self._leases: dict[int, float] = {}
         # (bot id, update id) -> the letter to record, or None to remove it; applied on commit.
         self._letters: dict[tuple[int, int], DeadLetter | None] = {}
+        self._timer_changes: list[tuple[int, TimerChange]] = []
+        self._fired: list[int] = []
 
     async def _lock(self, key: Hashable) -> None:
         if key not in self._held:
@@ -199,6 +224,17 @@ class _MemoryTransaction:
         self._letters[ids] = None
         return letter
 
+    async def schedule(self, bot_id: int, changes: Sequence[TimerChange]) -> None:
+        self._timer_changes.extend((bot_id, change) for change in changes)
+
+    async def claim_timer(self, bot_id: int, timer_id: int) -> bool:
+        await self._lock(("timer", timer_id))
+        row = self._storage._timers.get(timer_id)
+        if row is None or row.failed is not None:
+            return False
+        self._fired.append(timer_id)
+        return True
+
     def commit(self) -> None:
         storage = self._storage
         for key, row in self._writes.items():
@@ -216,6 +252,10 @@ class _MemoryTransaction:
                 storage._dead_letters.pop(ids, None)
             else:
                 storage._dead_letters[ids] = replace(letter, failed_at=now)
+        for timer_id in self._fired:
+            storage._drop_timer(timer_id)
+        for bot_id, change in self._timer_changes:
+            storage._change_timer(bot_id, change)
 
     def release(self) -> None:
         for key in reversed(self._held):
@@ -240,10 +280,29 @@ class MemoryStorage:
     _dead_letters: dict[tuple[int, int], DeadLetter] = field(default_factory=dict)
     _locks: _KeyedLocks = field(default_factory=_KeyedLocks)
     _last_id: int = 0
+    _timers: dict[int, _TimerRow] = field(default_factory=dict)
+    _timer_ids: dict[tuple[int, str, str], int] = field(default_factory=dict)  # (bot, key, name) -> id
+    clock: Clock = field(default_factory=SystemClock)
 
     def _next_id(self) -> int:
         self._last_id += 1
         return self._last_id
+
+    def _drop_timer(self, timer_id: int) -> None:
+        row = self._timers.pop(timer_id, None)
+        if row is not None:
+            del self._timer_ids[row.bot_id, row.change.key, row.change.name]
+
+    def _change_timer(self, bot_id: int, change: TimerChange) -> None:
+        old = self._timer_ids.get((bot_id, change.key, change.name))
+        if old is not None:
+            self._drop_timer(old)
+        if change.handler is None:
+            return
+        due_at = change.at if change.at is not None else self.clock.time() + (change.after or 0.0)
+        row = _TimerRow(self._next_id(), bot_id, change, due_at)
+        self._timers[row.id] = row
+        self._timer_ids[bot_id, change.key, change.name] = row.id
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_MemoryTransaction]:
@@ -345,6 +404,25 @@ class MemoryStorage:
             paused_for=max(0.0, whole.paused_until - now),
             paused_chats=sum(1 for k, b in self._budgets.items() if k != "*" and b.paused_until > now),
         )
+
+    async def claim_due_timers(self, bot_id: int, limit: int, lease: float) -> list[DueTimer]:
+        now = self.clock.time()
+        due = sorted(
+            (r for r in self._timers.values() if r.bot_id == bot_id and r.failed is None and r.due_at <= now),
+            key=lambda r: (r.due_at, r.id),
+        )
+        heads: dict[str, _TimerRow] = {}
+        for row in due:
+            heads.setdefault(row.change.key, row)  # a key's earliest goes first, the others after it
+        taken = [r for r in heads.values() if r.lease_until <= now][:limit]
+        for row in taken:
+            row.lease_until = now + lease
+        return [r.due(now) for r in taken]
+
+    async def fail_timer(self, timer_id: int, error: str) -> None:
+        row = self._timers.get(timer_id)
+        if row is not None:
+            row.failed = error
 
     async def prune(self, keep_updates: float, keep_sent: float) -> int:
         now = time.time()

@@ -48,6 +48,7 @@ from . import (
     Budget,
     Conflict,
     DeadLetter,
+    DueTimer,
     FloodRule,
     Moved,
     OutboxStatus,
@@ -59,6 +60,7 @@ from . import (
     StorageRefused,
     StorageUnavailable,
     StoredSession,
+    TimerChange,
 )
 from .cache import Cached, SessionCache, Turns
 
@@ -180,6 +182,24 @@ def _queue(
 
 _SESSION_COLUMNS = "data::text AS data, version, expires_at <= now() AS expired"
 
+# The claims: the first statement of a transaction (riding with its BEGIN), or after its writes.
+_CLAIM_UPDATE = "INSERT INTO processed_updates (bot_id, update_id) VALUES ({}, {}) ON CONFLICT DO NOTHING"
+_CLAIM_TIMER = "DELETE FROM timers WHERE bot_id = {} AND id = {} AND failed_at IS NULL"
+
+# Schedules a timer, or replaces the one of the same key and name with a new id (see 007_timers.sql).
+_SCHEDULE = (
+    "INSERT INTO timers (bot_id, key, name, handler, payload, origin, due_at)"
+    " VALUES ({bot}, {key}, {name}, {handler}, {payload}::jsonb, {origin}::jsonb,"
+    " coalesce(to_timestamp({at}::float8), now() + coalesce({after}::float8, 0) * interval '1 second'))"
+    " ON CONFLICT (bot_id, key, name) DO UPDATE SET id = DEFAULT, handler = EXCLUDED.handler,"
+    " payload = EXCLUDED.payload, origin = EXCLUDED.origin, due_at = EXCLUDED.due_at, created_at = now(),"
+    " lease_until = '-infinity', failed_at = NULL, last_error = NULL"
+)
+_CANCEL = "DELETE FROM timers WHERE bot_id = {bot} AND key = {key} AND name = {name}"
+# How many due timers one pick looks at to find each key's earliest: every key with a timer among them
+# has its earliest among them too, so no key's timers fire out of order, however few are looked at.
+_TIMER_WINDOW = 1000
+
 
 def _revision(table: str = "") -> str:
     """A row version as the optimistic transaction reads, remembers and checks it: the server's start
@@ -232,6 +252,9 @@ class _PostgresTransaction:
         # Rows this transaction inserted only to have something to lock; removed before commit unless
         # written, so "no session" stays "no row".
         self._placeholders: set[str] = set()
+        # Timers to schedule or cancel, riding with the writes: by (bot, key, name), the last change
+        # only, since one statement's parts do not see each other's rows.
+        self._timers: dict[tuple[int, str, str], TimerChange] = {}
 
     async def _connection(self, begin: bool = True) -> asyncpg.pool.PoolConnectionProxy:
         if self._conn is None:
@@ -267,6 +290,22 @@ class _PostgresTransaction:
                 )
         self._placeholders -= self._writes.keys()  # written: no longer a placeholder to remove
         self._writes.clear()
+        for (bot_id, key, name), change in self._timers.items():
+            where = {"bot": value(bot_id), "key": value(key), "name": value(name)}
+            if change.handler is None:
+                statements.append(_CANCEL.format(**where))
+            else:
+                statements.append(
+                    _SCHEDULE.format(
+                        **where,
+                        handler=value(change.handler),
+                        payload=value(change.payload),
+                        origin=value(change.origin),
+                        at=value(change.at),
+                        after=value(change.after),
+                    )
+                )
+        self._timers.clear()
         return statements
 
     def _writes_as_ctes(self, arg: _Args) -> str:
@@ -275,7 +314,7 @@ class _PostgresTransaction:
         return f"WITH {', '.join(ctes)} " if ctes else ""
 
     async def _flush(self) -> None:
-        if self._writes:
+        if self._writes or self._timers:
             conn = await self._connection()
             arg = _Args()
             with _unavailable_on_failure("write sessions"):
@@ -283,17 +322,24 @@ class _PostgresTransaction:
                 await conn.execute(self._writes_as_ctes(arg) + "SELECT", *arg.values)
 
     async def claim_update(self, bot_id: int, update_id: int) -> bool:
+        return await self._claim(_CLAIM_UPDATE, "claim update", bot_id, update_id) == "INSERT 0 1"
+
+    async def claim_timer(self, bot_id: int, timer_id: int) -> bool:
+        # The row stays locked to the end: a second process firing the same timer waits here, and finds
+        # it gone once this one commits.
+        return await self._claim(_CLAIM_TIMER, "claim timer", bot_id, timer_id) == "DELETE 1"
+
+    async def _claim(self, claim: str, what: str, bot_id: int, unit_id: int) -> str:
         conn = await self._connection(begin=False)
-        claim = "INSERT INTO processed_updates (bot_id, update_id) VALUES ({}, {}) ON CONFLICT DO NOTHING"
-        with _unavailable_on_failure("claim update"):
+        with _unavailable_on_failure(what):
             if self._begun:
                 await self._flush()
-                status = await conn.execute(claim.format("$1", "$2"), bot_id, update_id)
+                status: str = await conn.execute(claim.format("$1", "$2"), bot_id, unit_id)
             else:
                 # BEGIN (and its SET LOCALs) ride with the claim as one simple query (ints only: safe literals).
-                status = await conn.execute(self._begin + "; " + claim.format(int(bot_id), int(update_id)))
+                status = await conn.execute(self._begin + "; " + claim.format(int(bot_id), int(unit_id)))
                 self._begun = True
-        return bool(status == "INSERT 0 1")
+        return status
 
     async def read(self, key: str) -> StoredSession | Moved | None:
         await self._flush()
@@ -361,6 +407,11 @@ class _PostgresTransaction:
             rows = await conn.fetch(writes + insert, *arg.values)
         return _pending(rows)
 
+    async def schedule(self, bot_id: int, changes: Sequence[TimerChange]) -> None:
+        for change in changes:
+            self._timers.pop((bot_id, change.key, change.name), None)  # keeps the order of the last one
+            self._timers[bot_id, change.key, change.name] = change
+
     async def claim_unsent(self, bot_id: int, update_id: int, lease: float) -> list[PendingCall]:
         await self._flush()
         conn = await self._connection()
@@ -421,7 +472,7 @@ class _PostgresTransaction:
     async def finish(self, commit: bool) -> None:
         """Commit or roll back, and always give the connection back to the pool."""
         try:
-            if commit and (self._begun or self._writes):
+            if commit and (self._begun or self._writes or self._timers):
                 conn = await self._connection(begin=False)
                 with _unavailable_on_failure("commit"):
                     try:
@@ -578,6 +629,12 @@ class _OptimisticTransaction:
 
     async def take_dead_letter(self, bot_id: int, update_id: int) -> DeadLetter | None:
         raise self._give_up("a replay: run it with locks")
+
+    async def schedule(self, bot_id: int, changes: Sequence[TimerChange]) -> None:
+        raise self._give_up("an update that schedules timers: run it with locks")
+
+    async def claim_timer(self, bot_id: int, timer_id: int) -> bool:
+        raise self._give_up("a timer's fire: run it with locks")
 
     async def _apply(
         self, calls: Sequence[OutgoingCall], bot_id: int = 0, update_id: int = 0, lease: float = 0.0
@@ -1074,6 +1131,37 @@ class PostgresStorage:
             oldest_age=max(0.0, now - row["oldest"]) if row["oldest"] is not None else 0.0,
             paused_for=max(0.0, (row["paused_until"] or 0.0) - now),
             paused_chats=row["paused_chats"],
+        )
+
+    async def claim_due_timers(self, bot_id: int, limit: int, lease: float) -> list[DueTimer]:
+        with _unavailable_on_failure("claim due timers"):
+            rows = await self._pool.fetch(
+                # heads: each key's earliest due timer. A head another process leased is skipped, and so
+                # are the later timers of its key: they wait for it to be fired (deleted). The lease is
+                # checked again on the row locked (a pick that committed since this statement's start).
+                "WITH due AS (SELECT id, key, due_at, lease_until FROM timers"
+                "  WHERE bot_id = $1 AND failed_at IS NULL AND due_at <= now() ORDER BY due_at, id LIMIT $4),"
+                " heads AS (SELECT DISTINCT ON (key) id, lease_until FROM due ORDER BY key, due_at, id)"
+                " UPDATE timers SET lease_until = now() + $3 * interval '1 second' WHERE id IN ("
+                " SELECT t.id FROM timers t WHERE t.id IN (SELECT id FROM heads WHERE lease_until <= now())"
+                " AND t.lease_until <= now() AND t.failed_at IS NULL ORDER BY t.due_at, t.id LIMIT $2"
+                " FOR UPDATE OF t SKIP LOCKED)"
+                " RETURNING id, key, name, handler, payload::text AS payload, origin::text AS origin,"
+                " extract(epoch FROM due_at)::float8 AS due_at, extract(epoch FROM now() - due_at)::float8 AS late",
+                bot_id,
+                limit,
+                lease,
+                _TIMER_WINDOW,
+                timeout=self._acquire_timeout * 2,
+            )
+        return [DueTimer(**dict(r)) for r in sorted(rows, key=lambda r: (r["due_at"], r["id"]))]
+
+    async def fail_timer(self, timer_id: int, error: str) -> None:
+        await self._execute(
+            "record a failed timer",
+            "UPDATE timers SET failed_at = now(), last_error = $2 WHERE id = $1",
+            timer_id,
+            error,
         )
 
     async def prune(self, keep_updates: float, keep_sent: float) -> int:
