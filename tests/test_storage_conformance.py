@@ -65,6 +65,7 @@ async def test_the_suite_fails_a_storage_without_locks_on_every_concurrency_prom
         "concurrent_claims_of_one_update_let_one_through",
         "a_claim_waits_for_the_first_attempt",
         "a_take_waits_for_another_take_of_the_same_letter",
+        "concurrent_fires_of_one_timer_let_one_through",
     }
 
 
@@ -78,4 +79,5 @@ async def test_the_suite_fails_a_storage_that_does_not_roll_back() -> None:
         "a_claim_waits_for_the_first_attempt",
         "dead_letters_are_kept_until_taken",
         "a_take_waits_for_another_take_of_the_same_letter",
+        "a_rolled_back_schedule_or_fire_changes_nothing",
     }

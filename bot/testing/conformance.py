@@ -32,6 +32,7 @@ from typing import Any
 
 from ..files import Upload
 from ..storage import Budget, DeadLetter, FloodRule, Moved, OutgoingCall, Storage, StoredSession, Transaction
+from .conformance_timers import TIMER_CHECKS
 
 __all__ = ["CHECKS", "Check", "StorageFactory", "run_checks"]
 
@@ -528,6 +529,7 @@ CHECKS: list[Check] = [
     a_moved_chat_takes_its_unsent_calls_in_order,
     dead_letters_are_kept_until_taken,
     a_take_waits_for_another_take_of_the_same_letter,
+    *TIMER_CHECKS,
 ]
 
 
