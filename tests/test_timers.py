@@ -139,7 +139,8 @@ async def test_a_fire_that_was_due_while_the_bot_was_down_runs_late_and_says_so(
 
 async def test_a_fire_replies_to_the_chat_and_topic_with_the_sessions_it_was_scheduled_from() -> None:
     bot: Bot[Log] = Bot(
-        session(initial=Log), sessions={"mine": session(initial=Log, get_session_key=chat_user_key, prefix="u:")}
+        session(initial=Log),
+        sessions={"mine": session(initial=Log, get_session_key=chat_user_key, prefix="u:")},
     )
 
     @bot.message(text())
@@ -166,7 +167,9 @@ async def test_a_rolled_back_update_schedules_nothing(storage: Storage) -> None:
     assert await fire_due(run) == []
 
 
-async def test_scheduling_a_handler_that_does_not_exist_fails_the_update_that_did_it(storage: Storage) -> None:
+async def test_scheduling_a_handler_that_does_not_exist_fails_the_update_that_did_it(
+    storage: Storage,
+) -> None:
     run = Pipeline(timer_bot(), storage, ME, Metrics())
     assert (await Chat(run).say("typo")).status is Status.FAILED
     assert await fire_due(run) == []

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
 
 import httpx
 import pytest
 
-from bot.app import SECRET_HEADER
 from bot.storage import Storage
-from bot.testing.env import SECRET, make_settings
+from bot.testing.chat import Chat
+from bot.testing.env import make_settings
 from bot.testing.fake_telegram import FakeTelegram
-from bot.testing.updates import callback_update, encode, member_update, message_update, reaction_update
+from bot.testing.updates import callback_update, member_update, reaction_update
 from examples.todo import build_bot
 
 pytestmark = pytest.mark.anyio
@@ -31,37 +30,9 @@ async def client(
         yield c
 
 
-class Chat:
-    """Sends updates to the bot and reads what it sent back, one call at a time."""
-
-    def __init__(self, client: httpx.AsyncClient, fake: FakeTelegram) -> None:
-        self.client, self.fake = client, fake
-        self.next_id = 1
-
-    async def send(self, update: dict[str, Any]) -> None:
-        headers = {SECRET_HEADER: SECRET, "content-type": "application/json"}
-        response = await self.client.post("/webhook", content=encode(update), headers=headers)
-        assert response.status_code == 200
-
-    def id(self) -> int:
-        self.next_id += 1
-        return self.next_id
-
-    async def say(self, text: str, sender: int = ANN, chat: int = GROUP) -> str:
-        """Send a message and return the bot's reply to it."""
-        before = len(self.fake.sent_messages(chat))
-        await self.send(message_update(self.id(), chat, text, from_id=sender))
-        await self.fake.wait_for_async(lambda: len(self.fake.sent_messages(chat)) > before)
-        return str(self.fake.sent_messages(chat)[-1]["text"])
-
-    async def calls(self, method: str, count: int) -> list[dict[str, Any]]:
-        await self.fake.wait_for_async(lambda: len(self.fake.calls(method)) >= count)
-        return [c.params for c in self.fake.calls(method)]
-
-
 @pytest.fixture
 def chat(client: httpx.AsyncClient, fake: FakeTelegram) -> Chat:
-    return Chat(client, fake)
+    return Chat(client, fake, chat=GROUP, sender=ANN)
 
 
 async def test_a_group_keeps_a_list_and_buttons_tick_tasks_off(chat: Chat, fake: FakeTelegram) -> None:

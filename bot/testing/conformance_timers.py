@@ -96,7 +96,9 @@ async def rescheduling_replaces_and_cancelling_removes(make: StorageFactory) -> 
     assert not await _fire(storage, new.id), "a cancelled timer is gone"
     async with storage.transaction() as tx:
         await tx.schedule(BOT, [_timer("k", "y", ago=1), TimerChange("k", "y")])
-    assert await storage.claim_due_timers(BOT, 10, 0) == [], "changes apply in order: scheduled, then cancelled"
+    assert await storage.claim_due_timers(BOT, 10, 0) == [], (
+        "changes apply in order: scheduled, then cancelled"
+    )
 
 
 async def a_keys_timers_fire_in_order(make: StorageFactory) -> None:
