@@ -160,8 +160,8 @@ class Dialog(Router[Any], Generic[D]):
         timeout: float | None = None,
         name: str | None = None,
     ) -> None:
-        self.name = name or states.__name__
-        super().__init__(f"dialog {self.name}")
+        name = name or states.__name__
+        super().__init__(name)  # the router's name is the dialog's
         if not states.states:
             raise ValueError(f"{states.__name__} declares no State() attributes")
         if timeout is not None and not timeout > 0:
@@ -171,11 +171,11 @@ class Dialog(Router[Any], Generic[D]):
         self.states_by_name = {state.name: state for state in states.states}
         self.data_type: Callable[[], D] = data_type or cast(Callable[[], D], dict)
         self.timeout = timeout
-        self.session_name = f"dialog:{self.name}"
-        self.timer_handler = f"dialog:{self.name}"
+        self.session_name = f"dialog:{name}"
+        self.timer_handler = f"dialog:{name}"
         stored_type: type[_Stored[D]] = cast(Any, _Stored)[data_type or dict[str, Any]]
         self.config: SessionConfig[_Stored[D]] = session(
-            data_type=stored_type, get_session_key=key, prefix=f"dialog:{self.name}:", lazy=True
+            data_type=stored_type, get_session_key=key, prefix=f"dialog:{name}:", lazy=True
         )
         self._on_timeout: Callable[[Context[Any]], Awaitable[None]] | None = None
 

@@ -57,7 +57,7 @@ def parse_duration(written: str) -> float | None:
 def left(seconds: float) -> str:
     """A short "how long from now": 45s, 9m 30s, 2h 5m, 3d 4h."""
     seconds = max(0, round(seconds))
-    parts = []
+    parts: list[str] = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if seconds >= size or (unit == "s" and not parts):
             parts.append(f"{seconds // size}{unit}")
