@@ -31,6 +31,10 @@ __all__ = ["TimerLoop"]
 
 log = logging.getLogger("bot.timers")
 
+# Timers picked at once, per fire that may run at once: one pick's query is shared by that many fires,
+# while a process never holds many more timers leased than it is about to fire.
+PICKED_PER_SLOT = 4
+
 
 class TimerLoop:
     """Picks due timers and fires them, in the background, until stopped."""
@@ -51,9 +55,10 @@ class TimerLoop:
         self._lease = lease
         self._interval = interval
         self._concurrency = concurrency
+        self._slots = asyncio.Semaphore(concurrency)
         self._clock = clock or SystemClock()
-        self._firing: set[asyncio.Task[None]] = set()
-        self._changed = asyncio.Event()  # a wake-up, or a fire finished (a slot is free)
+        self._firing: set[asyncio.Task[None]] = set()  # picked: running, or waiting for a slot
+        self._changed = asyncio.Event()  # a wake-up, or a fire finished
         self._next_look = -math.inf
         self._wake_at = math.inf  # the earliest timer this process committed and has not looked for
         self._more = False  # the last pick was full: more may be due at once
@@ -67,12 +72,14 @@ class TimerLoop:
             self._changed.set()
 
     async def fire_due(self, limit: int | None = None) -> list[asyncio.Task[None]]:
-        """Pick up to `limit` (default: the free slots) due timers and start firing them; returns the fires
-        started (await them to wait for them). Raises StorageUnavailable when the pick failed."""
-        free = self._concurrency - len(self._firing) if limit is None else limit
-        if free <= 0:
+        """Pick up to `limit` due timers (default: what this process may hold) and fire them, at most
+        `concurrency` at once; returns their fires (await them to wait for them). Raises StorageUnavailable
+        when the pick failed."""
+        if limit is None:
+            limit = self._concurrency * PICKED_PER_SLOT - len(self._firing)
+        if limit <= 0:
             return []
-        due = await self._storage.claim_due_timers(self._pipeline.me.id, free, self._lease)
+        due = await self._storage.claim_due_timers(self._pipeline.me.id, limit, self._lease)
         started = []
         for timer in due:
             task = asyncio.create_task(self._fire(timer))
@@ -87,7 +94,8 @@ class TimerLoop:
 
     async def _fire(self, timer: DueTimer) -> None:
         try:
-            outcome = await self._pipeline.fire(timer)
+            async with self._slots:
+                outcome = await self._pipeline.fire(timer)
         except (StorageUnavailable, TryLater) as exc:
             log.warning("timer %d: not fired (%s); fired again once its lease runs out", timer.id, exc)
         except Exception:
@@ -96,19 +104,20 @@ class TimerLoop:
             self._outbox.send_soon(outcome.to_send)
 
     async def run(self) -> None:
-        """Until cancelled: pick and fire what is due whenever a slot is free and it is time to look (an
-        interval passed, a timer this process committed is due, or the last pick was full). No error ends
-        it: each is logged, and the next look tries again."""
+        """Until cancelled: pick and fire what is due once the timers picked before are running (none is
+        waiting for a slot) and it is time to look (an interval passed, a timer this process committed is
+        due, or the last pick was full). No error ends it: each is logged, and the next look tries again."""
         while True:
             self._changed.clear()
             now = self._clock.time()
-            free = self._concurrency - len(self._firing)
-            if free > 0 and (self._more or now >= min(self._next_look, self._wake_at)):
+            room = self._concurrency * PICKED_PER_SLOT - len(self._firing)
+            ready = len(self._firing) <= self._concurrency
+            if ready and (self._more or now >= min(self._next_look, self._wake_at)):
                 self._next_look = now + self._interval
                 if self._wake_at <= now:
                     self._wake_at = math.inf
                 try:
-                    self._more = len(await self.fire_due(free)) == free
+                    self._more = len(await self.fire_due(room)) == room
                 except StorageUnavailable as exc:
                     self._more = False
                     log.warning("timers: %s", exc)
@@ -118,14 +127,14 @@ class TimerLoop:
                         "timers: this look failed and was skipped; trying again in %g s", self._interval
                     )
                 continue
-            # Full: wait for a slot. Otherwise: for the next look, or a wake-up before it.
-            delay = None if self._more else max(0.0, min(self._next_look, self._wake_at) - now)
+            # Busy: wait for fires to finish. Otherwise: for the next look, or a wake-up before it.
+            delay = None if self._more or not ready else max(0.0, min(self._next_look, self._wake_at) - now)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), delay)
 
     async def drain(self, within: float) -> None:
-        """After `run` is cancelled (shutdown): wait for the fires under way, then cancel what is left (it
-        rolls back, and is fired again after its lease)."""
+        """After `run` is cancelled (shutdown): wait for the fires picked (under way or waiting for a slot),
+        then cancel what is left (rolled back or not begun: fired again once its lease runs out)."""
         if self._firing:
             await asyncio.wait(set(self._firing), timeout=within)
         left = set(self._firing)
