@@ -24,15 +24,12 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from run import cpu_seconds  # bench/run.py: this script runs from bench/ as well
+from run import cpu_seconds, fresh_database  # bench/run.py: this script runs from bench/ too
 
 from bot.embedded import EmbeddedPostgres
-from bot.migrate import migrate
 from bot.testing.delivery import LoopbackHttp, deliver
 from bot.testing.env import SECRET, USERNAME, bot_env
 from bot.testing.fake_telegram import FakeTelegram, serve
@@ -41,18 +38,6 @@ from bot.testing.updates import message_update
 
 BOT_ID = 123456789  # bot_env's token
 APP = "bot.testing.timer_app:build_bot"
-
-
-async def fresh_database(server_url: str) -> str:
-    name = f"timers_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    dsn = urlunsplit(urlsplit(server_url)._replace(path="/" + name))
-    await migrate(dsn)
-    return dsn
 
 
 def plan(timers: int, keys: int) -> list[tuple[int, str]]:

@@ -24,21 +24,12 @@ from bot.app import SECRET_HEADER
 from bot.apps.pizza_testing import PIZZA, hunger
 from bot.pooler import transaction_pooler
 from bot.testing.delivery import DeliveryStats, deliver
-from bot.testing.env import SECRET, USERNAME, bot_env
+from bot.testing.env import FAULT_ENV, SECRET, USERNAME, bot_env
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess
 from bot.testing.updates import encode, message_update
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-# Short leases and sweeps so that replies a killed process left behind are sent within the test.
-FAULT_ENV = {
-    "OUTBOX_LEASE": "1",
-    "BOT_API_TIMEOUT": "0.9",
-    "OUTBOX_SWEEP_INTERVAL": "0.2",
-    "DB_POOL_MAX": "8",
-    "LOG_LEVEL": "WARNING",
-}
 
 RESULTS: dict[str, dict[str, Any]] = {}
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from bot.testing.delivery import deliver
-from bot.testing.env import SECRET
+from bot.testing.env import FAULT_ENV, SECRET
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess
 from bot.testing.updates import message_update
@@ -24,16 +24,11 @@ from bot.testing.updates import message_update
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 ENV = {
+    **FAULT_ENV,
     "APP": "bot.testing.timer_app:build_bot",
-    # Short leases and looks: what a killed process held is fired by the others within the test.
-    "OUTBOX_LEASE": "1",
-    "BOT_API_TIMEOUT": "0.9",
-    "OUTBOX_SWEEP_INTERVAL": "0.2",
     # Every fire replies: let 1,000 replies out as fast as they come.
     "SEND_RATE_GLOBAL": "1000",
     "SEND_RATE_GROUP": "1000",
-    "DB_POOL_MAX": "8",
-    "LOG_LEVEL": "WARNING",
 }
 TIMERS, KEYS = 1000, 200
 FIRED = re.compile(r"fired (\S+) at (\S+) late (\S+) by (\d+)")

@@ -226,13 +226,6 @@ async def test_scheduling_in_the_optimistic_mode_runs_the_update_with_locks_once
     assert await log_of(storage) == '{"fired":["a"]}'
 
 
-class _RecordingTransaction(_MemoryTransaction):
-    async def schedule(self, bot_id: int, changes: Sequence[TimerChange]) -> None:
-        assert isinstance(self._storage, RecordingStorage)
-        self._storage.timer_work.append("schedule")
-        await super().schedule(bot_id, changes)
-
-
 class RecordingStorage(MemoryStorage):
     """Records the timer work of each transaction: what an update that schedules nothing must not do."""
 
@@ -242,12 +235,15 @@ class RecordingStorage(MemoryStorage):
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_MemoryTransaction]:
-        tx = _RecordingTransaction(self)
-        try:
+        async with super().transaction() as tx:
+            schedule = tx.schedule
+
+            async def recorded(bot_id: int, changes: Sequence[TimerChange]) -> None:
+                self.timer_work.append("schedule")
+                await schedule(bot_id, changes)
+
+            tx.schedule = recorded  # type: ignore[method-assign]
             yield tx
-            tx.commit()
-        finally:
-            tx.release()
 
 
 async def test_an_update_that_schedules_nothing_does_no_timer_work() -> None:

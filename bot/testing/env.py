@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from ..config import Settings, load_settings
 
-__all__ = ["SECRET", "TOKEN", "USERNAME", "bot_env", "make_settings"]
+__all__ = ["FAULT_ENV", "SECRET", "TOKEN", "USERNAME", "bot_env", "make_settings"]
 
 TOKEN = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"
 SECRET = "test-secret_0123456789"
 USERNAME = "test_bot"
+
+# For fault tests with processes: short leases and sweeps, so that the replies and timers a killed
+# process held are taken over within the test.
+FAULT_ENV = {
+    "OUTBOX_LEASE": "1",
+    "BOT_API_TIMEOUT": "0.9",
+    "OUTBOX_SWEEP_INTERVAL": "0.2",
+    "DB_POOL_MAX": "8",
+    "LOG_LEVEL": "WARNING",
+}
 
 
 def bot_env(database_url: str, telegram_root: str, **overrides: str) -> dict[str, str]:
