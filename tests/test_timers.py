@@ -19,10 +19,12 @@ from bot.filters import text
 from bot.metrics import Metrics
 from bot.outbox import Outbox
 from bot.pipeline import Outcome, Pipeline, Status
+from bot.runtime import start
 from bot.session import chat_user_key, session
 from bot.storage import Storage, StoredSession, TimerChange
 from bot.storage.memory import MemoryStorage, _MemoryTransaction
 from bot.storage.postgres import PostgresStorage
+from bot.testing.env import make_settings
 from bot.testing.updates import text_update
 from bot.timers import TimerLoop
 
@@ -361,3 +363,13 @@ async def test_a_timer_whose_handler_was_removed_from_the_code_is_kept_as_failed
     [due] = await storage.claim_due_timers(ME.id, 10, 30.0)
     assert (await run.fire(due)).status is Status.FAILED
     assert storage._timers[due.id].failed == "LookupError: no timer handler 'gone' (registered: ['ping'])"
+
+
+async def test_only_a_bot_with_timer_handlers_runs_a_timer_loop(
+    database_url: str, telegram_root: str
+) -> None:
+    settings = make_settings(database_url, telegram_root)
+    async with start(settings, bot=Bot(session(initial=Log)), storage=MemoryStorage()) as runtime:
+        assert runtime.timers is None and runtime.pipeline.on_schedule is None
+    async with start(settings, bot=timer_bot(), storage=MemoryStorage()) as runtime:
+        assert runtime.timers is not None and runtime.pipeline.on_schedule == runtime.timers.wake
