@@ -20,8 +20,9 @@ pipeline, server, the test kit in `bot.testing`) is imported from its own module
 
 from __future__ import annotations
 
-from .context import BotIdentity, Context, QueuedCall
-from .dispatch import Bot, ErrorHook
+from .context import BotIdentity, Context, Fire, QueuedCall
+from .dialogs import Dialog, DialogState, NoDialog, State, StatesGroup, any_step
+from .dispatch import Bot, ErrorHook, NoSuchTimerHandler
 from .errors import BotError
 from .filters import Filter, chat_type, command, data_startswith, from_user, text
 from .keyboards import (
@@ -47,19 +48,27 @@ __all__ = [
     "CallbackQuery",
     "Chat",
     "Context",
+    "Dialog",
+    "DialogState",
     "ErrorHook",
     "Filter",
+    "Fire",
     "Handler",
     "InlineQuery",
     "Message",
     "Middleware",
     "Next",
+    "NoDialog",
+    "NoSuchTimerHandler",
     "QueuedCall",
     "Router",
     "SessionError",
     "SkipHandler",
+    "State",
+    "StatesGroup",
     "Update",
     "User",
+    "any_step",
     "button",
     "chat_key",
     "chat_type",

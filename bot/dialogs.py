@@ -28,18 +28,23 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 import msgspec
 
 from .context import Context
+from .errors import BotError
 from .filters import Check
 from .router import Router, SkipHandler
 from .session import SessionConfig, chat_user_key, session
 from .telegram import Update
 
-__all__ = ["Dialog", "DialogState", "State", "StatesGroup", "any_step"]
+__all__ = ["Dialog", "DialogState", "NoDialog", "State", "StatesGroup", "any_step"]
 
 D = TypeVar("D")
 H = TypeVar("H", bound=Callable[..., Awaitable[None]])
 
 # The timer name of a dialog's timeout, under the dialog's session key.
 TIMEOUT = "timeout"
+
+
+class NoDialog(BotError, LookupError):
+    """The dialog's data was asked for where no dialog of its kind is in progress."""
 
 
 class State:
@@ -107,7 +112,7 @@ class DialogState(Generic[D]):
         """The dialog's data, kept from step to step; change it in place."""
         stored = self._stored
         if stored is None:
-            raise LookupError(f"no {self._dialog.name} dialog is in progress here: enter() it first")
+            raise NoDialog(f"no {self._dialog.name} dialog is in progress here: enter() it first")
         return stored.data
 
     def set(self, state: State, data: D | None = None) -> None:

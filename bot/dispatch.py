@@ -17,16 +17,24 @@ from typing import Any, TypeAlias, TypeVar
 from .callables import check_async, describe
 from .context import DEFAULT_SESSION, Context
 from .dialogs import Dialog
+from .errors import BotError
 from .router import H, Handler, Middleware, Router, SkipHandler
 from .session import SessionConfig, chat_key, chat_user_key, user_key
 from .types import UPDATE_KINDS
 
-__all__ = ["Bot", "ErrorHook", "Handler", "Middleware", "Router", "SkipHandler"]
+__all__ = ["Bot", "ErrorHook", "Handler", "Middleware", "NoSuchTimerHandler", "Router", "SkipHandler"]
 
 S = TypeVar("S")
 
 ErrorHook: TypeAlias = Callable[[Exception, Context[Any]], Awaitable[None]]
 E = TypeVar("E", bound=ErrorHook)
+
+
+class NoSuchTimerHandler(BotError, LookupError):
+    """A timer names a handler the bot has not registered (`@bot.timer(name)`): a typo in
+    `ctx.schedule`, which fails the update that scheduled it, or a handler removed from the code since
+    the timer was scheduled, which fails (and keeps) the timer."""
+
 
 # Always asked for when a session follows group upgrades (`merge`): they arrive as service messages.
 _MIGRATION_KINDS = {"message"}

@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any, cast
 
 from .context import BotIdentity, Context, ImmediateApi, timer_context
-from .dispatch import Bot, ErrorHook
+from .dispatch import Bot, ErrorHook, NoSuchTimerHandler
 from .errors import BotError
 from .failures import TransientFailures, TryLater, dead_letter, describe, is_transient, storable
 from .files import MAX_UPLOAD_BYTES
@@ -239,7 +239,7 @@ class Pipeline:
         try:
             handler = self.bot.timers.get(timer.handler)
             if handler is None:
-                raise LookupError(
+                raise NoSuchTimerHandler(
                     f"no timer handler {timer.handler!r} (registered: {sorted(self.bot.timers)})"
                 )
             outcome = await self._apply_in(
@@ -543,7 +543,7 @@ class Pipeline:
         there, where the error hook and the log can name it, not when it would fire."""
         for change in changes:
             if change.handler is not None and change.handler not in self.bot.timers:
-                raise LookupError(
+                raise NoSuchTimerHandler(
                     f"ctx.schedule({change.handler!r}): no such timer handler"
                     f" (register it with @bot.timer({change.handler!r}); registered: {sorted(self.bot.timers)})"
                 )

@@ -25,11 +25,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from bot.context import Context
-from bot.dialogs import Dialog, State, StatesGroup, any_step
-from bot.dispatch import Bot
-from bot.filters import Filter, text
-from bot.session import chat_user_key, session
+from bot import Bot, Context, Dialog, Filter, State, StatesGroup, any_step, chat_user_key, session, text
 
 __all__ = ["Draft", "Remind", "Reminder", "Reminders", "build_bot", "parse_duration"]
 

@@ -362,7 +362,9 @@ async def test_a_timer_whose_handler_was_removed_from_the_code_is_kept_as_failed
         await tx.schedule(ME.id, [TimerChange("-100", "x", "gone", "null", "null", after=0)])
     [due] = await storage.claim_due_timers(ME.id, 10, 30.0)
     assert (await run.fire(due)).status is Status.FAILED
-    assert storage._timers[due.id].failed == "LookupError: no timer handler 'gone' (registered: ['ping'])"
+    assert (
+        storage._timers[due.id].failed == "NoSuchTimerHandler: no timer handler 'gone' (registered: ['ping'])"
+    )
 
 
 async def test_only_a_bot_with_timer_handlers_runs_a_timer_loop(
