@@ -206,9 +206,9 @@ class Dialog(Router[Any], Generic[D]):
         """The timeout's timer handler: the bot registers it when the dialog is included."""
         dialog = await self.state(ctx)
         before = ctx.fragment(self.session_name)
-        if not dialog.active:
+        if before is None:
             return  # ended meanwhile: a cancel commits its timer's removal with it, so only by hand
-        if self._on_timeout is not None:
+        if self._on_timeout is not None and dialog.active:  # (not at a step this code no longer has)
             await self._on_timeout(ctx)
         if ctx.fragment(self.session_name) is before:
             dialog.clear()

@@ -13,14 +13,18 @@ from typing import Any
 import httpx
 import pytest
 
-from bot.context import Context
+from bot.context import BotIdentity, Context
 from bot.dialogs import Dialog, State, StatesGroup, any_step
 from bot.dispatch import Bot
 from bot.filters import text
-from bot.storage import Storage
+from bot.metrics import Metrics
+from bot.pipeline import Pipeline
+from bot.storage import Storage, StoredSession
+from bot.storage.memory import MemoryStorage
 from bot.testing.chat import Chat
 from bot.testing.env import make_settings
 from bot.testing.fake_telegram import FakeTelegram
+from bot.testing.updates import text_update
 
 pytestmark = pytest.mark.anyio
 
@@ -28,6 +32,13 @@ OpenClient = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 GROUP, ANN, BOB = -100, 11, 22
 # Short enough to wait for in the timeout tests, long enough for the steps before it on a busy machine.
 TIMEOUT = 2.0
+
+
+class Clock:
+    now = 1_800_000_000.0
+
+    def time(self) -> float:
+        return self.now
 
 
 class Signup(StatesGroup):
@@ -193,3 +204,19 @@ def test_a_dialog_refuses_states_of_another_and_a_second_dialog_of_the_same_name
     bot.include_router(dialog)
     with pytest.raises(ValueError, match="another dialog named 'Signup'"):
         bot.include_router(Dialog(Signup, Form))
+
+
+async def test_a_dialog_at_a_step_the_code_no_longer_has_ends_at_its_timeout_without_the_handler() -> None:
+    clock = Clock()
+    storage = MemoryStorage(clock=clock)
+    run = Pipeline(signup_bot(timeout=60), storage, BotIdentity(1, "signup_bot"), Metrics())
+    await run.process(text_update(1, GROUP, "/signup", from_id=ANN))
+    key = f"dialog:Signup:{GROUP}/{ANN}"
+    async with storage.transaction() as tx:  # a deploy renamed the step since
+        await tx.read(key)
+        await tx.write(key, StoredSession('{"state": "Signup:gone", "data": {"name": "", "age": ""}}'))
+    clock.now += 60
+    [timer] = await storage.claim_due_timers(1, 10, 30.0)
+    assert (await run.fire(timer)).to_send == []  # no "Too slow at …": there is no such step
+    async with storage.transaction() as tx:
+        assert await tx.read(key) is None
