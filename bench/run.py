@@ -28,6 +28,7 @@ import time
 import uuid
 from asyncio.subprocess import DEVNULL
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,6 +323,20 @@ def with_database(url: str, database: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path="/" + database))
 
 
+@contextlib.contextmanager
+def postgres_server() -> Iterator[tuple[str, str]]:
+    """DATABASE_URL's server, or a throwaway embedded one stopped at the end; and which of the two."""
+    url = os.environ.get("DATABASE_URL")
+    if url is not None:
+        yield url, "from DATABASE_URL"
+        return
+    embedded = EmbeddedPostgres.throwaway()
+    try:
+        yield embedded.dsn("postgres"), "embedded"
+    finally:
+        embedded.stop()
+
+
 async def fresh_database(server_url: str) -> str:
     name = f"bench_{uuid.uuid4().hex[:10]}"
     await admin(server_url, f"CREATE DATABASE {name}")
@@ -433,39 +448,28 @@ async def main() -> None:
         print(why, file=sys.stderr)
         systems = [s for s in systems if s.kind != "grammy"]
 
-    embedded = None
-    server_url = os.environ.get("DATABASE_URL")
-    if server_url is None:
-        embedded = EmbeddedPostgres.throwaway()
-        server_url = embedded.dsn("postgres")
     logs = Path(tempfile.mkdtemp(prefix="pizza-bench-"))
     fake = FakeTelegram(username=USERNAME)
     rows: list[dict[str, Any]] = []
-    try:
-        with serve(fake) as root:
-            if args.soak:
-                await soak(args.soak, args.rate, await fresh_database(server_url), root, logs)
-                return
-            for w in chosen:
-                for run in range(args.repeat):
-                    # Each run starts with another system, so none always gets the quieter moment.
-                    for system in systems[run % len(systems) :] + systems[: run % len(systems)]:
-                        dsn = await fresh_database(server_url)
-                        if system.kind == "raw":
-                            row = await raw_postgres(w, dsn)
-                        else:
-                            row = await run_server(
-                                w, system, dsn, root, fake, args.processes, logs, args.profile
-                            )
-                        row["load"] = f"{os.getloadavg()[0]:.1f}"
-                        rows.append(row)
-                        print(table(rows[-1:]), file=sys.stderr, flush=True)
-    finally:
-        if embedded is not None:
-            embedded.stop()
+    with postgres_server() as (server_url, where), serve(fake) as root:
+        if args.soak:
+            await soak(args.soak, args.rate, await fresh_database(server_url), root, logs)
+            return
+        for w in chosen:
+            for run in range(args.repeat):
+                # Each run starts with another system, so none always gets the quieter moment.
+                for system in systems[run % len(systems) :] + systems[: run % len(systems)]:
+                    dsn = await fresh_database(server_url)
+                    if system.kind == "raw":
+                        row = await raw_postgres(w, dsn)
+                    else:
+                        row = await run_server(w, system, dsn, root, fake, args.processes, logs, args.profile)
+                    row["load"] = f"{os.getloadavg()[0]:.1f}"
+                    rows.append(row)
+                    print(table(rows[-1:]), file=sys.stderr, flush=True)
     print(
         f"\n{time.strftime('%Y-%m-%d %H:%M')}, {machine()}, {args.processes} server process(es) each, "
-        f"PostgreSQL {'embedded' if embedded else 'from DATABASE_URL'}, median of {args.repeat} run(s); "
+        f"PostgreSQL {where}, median of {args.repeat} run(s); "
         "load = 1-minute load average after the row\n"
     )
     print(table(median_rows(rows)))

@@ -20,16 +20,14 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import asyncpg
-from run import cpu_seconds, fresh_database  # bench/run.py: this script runs from bench/ too
+from run import cpu_seconds, fresh_database, postgres_server  # bench/run.py: this script runs from bench/ too
 
-from bot.embedded import EmbeddedPostgres
 from bot.testing.delivery import LoopbackHttp, deliver
 from bot.testing.env import SECRET, USERNAME, bot_env
 from bot.testing.fake_telegram import FakeTelegram, serve
@@ -168,18 +166,10 @@ async def raw_postgres(dsn: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 async def run(args: argparse.Namespace) -> str:
-    embedded = None
-    server_url = os.environ.get("DATABASE_URL")
-    if server_url is None:
-        embedded = EmbeddedPostgres.throwaway()
-        server_url = embedded.dsn("postgres")
-    try:
+    with postgres_server() as (server_url, _):
         logs = Path(tempfile.mkdtemp(prefix="timers-bench-"))
         ours = await framework(await fresh_database(server_url), args, logs)
         raw = await raw_postgres(await fresh_database(server_url), args)
-    finally:
-        if embedded is not None:
-            embedded.stop()
     lines = [
         f"{args.timers} timers over {args.keys} keys, all due at once; {args.processes} process(es),"
         f" {args.concurrency} fires at once each",
