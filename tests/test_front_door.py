@@ -30,6 +30,10 @@ def framework_imports(path: Path) -> set[str]:
 
 def test_the_bundled_apps_import_only_from_the_front_door() -> None:
     """`bot` for the framework, `bot.types` for the Bot API's types (as aiogram's `aiogram.types`)."""
-    for app in (ROOT / "bot" / "apps" / "pizza.py", ROOT / "examples" / "todo.py", ROOT / "examples" / "remind.py"):
+    for app in (
+        ROOT / "bot" / "apps" / "pizza.py",
+        ROOT / "examples" / "todo.py",
+        ROOT / "examples" / "remind.py",
+    ):
         assert framework_imports(app) <= {"bot", "bot.types"}, app
         assert "bot" in framework_imports(app), app

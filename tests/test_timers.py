@@ -335,10 +335,10 @@ async def test_draining_waits_for_fires_under_way_and_cancels_what_outlives_the_
     run = Pipeline(bot, storage, ME, Metrics())
     loop = TimerLoop(run, Outbox(storage, None, run.metrics), lease=30.0, interval=3600.0)
     async with storage.transaction() as tx:
-        origin = '{"message_id": 0, "chat": {"id": -100, "type": "group"}}'
+        origin = '{"message_id": 0, "date": 0, "chat": {"id": -100, "type": "group"}}'
         await tx.schedule(ME.id, [TimerChange("-100", "a", "slow", "null", origin, after=0)])
     await loop.fire_due()
-    await started.wait()
+    await asyncio.wait_for(started.wait(), 10)
     asyncio.get_running_loop().call_later(0.1, release.set)
     await loop.drain(5.0)
     assert await log_of(storage) == '{"fired":["slow"]}', "a fire under way finishes"
@@ -348,7 +348,7 @@ async def test_draining_waits_for_fires_under_way_and_cancels_what_outlives_the_
     async with storage.transaction() as tx:
         await tx.schedule(ME.id, [TimerChange("-100", "b", "slow", "null", origin, after=0)])
     await loop.fire_due()
-    await started.wait()
+    await asyncio.wait_for(started.wait(), 10)
     await loop.drain(0.1)
     assert await log_of(storage) == '{"fired":["slow"]}', "one that outlives the wait is rolled back"
     assert [t.name for t in await storage.claim_due_timers(ME.id, 10, 30.0)] == [], "leased, still there"
