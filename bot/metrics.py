@@ -100,7 +100,8 @@ class Metrics:
         self.timers = Counter(
             "bot_timers",
             "Timer fires by outcome: applied, duplicate (another process fired it), failed (its handler"
-            " raised: kept as failed), unavailable (the database: fired again after its lease).",
+            " raised and the error hook handled it), dead_letter (failed for good: the timer is kept as"
+            " failed, never fired again), unavailable (a transient failure: fired again after its lease).",
             ["outcome"],
             registry=r,
         )

@@ -15,6 +15,7 @@ import pytest
 from bot.context import BotIdentity, Context
 from bot.dialogs import Dialog, State, StatesGroup
 from bot.dispatch import Bot
+from bot.failures import TransientFailures, TryLater
 from bot.filters import text
 from bot.metrics import Metrics
 from bot.outbox import Outbox
@@ -165,7 +166,7 @@ async def test_a_fire_replies_to_the_chat_and_topic_with_the_sessions_it_was_sch
 
 async def test_a_rolled_back_update_schedules_nothing(storage: Storage) -> None:
     run = Pipeline(timer_bot(), storage, ME, Metrics())
-    assert (await Chat(run).say("boom")).status is Status.FAILED
+    assert (await Chat(run).say("boom")).status is Status.DEAD_LETTER
     assert await fire_due(run) == []
 
 
@@ -173,7 +174,7 @@ async def test_scheduling_a_handler_that_does_not_exist_fails_the_update_that_di
     storage: Storage,
 ) -> None:
     run = Pipeline(timer_bot(), storage, ME, Metrics())
-    assert (await Chat(run).say("typo")).status is Status.FAILED
+    assert (await Chat(run).say("typo")).status is Status.DEAD_LETTER
     assert await fire_due(run) == []
 
 
@@ -181,8 +182,8 @@ async def test_a_timer_handler_that_raises_is_rolled_back_and_kept_as_failed(sto
     run = Pipeline(timer_bot(), storage, ME, Metrics())
     await Chat(run).say("in 0 fail")
     [fired] = await fire_due(run)
-    assert (fired.status, fired.to_send) == (Status.FAILED, [])
-    assert run.metrics.count("bot_timers_total", outcome="failed") == 1
+    assert (fired.status, fired.to_send) == (Status.DEAD_LETTER, [])
+    assert run.metrics.count("bot_timers_total", outcome="dead_letter") == 1
     await asyncio.sleep(0.05)
     assert await fire_due(run) == [], "a bug is not retried forever"
     if isinstance(storage, PostgresStorage):
@@ -361,7 +362,7 @@ async def test_a_timer_whose_handler_was_removed_from_the_code_is_kept_as_failed
     async with storage.transaction() as tx:
         await tx.schedule(ME.id, [TimerChange("-100", "x", "gone", "null", "null", after=0)])
     [due] = await storage.claim_due_timers(ME.id, 10, 30.0)
-    assert (await run.fire(due)).status is Status.FAILED
+    assert (await run.fire(due)).status is Status.DEAD_LETTER
     assert (
         storage._timers[due.id].failed == "NoSuchTimerHandler: no timer handler 'gone' (registered: ['ping'])"
     )
@@ -375,3 +376,25 @@ async def test_only_a_bot_with_timer_handlers_runs_a_timer_loop(
         assert runtime.timers is None and runtime.pipeline.on_schedule is None
     async with start(settings, bot=timer_bot(), storage=MemoryStorage()) as runtime:
         assert runtime.timers is not None and runtime.pipeline.on_schedule == runtime.timers.wake
+
+
+async def test_a_fire_failing_transiently_is_tried_again_then_given_up_on() -> None:
+    bot = timer_bot()
+
+    @bot.timer("flaky")
+    async def flaky(ctx: Context[Log]) -> None:
+        raise TimeoutError("the Bot API did not answer in time")
+
+    storage = MemoryStorage()
+    run = Pipeline(bot, storage, ME, Metrics(), give_up=TransientFailures(deliveries=2, seconds=0))
+    async with storage.transaction() as tx:
+        origin = '{"message_id": 0, "date": 0, "chat": {"id": -100, "type": "group"}}'
+        await tx.schedule(ME.id, [TimerChange("-100", "x", "flaky", "null", origin, after=0)])
+    [due] = await storage.claim_due_timers(ME.id, 10, 0.0)
+    with pytest.raises(TryLater):
+        await run.fire(due)
+    [again] = await storage.claim_due_timers(ME.id, 10, 30.0)  # still there, its lease run out
+    assert (await run.fire(again)).status is Status.DEAD_LETTER
+    failed = storage._timers[again.id].failed
+    assert failed is not None and failed.startswith("gave up after 2 transient failures")
+    assert await storage.claim_due_timers(ME.id, 10, 0.0) == []

@@ -50,9 +50,9 @@ async def test_a_group_keeps_a_list_and_buttons_tick_tasks_off(chat: Chat, fake:
 
     press = callback_update(chat.id(), GROUP, BOB, "done:1", message_id=55)
     await chat.send(press)
-    [answer] = await chat.calls("answerCallbackQuery", 1)
+    [answer] = await chat.call_params("answerCallbackQuery", 1)
     assert answer == {"callback_query_id": press.json()["callback_query"]["id"], "text": "Done: buy milk"}
-    [edit] = await chat.calls("editMessageText", 1)
+    [edit] = await chat.call_params("editMessageText", 1)
     assert (edit["chat_id"], edit["message_id"]) == (GROUP, 55)
     assert edit["text"] == "✅ 1. buy milk\n▫️ 2. fix the bike"
     assert edit["reply_markup"] == {"inline_keyboard": [[{"text": "✅ 2", "callback_data": "done:2"}]]}
@@ -60,7 +60,7 @@ async def test_a_group_keeps_a_list_and_buttons_tick_tasks_off(chat: Chat, fake:
     # Telegram redelivers the press: nothing is ticked or answered twice.
     await chat.send(press)
     await chat.send(callback_update(chat.id(), GROUP, ANN, "done:1", message_id=55))
-    answers = await chat.calls("answerCallbackQuery", 2)
+    answers = await chat.call_params("answerCallbackQuery", 2)
     assert answers[1]["text"] == "That one is done already."
     await asyncio.sleep(0.1)
     assert len(fake.calls("answerCallbackQuery")) == 2
@@ -72,7 +72,7 @@ async def test_each_person_has_stats_across_chats(chat: Chat, fake: FakeTelegram
     await chat.say("/add one")
     await chat.say("/add two", chat=ANN)  # Ann's private chat with the bot
     await chat.send(callback_update(chat.id(), GROUP, BOB, "done:1"))
-    await chat.calls("answerCallbackQuery", 1)
+    await chat.call_params("answerCallbackQuery", 1)
     await chat.send(reaction_update(chat.id(), GROUP, ANN, 1, "👍"))
     await chat.send(reaction_update(chat.id(), GROUP, BOB, 1, "🔥"))
     assert await chat.say("/me") == "You added 2, finished 0, and cheered 1 times."
