@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bot"
 
 # Exceptions that are deliberately not the framework's: each with the reason.
 NOT_OURS = {
-    "bot.testing.conformance._Boom": "stands for a bug in an app's own code, which the checks provoke",
+    "bot.testing.conformance_tools.Boom": "stands for a bug in an app's own code, which the checks provoke",
 }
 
 

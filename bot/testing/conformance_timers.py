@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 from ..storage import DueTimer, Storage, TimerChange
+from .conformance_tools import Check, StorageFactory
 
 __all__ = ["TIMER_CHECKS"]
 
-StorageFactory = Callable[[], Awaitable[Storage]]
 BOT = 7
 LEASE = 30.0
 
@@ -125,7 +125,7 @@ async def a_lease_runs_out_and_a_failed_timer_stays_put(make: StorageFactory) ->
     assert _names(await storage.claim_due_timers(BOT, 10, LEASE)) == ["y"], "scheduling its name anew does"
 
 
-TIMER_CHECKS: list[Callable[[StorageFactory], Awaitable[None]]] = [
+TIMER_CHECKS: list[Check] = [
     a_timer_fires_once_when_due,
     a_rolled_back_schedule_or_fire_changes_nothing,
     concurrent_fires_of_one_timer_let_one_through,
