@@ -118,7 +118,10 @@ async def test_a_thousand_timers_fire_once_across_a_kill_9_a_restart_and_two_pro
     for tag in doubled:
         copies = sorted((f for f in fired if f.tag == tag), key=lambda f: f.arrived)
         assert len(copies) == 2 and copies[0].pid == first.proc.pid, copies
-        assert copies[0].arrived < killed_at + 0.1 < copies[1].arrived, copies
+        # The killed process's copy, then a restarted one's (arrival times are stamped by the fake, which
+        # may handle a copy sent just before the kill a little after it on a loaded machine).
+        assert copies[1].pid in (second.proc.pid, third.proc.pid), copies
+        assert copies[0].arrived < restarted_at < copies[1].arrived, copies
         assert copies[0].ran_at == copies[1].ran_at, "the same fire's reply, sent twice: not a second fire"
 
     # What came due while nothing ran fired after the restart, late by at least the time it waited.
