@@ -15,7 +15,7 @@ session breaks there:
 How the bot knows (DB_POOLER): `transaction` and `none` say so; `auto` recognises the pooled URLs of known
 providers, and for any other URL asks at start-up (`pools_transactions`). Whatever the setting,
 the storage switches to pooler mode at the first prepared-statement error (`broken_prepared_statement`)
-and runs the update again (bot/storage/postgres.py).
+and runs the update again (bot/storage/postgres/pool.py).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ if the row still has that version, which is exactly the check a fresh read would
 A copy that went stale (another process wrote the chat, or the database went back in time) costs one
 conflict, answered with the current row in the same round trip. `Turns` lets one update per session key
 at a time run in this process, so two updates of a busy chat wait for each other here instead of
-conflicting in the database.
+conflicting in the database. `Contended` remembers the keys whose optimistic write lost a race
+lately: their updates take the lock straight away for a while.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from . import StoredSession
 
-__all__ = ["Cached", "SessionCache", "Turns"]
+__all__ = ["Cached", "Contended", "SessionCache", "Turns"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +100,22 @@ class Turns:
                 turn.set_result(None)
                 return
         del self._waiting[key]
+
+
+class Contended:
+    """Keys other processes were writing lately, each for `seconds` after it was added: a hot chat would
+    otherwise run most of its updates twice (optimistically, then with the lock)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._until: dict[str, float] = {}  # key -> until when (monotonic)
+
+    def add(self, key: str) -> None:
+        now = time.monotonic()
+        if len(self._until) > 1000:
+            self._until = {k: t for k, t in self._until.items() if t > now}
+        self._until[key] = now + self.seconds
+
+    def __contains__(self, key: str) -> bool:
+        until = self._until.get(key)
+        return until is not None and until > time.monotonic()

@@ -1,0 +1,62 @@
+"""What every part of the PostgreSQL storage needs to run a statement: a connection from the pool,
+numbered parameters, a session row's columns, and one translation of driver failures into the storage's
+answers: StorageUnavailable (503, Telegram delivers the update again) or StorageRefused (a value the
+database refuses on every delivery: a dead letter)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import asyncpg
+
+from .. import Conflict, StorageRefused, StorageUnavailable
+
+__all__ = ["Args", "acquire", "session_columns", "unavailable_on_failure"]
+
+# What the database refuses in a value, whenever it is sent: data exceptions (class 22: jsonb and text
+# refusing NUL, numbers out of range...), values over its limits (class 54: a key too long for the index,
+# a jsonb over 255 MB), and arguments asyncpg cannot encode. The same value is refused on every delivery.
+_REFUSED = (asyncpg.DataError, asyncpg.ProgramLimitExceededError, asyncpg.exceptions._base.DataError)
+
+
+@contextmanager
+def unavailable_on_failure(what: str) -> Iterator[None]:
+    """Whatever else the driver raises here (a lost connection, a timeout, a terminated backend, a
+    protocol state error after one, a missing table), the update was not stored. Reporting it as
+    StorageUnavailable makes the webhook answer 503 and Telegram deliver the update again; treating it
+    as a bug would dead-letter an update that its next delivery would apply. A refused value is
+    StorageRefused: delivering it again cannot help (the update becomes a dead letter)."""
+    try:
+        yield
+    except (StorageUnavailable, StorageRefused, Conflict):
+        raise
+    except _REFUSED as exc:
+        raise StorageRefused(f"{what}: the database refused a value: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        raise StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+async def acquire(pool: asyncpg.Pool, wait_limit: float) -> asyncpg.pool.PoolConnectionProxy:
+    # With a connection idle, acquiring cannot wait, and asyncio.wait_for (a task per call) was ~2% of
+    # a request's CPU in py-spy on workload T; the request deadline still bounds the rare lost race.
+    if pool.get_idle_size():
+        return await pool.acquire()
+    return await pool.acquire(timeout=wait_limit)
+
+
+class Args:
+    """Numbered parameters ($1, $2, ...) for a statement assembled from parts."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    def __call__(self, value: Any) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}"
+
+
+def session_columns(table: str = "") -> str:
+    """A session row as both transactions read it, its columns qualified by `table` ("s." or none)."""
+    return f"{table}data::text AS data, {table}version, {table}expires_at <= now() AS expired"
