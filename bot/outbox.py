@@ -2,7 +2,8 @@
 crash or a failure.
 
 Every send takes a slot in two budgets first, the whole bot's (about 30/s) and its chat's (20/min in a
-group, 1/s in a private chat), reserved in the database so that every process shares them. A call that
+group, 1/s in a private chat), reserved in the database so that every process shares them (the rule:
+`bot.send_budget`). The sender talks to its storage only through `OutboxStore`. A call that
 has to wait, for a budget, for a 429's `retry_after` or for a backoff, waits in the outbox: its row gets
 a new due time and the sweeper (of any process) sends it then. Nothing waits in memory, so a restart
 loses no waiting reply. Only the first unsent call of a chat may go, so a chat's replies keep their
@@ -37,7 +38,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from .metrics import Metrics
-from .storage import Budget, FloodRule, PendingCall, Storage, StorageUnavailable
+from .send_budget import WHOLE_BOT, Budget, FloodRule, budgets_for, burst_again_at, flood_rule
+from .storage import OutboxStore, PendingCall, StorageUnavailable
 from .telegram import BotApi, BotApiError
 
 __all__ = ["Clock", "Limits", "Outbox", "SystemClock"]
@@ -52,19 +54,9 @@ BACKOFF_BASE = 1.0
 # Sends at once from one process's sweeper: enough to fill the global budget at a distant API's latency.
 # A send slower than that holds one of them, never the sweeper itself.
 SENDS_IN_FLIGHT = 16
-# What counts as the whole bot's flood limit (FloodRule): 429s from this many chats within this many
-# seconds, while the bot sends at least this share of SEND_RATE_GLOBAL. A busy group's 429 (its own 20 a
-# minute) comes without the rate; a few groups at once rarely come with it.
-FLOOD_CHATS = 3
-FLOOD_WITHIN = 10.0
-FLOOD_SHARE = 0.5
 # At shutdown, after the grace period: how long the calls cut short get to record their outcome, and
 # sends Telegram confirmed get to be recorded (the database may be slow then, as everything else).
 RECORD_GRACE = 2.0
-WHOLE_BOT = "*"
-# Seconds of jitter between reserving a slot and the request reaching Telegram, allowed for in budgets
-# (measured on loopback under load: bench/README.md, "Outbox burst").
-SEND_MARGIN = 0.1
 _GO = object()  # a reservation's verdict: send now
 _T = TypeVar("_T")
 
@@ -91,18 +83,16 @@ class Limits:
     bot_pause_max: float = 30.0  # the longest pause of every send a 429 may cause
 
     def flood_rule(self) -> FloodRule:
-        return FloodRule(FLOOD_CHATS, FLOOD_WITHIN, FLOOD_SHARE * self.per_second, self.bot_pause_max)
+        return flood_rule(self.per_second, self.bot_pause_max)
 
     def budgets(self, chat: str | None) -> list[Budget]:
-        """The budgets a send to `chat` takes a slot in. A positive chat id is a user (a private chat);
-        negative ids and @usernames are groups and channels."""
-        budgets = [_budget(WHOLE_BOT, self.per_second, 1.0, burst=3)]
-        if chat is not None:
-            if chat.lstrip("-").isdigit() and int(chat) > 0:
-                budgets.append(_budget(chat, self.private_per_second, 1.0, burst=1))
-            else:
-                budgets.append(_budget(chat, self.group_per_minute, 60.0, burst=3))
-        return budgets
+        """The budgets a send to `chat` takes a slot in (`bot.send_budget.budgets_for`)."""
+        return budgets_for(
+            chat,
+            per_second=self.per_second,
+            group_per_minute=self.group_per_minute,
+            private_per_second=self.private_per_second,
+        )
 
     def backoff(self, attempts: int, rng: random.Random) -> float:
         """Seconds before the next try after `attempts` failed ones: doubling up to the cap, each picked
@@ -110,23 +100,12 @@ class Limits:
         return min(self.backoff_max, BACKOFF_BASE * 2.0 ** min(attempts, 60)) * rng.uniform(0.5, 1.0)
 
 
-def _budget(key: str, count: int, per: float, *, burst: int) -> Budget:
-    """At most `count` sends in any `per` seconds, `burst` of them back to back.
-
-    GCRA allows burst + ceil(window / interval) - 1 sends in a window. The window is taken SEND_MARGIN
-    longer than `per`: sends reserved a few milliseconds apart can reach Telegram closer together than
-    that (one request waits for a connection, the next does not), and the limit is counted there.
-    """
-    burst = max(1, min(burst, count))
-    return Budget(key, (per + SEND_MARGIN) / (count - burst + 1), burst)
-
-
 class Outbox:
     """Sends leased calls in the background and tracks the tasks so shutdown can finish them."""
 
     def __init__(
         self,
-        storage: Storage,
+        storage: OutboxStore,
         api: BotApi | None,
         metrics: Metrics,
         *,
@@ -276,8 +255,7 @@ class Outbox:
 
     async def _hand_back(self, calls: Sequence[PendingCall], budget_allows_at: float) -> None:
         if calls:
-            bot = self.limits.budgets(None)[0]
-            until = budget_allows_at + bot.interval * (bot.burst - 1)
+            until = burst_again_at(self.limits.budgets(None)[0], budget_allows_at)
             await self._storage.defer([call.id for call in calls], until)
             self._wake_up_at(until)
 

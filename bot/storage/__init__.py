@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from ..errors import BotError
 from ..files import Upload
+from ..send_budget import Budget, FloodRule
 
 __all__ = [
     "Budget",
@@ -33,6 +34,7 @@ __all__ = [
     "Moved",
     "OptimisticStorage",
     "OutboxStatus",
+    "OutboxStore",
     "OutgoingCall",
     "PendingCall",
     "Reservation",
@@ -96,15 +98,6 @@ class PendingCall:
 
 
 @dataclass(frozen=True, slots=True)
-class Budget:
-    """A rate budget: at most `burst` sends at once, then one per `interval` seconds (GCRA)."""
-
-    key: str
-    interval: float
-    burst: int = 1
-
-
-@dataclass(frozen=True, slots=True)
 class Reservation:
     """The answer to reserve_send, which has already acted on it:
 
@@ -119,23 +112,6 @@ class Reservation:
     verdict: Literal["go", "wait", "behind", "lost"]
     wait: float = 0.0
     blocked_by: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class FloodRule:
-    """When a 429 counts as the whole bot's flood limit rather than its chat's.
-
-    Telegram does not say which limit a 429 is for. A chat's own limit is the usual one (20 a minute in
-    a group), and pausing every chat for it would let one busy group silence the bot. So only this
-    counts as the bot's: `chats` distinct chats answered 429 within `within` seconds, while the whole
-    bot has been sending at least `rate` sends a second. Such a pause lasts the 429's retry_after, and
-    never more than `pause_max` seconds.
-    """
-
-    chats: int = 3
-    within: float = 10.0
-    rate: float = 15.0
-    pause_max: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,16 +252,12 @@ class Transaction(Protocol):
         commits or rolls back."""
 
 
-class Storage(Protocol):
-    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
-        """A unit of work: committed when the block exits normally, rolled back when it raises.
+class OutboxStore(Protocol):
+    """The sender's side of the outbox: every storage call `bot.outbox.Outbox` makes, and nothing else.
 
-        No database work happens until the first method call, so updates that touch no session cost
-        nothing.
-        """
-
-    # The sender's side of the outbox. Times are epoch seconds from the sender's clock (`now`; None:
-    # the storage's own), so tests can drive the sender with a fake clock.
+    Times are epoch seconds from the sender's clock (`now`; None: the storage's own), so tests can drive
+    the sender with a fake clock. The send budget's rule is `bot.send_budget`'s; `reserve_send` and
+    `pause_sends` apply it atomically for every process sharing the storage."""
 
     async def mark_sent(self, call_id: int) -> None:
         """Record a confirmed send. The files of a call are dropped once it is sent or given up on."""
@@ -322,6 +294,20 @@ class Storage(Protocol):
         """A group became a supergroup (`to`): every unsent call to `chat` goes to `to` instead, in the
         order they were queued. Returns how many calls moved."""
 
+    async def prune(self, keep_updates: float, keep_sent: float) -> int:
+        """Forget processed update ids and sent (or abandoned) calls older than the given ages in seconds,
+        and delete expired sessions, without waiting on rows locked at the moment. Returns how many rows
+        it removed."""
+
+
+class Storage(OutboxStore, Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """A unit of work: committed when the block exits normally, rolled back when it raises.
+
+        No database work happens until the first method call, so updates that touch no session cost
+        nothing.
+        """
+
     async def outbox_status(self, now: float) -> OutboxStatus: ...
 
     async def claim_due_timers(self, bot_id: int, limit: int, lease: float) -> list[DueTimer]:
@@ -331,11 +317,6 @@ class Storage(Protocol):
 
     async def fail_timer(self, timer_id: int, error: str) -> None:
         """The timer's handler failed: keep it, with the error, and never fire it again."""
-
-    async def prune(self, keep_updates: float, keep_sent: float) -> int:
-        """Forget processed update ids and sent (or abandoned) calls older than the given ages in seconds,
-        and delete expired sessions, without waiting on rows locked at the moment. Returns how many rows
-        it removed."""
 
     async def dead_letters(self, bot_id: int) -> list[DeadLetter]:
         """The bot's dead letters, oldest failure first."""

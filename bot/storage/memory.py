@@ -11,15 +11,16 @@ fires a five-minute timer without waiting five minutes.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator, Hashable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .. import send_budget
 from ..files import Upload
 from ..outbox import Clock, SystemClock
+from ..send_budget import WHOLE_BOT
 from . import (
     Budget,
     DeadLetter,
@@ -108,8 +109,7 @@ class _Budget:
     sends_at: float = 0.0
 
     def recent_sends(self, now: float) -> float:
-        """About how many sends the last second held: the meter decayed by e^(-seconds since)."""
-        return self.sends * math.exp(-min(max(now - self.sends_at, 0.0), 60.0))
+        return send_budget.recent_sends(self.sends, self.sends_at, now)
 
 
 class _KeyedLocks:
@@ -362,15 +362,15 @@ class MemoryStorage:
             return Reservation("behind")
         states = [self._budgets.setdefault(b.key, _Budget()) for b in budgets]
         wait, blocked_by = max(
-            (max(s.paused_until, s.next_at - b.interval * (b.burst - 1)) - now, b.key)
+            (send_budget.wait(b, s.next_at, s.paused_until, now), b.key)
             for s, b in zip(states, budgets, strict=True)
         )
         if wait > 0:
             row.lease_until = now + wait
             return Reservation("wait", wait, blocked_by)
         for state, budget in zip(states, budgets, strict=True):
-            state.next_at = max(state.next_at, now) + budget.interval
-            if budget.key == "*":
+            state.next_at = send_budget.next_at_after(budget, state.next_at, now)
+            if budget.key == WHOLE_BOT:
                 state.sends, state.sends_at = state.recent_sends(now) + 1, max(state.sends_at, now)
         row.lease_until = now + lease
         return Reservation("go")
@@ -380,13 +380,16 @@ class MemoryStorage:
             state = self._budgets.setdefault(chat, _Budget())
             state.paused_until = max(state.paused_until, until)
             state.limited_at = max(state.limited_at, now)
-        limited = sum(1 for k, b in self._budgets.items() if k != "*" and b.limited_at > now - rule.within)
-        everything = (
-            limited >= rule.chats and self._budgets.get("*", _Budget()).recent_sends(now) >= rule.rate
+        limited = sum(
+            1
+            for k, b in self._budgets.items()
+            if k != WHOLE_BOT and send_budget.limited_lately(rule, b.limited_at, now)
         )
+        sending = self._budgets.get(WHOLE_BOT, _Budget()).recent_sends(now)
+        everything = send_budget.whole_bot_limited(rule, limited, sending)
         if everything:
-            state = self._budgets.setdefault("*", _Budget())
-            state.paused_until = max(state.paused_until, min(until, now + rule.pause_max))
+            state = self._budgets.setdefault(WHOLE_BOT, _Budget())
+            state.paused_until = max(state.paused_until, send_budget.bot_paused_until(rule, until, now))
         return everything
 
     async def move_chat(self, chat: str, to: int) -> int:
@@ -397,12 +400,12 @@ class MemoryStorage:
 
     async def outbox_status(self, now: float) -> OutboxStatus:
         unsent = [r for r in self._outbox.values() if _unsent(r)]
-        whole = self._budgets.get("*", _Budget())
+        whole = self._budgets.get(WHOLE_BOT, _Budget())
         return OutboxStatus(
             unsent=len(unsent),
             oldest_age=max(0.0, now - min(r.created_at for r in unsent)) if unsent else 0.0,
             paused_for=max(0.0, whole.paused_until - now),
-            paused_chats=sum(1 for k, b in self._budgets.items() if k != "*" and b.paused_until > now),
+            paused_chats=sum(1 for k, b in self._budgets.items() if k != WHOLE_BOT and b.paused_until > now),
         )
 
     async def claim_due_timers(self, bot_id: int, limit: int, lease: float) -> list[DueTimer]:
