@@ -11,43 +11,48 @@ one transaction, and it is acknowledged. `replay` runs a dead letter again once 
 
 A due timer's fire (`fire`) runs the same way, its claim deleting the timer; a fire that fails for good
 keeps its timer, marked failed with the error (the timers' own dead letter), never fired again.
+
+The run reads top to bottom here; its parts with a job of their own are beside it: `bot.redelivery`
+(redeliveries answered from this process's memory), `bot.unit` (one attempt's transactions, its claim
+and lock order), `bot.recording` (claiming and recording an update that failed for good) and
+`bot.outcome` (what became of an update).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 from .context import BotIdentity, Context, ImmediateApi, timer_context
 from .dispatch import Bot, ErrorHook, NoSuchTimerHandler
 from .errors import BotError
-from .failures import TransientFailures, TryLater, dead_letter, describe, is_transient, storable
+from .failures import TransientFailures, TryLater, describe, is_transient, storable
 from .files import MAX_UPLOAD_BYTES
 from .metrics import Metrics
+from .outcome import DONE, Outcome, Status
+from .recording import Recorder, handled
+from .redelivery import Deliveries
 from .router import Match
 from .rules import ImplausibleMigration, chat_migration
-from .session import AlreadyApplied, SessionConfig, SessionSlot
+from .session import AlreadyApplied, SessionSlot
 from .storage import (
     Conflict,
     DeadLetter,
     DueTimer,
     OptimisticStorage,
-    PendingCall,
     RunAgain,
     StaleRead,
     Storage,
     TimerChange,
-    Transaction,
 )
 from .telegram import BotApi, decode_update
 from .types import Update
+from .unit import Claim, TimerClaim, Unit, unit_of_work
 
 __all__ = ["Outcome", "Pipeline", "Status"]
 
@@ -57,73 +62,9 @@ log = logging.getLogger("bot.pipeline")
 # kept, past Telegram's 24 h of redelivering an update.
 KEEP_MOVES = 25 * 3600.0
 
-# How many update ids applied without calls this process remembers, to answer their redeliveries with
-# no database work (about 80 bytes each, 0.8 MB in all, measured with tracemalloc).
-KEEP_APPLIED = 10_000
-# ...and for how long: far less than the 25 h the database keeps them, and than the week after which
-# Telegram may start numbering a bot's updates afresh.
-KEEP_APPLIED_FOR = 3600.0
-
 # How long recording a dead letter may take once an update's own attempt has used up its deadline: the
 # request deadline (REQUEST_DEADLINE, at most 55 s) plus this stays within Telegram's 60 s.
 RECORD_WITHIN = 5.0
-
-
-class Status(enum.Enum):
-    APPLIED = "applied"
-    DUPLICATE = "duplicate"  # a redelivery: nothing applied again, unconfirmed replies sent again
-    IGNORED = "ignored"  # no handler for this update: no database work at all
-    FAILED = "failed"  # a handler raised and the error hook handled it: the hook's effects committed
-    DEAD_LETTER = "dead_letter"  # failed for good: rolled back, recorded as a dead letter, acknowledged
-
-
-# Outcomes after which a redelivery has nothing left to do: applied (or handled by the error hook), or
-# recorded as a dead letter.
-_DONE = frozenset((Status.APPLIED, Status.FAILED, Status.DEAD_LETTER))
-
-
-@dataclass(frozen=True)
-class Outcome:
-    status: Status
-    to_send: list[PendingCall] = field(default_factory=list)
-
-
-class _Claim:
-    """Records the update as processed, once, just before its transaction first reads or queues.
-
-    Claiming lazily keeps updates that touch nothing out of `processed_updates`; claiming before any
-    read makes a redelivery stop before its handler sees a session.
-    """
-
-    always = False  # claimed even when nothing was read or queued
-
-    def __init__(self, tx: Transaction, bot_id: int, update_id: int, *, replay: bool = False) -> None:
-        self._tx, self._bot_id, self._update_id = tx, bot_id, update_id
-        self._replay = replay  # a replay's claim is taking its dead letter: the update id is claimed
-        self.done = False
-        self.duplicate = False
-
-    async def _take(self) -> bool:
-        if self._replay:
-            return await self._tx.take_dead_letter(self._bot_id, self._update_id) is not None
-        return await self._tx.claim_update(self._bot_id, self._update_id)
-
-    async def __call__(self) -> None:
-        if not self.done:
-            self.duplicate = not await self._take()
-            self.done = True
-        if self.duplicate:
-            raise AlreadyApplied(f"update {self._update_id} was applied before")
-
-
-class _TimerClaim(_Claim):
-    """A fire's claim deletes its timer (the stand-in update's id is the timer's, negated): a timer is
-    fired when that commits, and another attempt finds it gone. Always taken, or it would fire again."""
-
-    always = True
-
-    async def _take(self) -> bool:
-        return await self._tx.claim_timer(self._bot_id, -self._update_id)
 
 
 class _Hooked(BotError):
@@ -157,12 +98,15 @@ class Pipeline:
         self.metrics = metrics
         self.lease = lease
         self.api = ImmediateApi(api, api_timeout, max_upload_bytes)
-        self.optimistic = optimistic and isinstance(storage, OptimisticStorage)
+        # The storage's optimistic transactions, when asked for and offered: checked once here, since an
+        # isinstance() check on a runtime protocol costs ~2% of a request.
+        self._optimistic = storage if optimistic and isinstance(storage, OptimisticStorage) else None
+        self.optimistic = self._optimistic is not None
         self.deadline = deadline  # seconds for one delivery (REQUEST_DEADLINE)
         # When an update failing transiently again and again is recorded as a dead letter.
         self.give_up = give_up or TransientFailures(deliveries=5, seconds=300.0)
-        self._running: dict[int, asyncio.Event] = {}  # update id -> set when its attempt here ends
-        self._applied: dict[int, float] = {}  # ids done here with no calls queued -> when, oldest first
+        self._recorder = Recorder(storage, me, self.api, lease)  # what failed for good (bot.recording)
+        self._deliveries = Deliveries()  # redeliveries answered from memory (bot.redelivery)
         # Told of the timers an update or a fire changed, once committed (the timer loop's wake-up).
         self.on_schedule: Callable[[Sequence[TimerChange]], None] | None = None
 
@@ -243,7 +187,7 @@ class Pipeline:
                     f"no timer handler {timer.handler!r} (registered: {sorted(self.bot.timers)})"
                 )
             outcome = await self._apply_in(
-                timer_context(timer, self.me, self.api), [handler], optimistic=False, claim=_TimerClaim
+                timer_context(timer, self.me, self.api), [handler], optimistic=False, claim=TimerClaim
             )
         except Exception as exc:
             error = exc.error if isinstance(exc, _Hooked) else exc
@@ -276,28 +220,15 @@ class Pipeline:
         overlapping its first attempt here waits for it first, instead of racing it to the database."""
         update_id = update.update_id
         deadline = asyncio.get_running_loop().time() + self.deadline
-        if update_id in self._running:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    while (running := self._running.get(update_id)) is not None:
-                        await running.wait()
-            except TimeoutError:
-                raise TryLater(
-                    f"an earlier delivery of it is still running after {self.deadline:g} s"
-                ) from None
-        applied = self._applied.get(update_id)
-        if applied is not None and time.monotonic() - applied < KEEP_APPLIED_FOR:
-            return Outcome(Status.DUPLICATE)
-        done = self._running[update_id] = asyncio.Event()
         try:
+            if await self._deliveries.done_here(update_id, deadline):
+                return Outcome(Status.DUPLICATE)
+        except TimeoutError:
+            raise TryLater(f"an earlier delivery of it is still running after {self.deadline:g} s") from None
+        with self._deliveries.running(update_id):
             outcome = await self._attempt(update, deadline)
-        finally:
-            del self._running[update_id]
-            done.set()
-        if outcome.status in _DONE and not outcome.to_send:
-            self._applied[update_id] = time.monotonic()
-            if len(self._applied) > KEEP_APPLIED:
-                del self._applied[next(iter(self._applied))]  # the oldest: dicts keep insertion order
+        if outcome.status in DONE and not outcome.to_send:
+            self._deliveries.remember(update_id)
         return outcome
 
     async def _attempt(self, update: Update, deadline: float) -> Outcome:
@@ -316,7 +247,9 @@ class Pipeline:
             line = f"gave up after {failures.count} transient failures in {seconds:.0f} s: {self._why(error)}"
             try:
                 async with asyncio.timeout(RECORD_WITHIN):
-                    return await self._record(update, error, hook=None, attempts=failures.count, line=line)
+                    return await self._recorder.record(
+                        update, error, hook=None, attempts=failures.count, line=line
+                    )
             except Exception as failure:
                 if is_transient(failure):  # the database is still away: nothing recorded, 503 again
                     raise TryLater(f"{line}; and could not record it: {self._why(failure)}") from failure
@@ -369,91 +302,27 @@ class Pipeline:
             error = exc
         # One bad update must not wedge its chat: Telegram would redeliver it for 24 hours.
         try:
-            return await self._record(update, error, hook=hook, replay=replay)
+            return await self._recorder.record(update, error, hook=hook, replay=replay)
         except Exception as failure:
             if hook is None or is_transient(failure):
                 raise
             # What the hook did could not be stored (a reply the database refuses): record without it.
-            return await self._record(update, failure, hook=None, replay=replay)
+            return await self._recorder.record(update, failure, hook=None, replay=replay)
 
-    async def _record(
-        self,
-        update: Update,
-        error: Exception,
-        *,
-        hook: ErrorHook | None,
-        replay: bool = False,
-        attempts: int = 1,
-        line: str | None = None,
-    ) -> Outcome:
-        """Claim the failed update (for a replay: take its dead letter again), hand the error to the error
-        hook, and record the update as a dead letter, in one transaction. A hook that returns normally
-        handled the error: what it queued is sent, and nothing is recorded. Its context has no sessions:
-        this runs after the attempt was rolled back (or for a failure before any was loaded)."""
-        update_id = update.update_id
-        async with self.storage.transaction() as tx:
-            if replay:
-                taken = await tx.take_dead_letter(self.me.id, update_id)
-                if taken is None:
-                    return Outcome(Status.DUPLICATE)  # replayed meanwhile
-                attempts = taken.attempts + 1
-            elif not await tx.claim_update(self.me.id, update_id):
-                # Applied or recorded meanwhile, by a delivery that overlapped this one.
-                return Outcome(Status.DUPLICATE, await tx.claim_unsent(self.me.id, update_id, self.lease))
-            if hook is not None:
-                ctx: Context[Any] = Context(update, self.me, self.api)
-                try:
-                    await hook(error, ctx)
-                except Exception as failure:
-                    if is_transient(failure):
-                        raise
-                    if failure is not error and failure.__context__ is None:
-                        failure.__context__ = error  # the traceback shows what the hook was handling
-                    error = failure
-                else:
-                    _handled(update, error)
-                    if ctx.timers:
-                        await tx.schedule(self.me.id, ctx.timers)
-                    return Outcome(
-                        Status.FAILED, await tx.enqueue(self.me.id, update_id, ctx.calls, self.lease)
-                    )
-            letter = dead_letter(update, error, attempts, line)
-            await tx.dead_letter(self.me.id, letter)
-        log.error(
-            "update %d is a dead letter (attempt %d): %s; `python -m bot replay %d` runs it again once fixed",
-            update_id,
-            attempts,
-            letter.error,
-            update_id,
-            extra={"update_id": update_id, "chat": letter.chat, "outcome": Status.DEAD_LETTER.value},
+    def _unit(
+        self, update: Update, *, optimistic: bool = False, replay: bool = False, claim: type[Claim] = Claim
+    ) -> AbstractAsyncContextManager[Unit]:
+        """The update's transactions (`bot.unit`), the bot's storage's optimistic one when asked for."""
+        if optimistic and self._optimistic is not None:
+            main = self._optimistic.optimistic_transaction()
+        else:
+            main = self.storage.transaction()
+        return unit_of_work(
+            self.storage,
+            main,
+            self.bot.sessions.values(),
+            lambda tx: claim(tx, self.me.id, update.update_id, replay=replay),
         )
-        return Outcome(Status.DEAD_LETTER)
-
-    @asynccontextmanager
-    async def _unit(
-        self, update: Update, *, optimistic: bool = False, replay: bool = False, claim: type[_Claim] = _Claim
-    ) -> AsyncIterator[_Unit]:
-        """The update's transactions: on the bot's storage (the claim, the outbox, sessions without a
-        storage of their own), plus one per other storage a session names.
-
-        On exit the others commit first (the last opened first) and the bot's storage last, so a crash
-        between the commits leaves the update unclaimed: its redelivery applies it again to the other
-        storages (at least once there) and exactly once here. A failed commit rolls back those not yet
-        committed; all of them roll back when anything raises before.
-        """
-        async with AsyncExitStack() as stack:
-            if optimistic:
-                # A cast, not an isinstance() check: that costs ~2% of a request on a runtime protocol.
-                optimistic_storage = cast(OptimisticStorage, self.storage)
-                main = await stack.enter_async_context(optimistic_storage.optimistic_transaction())
-            else:
-                main = await stack.enter_async_context(self.storage.transaction())
-            unit = _Unit(self.storage, main, claim(main, self.me.id, update.update_id, replay=replay))
-            for config in self.bot.sessions.values():
-                if config.storage is not None and id(config.storage) not in unit.transactions:
-                    tx = await stack.enter_async_context(config.storage.transaction())
-                    unit.transactions[id(config.storage)] = tx
-            yield unit
 
     async def _apply(self, ctx: Context[Any], found: Match, replay: bool = False) -> Outcome:
         if self.optimistic and not replay:  # (a replay's claim is taking its dead letter: with locks)
@@ -479,7 +348,7 @@ class Pipeline:
         *,
         optimistic: bool,
         replay: bool = False,
-        claim: type[_Claim] = _Claim,
+        claim: type[Claim] = Claim,
     ) -> Outcome:
         update = ctx.update
         status = Status.APPLIED if found else Status.IGNORED  # (ignored: a replay nothing wants now)
@@ -560,7 +429,7 @@ class Pipeline:
         ctx.calls.clear()
         ctx.timers.clear()
         await hook(error, ctx)
-        _handled(ctx.update, error)
+        handled(ctx.update, error)
 
     async def _migrate(self, update: Update, old_chat: int, new_chat: int, replay: bool = False) -> Outcome:
         """Move each mergeable session from a group's old chat id to its new one, leaving a forward.
@@ -599,35 +468,3 @@ class Pipeline:
                 await unit.transaction_of(config).move(old.key, new.key, KEEP_MOVES)
             log.info("update %d: moved sessions of chat %d to %d", update.update_id, old_chat, new_chat)
             return Outcome(Status.APPLIED)
-
-
-def _handled(update: Update, error: Exception) -> None:
-    log.error(
-        "update %d failed, and the error hook handled it: %s",
-        update.update_id,
-        describe(error),
-        exc_info=error,
-        extra={"update_id": update.update_id, "outcome": Status.FAILED.value},
-    )
-
-
-class _Unit:
-    def __init__(self, storage: Storage, main: Transaction, claim: _Claim) -> None:
-        self.main = main
-        self.claim = claim
-        self._storage = storage
-        # By storage identity, in the order opened: the bot's storage first.
-        self.transactions: dict[int, Transaction] = {id(storage): main}
-
-    def transaction_of(self, config: SessionConfig[Any]) -> Transaction:
-        return self.transactions[id(config.storage or self._storage)]
-
-    def slot(self, config: SessionConfig[Any], key: str | None) -> SessionSlot[Any]:
-        return SessionSlot(config, key, self.transaction_of(config), self.claim)
-
-    def in_lock_order(self, slots: Iterable[SessionSlot[Any]]) -> list[SessionSlot[Any]]:
-        """The bot's storage first, then the others in the order their first session is declared; key by
-        key within each. One order for every update, so two updates can't each hold a row the other
-        waits for. (A lazy session is locked when first asked for, outside this order.)"""
-        order = {storage_id: n for n, storage_id in enumerate(self.transactions)}
-        return sorted(slots, key=lambda s: (order[id(s.config.storage or self._storage)], s.key or ""))

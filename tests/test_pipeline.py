@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from bot import pipeline
+from bot import redelivery
 from bot.context import BotIdentity, Context
 from bot.dispatch import Bot
 from bot.filters import text
@@ -119,7 +119,7 @@ async def test_an_overlapping_redelivery_of_a_failed_attempt_applies_it() -> Non
 
 
 async def test_an_applied_update_is_remembered_only_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline, "KEEP_APPLIED_FOR", 0.0)
+    monkeypatch.setattr(redelivery, "KEEP_APPLIED_FOR", 0.0)
     storage = CountingStorage()
     run = Pipeline(slow_counting_bot(), storage, ME, Metrics())
     await run.process(text_update(1, -1, "+"))

@@ -1,0 +1,103 @@
+"""One update's unit of work: its transaction on the bot's storage (the claim, the outbox, sessions
+without a storage of their own), one more per other storage a session names, the claim taken lazily
+in the bot's transaction (`Claim`; a timer's fire claims its timer: `TimerClaim`), and the one order
+in which sessions are locked (`Unit.in_lock_order`). The pipeline opens one per attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from .session import AlreadyApplied, SessionConfig, SessionSlot
+from .storage import Storage, Transaction
+
+__all__ = ["Claim", "TimerClaim", "Unit", "unit_of_work"]
+
+
+class Claim:
+    """Records the update as processed, once, just before its transaction first reads or queues.
+
+    Claiming lazily keeps updates that touch nothing out of `processed_updates`; claiming before any
+    read makes a redelivery stop before its handler sees a session.
+    """
+
+    always = False  # claimed even when nothing was read or queued
+
+    def __init__(self, tx: Transaction, bot_id: int, update_id: int, *, replay: bool = False) -> None:
+        self._tx, self._bot_id, self._update_id = tx, bot_id, update_id
+        self._replay = replay  # a replay's claim is taking its dead letter: the update id is claimed
+        self.done = False
+        self.duplicate = False
+
+    async def _take(self) -> bool:
+        if self._replay:
+            return await self._tx.take_dead_letter(self._bot_id, self._update_id) is not None
+        return await self._tx.claim_update(self._bot_id, self._update_id)
+
+    async def __call__(self) -> None:
+        if not self.done:
+            self.duplicate = not await self._take()
+            self.done = True
+        if self.duplicate:
+            raise AlreadyApplied(f"update {self._update_id} was applied before")
+
+
+class TimerClaim(Claim):
+    """A fire's claim deletes its timer (the stand-in update's id is the timer's, negated): a timer is
+    fired when that commits, and another attempt finds it gone. Always taken, or it would fire again."""
+
+    always = True
+
+    async def _take(self) -> bool:
+        return await self._tx.claim_timer(self._bot_id, -self._update_id)
+
+
+class Unit:
+    """One update's open transactions, the claim they share, and the order their sessions are locked in."""
+
+    def __init__(self, storage: Storage, main: Transaction, claim: Claim) -> None:
+        self.main = main
+        self.claim = claim
+        self._storage = storage
+        # By storage identity, in the order opened: the bot's storage first.
+        self.transactions: dict[int, Transaction] = {id(storage): main}
+
+    def transaction_of(self, config: SessionConfig[Any]) -> Transaction:
+        return self.transactions[id(config.storage or self._storage)]
+
+    def slot(self, config: SessionConfig[Any], key: str | None) -> SessionSlot[Any]:
+        return SessionSlot(config, key, self.transaction_of(config), self.claim)
+
+    def in_lock_order(self, slots: Iterable[SessionSlot[Any]]) -> list[SessionSlot[Any]]:
+        """The bot's storage first, then the others in the order their first session is declared; key by
+        key within each. One order for every update, so two updates can't each hold a row the other
+        waits for. (A lazy session is locked when first asked for, outside this order.)"""
+        order = {storage_id: n for n, storage_id in enumerate(self.transactions)}
+        return sorted(slots, key=lambda s: (order[id(s.config.storage or self._storage)], s.key or ""))
+
+
+@asynccontextmanager
+async def unit_of_work(
+    storage: Storage,
+    main: AbstractAsyncContextManager[Transaction],
+    sessions: Iterable[SessionConfig[Any]],
+    claim: Callable[[Transaction], Claim],
+) -> AsyncIterator[Unit]:
+    """The update's transactions: `main` on the bot's `storage`, plus one per other storage a session
+    names, opened in the order the sessions are declared.
+
+    On exit the others commit first (the last opened first) and the bot's storage last, so a crash
+    between the commits leaves the update unclaimed: its redelivery applies it again to the other
+    storages (at least once there) and exactly once here. A failed commit rolls back those not yet
+    committed; all of them roll back when anything raises before.
+    """
+    async with AsyncExitStack() as stack:
+        tx = await stack.enter_async_context(main)
+        unit = Unit(storage, tx, claim(tx))
+        for config in sessions:
+            if config.storage is not None and id(config.storage) not in unit.transactions:
+                other = await stack.enter_async_context(config.storage.transaction())
+                unit.transactions[id(config.storage)] = other
+        yield unit
