@@ -5,7 +5,8 @@ transaction, writes applied only on commit, and a redelivered update waiting for
 State is lost when the process exits.
 
 Timers are due by `clock` (the system's by default): a test hands in a clock it moves by hand, and
-fires a five-minute timer without waiting five minutes.
+fires a five-minute timer without waiting five minutes. The send budgets are kept here and decided by
+`bot.send_budget`'s functions, the rule PostgreSQL's `reserve_send` and `pause_sends` execute too.
 """
 
 from __future__ import annotations
