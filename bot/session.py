@@ -4,8 +4,9 @@ Top to bottom: the key functions, the options (`session()`), and the per-update 
 (`SessionSlot`) that the pipeline drives: load (and lock) → handlers read and change `ctx.session` → save.
 
 Where grammY reads and writes with two independent storage calls, we do both inside the update's
-transaction with the row locked in between, so concurrent updates of one chat take turns instead of
-overwriting each other's changes.
+transaction with the row locked in between (`DB_CONCURRENCY=locked`), or write only if the row is still
+the version read, else run the update again with the lock (`optimistic`, the default), so concurrent
+updates of one chat never overwrite each other's changes.
 """
 
 from __future__ import annotations
