@@ -2,9 +2,12 @@
 
     .venv/bin/python bench/run.py                 # all workloads, one bot process
     .venv/bin/python bench/run.py -w A,T -p 2     # some workloads, two bot processes
+    .venv/bin/python bench/run.py --quick         # a smoke run: a tenth of every workload
 
-Each workload gets a fresh database and fresh `python -m bot serve` processes talking to the fake Bot
-API. Updates are delivered as Telegram does (redelivered until a 2xx), then every chat is asked /hunger
+Each workload gets a fresh database and fresh servers talking to the fake Bot API. Our bot runs as
+deployed: the Procfile's web command (listening on 127.0.0.1 instead of all interfaces), with only what a
+user must set (DATABASE_URL, PORT, BOT_TOKEN, WEBHOOK_SECRET, WEBHOOK_URL, and TELEGRAM_API_ROOT pointing at
+the fake): every other setting at the README's default, none taken from this shell's environment. Updates are delivered as Telegram does (redelivered until a 2xx), then every chat is asked /hunger
 and the answers are compared with what was sent: lost and extra increments are counted, not assumed.
 Uses DATABASE_URL when set, else a throwaway embedded PostgreSQL. Bounded: loopback only, fixed counts.
 """
@@ -18,6 +21,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -28,21 +32,22 @@ import time
 import uuid
 from asyncio.subprocess import DEVNULL
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
 from bot.apps.pizza_testing import PIZZA, hunger
+from bot.config import load_settings
 from bot.embedded import EmbeddedPostgres
 from bot.migrate import migrate
 from bot.testing.delivery import DeliveryStats, LoopbackHttp, Poster, deliver
 from bot.testing.env import SECRET, USERNAME, bot_env
 from bot.testing.fake_telegram import FakeTelegram, serve
 from bot.testing.processes import BotProcess
-from bot.testing.updates import message_update
+from bot.testing.updates import command_update, message_update
 from bot.types import Update
 
 
@@ -57,6 +62,12 @@ class Workload:
     duplicate_share: float = 0.0
     one_per_chat: bool = False
 
+    def quick(self) -> Workload:
+        """A tenth of the updates, for a smoke run: a tenth of the chats, or of one chat's messages."""
+        if self.chats > 1:
+            return replace(self, chats=self.chats // 10)
+        return replace(self, per_chat=self.per_chat // 10)
+
 
 WORKLOADS = {
     w.name: w
@@ -70,34 +81,92 @@ WORKLOADS = {
 }
 
 
-def make_updates(w: Workload, seed: int = 7) -> tuple[list[Update], Counter[int]]:
+SENDERS = 2  # people writing in each chat, each only there: two-session updates that no other chat's touch
+
+
+def sender(chat: int, message: int) -> int:
+    return 2_000_000 + chat * SENDERS + message % SENDERS
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the bots must answer at the end: each chat's count, and each (chat, sender)'s own."""
+
+    chats: Counter[int]
+    eaters: Counter[tuple[int, int]]
+
+
+def make_updates(w: Workload, seed: int = 7) -> tuple[list[Update], Expected]:
     rng = random.Random(seed)
     updates: list[Update] = []
-    expected: Counter[int] = Counter()
+    expected = Expected(Counter(), Counter())
     update_id = 1
     for chat in range(w.chats):
         chat_id = -100_000 - chat
-        expected[chat_id] += 0
-        for _ in range(w.per_chat):
+        expected.chats[chat_id] += 0
+        for n in range(w.per_chat):
             pizza = rng.random() < w.pizza_share
-            updates.append(message_update(update_id, chat_id, f"{PIZZA} please" if pizza else "hi all"))
-            expected[chat_id] += pizza
+            text = f"{PIZZA} please" if pizza else "hi all"
+            user = sender(chat, n)
+            updates.append(message_update(update_id, chat_id, text, from_id=user))
+            expected.chats[chat_id] += pizza
+            expected.eaters[chat_id, user] += pizza
             update_id += 1
     if not w.one_per_chat and w.in_flight > 1:
         rng.shuffle(updates)  # Telegram-like keeps each chat's order; the others don't need to
     return updates, expected
 
 
-async def verify(client: Poster, url: str, fake: FakeTelegram, expected: Counter[int]) -> tuple[int, int]:
-    """Ask /hunger in every chat; return (lost, extra) increments summed over chats."""
+async def ask(
+    client: Poster, urls: list[str], fake: FakeTelegram, asks: list[Update]
+) -> list[dict[str, Any]]:
+    """Deliver these commands (to the urls in turn) and return the replies sent (chat_id, text...)."""
     fake.reset()
-    asks = [hunger(10_000_000 + i, chat, username=USERNAME) for i, chat in enumerate(sorted(expected))]
-    await deliver(client, lambda: url, SECRET, asks, in_flight=32)
+    turn = iter(range(10**9))
+    await deliver(client, lambda: urls[next(turn) % len(urls)], SECRET, asks, in_flight=32)
     await fake.wait_for_async(lambda: len(fake.sent_messages()) >= len(asks), timeout=120)
-    counts = {m["chat_id"]: int(re.findall(r"\d+", m["text"])[0]) for m in fake.sent_messages()}
-    lost = sum(max(0, n - counts.get(chat, 0)) for chat, n in expected.items())
-    extra = sum(max(0, counts.get(chat, 0) - n) for chat, n in expected.items())
+    return fake.sent_messages()
+
+
+def compare(counts: Mapping[Any, int], expected: Mapping[Any, int]) -> tuple[int, int]:
+    """(lost, extra) increments summed over keys."""
+    lost = sum(max(0, n - counts.get(key, 0)) for key, n in expected.items())
+    extra = sum(max(0, counts.get(key, 0) - n) for key, n in expected.items())
     return lost, extra
+
+
+async def verify(
+    client: Poster, url: str, fake: FakeTelegram, expected: Expected, *, per_user: bool
+) -> tuple[int, int]:
+    """Ask /hunger in every chat; return (lost, extra) increments summed over chats. `per_user` (the
+    two-session bot): asked as each sender, whose own count is checked too and added in."""
+    if not per_user:
+        chats = sorted(expected.chats)
+        replies = await ask(
+            client, [url], fake, [hunger(10_000_000 + i, c, username=USERNAME) for i, c in enumerate(chats)]
+        )
+        return compare({m["chat_id"]: int(re.findall(r"\d+", m["text"])[0]) for m in replies}, expected.chats)
+    pairs = sorted(expected.eaters)
+    asks = [hunger(10_000_000 + i, c, username=USERNAME, from_id=u) for i, (c, u) in enumerate(pairs)]
+    by_chat: dict[int, int] = {}
+    by_sender: dict[tuple[int, int], int] = {}
+    for message in await ask(client, [url], fake, asks):
+        chat_count, user, own = (int(n) for n in re.findall(r"\d+", message["text"]))
+        by_chat[message["chat_id"]] = chat_count
+        by_sender[message["chat_id"], user] = own
+    (lost, extra), (lost_own, extra_own) = (
+        compare(by_chat, expected.chats),
+        compare(by_sender, expected.eaters),
+    )
+    return lost + lost_own, extra + extra_own
+
+
+async def handler_runs(client: Poster, urls: list[str], fake: FakeTelegram) -> int:
+    """The two-session bot's count of handler runs, summed over its processes (`/runs` to each)."""
+    replies = await ask(
+        client, urls, fake, [command_update(20_000_000 + i, 1, "runs") for i in range(len(urls))]
+    )
+    return sum(int(m["text"].split()[1]) for m in replies)
 
 
 def ms(seconds: float) -> str:
@@ -106,23 +175,73 @@ def ms(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class System:
-    """What a row measures: our bot (with extra settings, to compare designs), the grammY bot, or the
-    plain asyncpg loop. Written on the command line as `bot`, `bot+NAME=VALUE+...`, `grammy`, `raw`."""
+    """What a row measures. On the command line: `bot` (the pizza bot), `bot2` (the two-session bot,
+    bench/apps/two_sessions.py), either as `bot@DIR` (the code of another checkout, to compare old and
+    new in one run) and with settings (`bot+NAME=VALUE+...`, `bot@DIR+NAME=VALUE`), `grammy`, `raw`."""
 
     kind: str
     env: tuple[tuple[str, str], ...] = ()
+    checkout: Path | None = None
 
     @classmethod
     def parse(cls, text: str) -> System:
-        kind, *settings = text.strip().split("+")
-        if kind not in ("bot", "grammy", "raw") or (settings and kind != "bot"):
-            raise ValueError(f"unknown system {text!r}: bot, bot+NAME=VALUE..., grammy or raw")
-        return cls(kind, tuple(tuple(s.split("=", 1)) for s in settings))  # type: ignore[misc]
+        head, *settings = text.strip().split("+")
+        kind, _, where = head.partition("@")
+        ours = kind in ("bot", "bot2")
+        if kind not in ("bot", "bot2", "grammy", "raw") or ((settings or where) and not ours):
+            raise ValueError(f"unknown system {text!r}: bot, bot2, bot@DIR, bot+NAME=VALUE..., grammy or raw")
+        checkout = Path(where).resolve() if where else None
+        if checkout is not None and not (checkout / "bot" / "__init__.py").is_file():
+            raise ValueError(f"{text!r}: {checkout} is not a checkout of this project (no bot/__init__.py)")
+        return cls(kind, tuple(tuple(s.split("=", 1)) for s in settings), checkout)  # type: ignore[misc]
 
     @property
     def label(self) -> str:
-        names = {"bot": "this bot", "grammy": "grammY + pg.Pool", "raw": "raw asyncpg"}
-        return " ".join([names[self.kind], *(f"{k}={v}" for k, v in self.env)])
+        names = {
+            "bot": "this bot",
+            "bot2": "two sessions",
+            "grammy": "grammY + pg.Pool",
+            "raw": "raw asyncpg",
+        }
+        where = [f"@{self.checkout.name}"] if self.checkout is not None else []
+        return " ".join([names[self.kind], *where, *(f"{k}={v}" for k, v in self.env)])
+
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+APPS = HERE / "apps"  # the benchmark's own bots, put on PYTHONPATH
+
+
+def web_command(checkout: Path, python: str, app: str | None) -> list[str]:
+    """The Procfile's `web:` command of that checkout, run by `python`, listening on loopback only (a
+    PaaS listens on all interfaces; the benchmark keeps to 127.0.0.1), with `--app` when not the pizza bot."""
+    for line in (checkout / "Procfile").read_text().splitlines():
+        role, _, command = line.partition(":")
+        if role.strip() == "web":
+            words = shlex.split(command)
+            break
+    else:
+        raise RuntimeError(f"{checkout / 'Procfile'} has no web: line")
+    if words[0] in ("python", "python3"):
+        words[0] = python
+    if "--host" in words:
+        words[words.index("--host") + 1] = "127.0.0.1"
+    return words + (["--app", app] if app else [])
+
+
+def bot_settings() -> set[str]:
+    """The names of the environment variables the bot reads (asked of a recording mapping)."""
+
+    asked: set[str] = set()
+
+    class Recording(dict[str, str]):
+        def get(self, key: str, default: Any = None) -> Any:
+            asked.add(key)
+            return super().get(key, default)
+
+    env = Recording(bot_env("postgresql://u@127.0.0.1/db", "http://127.0.0.1:1"))
+    load_settings(env)
+    return asked
 
 
 GRAMMY = Path(__file__).parent / "grammy"
@@ -184,12 +303,21 @@ async def run_server(
     logs: Path,
     profile: Path | None = None,
 ) -> dict[str, Any]:
-    env = bot_env(dsn, root, LOG_LEVEL="WARNING", DB_POOL_MAX="16", **dict(system.env))
-    command: tuple[str, ...] = ("node", str(GRAMMY / "bot.js"))
-    if system.kind == "bot":
-        command = (sys.executable, "-m", "bot", "serve")
+    # What a user sets (bot_env's test-only OUTBOX_SWEEP_INTERVAL left out): everything else is a default.
+    env = {k: v for k, v in bot_env(dsn, root).items() if k != "OUTBOX_SWEEP_INTERVAL"} | dict(system.env)
+    command: list[str] = ["node", str(GRAMMY / "bot.js")]
+    cwd = None
+    if system.kind != "grammy":
+        cwd = system.checkout or ROOT
+        venv = cwd / ".venv" / "bin" / "python"
+        python = str(venv) if system.checkout is not None and venv.is_file() else sys.executable
+        app = "two_sessions:build_bot" if system.kind == "bot2" else None
+        command = web_command(cwd, python, app)
+        # The checkout's own code first, whatever this interpreter has installed; the bench's bots after.
+        env["PYTHONPATH"] = os.pathsep.join([str(cwd), str(APPS)])
+    name = re.sub(r"[^\w.=-]+", "_", system.label)
     bots = [
-        BotProcess(env, logs / f"{w.name}-{system.kind}-{i}.log", command=command) for i in range(processes)
+        BotProcess(env, logs / f"{w.name}-{name}-{i}.log", command=command, cwd=cwd) for i in range(processes)
     ]
     try:
         for bot in bots:
@@ -198,14 +326,14 @@ async def run_server(
         urls = [bot.url + "/webhook" for bot in bots]
         turn = iter(range(10**9))
         updates, expected = make_updates(w)
+        handled = sum(expected.chats.values())  # updates a handler takes: the 🍕 ones
         client = LoopbackHttp()
         try:
             for url in urls:  # as many connections as requests in flight (a redelivery overlaps its first)
                 await client.open(url, w.in_flight * (2 if w.duplicate_share else 1))
             spies = []
-            if profile is not None and system.kind == "bot":
+            if profile is not None and system.kind != "grammy":
                 # py-spy attached for the load only: start-up and the /hunger check stay out of it.
-                name = "-".join(f"{k}={v}" for k, v in system.env) or "bot"
                 for n, pid in enumerate(pids):
                     out = profile / f"{w.name}-{name}-{n}.txt"
                     spy = ("py-spy", "record", "--pid", str(pid), "--rate", "1000", "--format", "raw")
@@ -230,7 +358,8 @@ async def run_server(
             for running in spies:  # py-spy writes its file when it stops
                 running.send_signal(signal.SIGINT)
                 await running.wait()
-            lost, extra = await verify(client, urls[0], fake, expected)
+            runs = await handler_runs(client, urls, fake) if system.kind == "bot2" else None
+            lost, extra = await verify(client, urls[0], fake, expected, per_user=system.kind == "bot2")
             rss = peak_rss_mb(pids)
         finally:
             await client.aclose()
@@ -250,6 +379,7 @@ async def run_server(
         "extra": extra,
         "CPU µs/update": round(cpu / stats.delivered * 1e6),
         "peak RSS MB": f"{rss:.0f}",
+        "runs/handled": "-" if runs is None else f"{runs / handled:.3f}",
     }
 
 
@@ -306,6 +436,7 @@ async def raw_postgres(w: Workload, dsn: str) -> dict[str, Any]:
         "extra": "-",
         "CPU µs/update": "-",
         "peak RSS MB": "-",
+        "runs/handled": "-",
     }
 
 
@@ -380,7 +511,8 @@ async def soak(seconds: float, rate: float, dsn: str, root: str, logs: Path) -> 
     """Telegram-like traffic (at most one update per chat in flight) at a fixed rate for `seconds`,
     printing the bot's resident memory every 30 s: it must stay flat. SOAK_CHATS chats, more than the
     sessions a process remembers (SESSION_CACHE, 5,000): that memory is full, and evicting, all along."""
-    bot = BotProcess(bot_env(dsn, root, LOG_LEVEL="WARNING", DB_POOL_MAX="16"), logs / "soak.log")
+    env = {k: v for k, v in bot_env(dsn, root).items() if k != "OUTBOX_SWEEP_INTERVAL"}
+    bot = BotProcess(env, logs / "soak.log", command=web_command(ROOT, sys.executable, None), cwd=ROOT)
     client = LoopbackHttp()
     try:
         bot.wait_ready()
@@ -428,8 +560,10 @@ async def main() -> None:
         "-s",
         "--systems",
         default="bot,grammy,raw",
-        help="what to measure side by side: bot, bot+NAME=VALUE+... (a setting), grammy, raw",
+        help="what to measure side by side: bot, bot2 (two sessions), bot@DIR (another checkout's code), "
+        "bot+NAME=VALUE+... (a setting), grammy, raw",
     )
+    parser.add_argument("--quick", action="store_true", help="a smoke run: a tenth of every workload")
     parser.add_argument(
         "-p", "--processes", type=int, default=1, help="server processes sharing the database"
     )
@@ -443,7 +577,18 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=500, help="updates per second during --soak")
     args = parser.parse_args()
     chosen = [WORKLOADS[name.strip()] for name in args.workloads.split(",")]
+    if args.quick:
+        chosen = [w.quick() for w in chosen]
     systems = [System.parse(text) for text in args.systems.split(",")]
+    # The servers inherit this environment: none of the bot's own settings may come from it, or "defaults"
+    # would be whatever this shell has (DATABASE_URL is read by postgres_server, and set for each server).
+    for name in sorted(bot_settings() & os.environ.keys()):
+        if name != "DATABASE_URL":
+            print(
+                f"{name} from this environment is not passed on: the servers run with defaults",
+                file=sys.stderr,
+            )
+            del os.environ[name]
     if any(s.kind == "grammy" for s in systems) and (why := grammy_ready()) is not None:
         print(why, file=sys.stderr)
         systems = [s for s in systems if s.kind != "grammy"]
