@@ -254,6 +254,7 @@ def _run_workers(config: uvicorn.Config, workers: int, sockets: list[socket.sock
                 _end_with(parent)
                 uvicorn.Server(config).run(sockets=sockets)
             finally:
+                logging.shutdown()  # the log lines still queued (bot.logs): os._exit skips atexit
                 os._exit(0)
         children.append(pid)
 

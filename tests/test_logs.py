@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from bot.app import SECRET_HEADER
 from bot.apps.pizza import build_bot
 from bot.apps.pizza_testing import PIZZA, hunger
 from bot.context import BotIdentity
-from bot.logs import JsonFormatter, TextFormatter, setup_logging
+from bot.logs import JsonFormatter, LineWriter, TextFormatter, setup_logging
 from bot.metrics import Metrics
 from bot.pipeline import Pipeline
 from bot.storage.memory import MemoryStorage
@@ -80,11 +83,105 @@ def test_secrets_are_replaced_in_messages_and_tracebacks(formatter: type[JsonFor
     assert "***" in line
 
 
+def test_a_text_line_is_what_the_standard_formatter_writes() -> None:
+    standard = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for created in (1_764_674_957.838, 1_764_674_957.0004, 1_764_674_958.9999):
+        rec = record("update %d: %s in %.1f ms")
+        rec.args, rec.created, rec.msecs = (85, "applied", 3.14), created, (created - int(created)) * 1000
+        assert TextFormatter([]).format(rec) == standard.format(rec)
+    try:
+        raise ValueError("bad")
+    except ValueError as exc:
+        failed = record("it broke", exc=exc)
+    assert TextFormatter([]).format(failed) == standard.format(failed)
+
+
+class Stream(io.StringIO):
+    """A stream that counts its writes."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def info(n: int, message: str = "update %d", *args: object) -> logging.LogRecord:
+    return logging.LogRecord("bot.test", logging.INFO, __file__, 1, message, (n, *args), None)
+
+
+def test_a_busy_process_writes_its_lines_in_order_in_few_writes() -> None:
+    stream = Stream()
+    writer = LineWriter(stream, interval=0.2)
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        for n in range(1000):
+            writer.handle(info(n))
+        deadline = time.monotonic() + 5
+        while stream.getvalue().count("\n") < 1000 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the writer's thread writes them without a flush
+        assert stream.getvalue().splitlines() == [f"update {n}" for n in range(1000)]
+        assert stream.writes <= 3  # the first line at once (the handler was quiet), the rest together
+    finally:
+        writer.close()
+
+
+def test_a_quiet_process_and_a_warning_are_written_at_once() -> None:
+    stream = Stream()
+    writer = LineWriter(stream, interval=60)  # the thread would not write them within the test
+    writer.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    try:
+        writer.handle(info(1))
+        assert stream.getvalue() == "INFO update 1\n"
+        writer.handle(info(2))  # busy now: queued
+        warning = info(3)
+        warning.levelno, warning.levelname = logging.WARNING, "WARNING"
+        writer.handle(warning)
+        assert stream.getvalue().splitlines() == ["INFO update 1", "INFO update 2", "WARNING update 3"]
+    finally:
+        writer.close()
+
+
+def test_a_line_shows_its_arguments_as_they_were_when_it_was_logged() -> None:
+    stream = Stream()
+    writer = LineWriter(stream, interval=60)
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        writer.handle(info(1))
+        changing = ["before"]
+        writer.handle(info(2, "update %d: %s", changing))
+        changing[0] = "after"
+        writer.flush()
+        assert stream.getvalue().splitlines() == ["update 1", "update 2: ['before']"]
+    finally:
+        writer.close()
+
+
+def test_lines_queued_at_exit_are_written(tmp_path: Path) -> None:
+    """A process that logs and ends at once (its writer's thread not yet awake) loses no line."""
+    script = (
+        "import logging, sys\n"
+        "from bot.logs import setup_logging\n"
+        "from bot.testing.env import make_settings\n"
+        "setup_logging(make_settings('postgresql://u@h/db', 'http://127.0.0.1:1'))\n"
+        "log = logging.getLogger('bot.test')\n"
+        "for n in range(2000):\n"
+        "    log.info('update %d', n)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert [line.rsplit(" ", 1)[-1] for line in lines] == [str(n) for n in range(2000)]
+
+
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
     root.handlers[:] = handlers
     root.setLevel(level)
 
@@ -100,6 +197,7 @@ async def test_one_line_per_update_at_info_none_at_warning(
     )
     pipeline = Pipeline(build_bot(), MemoryStorage(), BotIdentity(1, "pizza_test_bot"), Metrics())
     await pipeline.process(decode_update(encode(message_update(9, -3, PIZZA))))
+    logging.getLogger().handlers[0].flush()
     written = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     per_update = [w for w in written if w.get("update_id") == 9]
     assert len(per_update) == lines
