@@ -208,6 +208,13 @@ class System:
 
 
 HERE = Path(__file__).resolve().parent
+# py-spy installed in this interpreter's environment (pip install py-spy), else on PATH.
+PY_SPY = (
+    shutil.which(
+        "py-spy", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
+    or "py-spy"
+)
 ROOT = HERE.parent
 APPS = HERE / "apps"  # the benchmark's own bots, put on PYTHONPATH
 
@@ -314,7 +321,8 @@ async def run_server(
         app = "two_sessions:build_bot" if system.kind == "bot2" else None
         command = web_command(cwd, python, app)
         # The checkout's own code first, whatever this interpreter has installed; the bench's bots after.
-        env["PYTHONPATH"] = os.pathsep.join([str(cwd), str(APPS)])
+        # (A PYTHONPATH given as a setting comes after: e.g. a sitecustomize.py probing the server.)
+        env["PYTHONPATH"] = os.pathsep.join([str(cwd), str(APPS), *filter(None, [env.get("PYTHONPATH")])])
     name = re.sub(r"[^\w.=-]+", "_", system.label)
     bots = [
         BotProcess(env, logs / f"{w.name}-{name}-{i}.log", command=command, cwd=cwd) for i in range(processes)
@@ -336,7 +344,7 @@ async def run_server(
                 # py-spy attached for the load only: start-up and the /hunger check stay out of it.
                 for n, pid in enumerate(pids):
                     out = profile / f"{w.name}-{name}-{n}.txt"
-                    spy = ("py-spy", "record", "--pid", str(pid), "--rate", "1000", "--format", "raw")
+                    spy = (PY_SPY, "record", "--pid", str(pid), "--rate", "1000", "--format", "raw")
                     spies.append(
                         await asyncio.create_subprocess_exec(
                             *spy, "--nonblocking", "-o", str(out), stdout=DEVNULL, stderr=DEVNULL

@@ -25,13 +25,13 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TextIO
 from urllib.parse import urlsplit
 
 from .config import Settings
 
-__all__ = ["JsonFormatter", "LineWriter", "TextFormatter", "secrets_of", "setup_logging"]
+__all__ = ["JsonFormatter", "LineWriter", "TextFormatter", "log_update", "secrets_of", "setup_logging"]
 
 # How long a line may wait in the queue while the process is busy (each wait, one write of them all).
 WRITE_INTERVAL = 0.05
@@ -41,6 +41,8 @@ FIELDS = ("update_id", "chat", "outcome", "duration")
 
 
 class _Redacting(logging.Formatter):
+    point = ","  # between the seconds and the milliseconds
+
     def __init__(self, secrets: Iterable[str], fmt: str | None = None) -> None:
         super().__init__(fmt)
         # Longest first, so a secret containing another is replaced whole.
@@ -64,6 +66,14 @@ class _Redacting(logging.Formatter):
     def second_text(self, second: int) -> str:
         raise NotImplementedError
 
+    def line(self, created: float, level: str, name: str, message: str, fields: Mapping[str, object]) -> str:
+        """A line without a traceback, from its parts: what `format` writes for a record with these."""
+        raise NotImplementedError
+
+    def _millis(self, created: float) -> str:
+        # The second's text, and the milliseconds as LogRecord.msecs counts them.
+        return f"{self._seconds(created)}{self.point}{int((created - int(created)) * 1000):03d}"
+
 
 class TextFormatter(_Redacting):
     """`2026-12-02 11:29:17,838 INFO bot.pipeline: update 85: applied in 3.1 ms` (local time), then the
@@ -79,32 +89,45 @@ class TextFormatter(_Redacting):
         if record.exc_info or record.exc_text or record.stack_info:
             return self.redact(super().format(record))  # rare: the standard path, tracebacks and all
         record.message = record.getMessage()
-        when = self._seconds(record.created)
-        return self.redact(
-            f"{when},{int(record.msecs):03d} {record.levelname} {record.name}: {record.message}"
-        )
+        return self.line(record.created, record.levelname, record.name, record.message, record.__dict__)
+
+    def line(self, created: float, level: str, name: str, message: str, fields: Mapping[str, object]) -> str:
+        return self.redact(f"{self._millis(created)} {level} {name}: {message}")
 
 
 class JsonFormatter(_Redacting):
     def second_text(self, second: int) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
+    point = "."
+
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, object] = {
-            "time": f"{self._seconds(record.created)}.{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for name in FIELDS:
-            value = record.__dict__.get(name)
-            if value is not None:
-                line[name] = value
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
+        fields = record.__dict__
         if record.exc_text:
-            line["error"] = record.exc_text
+            fields = {**fields, "error": record.exc_text}
+        return self.line(record.created, record.levelname, record.name, record.getMessage(), fields)
+
+    def line(self, created: float, level: str, name: str, message: str, fields: Mapping[str, object]) -> str:
+        line: dict[str, object] = {
+            "time": self._millis(created) + "Z",
+            "level": level,
+            "logger": name,
+            "message": message,
+        }
+        for field in (*FIELDS, "error"):
+            value = fields.get(field)
+            if value is not None:
+                line[field] = value
         return self.redact(json.dumps(line, ensure_ascii=False, default=str))
+
+
+# A per-update line without its LogRecord: created (time.time()), logger name, message, its arguments,
+# the fields. Made only when nothing but a LineWriter would see the record (`log_update`).
+_Line = tuple[float, str, str, tuple[object, ...], dict[str, object]]
+
+UPDATE_LINE = "update %d: %s in %.1f ms"
 
 
 class LineWriter(logging.Handler):
@@ -122,7 +145,7 @@ class LineWriter(logging.Handler):
         super().__init__()
         self.stream = stream
         self.interval = interval
-        self._queue: collections.deque[logging.LogRecord] = collections.deque()
+        self._queue: collections.deque[logging.LogRecord | _Line] = collections.deque()
         self._written = 0.0  # time.monotonic() of the last write
         self._start()
         _writers.add(self)
@@ -151,27 +174,46 @@ class LineWriter(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        self._queue.append(record)
+        self._queued(record, record.levelno)
+
+    def queue_line(self, line: _Line) -> None:
+        """A line for which no LogRecord is made (see `log_update`): formatted by the writer's thread."""
+        self._queued(line, logging.INFO)
+
+    def _queued(self, entry: logging.LogRecord | _Line, level: int) -> None:
+        self._queue.append(entry)
         # Quiet: nothing written for longer than the thread's turn takes (which a busy process is not).
-        if record.levelno >= logging.WARNING or time.monotonic() - self._written >= 2 * self.interval:
+        if level >= logging.WARNING or time.monotonic() - self._written >= 2 * self.interval:
             self.flush()
+
+    def _format(self, entry: logging.LogRecord | _Line) -> str:
+        if isinstance(entry, logging.LogRecord):
+            return self.format(entry)
+        created, name, msg, args, fields = entry
+        if isinstance(self.formatter, _Redacting):
+            return self.formatter.line(created, "INFO", name, msg % args, fields)
+        # Another formatter was set since: the record the line stands for.
+        record = logging.makeLogRecord({**fields, "name": name, "msg": msg, "args": args, "created": created})
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return self.format(record)
 
     def flush(self) -> None:
         """Write everything queued so far, formatted, in one call."""
         with self._writing:
             lines = []
             while self._queue:
-                record = self._queue.popleft()
+                entry = self._queue.popleft()
                 try:
-                    lines.append(self.format(record))
+                    lines.append(self._format(entry))
                 except Exception:
-                    self.handleError(record)
+                    if isinstance(entry, logging.LogRecord):
+                        self.handleError(entry)
             if lines:
                 try:
                     self.stream.write("\n".join(lines) + "\n")
                     self.stream.flush()
                 except Exception:
-                    self.handleError(record)
+                    self.handleError(logging.makeLogRecord({"msg": lines[-1]}))
             self._written = time.monotonic()
 
     def _run(self) -> None:
@@ -201,6 +243,44 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
+
+
+def log_update(
+    logger: logging.Logger, update_id: int, chat: int | None, outcome: str, seconds: float
+) -> None:
+    """The line every update gets at INFO (`update 85: applied in 3.1 ms`, with update_id, chat, outcome
+    and duration). When the only handler it would reach is the LineWriter of `setup_logging` (no other
+    handler or filter on the way, the standard record factory), the line is queued as its parts and the
+    writer's thread formats it: the same line, for ~1 µs here instead of a LogRecord's ~6 µs. Otherwise
+    (a test's caplog, a handler of the user's) it is logged as a record like any other line."""
+    fields: dict[str, object] = {
+        "update_id": update_id,
+        "chat": chat,
+        "outcome": outcome,
+        "duration": round(seconds, 6),
+    }
+    args = (update_id, outcome, seconds * 1000)
+    writer = _sole_writer(logger)
+    if writer is None:
+        logger.info(UPDATE_LINE, *args, extra=fields)
+    else:
+        writer.queue_line((time.time(), logger.name, UPDATE_LINE, args, fields))
+
+
+def _sole_writer(logger: logging.Logger) -> LineWriter | None:
+    """The root's LineWriter, if a record of `logger` at INFO would reach it and nothing else."""
+    root = logging.root
+    if len(root.handlers) != 1 or root.filters or logging.getLogRecordFactory() is not logging.LogRecord:
+        return None
+    writer = root.handlers[0]
+    if not isinstance(writer, LineWriter) or writer.filters or writer.level > logging.INFO:
+        return None
+    node: logging.Logger | None = logger
+    while node is not None and node is not root:
+        if node.handlers or node.filters or not node.propagate:
+            return None
+        node = node.parent
+    return writer
 
 
 def secrets_of(settings: Settings) -> list[str]:

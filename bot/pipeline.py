@@ -33,6 +33,7 @@ from .dispatch import Bot, ErrorHook, NoSuchTimerHandler
 from .errors import BotError
 from .failures import TransientFailures, TryLater, describe, is_transient, storable
 from .files import MAX_UPLOAD_BYTES
+from .logs import log_update
 from .metrics import Metrics
 from .outcome import DONE, Outcome, Status
 from .recording import Recorder, handled
@@ -124,18 +125,7 @@ class Pipeline:
             self.metrics.update_done(update.kind or "other", outcome, seconds)
             if log.isEnabledFor(logging.INFO):
                 chat = update.chat
-                log.info(
-                    "update %d: %s in %.1f ms",
-                    update.update_id,
-                    outcome,
-                    seconds * 1000,
-                    extra={
-                        "update_id": update.update_id,
-                        "chat": None if chat is None else chat.id,
-                        "outcome": outcome,
-                        "duration": round(seconds, 6),
-                    },
-                )
+                log_update(log, update.update_id, None if chat is None else chat.id, outcome, seconds)
 
     async def replay(self, letter: DeadLetter) -> Outcome:
         """Run a dead letter again (`python -m bot replay`), with locks: applied exactly once and removed

@@ -22,7 +22,7 @@ from bot.app import SECRET_HEADER
 from bot.apps.pizza import build_bot
 from bot.apps.pizza_testing import PIZZA, hunger
 from bot.context import BotIdentity
-from bot.logs import JsonFormatter, LineWriter, TextFormatter, setup_logging
+from bot.logs import JsonFormatter, LineWriter, TextFormatter, log_update, setup_logging
 from bot.metrics import Metrics
 from bot.pipeline import Pipeline
 from bot.storage.memory import MemoryStorage
@@ -184,6 +184,46 @@ def restore_logging() -> Iterator[None]:
             handler.close()
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("formatter", [JsonFormatter, TextFormatter])
+def test_an_update_line_queued_as_its_parts_is_the_line_its_record_would_give(
+    formatter: type[JsonFormatter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = Stream()
+    writer = LineWriter(stream, interval=60)
+    writer.setFormatter(formatter(["s3cret"]))
+    root = logging.getLogger()
+    root.handlers[:] = [writer]
+    root.setLevel(logging.INFO)
+    logger = logging.getLogger("bot.test_lines")
+    records = []
+    make = logger.makeRecord
+    monkeypatch.setattr(logger, "makeRecord", lambda *a, **k: records.append(a) or make(*a, **k))
+
+    log_update(logger, 7, -3, "applied", 0.00213)  # only the writer would see it: no record made
+    assert records == []
+    seen = Stream()
+    other = logging.StreamHandler(seen)
+    logger.addHandler(other)  # another handler: a record, which both see
+    log_update(logger, 7, -3, "applied", 0.00213)
+    logger.removeHandler(other)
+    assert len(records) == 1 and seen.getvalue() == "update 7: applied in 2.1 ms\n"
+    writer.close()
+
+    first, second = stream.getvalue().splitlines()
+    if formatter is JsonFormatter:
+        parsed = [json.loads(line) for line in (first, second)]
+        assert parsed[0].pop("time")[:4] == parsed[1].pop("time")[:4] == time.strftime("%Y")
+        assert parsed[0] == parsed[1]
+        assert parsed[0]["duration"] == 0.00213 and parsed[0]["chat"] == -3
+    else:
+        assert (
+            first.split(" ", 2)[2]
+            == second.split(" ", 2)[2]
+            == "INFO bot.test_lines: update 7: applied in 2.1 ms"
+        )
 
 
 @pytest.mark.anyio
