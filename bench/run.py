@@ -236,6 +236,14 @@ def web_command(checkout: Path, python: str, app: str | None) -> list[str]:
     return words + (["--app", app] if app else [])
 
 
+def deployed_env(dsn: str, root: str) -> dict[str, str]:
+    """What a user sets (bot_env's test-only OUTBOX_SWEEP_INTERVAL left out): everything else is a default,
+    but for the bot's send rate, which only the check at the end uses (no update of a workload gets a
+    reply): at the default 30/s, answering 1,000 chats' /hunger would take half a minute per row."""
+    env = {k: v for k, v in bot_env(dsn, root).items() if k != "OUTBOX_SWEEP_INTERVAL"}
+    return env | {"SEND_RATE_GLOBAL": "1000"}
+
+
 def bot_settings() -> set[str]:
     """The names of the environment variables the bot reads (asked of a recording mapping)."""
 
@@ -310,8 +318,7 @@ async def run_server(
     logs: Path,
     profile: Path | None = None,
 ) -> dict[str, Any]:
-    # What a user sets (bot_env's test-only OUTBOX_SWEEP_INTERVAL left out): everything else is a default.
-    env = {k: v for k, v in bot_env(dsn, root).items() if k != "OUTBOX_SWEEP_INTERVAL"} | dict(system.env)
+    env = deployed_env(dsn, root) | dict(system.env)
     command: list[str] = ["node", str(GRAMMY / "bot.js")]
     cwd = None
     if system.kind != "grammy":
@@ -519,7 +526,7 @@ async def soak(seconds: float, rate: float, dsn: str, root: str, logs: Path) -> 
     """Telegram-like traffic (at most one update per chat in flight) at a fixed rate for `seconds`,
     printing the bot's resident memory every 30 s: it must stay flat. SOAK_CHATS chats, more than the
     sessions a process remembers (SESSION_CACHE, 5,000): that memory is full, and evicting, all along."""
-    env = {k: v for k, v in bot_env(dsn, root).items() if k != "OUTBOX_SWEEP_INTERVAL"}
+    env = deployed_env(dsn, root)
     bot = BotProcess(env, logs / "soak.log", command=web_command(ROOT, sys.executable, None), cwd=ROOT)
     client = LoopbackHttp()
     try:
