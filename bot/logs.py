@@ -231,18 +231,34 @@ class LineWriter(logging.Handler):
         super().close()
 
 
-# Every live LineWriter, restarted in a forked worker (WEB_CONCURRENCY), which has the handlers but
-# not their threads, nor locks it can trust.
+# Every live LineWriter: a forked worker (WEB_CONCURRENCY) gets the handlers but not their threads. Each
+# one's lock is held across the fork, so that no writer thread is inside a write (holding the stream's
+# own lock, which the child could then never take); the child starts a thread and a lock of its own.
 _writers: weakref.WeakSet[LineWriter] = weakref.WeakSet()
+_forking: list[LineWriter] = []
 
 
-def _after_fork() -> None:
-    for writer in list(_writers):
-        if not writer._stopped:
-            writer._start()
+def _before_fork() -> None:
+    _forking[:] = [writer for writer in _writers if not writer._stopped]
+    for writer in _forking:
+        writer._writing.acquire()
 
 
-os.register_at_fork(after_in_child=_after_fork)
+def _after_fork_in_parent() -> None:
+    for writer in _forking:
+        writer._writing.release()
+    _forking.clear()
+
+
+def _after_fork_in_child() -> None:
+    for writer in _forking:
+        writer._start()
+    _forking.clear()
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)
 
 
 def log_update(

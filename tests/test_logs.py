@@ -174,6 +174,36 @@ def test_lines_queued_at_exit_are_written(tmp_path: Path) -> None:
     assert [line.rsplit(" ", 1)[-1] for line in lines] == [str(n) for n in range(2000)]
 
 
+def test_a_forked_worker_writes_its_lines_too() -> None:
+    """WEB_CONCURRENCY forks workers after logging is set up: each needs a writer thread of its own, and
+    writes what it queued before it leaves (os._exit, after logging.shutdown, as bot.server does)."""
+    script = (
+        "import logging, os, sys\n"
+        "from bot.logs import setup_logging\n"
+        "from bot.testing.env import make_settings\n"
+        "setup_logging(make_settings('postgresql://u@h/db', 'http://127.0.0.1:1'))\n"
+        "log = logging.getLogger('bot.test')\n"
+        "for n in range(500):\n"
+        "    log.info('parent %d', n)\n"
+        "children = []\n"
+        "for c in range(2):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        for n in range(500):\n"
+        "            log.info('child%d %d', c, n)\n"
+        "        logging.shutdown()\n"
+        "        os._exit(0)\n"
+        "    children.append(pid)\n"
+        "for pid in children:\n"
+        "    os.waitpid(pid, 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    messages = [line.split(": ", 1)[1] for line in done.stderr.splitlines()]
+    for who in ("parent", "child0", "child1"):
+        assert [m for m in messages if m.startswith(who + " ")] == [f"{who} {n}" for n in range(500)]
+
+
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
