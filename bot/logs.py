@@ -9,9 +9,10 @@ DSN) is still not written.
 
 At INFO every update writes a line, so a line must cost little next to an update (~100 µs of CPU): the
 standard path (a full LogRecord, Formatter's strftime per line, a locked write and flush per line) cost
-~30 µs, a quarter of the throughput (bench/README.md). Here the caller only builds the record and queues
-it; a writer thread formats the queue and writes it in one call every WRITE_INTERVAL, and records leave
-out the thread and process fields no line shows. A quiet process's lines, and every WARNING or worse, are
+~30 µs, a quarter of the throughput (bench/README.md). Here the caller only queues the record (the
+per-update line, `log_update`, only its parts, with no record at all when nothing else would see it); a
+writer thread formats the queue and writes it in one call every WRITE_INTERVAL, and records leave out the
+thread, process and caller fields no line shows. A quiet process's lines, and every WARNING or worse, are
 written at once; the queue is written out at exit (logging.shutdown) and before a forked worker leaves.
 """
 
