@@ -22,7 +22,7 @@ from bot.pipeline import Pipeline
 from bot.storage import Storage, StoredSession
 from bot.storage.memory import MemoryStorage
 from bot.testing.chat import Chat
-from bot.testing.env import make_settings
+from bot.testing.env import UNPACED_ENV, make_settings
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.updates import text_update
 
@@ -111,7 +111,7 @@ def talk(
     """`async with talk(bot) as chat`: the bot behind the webhook, on this run's storage and mode."""
     storage, optimistic = storage_mode
     settings = make_settings(
-        database_url, telegram_root, DB_CONCURRENCY="optimistic" if optimistic else "locked"
+        database_url, telegram_root, DB_CONCURRENCY="optimistic" if optimistic else "locked", **UNPACED_ENV
     )
 
     @asynccontextmanager

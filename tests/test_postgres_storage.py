@@ -538,6 +538,17 @@ async def _optimistic_count(storage: PostgresStorage, update_id: int, count: int
         await tx.write("k", StoredSession(f'{{"count": {count}}}'))
 
 
+async def _until_a_statement_waits_for_a_lock(storage: PostgresStorage) -> None:
+    """Until another connection's statement waits for a lock in this database: a fixed sleep would be too
+    short on a loaded machine, and the step after it would then run before the wait it is meant to end."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    for _ in range(1000):  # 10 s at most
+        if await storage.pool.fetchval(query):
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("no statement waits for a lock")
+
+
 async def test_a_redelivery_running_with_locks_elsewhere_does_not_deadlock_an_optimistic_attempt(
     postgres: PostgresStorage,
 ) -> None:
@@ -549,7 +560,7 @@ async def test_a_redelivery_running_with_locks_elsewhere_does_not_deadlock_an_op
     async with postgres.transaction() as locked:
         assert await locked.claim_update(1, 30)
         attempt = asyncio.create_task(_optimistic_count(postgres, 30, 2))
-        await asyncio.sleep(0.3)  # its statement is waiting now
+        await _until_a_statement_waits_for_a_lock(postgres)
         assert await asyncio.wait_for(locked.read("k"), 0.9) == StoredSession('{"count": 1}')
         await locked.write("k", StoredSession('{"count": 2}'))
     with pytest.raises(Conflict, match="UniqueViolation"):
@@ -568,9 +579,8 @@ async def test_a_row_changed_between_the_snapshot_and_the_write_rolls_the_claim_
     async with postgres.transaction() as locked:
         await locked.read("k")  # holds the row
         attempt = asyncio.create_task(_optimistic_count(postgres, 31, 2))
-        await asyncio.sleep(
-            0.3
-        )  # checked the version (unchanged in its snapshot), claimed, waits for the row
+        # It checked the version (unchanged in its snapshot), claimed, and waits for the row.
+        await _until_a_statement_waits_for_a_lock(postgres)
         await locked.write("k", StoredSession('{"count": 5}'))
     with pytest.raises(Conflict, match="DivisionByZero"):
         await attempt

@@ -12,7 +12,7 @@ import pytest
 
 from bot.storage import Storage
 from bot.testing.chat import Chat
-from bot.testing.env import make_settings
+from bot.testing.env import UNPACED_ENV, make_settings
 from bot.testing.fake_telegram import FakeTelegram
 from examples.remind import build_bot, left, parse_duration
 
@@ -33,7 +33,7 @@ def running(
     @asynccontextmanager
     async def run(**options: Any) -> AsyncIterator[Chat]:
         async with open_client(
-            make_settings(database_url, telegram_root), build_bot(**options), storage
+            make_settings(database_url, telegram_root, **UNPACED_ENV), build_bot(**options), storage
         ) as c:
             yield Chat(c, fake, chat=GROUP, sender=ANN)
 

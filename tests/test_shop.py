@@ -13,6 +13,7 @@ import pytest
 
 from bot.storage import Storage
 from bot.storage.postgres import PostgresStorage
+from bot.testing.env import UNPACED_ENV
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.plugin import OpenWebhook
 from bot.testing.updates import (
@@ -32,7 +33,7 @@ ANN = 501
 async def test_an_inline_query_is_answered_with_an_invoice_per_matching_pastry(
     storage: Storage, webhook: OpenWebhook
 ) -> None:
-    async with webhook(build_bot(), storage) as hook:
+    async with webhook(build_bot(), storage, **UNPACED_ENV) as hook:
         query = inline_query_update(1, ANN, "cro")
         await hook.send(query)
         await hook.send(query)  # delivered again: answered once
@@ -54,7 +55,7 @@ async def test_an_inline_query_is_answered_with_an_invoice_per_matching_pastry(
 async def test_the_shelf_s_pictures_are_uploaded_as_multipart_from_bytes_after_the_commit(
     storage: Storage, webhook: OpenWebhook, fake: FakeTelegram
 ) -> None:
-    async with webhook(build_bot(), storage) as hook:
+    async with webhook(build_bot(), storage, **UNPACED_ENV) as hook:
         start = text_update(1, ANN, "/start", from_id=ANN)
         await hook.send(start)
         await hook.send(start)  # delivered again: not sent twice
@@ -80,7 +81,7 @@ async def test_the_shelf_s_pictures_are_uploaded_as_multipart_from_bytes_after_t
 async def test_a_press_sends_a_stars_invoice_and_pre_checkout_is_confirmed_or_refused(
     storage: Storage, webhook: OpenWebhook
 ) -> None:
-    async with webhook(build_bot(), storage) as hook:
+    async with webhook(build_bot(), storage, **UNPACED_ENV) as hook:
         await hook.send(callback_update(1, ANN, ANN, "buy:eclair"))
         [invoice] = await hook.calls("sendInvoice")
         await hook.send(pre_checkout_update(2, ANN, "eclair:9", 9))
@@ -102,7 +103,7 @@ async def test_a_press_sends_a_stars_invoice_and_pre_checkout_is_confirmed_or_re
 async def test_a_successful_payment_delivered_three_times_is_applied_once(
     storage: Storage, webhook: OpenWebhook, fake: FakeTelegram
 ) -> None:
-    async with webhook(build_bot(), storage) as hook:
+    async with webhook(build_bot(), storage, **UNPACED_ENV) as hook:
         paid = successful_payment_update(10, ANN, ANN, "croissant:5", 5)
         for _ in range(3):
             await hook.send(paid)
@@ -137,7 +138,7 @@ async def stored(conn: asyncpg.Connection, key: str) -> object:
 async def test_the_last_pastry_is_refused_at_pre_checkout_once_sold_out(
     memory_storage: Storage, webhook: OpenWebhook
 ) -> None:
-    async with webhook(build_bot(), memory_storage) as hook:
+    async with webhook(build_bot(), memory_storage, **UNPACED_ENV) as hook:
         for n in range(3):
             await hook.send(successful_payment_update(20 + n, ANN, ANN, "cinnamon:7", 7))
         await hook.send(pre_checkout_update(30, ANN, "cinnamon:7", 7))
@@ -148,7 +149,7 @@ async def test_the_last_pastry_is_refused_at_pre_checkout_once_sold_out(
 async def test_a_refund_returns_the_stars_once_and_puts_the_pastry_back(
     memory_storage: Storage, webhook: OpenWebhook
 ) -> None:
-    async with webhook(build_bot(), memory_storage) as hook:
+    async with webhook(build_bot(), memory_storage, **UNPACED_ENV) as hook:
         await hook.send(successful_payment_update(40, ANN, ANN, "eclair:9", 9))
         refund = text_update(41, ANN, "/refund charge-40", from_id=ANN)
         await hook.send(refund)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import Settings, load_settings
 
-__all__ = ["FAULT_ENV", "SECRET", "TOKEN", "USERNAME", "bot_env", "make_settings"]
+__all__ = ["FAULT_ENV", "SECRET", "TOKEN", "UNPACED_ENV", "USERNAME", "bot_env", "make_settings"]
 
 TOKEN = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"
 SECRET = "test-secret_0123456789"
@@ -19,6 +19,11 @@ FAULT_ENV = {
     "DB_POOL_MAX": "8",
     "LOG_LEVEL": "WARNING",
 }
+
+# For tests of a conversation rather than of the flood limits (test_outbox.py has those): Telegram's
+# per-chat limits, kept by default, space one chat's replies after a short burst (3 s apart in a group at
+# 20 a minute, 1 s in a private chat), which such a test would only wait out.
+UNPACED_ENV = {"SEND_RATE_GROUP": "1000", "SEND_RATE_PRIVATE": "1000"}
 
 
 def bot_env(database_url: str, telegram_root: str, **overrides: str) -> dict[str, str]:

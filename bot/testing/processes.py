@@ -18,8 +18,11 @@ __all__ = ["BotProcess", "free_port", "run_cli"]
 
 def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`python -m bot ARGS` to the end, with `env` on top of this process's environment minus the bot's
-    own variables (a developer's DATABASE_URL or BOT_TOKEN must not leak into a test's command)."""
-    clean = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BOT_TOKEN", "WEBHOOK_SECRET")}
+    own variables (a developer's DATABASE_URL or BOT_TOKEN must not leak into a test's command) and the
+    terminal's size: the output is captured, not shown on a terminal (pytest-xdist's workers were seen to
+    inherit a COLUMNS=80 set at the C level, as readline does, cutting `dead-letters`' table to 80)."""
+    leaks = ("DATABASE_URL", "BOT_TOKEN", "WEBHOOK_SECRET", "COLUMNS", "LINES")
+    clean = {k: v for k, v in os.environ.items() if k not in leaks}
     return subprocess.run(
         [sys.executable, "-m", "bot", *args],
         env={**clean, **env},
