@@ -140,8 +140,13 @@ async def test_backlog_oldest_age_and_pause_are_read_at_scrape_time(
         assert await post(client, hunger(2, -7)) == 200
         await scrape_until(client, lambda s: value(s, "bot_api_429_total", scope="chat") == 2)
         assert await post(client, hunger(3, -8)) == 200
+        # Both: the call is counted when Telegram answers, its row marked sent a moment later.
         samples = await scrape_until(
-            client, lambda s: value(s, "bot_api_calls_total", method="sendMessage", outcome="sent") == 1
+            client,
+            lambda s: (
+                value(s, "bot_api_calls_total", method="sendMessage", outcome="sent") == 1
+                and value(s, "bot_outbox_unsent") <= 2
+            ),
         )
     assert value(samples, "bot_api_calls_total", method="sendMessage", outcome="rate_limited") == 2
     assert value(samples, "bot_api_429_total", scope="bot") == 0  # two chats, a bot sending little
