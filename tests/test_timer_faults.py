@@ -26,6 +26,12 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 ENV = {
     **FAULT_ENV,
     "APP": "bot.testing.timer_app:build_bot",
+    # FAULT_ENV's 0.9 s Bot API deadline (a 1 s lease) is shorter than a loaded CI machine may take to answer
+    # getMe at start-up or a reply: a timed-out reply is sent again by the same process (at least once, by
+    # design), which this test would read as a doubled fire's reply. A killed process's leases still run
+    # out well within the test.
+    "OUTBOX_LEASE": "4",
+    "BOT_API_TIMEOUT": "3",
     # Every fire replies: let 1,000 replies out as fast as they come.
     "SEND_RATE_GLOBAL": "1000",
     "SEND_RATE_GROUP": "1000",
@@ -59,7 +65,7 @@ async def test_a_thousand_timers_fire_once_across_a_kill_9_a_restart_and_two_pro
     rng = random.Random(19)
     first = serve_bot(**ENV)
     # Due over six seconds from a moment the scheduling is over by (if it is not, some fire during it).
-    start = time.time() + 4.0
+    start = time.time() + 8.0  # scheduling 1,000 took 10 s on a loaded machine, under 4 s on a quiet one
     due = {f"t{n}": start + rng.uniform(0, 6) for n in range(TIMERS)}
     chat_of = {tag: -3000 - n % KEYS for n, tag in enumerate(due)}
     schedules = [
@@ -71,7 +77,10 @@ async def test_a_thousand_timers_fire_once_across_a_kill_9_a_restart_and_two_pro
         assert stats.delivered == TIMERS
         scheduled_at = time.time()
 
-        await fake.wait_for_async(lambda: len(fires(fake)) >= 150, timeout=60)
+        # Killed a second and a half into the six seconds of due times (by the clock, not by a count of
+        # replies, which a loaded machine delays past the last due time): fires committed and under way.
+        await fake.wait_for_async(lambda: len(fires(fake)) >= 1, timeout=60)
+        await asyncio.sleep(max(0.0, start + 1.5 - time.time()))
         first.kill()  # while it fires: some fires committed, some under way, replies in flight
         killed_at = time.time()
         await asyncio.sleep(2.0)  # timers come due while no process runs
@@ -118,9 +127,9 @@ async def test_a_thousand_timers_fire_once_across_a_kill_9_a_restart_and_two_pro
     for tag in doubled:
         copies = sorted((f for f in fired if f.tag == tag), key=lambda f: f.arrived)
         assert len(copies) == 2 and copies[0].pid == first.proc.pid, copies
-        # The killed process's copy, then a restarted one's (arrival times are stamped by the fake, which
-        # may handle a copy sent just before the kill a little after it on a loaded machine).
-        assert copies[1].pid in (second.proc.pid, third.proc.pid), copies
+        # The killed process's copy, then one sent again after the restart (the text names the process
+        # that fired, not the one that sent; arrival is stamped by the fake when it handles a call, which
+        # on a loaded machine may be a little after a kill the call preceded).
         assert copies[0].arrived < restarted_at < copies[1].arrived, copies
         assert copies[0].ran_at == copies[1].ran_at, "the same fire's reply, sent twice: not a second fire"
 
