@@ -358,8 +358,8 @@ class Pipeline:
                             await self.bot.run(ctx, found)
                             if ctx.timers:
                                 self._check_timers(ctx.timers)
-                    except (AlreadyApplied, Conflict):  # the storage's business, not the bot's
-                        raise
+                    except AlreadyApplied:  # the storage's business, not the bot's
+                        raise  # (and so is a Conflict, which is no Exception: it passes by, to `_apply`)
                     except Exception as error:
                         hook = self.bot.error_hook
                         if hook is None or is_transient(error):
@@ -388,9 +388,9 @@ class Pipeline:
                     status, await unit.main.enqueue(self.me.id, update.update_id, ctx.calls, self.lease)
                 )
         except Exception as failure:
-            # After the hook ran, a failure (its own, or saving what it did) is recorded without it; a
-            # conflict runs the update again (hook included: the optimistic attempt applied nothing).
-            if hooked and not is_transient(failure) and not isinstance(failure, Conflict):
+            # After the hook ran, a failure (its own, or saving what it did) is recorded without it. (A
+            # Conflict passes by: the update runs again, hook included, as the attempt applied nothing.)
+            if hooked and not is_transient(failure):
                 raise _Hooked(failure) from failure
             raise
         if ctx.timers and self.on_schedule is not None:

@@ -6,7 +6,7 @@ import importlib
 import inspect
 from pathlib import Path
 
-from bot.errors import BotError
+from bot.errors import BotError, ControlFlow
 
 PACKAGE = Path(__file__).resolve().parent.parent / "bot"
 
@@ -34,7 +34,9 @@ def test_every_exception_of_the_framework_derives_from_bot_error() -> None:
     found = exceptions_defined_in_bot()
     assert "bot.storage.StorageUnavailable" in found and "bot.config.ConfigError" in found  # the walk works
     strays = sorted(
-        name for name, cls in found.items() if not issubclass(cls, BotError) and name not in NOT_OURS
+        name
+        for name, cls in found.items()
+        if not issubclass(cls, (BotError, ControlFlow)) and name not in NOT_OURS
     )
     assert strays == [], f"derive these from bot.errors.BotError: {strays}"
     assert set(NOT_OURS) <= set(found)  # no stale exemption
@@ -48,3 +50,12 @@ def test_value_errors_stay_value_errors() -> None:
 
     for cls in (ConfigError, InvalidUpdate, ImplausibleMigration):
         assert issubclass(cls, ValueError) and issubclass(cls, BotError)
+
+
+def test_the_framework_s_control_flow_is_no_exception_an_app_could_catch() -> None:
+    """An optimistic attempt giving way passes an app's `except Exception` on its way to the pipeline."""
+    from bot.storage import Conflict, StaleRead
+
+    for cls in (ControlFlow, Conflict, StaleRead):
+        assert issubclass(cls, BaseException) and not issubclass(cls, Exception)
+    assert not issubclass(ControlFlow, BotError)

@@ -7,6 +7,7 @@ fault in the middle, and then checks every chat's count with /hunger and every /
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import threading
@@ -27,7 +28,7 @@ from bot.testing.delivery import DeliveryStats, deliver
 from bot.testing.env import FAULT_ENV, SECRET, USERNAME, bot_env
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess
-from bot.testing.updates import encode, message_update
+from bot.testing.updates import callback_update, encode, message_update
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -137,6 +138,36 @@ async def test_two_processes_share_one_hot_chat_without_losing_an_increment(
         stats = await deliver(client, lambda: urls[next(turn) % 2], SECRET, updates, in_flight=64)
         await check_counts(client, first.url, fake, Counter({-77: 2000}), 10**6)
     record(f"two processes, one chat ({route})", stats, lost=0, doubled=0)
+
+
+async def test_two_processes_share_a_group_s_list_and_its_people_s_stats(
+    start_bot: Any, database_url: str
+) -> None:
+    """examples/todo.py, two sessions per update (the group's list, the sender's stats), served by two
+    processes at once: every /add and every press lands once in both rows. Its timing middleware logs
+    each run of a handler: most run once (a transaction taking one session only ran every one of them
+    twice, the second time with locks)."""
+    bots = [start_bot(APP="examples.todo:build_bot", LOG_LEVEL="INFO") for _ in range(2)]
+    group, people = -500, (11, 22, 33, 44)
+    adds = [message_update(n, group, f"/add task {n}", from_id=people[n % 4]) for n in range(1, 21)]
+    presses = [callback_update(100 + n, group, people[n % 4], f"done:{n}") for n in range(1, 21)]
+    turn = iter(range(10**9))
+    urls = [b.url + "/webhook" for b in bots]
+    async with httpx.AsyncClient(timeout=30) as client:
+        for wave in (adds, presses):  # a task is pressed once it is on the list
+            await deliver(client, lambda: urls[next(turn) % 2], SECRET, wave, in_flight=16)
+    db = await asyncpg.connect(database_url)
+    try:
+        rows = await db.fetch("SELECT key, data::text AS data FROM sessions WHERE key LIKE 'todo%'")
+    finally:
+        await db.close()
+    found = {r["key"]: json.loads(r["data"]) for r in rows}
+    todo = found.pop(f"todo:{group}")
+    assert sorted(t["id"] for t in todo["tasks"]) == list(range(1, 21))
+    assert all(t["done"] for t in todo["tasks"]) and todo["next_id"] == 21
+    assert found == {f"todo-user:{p}": {"added": 5, "done": 5, "cheers": 0} for p in people}
+    runs = sum(b.output().count(kind) for b in bots for kind in ("(message): ", "(callback_query): "))
+    assert len(adds) + len(presses) <= runs < 2 * (len(adds) + len(presses))
 
 
 @BOTH_ROUTES

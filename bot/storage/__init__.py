@@ -21,7 +21,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from ..errors import BotError
+from ..errors import BotError, ControlFlow
 from ..files import Upload
 from ..send_budget import Budget, FloodRule
 
@@ -192,10 +192,13 @@ class StorageRefused(BotError):
     """
 
 
-class Conflict(BotError):
+class Conflict(ControlFlow):
     """An optimistic attempt could not be applied as it ran: a session it read changed meanwhile, or the
     update turned out to be applied already. Nothing of it was written; run the update again in a
-    locking transaction (`Storage.transaction()`), which also tells a redelivery apart."""
+    locking transaction (`Storage.transaction()`), which also tells a redelivery apart.
+
+    Control flow, not an Exception: it may be raised while an app's code runs (a lazy session loaded in
+    a handler), and must reach the pipeline past the app's `except Exception` and error hook."""
 
 
 class StaleRead(Conflict):
@@ -331,9 +334,10 @@ class Storage(OutboxStore, Protocol):
 class OptimisticStorage(Storage, Protocol):
     def optimistic_transaction(self) -> AbstractAsyncContextManager[Transaction]:
         """Like `transaction()`, but `read` takes no lock and `claim_update` only records the wish: the
-        claim, the writes and the queued calls are applied together at the end, if and only if nothing
-        read has changed and the update is new; otherwise the block raises Conflict and nothing is
-        applied. The handlers may therefore run more than once (their calls are sent only after a commit).
+        claim, the writes and the queued calls are applied together at the end, if and only if no
+        session read (however many keys) has changed and the update is new; otherwise the block raises
+        Conflict and nothing is applied. The handlers may therefore run more than once (their calls are
+        sent only after a commit).
 
         `read` may answer from what this process remembers of the key, unchecked until the end; when
         that turned out stale the block raises StaleRead, and a retry starts from the current row."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from .. import Conflict, StorageRefused, StorageUnavailable
+from .. import StorageRefused, StorageUnavailable
 
 __all__ = ["Args", "acquire", "session_columns", "unavailable_on_failure"]
 
@@ -30,7 +30,7 @@ def unavailable_on_failure(what: str) -> Iterator[None]:
     StorageRefused: delivering it again cannot help (the update becomes a dead letter)."""
     try:
         yield
-    except (StorageUnavailable, StorageRefused, Conflict):
+    except (StorageUnavailable, StorageRefused):
         raise
     except _REFUSED as exc:
         raise StorageRefused(f"{what}: the database refused a value: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,294 @@
+"""Several sessions in one optimistic update (a chat's and a user's, as examples/todo.py has): read or
+remembered each, written in one statement that checks them all, and the framework's conflicts never
+seen by the bot's own code."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from bot.context import BotIdentity, Context
+from bot.dispatch import Bot
+from bot.filters import text
+from bot.metrics import Metrics
+from bot.pipeline import Pipeline, Status
+from bot.session import session, user_key
+from bot.storage import Conflict, StaleRead, StoredSession
+from bot.storage.postgres import PostgresStorage
+from bot.testing.updates import text_update
+
+pytestmark = pytest.mark.anyio
+
+ME = BotIdentity(1, "pizza_bot")
+CHAT, USER = 7, 5
+CHAT_KEY, USER_KEY = "7", "user:5"
+
+
+@dataclass
+class Count:
+    count: int = 0
+
+
+def two_session_bot(runs: list[int], *, between: Callable[[], Awaitable[None]] | None = None) -> Bot[Count]:
+    """A chat session, and a lazy per-user one loaded by the handler (examples/todo.py's shape). `runs`
+    gets the update id of every run of the handler; `between` runs after both sessions are loaded."""
+    bot: Bot[Count] = Bot(
+        session(Count), sessions={"me": session(Count, get_session_key=user_key, prefix="user:", lazy=True)}
+    )
+
+    @bot.message(text(equals="+"))
+    async def plus(ctx: Context[Count]) -> None:
+        runs.append(ctx.update.update_id)
+        ctx.session.count += 1
+        (await ctx.get_session("me")).count += 1
+        if between is not None:
+            await between()
+
+    return bot
+
+
+def plus(update_id: int, user: int = USER) -> Any:
+    return text_update(update_id, chat_id=CHAT, text="+", from_id=user)
+
+
+@pytest.fixture
+async def logged(database_url: str) -> AsyncIterator[tuple[PostgresStorage, list[str]]]:
+    """A storage on one connection, and every statement sent on it (each a round trip)."""
+    sent: list[str] = []
+    storage = await PostgresStorage.connect(database_url, min_size=1, max_size=1)
+    async with storage.pool.acquire() as conn:  # the only connection: it stays logged
+        conn.add_query_logger(lambda q: sent.append(q.query))
+    try:
+        yield storage, sent
+    finally:
+        await storage.close()
+
+
+async def count_of(storage: PostgresStorage, key: str) -> int | None:
+    value = await storage.pool.fetchval("SELECT (data->>'count')::int FROM sessions WHERE key = $1", key)
+    return None if value is None else int(value)
+
+
+async def write_count(storage: PostgresStorage, key: str, count: int) -> None:
+    """Another process's update of the key (with locks)."""
+    async with storage.transaction() as tx:
+        await tx.read(key)
+        await tx.write(key, StoredSession(f'{{"count": {count}}}'))
+
+
+async def test_an_update_with_two_sessions_runs_once_in_the_round_trips_of_one_session(
+    logged: tuple[PostgresStorage, list[str]],
+) -> None:
+    """A new chat and user: one read each, then the one statement. Both remembered afterwards: the one
+    statement alone, as for a bot with one session. The handler runs once per update, and no update
+    takes the locking transaction (no BEGIN)."""
+    storage, sent = logged
+    runs: list[int] = []
+    run = Pipeline(two_session_bot(runs), storage, ME, Metrics(), optimistic=True)
+    trips = []
+    for update_id in (1, 2, 3):
+        sent.clear()
+        assert (await run.process(plus(update_id))).status is Status.APPLIED
+        trips.append(len(sent))
+        assert not any("BEGIN" in q for q in sent), sent
+    assert trips == [3, 1, 1]
+    assert runs == [1, 2, 3]
+    assert run.metrics.count("bot_optimistic_conflicts_total") == 0
+    assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (3, 3)
+
+
+async def test_another_process_writing_the_second_session_refreshes_it_and_the_update_counts_once(
+    logged: tuple[PostgresStorage, list[str]], database_url: str
+) -> None:
+    """Both rows remembered; another process changes the user's meanwhile. The statement is refused with
+    the user's current row (the chat's still matches), and the retry from it applies, without locks."""
+    storage, sent = logged
+    other = await PostgresStorage.connect(database_url)
+    try:
+        runs: list[int] = []
+        run = Pipeline(two_session_bot(runs), storage, ME, Metrics(), optimistic=True)
+        await run.process(plus(1))
+        await write_count(other, USER_KEY, 10)
+        sent.clear()
+        assert (await run.process(plus(2))).status is Status.APPLIED
+        assert len(sent) == 2 and not any("BEGIN" in q for q in sent), sent
+        assert runs == [1, 2, 2]
+        assert run.metrics.count("bot_optimistic_conflicts_total") == 1
+        assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (2, 11)
+        assert not storage.contended(USER_KEY)
+    finally:
+        await other.close()
+
+
+async def test_a_second_session_written_after_it_was_read_conflicts_and_the_update_counts_once(
+    database_url: str,
+) -> None:
+    """Another process writes the user's row between the read and the statement: the statement checks
+    it (not only the chat's row), applies nothing, and the update runs again with locks, once."""
+    storage = await PostgresStorage.connect(database_url, cache_size=0)  # every row read afresh
+    other = await PostgresStorage.connect(database_url)
+    try:
+        runs: list[int] = []
+
+        async def meanwhile() -> None:
+            if len(runs) == 1:
+                await write_count(other, USER_KEY, 10)
+
+        run = Pipeline(two_session_bot(runs, between=meanwhile), storage, ME, Metrics(), optimistic=True)
+        assert (await run.process(plus(1))).status is Status.APPLIED
+        assert runs == [1, 1]
+        assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (1, 11)
+        assert storage.contended(USER_KEY) and not storage.contended(CHAT_KEY)
+        assert await storage.pool.fetchval("SELECT count(*) FROM processed_updates") == 1
+    finally:
+        await storage.close()
+        await other.close()
+
+
+async def test_a_middleware_catching_exception_never_sees_a_conflict(
+    logged: tuple[PostgresStorage, list[str]],
+) -> None:
+    """The user's session is contended: loading it in the handler gives way to the locking transaction.
+    A middleware with `except Exception` (a timing or error-reporting one) must not catch that: it is
+    the framework's control flow, and the update is applied exactly once, with locks."""
+    storage, _ = logged
+    runs: list[int] = []
+    caught: list[BaseException] = []
+    bot = two_session_bot(runs)
+
+    @bot.use
+    async def reporting(ctx: Context[Count], next: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await next()
+        except Exception as exc:
+            caught.append(exc)
+            raise
+
+    storage.contend(USER_KEY)
+    run = Pipeline(bot, storage, ME, Metrics(), optimistic=True)
+    assert (await run.process(plus(1))).status is Status.APPLIED
+    assert caught == []
+    assert runs == [1, 1]
+    assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (1, 1)
+
+
+async def test_a_torn_write_of_the_second_session_rolls_the_whole_statement_back(database_url: str) -> None:
+    """Both rows unchanged in the statement's snapshot, so it claims and writes the chat's; the user's
+    row is held by another process that then commits a change, so that write finds a newer version.
+    Nothing of the statement may stay: not the claim, not the chat's write."""
+    storage = await PostgresStorage.connect(database_url)
+    try:
+        await write_count(storage, CHAT_KEY, 1)
+        await write_count(storage, USER_KEY, 1)
+
+        async def attempt() -> None:
+            async with storage.optimistic_transaction() as tx:
+                await tx.claim_update(1, 40)
+                await tx.read(CHAT_KEY)
+                await tx.read(USER_KEY)
+                await tx.write(CHAT_KEY, StoredSession('{"count": 2}'))
+                await tx.write(USER_KEY, StoredSession('{"count": 2}'))
+
+        async with storage.transaction() as locked:
+            await locked.read(USER_KEY)  # holds the user's row
+            task = asyncio.create_task(attempt())
+            await asyncio.sleep(0.3)  # checked both (unchanged), claimed, wrote the chat, waits for the user
+            await locked.write(USER_KEY, StoredSession('{"count": 5}'))
+        with pytest.raises(Conflict, match="DivisionByZero"):
+            await task
+        assert await storage.pool.fetchval("SELECT count(*) FROM processed_updates") == 0
+        assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (1, 5)
+    finally:
+        await storage.close()
+
+
+async def test_a_later_key_whose_turn_is_taken_gives_way_instead_of_waiting(database_url: str) -> None:
+    """An update holding a key's turn that waited for another key's could wait for an update holding
+    that one and wanting the first (the same two keys in the other order), or for the connection this
+    one holds: it gives way to the locking transaction at once instead, and gives its turn back."""
+    storage = await PostgresStorage.connect(database_url)
+    try:
+        holding, done = asyncio.Event(), asyncio.Event()
+
+        async def holder() -> None:
+            async with storage.optimistic_transaction() as tx:
+                await tx.read("a")
+                holding.set()
+                await done.wait()
+
+        held = asyncio.create_task(holder())
+        await holding.wait()
+
+        async def attempt() -> None:
+            async with storage.optimistic_transaction() as tx:
+                await tx.claim_update(1, 2)
+                await tx.read("b")
+                await tx.read("a")
+
+        with pytest.raises(Conflict, match="'a' is another update's turn"):
+            async with asyncio.timeout(5):
+                await attempt()
+        assert not storage.turns.busy("b") and storage.turns.busy("a")
+        done.set()
+        await held
+    finally:
+        await storage.close()
+
+
+async def test_two_processes_writing_the_same_two_sessions_lose_and_double_nothing(database_url: str) -> None:
+    """Two processes (two storages, each with its memory and turns) get one chat's updates from two
+    users at once, each update changing the chat's row and its user's. Every count exact; and, unlike
+    a transaction that takes one session only, most updates run their handlers once."""
+    storages = [await PostgresStorage.connect(database_url, max_size=4) for _ in range(2)]
+    try:
+        runs: list[int] = []
+        pipelines = [Pipeline(two_session_bot(runs), s, ME, Metrics(), optimistic=True) for s in storages]
+        updates = 60
+        for start in range(1, updates + 1, 20):  # in waves, so both warm and cold memories race
+            await asyncio.gather(
+                *(pipelines[n % 2].process(plus(n, user=100 + n % 3)) for n in range(start, start + 20))
+            )
+        probe = storages[0]
+        assert await count_of(probe, CHAT_KEY) == updates
+        assert [await count_of(probe, f"user:{100 + u}") for u in range(3)] == [20, 20, 20]
+        assert await probe.pool.fetchval("SELECT count(*) FROM processed_updates") == updates
+        assert sorted(set(runs)) == list(range(1, updates + 1))
+        # A transaction that takes one session only runs each such update twice (then with locks).
+        assert len(runs) < 2 * updates
+        assert max(runs.count(n) for n in range(1, updates + 1)) <= 3  # stale memory, refresh, lock
+    finally:
+        for s in storages:
+            await s.close()
+
+
+async def test_a_stale_memory_of_both_sessions_is_a_stale_read(database_url: str) -> None:
+    """Both remembered rows changed elsewhere: refreshed together from one refusal (StaleRead), so the
+    retry checks both again at no extra round trip."""
+    storage = await PostgresStorage.connect(database_url)
+    other = await PostgresStorage.connect(database_url)
+    try:
+        runs: list[int] = []
+        run = Pipeline(two_session_bot(runs), storage, ME, Metrics(), optimistic=True)
+        await run.process(plus(1))
+        await write_count(other, CHAT_KEY, 10)
+        await write_count(other, USER_KEY, 20)
+
+        async def attempt() -> None:
+            async with storage.optimistic_transaction() as tx:
+                await tx.claim_update(1, 2)
+                await tx.read(CHAT_KEY)
+                await tx.read(USER_KEY)
+                await tx.write(CHAT_KEY, StoredSession('{"count": 2}'))
+
+        with pytest.raises(StaleRead, match=f"{CHAT_KEY!r}, {USER_KEY!r}"):
+            await attempt()
+        chat, user = storage.cache.get(CHAT_KEY), storage.cache.get(USER_KEY)
+        assert chat is not None and user is not None
+        assert (chat.session.data, user.session.data) == ('{"count": 10}', '{"count": 20}')
+    finally:
+        await storage.close()
+        await other.close()
