@@ -99,11 +99,7 @@ class PostgresTransaction:
 
     async def _connection(self, begin: bool = True) -> asyncpg.pool.PoolConnectionProxy:
         if self._conn is None:
-            started = time.perf_counter()
-            with unavailable_on_failure("acquire a connection"):
-                self._conn = await acquire(self._pool, self._acquire_timeout)
-            if self._metrics is not None:
-                self._metrics.pool_wait.observe(time.perf_counter() - started)
+            self._conn = await acquire(self._pool, self._acquire_timeout, self._metrics)
         if begin and not self._begun:
             with unavailable_on_failure("begin"):
                 await self._conn.execute(self._begin)

@@ -11,7 +11,6 @@ through PgBouncer in transaction mode.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -132,11 +131,7 @@ class OptimisticTransaction:
 
     async def _connection(self) -> asyncpg.pool.PoolConnectionProxy:
         if self._conn is None:
-            started = time.perf_counter()
-            with unavailable_on_failure("acquire a connection"):
-                self._conn = await acquire(self._pool, self._acquire_timeout)
-            if self._metrics is not None:
-                self._metrics.pool_wait.observe(time.perf_counter() - started)
+            self._conn = await acquire(self._pool, self._acquire_timeout, self._metrics)
         return self._conn
 
     async def claim_update(self, bot_id: int, update_id: int) -> bool:

@@ -5,12 +5,14 @@ database refuses on every delivery: a dead letter)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
 
+from ...metrics import Metrics
 from .. import StorageRefused, StorageUnavailable
 
 __all__ = ["Args", "acquire", "session_columns", "unavailable_on_failure"]
@@ -38,12 +40,22 @@ def unavailable_on_failure(what: str) -> Iterator[None]:
         raise StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
-async def acquire(pool: asyncpg.Pool, wait_limit: float) -> asyncpg.pool.PoolConnectionProxy:
-    # With a connection idle, acquiring cannot wait, and asyncio.wait_for (a task per call) was ~2% of
-    # a request's CPU in py-spy on workload T; the request deadline still bounds the rare lost race.
-    if pool.get_idle_size():
-        return await pool.acquire()
-    return await pool.acquire(timeout=wait_limit)
+async def acquire(
+    pool: asyncpg.Pool, wait_limit: float, metrics: Metrics | None
+) -> asyncpg.pool.PoolConnectionProxy:
+    """A transaction's connection (StorageUnavailable when none comes), its wait observed in
+    `pool_wait`."""
+    started = time.perf_counter()
+    with unavailable_on_failure("acquire a connection"):
+        # With a connection idle, acquiring cannot wait, and asyncio.wait_for (a task per call) was ~2%
+        # of a request's CPU in py-spy on workload T; the request deadline still bounds the rare lost race.
+        if pool.get_idle_size():
+            conn = await pool.acquire()
+        else:
+            conn = await pool.acquire(timeout=wait_limit)
+    if metrics is not None:
+        metrics.pool_wait.observe(time.perf_counter() - started)
+    return conn
 
 
 class Args:
