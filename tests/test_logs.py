@@ -157,32 +157,31 @@ def test_a_line_shows_its_arguments_as_they_were_when_it_was_logged() -> None:
         writer.close()
 
 
-def test_lines_queued_at_exit_are_written(tmp_path: Path) -> None:
-    """A process that logs and ends at once (its writer's thread not yet awake) loses no line."""
+def _stderr_of(body: str) -> list[str]:
+    """The lines a fresh interpreter writes to stderr running `body` with `serve`'s logging set up
+    (`log` is a logger of ours)."""
     script = (
-        "import logging, sys\n"
+        "import logging, os, sys\n"
         "from bot.logs import setup_logging\n"
         "from bot.testing.env import make_settings\n"
         "setup_logging(make_settings('postgresql://u@h/db', 'http://127.0.0.1:1'))\n"
-        "log = logging.getLogger('bot.test')\n"
-        "for n in range(2000):\n"
-        "    log.info('update %d', n)\n"
+        "log = logging.getLogger('bot.test')\n" + body
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    lines = done.stderr.splitlines()
+    return done.stderr.splitlines()
+
+
+def test_lines_queued_at_exit_are_written(tmp_path: Path) -> None:
+    """A process that logs and ends at once (its writer's thread not yet awake) loses no line."""
+    lines = _stderr_of("for n in range(2000):\n    log.info('update %d', n)\n")
     assert [line.rsplit(" ", 1)[-1] for line in lines] == [str(n) for n in range(2000)]
 
 
 def test_a_forked_worker_writes_its_lines_too() -> None:
     """WEB_CONCURRENCY forks workers after logging is set up: each needs a writer thread of its own, and
     writes what it queued before it leaves (os._exit, after logging.shutdown, as bot.server does)."""
-    script = (
-        "import logging, os, sys\n"
-        "from bot.logs import setup_logging\n"
-        "from bot.testing.env import make_settings\n"
-        "setup_logging(make_settings('postgresql://u@h/db', 'http://127.0.0.1:1'))\n"
-        "log = logging.getLogger('bot.test')\n"
+    lines = _stderr_of(
         "for n in range(500):\n"
         "    log.info('parent %d', n)\n"
         "children = []\n"
@@ -197,9 +196,7 @@ def test_a_forked_worker_writes_its_lines_too() -> None:
         "for pid in children:\n"
         "    os.waitpid(pid, 0)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    messages = [line.split(": ", 1)[1] for line in done.stderr.splitlines()]
+    messages = [line.split(": ", 1)[1] for line in lines]
     for who in ("parent", "child0", "child1"):
         assert [m for m in messages if m.startswith(who + " ")] == [f"{who} {n}" for n in range(500)]
 
