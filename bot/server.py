@@ -48,6 +48,9 @@ MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADERS = 100
 KEEP_ALIVE_TIMEOUT = 5.0
 
+# The collector's first threshold while serving (`run`).
+YOUNG_OBJECTS = 10_000
+
 
 class _Refused(BotError):
     """Raised from a parser callback to stop parsing; uvicorn then calls send_400_response."""
@@ -217,6 +220,11 @@ def run(app: ASGIApp, settings: Settings, host: str, port: int) -> None:
     # CPU 151 → 119 to 136 µs per update, 5,413 → 6,204 to 6,914 updates/s. Here, not in the app's
     # start-up, so that tests serving the app in their own process keep a normal collector.
     gc.freeze()
+    # A young-generation collection every 700 allocations (the default) walks what the requests in flight
+    # hold, each time: ~450 collections per 10,000 updates on workload T, ~0.5 s of pauses (gc.callbacks
+    # measured). Every YOUNG_OBJECTS instead: the same walk, a fourteenth as often. Cycles are rare on
+    # the request path (reference counting frees the rest at once), so memory hardly grows.
+    gc.set_threshold(YOUNG_OBJECTS, *gc.get_threshold()[1:])
     sockets = [config.bind_socket()]
     if settings.metrics_port is not None:
         # One server on two sockets: the app serves only /metrics on this one (bot.app).
