@@ -1,5 +1,5 @@
-"""Reading a stream of bytes without trusting its length: what the webhook reads from Telegram (or
-anyone) and what the Bot API client reads back share one bounded reader."""
+"""Reading a stream of bytes without trusting its length: what the Bot API client reads back. (The
+webhook reads its body straight from ASGI messages, with the same bound: `bot.app`.)"""
 
 from __future__ import annotations
 
