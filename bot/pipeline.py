@@ -53,7 +53,7 @@ from .storage import (
 )
 from .telegram import BotApi, decode_update
 from .types import Update
-from .unit import Claim, TimerClaim, Unit, unit_of_work
+from .unit import Claim, TimerClaim, Unit, UnitOfWork
 
 __all__ = ["Outcome", "Pipeline", "Status"]
 
@@ -307,7 +307,7 @@ class Pipeline:
             main = self._optimistic.optimistic_transaction()
         else:
             main = self.storage.transaction()
-        return unit_of_work(
+        return UnitOfWork(
             self.storage,
             main,
             self.bot.sessions.values(),

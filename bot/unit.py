@@ -6,14 +6,15 @@ in which sessions are locked (`Unit.in_lock_order`). The pipeline opens one per 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from collections.abc import Callable, Iterable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from types import TracebackType
 from typing import Any
 
 from .session import AlreadyApplied, SessionConfig, SessionSlot
 from .storage import Storage, Transaction
 
-__all__ = ["Claim", "TimerClaim", "Unit", "unit_of_work"]
+__all__ = ["Claim", "TimerClaim", "Unit", "UnitOfWork"]
 
 
 class Claim:
@@ -78,13 +79,7 @@ class Unit:
         return sorted(slots, key=lambda s: (order[id(s.config.storage or self._storage)], s.key or ""))
 
 
-@asynccontextmanager
-async def unit_of_work(
-    storage: Storage,
-    main: AbstractAsyncContextManager[Transaction],
-    sessions: Iterable[SessionConfig[Any]],
-    claim: Callable[[Transaction], Claim],
-) -> AsyncIterator[Unit]:
+class UnitOfWork:
     """The update's transactions: `main` on the bot's `storage`, plus one per other storage a session
     names, opened in the order the sessions are declared.
 
@@ -92,12 +87,41 @@ async def unit_of_work(
     between the commits leaves the update unclaimed: its redelivery applies it again to the other
     storages (at least once there) and exactly once here. A failed commit rolls back those not yet
     committed; all of them roll back when anything raises before.
+
+    A class rather than an @asynccontextmanager over an AsyncExitStack, which cost ~3% of an update's
+    CPU on workload T: with every session in the bot's storage (nearly every bot), `main` is entered
+    and left directly, and the stack is used only when there are other storages.
     """
-    async with AsyncExitStack() as stack:
-        tx = await stack.enter_async_context(main)
-        unit = Unit(storage, tx, claim(tx))
-        for config in sessions:
-            if config.storage is not None and id(config.storage) not in unit.transactions:
-                other = await stack.enter_async_context(config.storage.transaction())
-                unit.transactions[id(config.storage)] = other
-        yield unit
+
+    def __init__(
+        self,
+        storage: Storage,
+        main: AbstractAsyncContextManager[Transaction],
+        sessions: Iterable[SessionConfig[Any]],
+        claim: Callable[[Transaction], Claim],
+    ) -> None:
+        self._storage = storage
+        self._main = main
+        self._others = [c.storage for c in sessions if c.storage is not None and c.storage is not storage]
+        self._claim = claim
+        self._stack: AsyncExitStack | None = None
+
+    async def __aenter__(self) -> Unit:
+        if not self._others:
+            tx = await self._main.__aenter__()
+            return Unit(self._storage, tx, self._claim(tx))
+        async with AsyncExitStack() as stack:
+            tx = await stack.enter_async_context(self._main)
+            unit = Unit(self._storage, tx, self._claim(tx))
+            for other in self._others:
+                if id(other) not in unit.transactions:
+                    unit.transactions[id(other)] = await stack.enter_async_context(other.transaction())
+            self._stack = stack.pop_all()  # opened: left in __aexit__
+        return unit
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        if self._stack is None:
+            return await self._main.__aexit__(kind, exc, tb)
+        return await self._stack.__aexit__(kind, exc, tb)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, TypeVar
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
@@ -30,28 +30,37 @@ __all__ = ["PostgresStorage"]
 _Tx = TypeVar("_Tx", PostgresTransaction, OptimisticTransaction)
 
 
-@asynccontextmanager
-async def _finished(tx: _Tx, pooled: Pooled) -> AsyncIterator[_Tx]:
-    """Yield the transaction; commit it when the block ends, roll it back when anything raised.
+class _Finished(Generic[_Tx]):
+    """Yields the transaction; commits it when the block ends, rolls it back when anything raised.
 
     What this process remembers of sessions outlives a failure: a remembered row version names its
     server too (`_revision`), so one remembered from before a restore or a failover never matches.
     When a pooler broke a prepared statement, the storage switches to pooler mode and RunAgain asks
-    for the update again."""
-    try:
-        yield tx
-    except BaseException as exc:
-        # Rolling back on a broken connection fails too; the original error is the one to report,
-        # and release() in finish() still returns (or discards) the connection.
-        with contextlib.suppress(Exception):
-            await tx.finish(commit=False)
-        await pooled.run_again_if_pooler_broke(exc)
-        raise
-    try:
-        await tx.finish(commit=True)
-    except StorageUnavailable as exc:
-        await pooled.run_again_if_pooler_broke(exc)
-        raise
+    for the update again. (A class, not an @asynccontextmanager: every update opens one, and the
+    generator's machinery cost more than what it does.)"""
+
+    def __init__(self, tx: _Tx, pooled: Pooled) -> None:
+        self._tx: _Tx = tx
+        self._pooled = pooled
+
+    async def __aenter__(self) -> _Tx:
+        return self._tx
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None:
+            # Rolling back on a broken connection fails too; the original error is the one to report,
+            # and release() in finish() still returns (or discards) the connection.
+            with contextlib.suppress(Exception):
+                await self._tx.finish(commit=False)
+            await self._pooled.run_again_if_pooler_broke(exc)
+            return  # the original error goes on
+        try:
+            await self._tx.finish(commit=True)
+        except StorageUnavailable as failure:
+            await self._pooled.run_again_if_pooler_broke(failure)
+            raise
 
 
 class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, PostgresPeeks):
@@ -144,7 +153,7 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
         return key in self.contention
 
     def transaction(self) -> AbstractAsyncContextManager[PostgresTransaction]:
-        return _finished(
+        return _Finished(
             PostgresTransaction(
                 self._pool, self._acquire_timeout, self._metrics, self._begin, self.cache.forget
             ),
@@ -152,7 +161,7 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
         )
 
     def optimistic_transaction(self) -> AbstractAsyncContextManager[OptimisticTransaction]:
-        return _finished(
+        return _Finished(
             OptimisticTransaction(
                 self._pool, self._acquire_timeout, self._metrics, self.cache, self.turns, self.contention
             ),
