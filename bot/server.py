@@ -30,10 +30,11 @@ import os
 import signal
 import socket
 import sys
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import uvicorn
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .config import Settings
@@ -194,6 +195,23 @@ def _peer(protocol: HttpToolsProtocol) -> str:
     return f"{protocol.client[0]}:{protocol.client[1]}" if protocol.client else "a client"
 
 
+class _ProxyHeadersExceptWebhook:
+    """uvicorn's ProxyHeadersMiddleware (X-Forwarded-For and -Proto from FORWARDED_ALLOW_IPS) for every
+    path but POST /webhook, which reads neither the client's address nor the scheme: there it cost ~2%
+    of an update's samples on workload T for nothing."""
+
+    def __init__(self, app: ASGIApp, trusted_hosts: list[str] | str) -> None:
+        self._app = app
+        # (uvicorn types ASGI more narrowly than Starlette: the same callables.)
+        self._proxied = cast(ASGIApp, ProxyHeadersMiddleware(cast(Any, app), trusted_hosts=trusted_hosts))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/webhook":
+            await self._app(scope, receive, send)
+        else:
+            await self._proxied(scope, receive, send)
+
+
 def run(app: ASGIApp, settings: Settings, host: str, port: int) -> None:
     """Serve `app` until SIGINT or SIGTERM, then stop gracefully within SHUTDOWN_TIMEOUT."""
     protocol = type(
@@ -201,10 +219,12 @@ def run(app: ASGIApp, settings: Settings, host: str, port: int) -> None:
         (GuardedHttpProtocol,),
         {"read_timeout": settings.http_read_timeout, "max_connections": settings.http_max_connections},
     )
+    trusted = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")  # (uvicorn's own default)
     config = uvicorn.Config(
-        app,
+        _ProxyHeadersExceptWebhook(app, trusted),
         host=host,
         port=port,
+        proxy_headers=False,  # (applied above, but for the webhook)
         http=protocol,
         ws="none",  # no WebSocket routes: an upgrade request is just another HTTP request
         log_level=settings.log_level.lower(),
