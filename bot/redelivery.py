@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 
 __all__ = ["KEEP_APPLIED", "KEEP_APPLIED_FOR", "Deliveries"]
 
@@ -23,7 +22,8 @@ KEEP_APPLIED_FOR = 3600.0
 
 class Deliveries:
     def __init__(self) -> None:
-        self._running: dict[int, asyncio.Event] = {}  # update id -> set when its attempt here ends
+        # Update id -> set when its attempt here ends; made only when a redelivery waits for it.
+        self._running: dict[int, asyncio.Event | None] = {}
         self._applied: dict[int, float] = {}  # ids done here with no calls queued -> when, oldest first
 
     async def done_here(self, update_id: int, deadline: float) -> bool:
@@ -31,23 +31,40 @@ class Deliveries:
         here has ended. Raises TimeoutError when that attempt still runs at `deadline` (loop time)."""
         if update_id in self._running:
             async with asyncio.timeout_at(deadline):
-                while (running := self._running.get(update_id)) is not None:
+                while update_id in self._running:
+                    running = self._running[update_id]
+                    if running is None:
+                        running = self._running[update_id] = asyncio.Event()
                     await running.wait()
         applied = self._applied.get(update_id)
         return applied is not None and time.monotonic() - applied < KEEP_APPLIED_FOR
 
-    @contextmanager
-    def running(self, update_id: int) -> Iterator[None]:
-        """An attempt of the update runs here: redeliveries wait for it (`done_here`)."""
-        done = self._running[update_id] = asyncio.Event()
-        try:
-            yield
-        finally:
-            del self._running[update_id]
-            done.set()
+    def running(self, update_id: int) -> _Running:
+        """An attempt of the update runs here (`with` it): redeliveries wait for it (`done_here`)."""
+        return _Running(self._running, update_id)
 
     def remember(self, update_id: int) -> None:
         """The update is done here (applied, handled by the error hook, or a dead letter), no call queued."""
         self._applied[update_id] = time.monotonic()
         if len(self._applied) > KEEP_APPLIED:
             del self._applied[next(iter(self._applied))]  # the oldest: dicts keep insertion order
+
+
+class _Running:
+    """`Deliveries.running`: a class, not a @contextmanager, as every update enters one."""
+
+    __slots__ = ("_running", "_update_id")
+
+    def __init__(self, running: dict[int, asyncio.Event | None], update_id: int) -> None:
+        self._running = running
+        self._update_id = update_id
+
+    def __enter__(self) -> None:
+        self._running[self._update_id] = None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        done = self._running.pop(self._update_id)
+        if done is not None:
+            done.set()

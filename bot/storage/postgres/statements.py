@@ -6,8 +6,7 @@ database refuses on every delivery: a dead letter)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 
 import asyncpg
@@ -23,20 +22,38 @@ __all__ = ["Args", "acquire", "session_columns", "unavailable_on_failure"]
 _REFUSED = (asyncpg.DataError, asyncpg.ProgramLimitExceededError, asyncpg.exceptions._base.DataError)
 
 
-@contextmanager
-def unavailable_on_failure(what: str) -> Iterator[None]:
+class unavailable_on_failure:  # (lower case: used as the context manager function it was)
     """Whatever else the driver raises here (a lost connection, a timeout, a terminated backend, a
     protocol state error after one, a missing table), the update was not stored. Reporting it as
     StorageUnavailable makes the webhook answer 503 and Telegram deliver the update again; treating it
     as a bug would dead-letter an update that its next delivery would apply. A refused value is
-    StorageRefused: delivering it again cannot help (the update becomes a dead letter)."""
-    try:
-        yield
-    except (StorageUnavailable, StorageRefused):
-        raise
-    except _REFUSED as exc:
-        raise StorageRefused(f"{what}: the database refused a value: {type(exc).__name__}: {exc}") from exc
-    except Exception as exc:
+    StorageRefused: delivering it again cannot help (the update becomes a dead letter).
+
+    A class, not a @contextmanager: every statement of every update passes through one, and the
+    generator's machinery cost more than the translation."""
+
+    __slots__ = ("_what",)
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if (
+            exc is None
+            or not isinstance(exc, Exception)
+            or isinstance(exc, (StorageUnavailable, StorageRefused))
+        ):
+            return
+        what = self._what
+        if isinstance(exc, _REFUSED):
+            raise StorageRefused(
+                f"{what}: the database refused a value: {type(exc).__name__}: {exc}"
+            ) from exc
         raise StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
