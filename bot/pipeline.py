@@ -29,6 +29,7 @@ from functools import partial
 from typing import Any
 
 from .context import BotIdentity, Context, ImmediateApi, timer_context
+from .deadline import Deadlines
 from .dispatch import Bot, ErrorHook, NoSuchTimerHandler
 from .errors import BotError
 from .failures import TransientFailures, TryLater, describe, is_transient, storable
@@ -108,6 +109,7 @@ class Pipeline:
         self.give_up = give_up or TransientFailures(deliveries=5, seconds=300.0)
         self._recorder = Recorder(storage, me, self.api, lease)  # what failed for good (bot.recording)
         self._deliveries = Deliveries()  # redeliveries answered from memory (bot.redelivery)
+        self._deadlines = Deadlines()  # every update's REQUEST_DEADLINE, on one timer
         # Told of the timers an update or a fire changed, once committed (the timer loop's wake-up).
         self.on_schedule: Callable[[Sequence[TimerChange]], None] | None = None
 
@@ -248,7 +250,7 @@ class Pipeline:
         return outcome
 
     async def _run(self, update: Update, deadline: float, *, replay: bool = False) -> Outcome:
-        async with asyncio.timeout_at(deadline):
+        with self._deadlines.within(deadline):  # (asyncio.timeout_at's, on one timer: bot.deadline)
             try:
                 return await self._route(update, replay=replay)
             except RunAgain:

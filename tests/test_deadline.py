@@ -1,0 +1,89 @@
+"""The request deadline on one shared timer (bot.deadline): what asyncio.timeout_at does, per block."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bot.deadline import Deadlines
+
+pytestmark = pytest.mark.anyio
+
+LONG = 60.0  # a sleep no test waits out: the deadline ends it
+
+
+def _in(seconds: float) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+async def test_a_block_past_its_deadline_ends_in_timeout_error_and_leaves_its_task_uncancelled() -> None:
+    deadlines = Deadlines()
+    with pytest.raises(TimeoutError), deadlines.within(_in(0.05)):
+        await asyncio.sleep(LONG)
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0)  # the task goes on: nothing cancels it later
+
+
+async def test_each_block_ends_at_its_own_deadline_whatever_the_order_they_began_in() -> None:
+    deadlines = Deadlines()
+    ended: list[str] = []
+
+    async def run(name: str, seconds: float) -> None:
+        try:
+            with deadlines.within(_in(seconds)):
+                await asyncio.sleep(LONG)
+        except TimeoutError:
+            ended.append(name)
+
+    # The later deadline first: the timer must be moved to the sooner one, then armed for the later.
+    later = asyncio.create_task(run("later", 0.3))
+    sooner = asyncio.create_task(run("sooner", 0.05))
+    await asyncio.wait_for(asyncio.gather(later, sooner), LONG)
+    assert ended == ["sooner", "later"]
+
+
+async def test_a_block_that_ends_in_time_is_not_cancelled_afterwards() -> None:
+    deadlines = Deadlines()
+    with deadlines.within(_in(0.05)):
+        await asyncio.sleep(0)
+    other = asyncio.create_task(asyncio.sleep(LONG))  # keeps the timer's loop turning past the deadline
+    with deadlines.within(_in(0.2)):
+        await asyncio.sleep(0.1)  # past the first block's deadline: its timer fires, finds nothing of it
+    other.cancel()
+
+
+async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
+    deadlines = Deadlines()
+
+    async def run() -> None:
+        with deadlines.within(_in(LONG)):
+            await asyncio.sleep(LONG)
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_an_outside_cancellation_arriving_with_the_deadline_is_not_turned_into_timeout_error() -> None:
+    deadlines = Deadlines()
+    seen: list[type[BaseException]] = []
+
+    async def run() -> None:
+        try:
+            with deadlines.within(_in(0.05)):
+                try:
+                    await asyncio.sleep(LONG)
+                finally:
+                    task.cancel()  # someone else cancels too, before the block is left
+        except BaseException as exc:
+            seen.append(type(exc))
+            raise
+
+    task = asyncio.create_task(run())
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == [asyncio.CancelledError]
