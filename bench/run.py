@@ -4,8 +4,9 @@
     .venv/bin/python bench/run.py -w A,T -p 2     # some workloads, two bot processes
     .venv/bin/python bench/run.py --quick         # a smoke run: a tenth of every workload
 
-Each workload gets a fresh database and fresh servers talking to the fake Bot API. Our bot runs as
-deployed: the Procfile's web command (listening on 127.0.0.1 instead of all interfaces), with only what a
+Each row (workload, system, repetition) gets a database of its own, migrated by the code that runs on it
+(a `bot@DIR` by DIR's Procfile `release:` command) and dropped after the row, and fresh servers talking
+to the fake Bot API. Our bot runs as deployed: the Procfile's web command (listening on 127.0.0.1 instead of all interfaces), with only what a
 user must set (DATABASE_URL, PORT, BOT_TOKEN, WEBHOOK_SECRET, WEBHOOK_URL, and TELEGRAM_API_ROOT pointing at
 the fake): every other setting at the README's default, none taken from this shell's environment. Updates are delivered as Telegram does (redelivered until a 2xx), then every chat is asked /hunger
 and the answers are compared with what was sent: lost and extra increments are counted, not assumed.
@@ -32,7 +33,7 @@ import time
 import uuid
 from asyncio.subprocess import DEVNULL
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -219,18 +220,24 @@ ROOT = HERE.parent
 APPS = HERE / "apps"  # the benchmark's own bots, put on PYTHONPATH
 
 
-def web_command(checkout: Path, python: str, app: str | None) -> list[str]:
-    """The Procfile's `web:` command of that checkout, run by `python`, listening on loopback only (a
-    PaaS listens on all interfaces; the benchmark keeps to 127.0.0.1), with `--app` when not the pizza bot."""
+def procfile_command(checkout: Path, python: str, role: str) -> list[str]:
+    """The Procfile's command for `role` (web, release) in that checkout, run by `python`."""
     for line in (checkout / "Procfile").read_text().splitlines():
-        role, _, command = line.partition(":")
-        if role.strip() == "web":
+        name, _, command = line.partition(":")
+        if name.strip() == role:
             words = shlex.split(command)
             break
     else:
-        raise RuntimeError(f"{checkout / 'Procfile'} has no web: line")
+        raise RuntimeError(f"{checkout / 'Procfile'} has no {role}: line")
     if words[0] in ("python", "python3"):
         words[0] = python
+    return words
+
+
+def web_command(checkout: Path, python: str, app: str | None) -> list[str]:
+    """The Procfile's `web:` command of that checkout, run by `python`, listening on loopback only (a
+    PaaS listens on all interfaces; the benchmark keeps to 127.0.0.1), with `--app` when not the pizza bot."""
+    words = procfile_command(checkout, python, "web")
     if "--host" in words:
         words[words.index("--host") + 1] = "127.0.0.1"
     return words + (["--app", app] if app else [])
@@ -308,6 +315,33 @@ def peak_rss_mb(pids: list[int]) -> float:
     return peak / 1024
 
 
+def checkout_of(system: System) -> tuple[Path, str]:
+    """Where one of our systems runs from, and its interpreter: the checkout's .venv when it has one."""
+    cwd = system.checkout or ROOT
+    venv = cwd / ".venv" / "bin" / "python"
+    return cwd, str(venv) if system.checkout is not None and venv.is_file() else sys.executable
+
+
+def checkout_path(cwd: Path, env: Mapping[str, str]) -> str:
+    """PYTHONPATH: the checkout's own code first, whatever this interpreter has installed; the bench's bots
+    after. (A PYTHONPATH given as a setting comes after: e.g. a sitecustomize.py probing the server.)"""
+    return os.pathsep.join([str(cwd), str(APPS), *filter(None, [env.get("PYTHONPATH")])])
+
+
+def release(system: System, dsn: str, root: str, logs: Path) -> None:
+    """Migrate an empty database as a deploy does: the system's checkout's Procfile `release:` command, so
+    an old checkout's database holds its own migrations only (it refuses to start on a newer schema)."""
+    cwd, python = checkout_of(system)
+    env = {**os.environ, **deployed_env(dsn, root), **dict(system.env)}
+    env["PYTHONPATH"] = checkout_path(cwd, env)
+    done = subprocess.run(
+        procfile_command(cwd, python, "release"), env=env, cwd=cwd, capture_output=True, text=True
+    )
+    (logs / f"release-{uuid.uuid4().hex[:6]}.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"{system.label}: release failed:\n{(done.stdout + done.stderr)[-2000:]}")
+
+
 async def run_server(
     w: Workload,
     system: System,
@@ -322,14 +356,10 @@ async def run_server(
     command: list[str] = ["node", str(GRAMMY / "bot.js")]
     cwd = None
     if system.kind != "grammy":
-        cwd = system.checkout or ROOT
-        venv = cwd / ".venv" / "bin" / "python"
-        python = str(venv) if system.checkout is not None and venv.is_file() else sys.executable
+        cwd, python = checkout_of(system)
         app = "two_sessions:build_bot" if system.kind == "bot2" else None
         command = web_command(cwd, python, app)
-        # The checkout's own code first, whatever this interpreter has installed; the bench's bots after.
-        # (A PYTHONPATH given as a setting comes after: e.g. a sitecustomize.py probing the server.)
-        env["PYTHONPATH"] = os.pathsep.join([str(cwd), str(APPS), *filter(None, [env.get("PYTHONPATH")])])
+        env["PYTHONPATH"] = checkout_path(cwd, env)
     name = re.sub(r"[^\w.=-]+", "_", system.label)
     bots = [
         BotProcess(env, logs / f"{w.name}-{name}-{i}.log", command=command, cwd=cwd) for i in range(processes)
@@ -483,7 +513,19 @@ def postgres_server() -> Iterator[tuple[str, str]]:
         embedded.stop()
 
 
+@contextlib.asynccontextmanager
+async def new_database(server_url: str) -> AsyncIterator[str]:
+    """An empty database of its own on that server (its DSN), dropped afterwards."""
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    await admin(server_url, f"CREATE DATABASE {name}")
+    try:
+        yield with_database(server_url, name)
+    finally:
+        await admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 async def fresh_database(server_url: str) -> str:
+    """A new database migrated by this checkout's code, kept (for scripts that run one system)."""
     name = f"bench_{uuid.uuid4().hex[:10]}"
     await admin(server_url, f"CREATE DATABASE {name}")
     dsn = with_database(server_url, name)
@@ -619,11 +661,19 @@ async def main() -> None:
             for run in range(args.repeat):
                 # Each run starts with another system, so none always gets the quieter moment.
                 for system in systems[run % len(systems) :] + systems[: run % len(systems)]:
-                    dsn = await fresh_database(server_url)
-                    if system.kind == "raw":
-                        row = await raw_postgres(w, dsn)
-                    else:
-                        row = await run_server(w, system, dsn, root, fake, args.processes, logs, args.profile)
+                    # A database per row, migrated by the code that runs on it: old and new checkouts'
+                    # migrations never meet, and no row starts on another's sessions.
+                    async with new_database(server_url) as dsn:
+                        if system.kind in ("bot", "bot2"):
+                            release(system, dsn, root, logs)
+                        else:
+                            await migrate(dsn)
+                        if system.kind == "raw":
+                            row = await raw_postgres(w, dsn)
+                        else:
+                            row = await run_server(
+                                w, system, dsn, root, fake, args.processes, logs, args.profile
+                            )
                     row["load"] = f"{os.getloadavg()[0]:.1f}"
                     rows.append(row)
                     print(table(rows[-1:]), file=sys.stderr, flush=True)
