@@ -268,19 +268,32 @@ async def test_a_handler_bug_is_rolled_back_recorded_as_a_dead_letter_and_acknow
     }
 
 
+@pytest.mark.parametrize("mode", ["optimistic", "locked"])
 async def test_a_locked_row_past_lock_timeout_is_503_and_nothing_is_half_written(
-    open_client: OpenClient, database_url: str, telegram_root: str, fake: FakeTelegram
+    open_client: OpenClient,
+    database_url: str,
+    telegram_root: str,
+    fake: FakeTelegram,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
 ) -> None:
-    settings = make_settings(database_url, telegram_root, DB_LOCK_TIMEOUT="0.3")
+    # Both ways of applying an update give up on a row held by someone else after DB_LOCK_TIMEOUT, long
+    # before the request's deadline: the optimistic statement, sent outside a transaction block, waited
+    # for the row until the deadline (25 s by default) before it set the lock timeout itself.
+    settings = make_settings(
+        database_url, telegram_root, DB_CONCURRENCY=mode, DB_LOCK_TIMEOUT="1", REQUEST_DEADLINE="55"
+    )
     async with open_client(settings) as client:
         assert await post(client, message_update(1, -12, PIZZA)) == 200
         blocker = await asyncpg.connect(database_url)
         try:
             async with blocker.transaction():
                 await blocker.execute("SELECT 1 FROM sessions WHERE key = '-12' FOR UPDATE")
-                assert await post(client, message_update(2, -12, PIZZA)) == 503
+                # A bound, not a timing: answered well within a deadline 20 times the lock timeout.
+                assert await asyncio.wait_for(post(client, message_update(2, -12, PIZZA)), 20) == 503
         finally:
             await blocker.close()
+        assert "LockNotAvailable" in caplog.text  # the lock timeout ended it, not the deadline
         counts = await table_counts(database_url)
         assert counts["processed_updates"] == 1  # update 2 was not recorded: its redelivery will apply it
         assert await post(client, message_update(2, -12, PIZZA)) == 200

@@ -107,8 +107,11 @@ class OptimisticTransaction:
         cache: SessionCache,
         turns: Turns,
         contended: Contended,
+        lock_timeout: str,
     ) -> None:
+        """`lock_timeout`: DB_LOCK_TIMEOUT as a PostgreSQL setting's value ('5000ms'), for the statement."""
         self._pool = pool
+        self._lock_timeout = lock_timeout
         self._acquire_timeout = acquire_timeout
         self._metrics = metrics
         self._cache = cache  # what this process remembers of sessions, shared by its transactions
@@ -288,27 +291,33 @@ class OptimisticTransaction:
         """`_apply`'s statement. Its answer: `applied`; `u<n>`, whether keys[n] is unchanged; `r<n>`, the
         new version of written[n]; `k<n>_…`, the row of keys[n] as it is now, when it was remembered;
         and one row per call queued."""
-        ctes, gate = [], None
+        gate = None
         key_arg = {key: arg(key) for key in keys}
         version = {
             key: f"{_revision()} = {arg(row.revision)}"
             for key, row in self._rows.items()
             if row.revision is not None
         }
-        if keys:
-            checks = (
-                f"EXISTS (SELECT FROM sessions WHERE key = {key_arg[key]} AND {version[key]})"
-                if key in version
-                else f"NOT EXISTS (SELECT FROM sessions WHERE key = {key_arg[key]})"
-                for key in keys
-            )
-            ctes.append(f"v AS (SELECT {', '.join(f'{check} AS u{n}' for n, check in enumerate(checks))})")
-            unchanged = " AND ".join(f"v.u{n}" for n in range(len(keys)))
+        checks = (
+            f"EXISTS (SELECT FROM sessions WHERE key = {key_arg[key]} AND {version[key]})"
+            if key in version
+            else f"NOT EXISTS (SELECT FROM sessions WHERE key = {key_arg[key]})"
+            for key in keys
+        )
+        # DB_LOCK_TIMEOUT, set for this statement's own (implicit) transaction by the CTE every other part
+        # waits for: a row or an update id held by someone else (a locking transaction, a `SELECT … FOR
+        # UPDATE` in psql) ends it with LockNotAvailable after that long, as in the locking transaction,
+        # instead of at the request's deadline. In the statement itself: no round trip, and no setting left
+        # on a connection, which a transaction-mode pooler would not keep (nor take as a startup parameter).
+        limit = f"set_config('lock_timeout', '{self._lock_timeout}', true) AS lock_timeout"
+        ctes = [
+            f"v AS (SELECT {', '.join([limit, *(f'{check} AS u{n}' for n, check in enumerate(checks))])})"
+        ]
+        unchanged = " AND ".join(f"v.u{n}" for n in range(len(keys))) or "true"
         if self._claim is not None:
-            where = f" FROM v WHERE {unchanged}" if keys else ""
             ctes.append(
                 f"c AS (INSERT INTO processed_updates (bot_id, update_id) SELECT {arg(self._claim[0])},"
-                f" {arg(self._claim[1])}{where} RETURNING 1)"
+                f" {arg(self._claim[1])} FROM v WHERE {unchanged} RETURNING 1)"
             )
             gate = "c"
         elif keys:
@@ -325,7 +334,7 @@ class OptimisticTransaction:
             where = f" WHERE EXISTS (SELECT FROM {gate})" if gate else ""
             ctes.append(f"o AS ({queue_calls(arg, bot_id, update_id, lease, calls, where)})")
         columns = [f"EXISTS (SELECT FROM {gate}) AS applied" if gate else "true AS applied"]
-        joins = " FROM v" if keys else " FROM (VALUES (1)) AS one"
+        joins = " FROM v"
         columns += [f"v.u{n}" for n in range(len(keys))]
         columns += [f"(SELECT revision FROM w{n}) AS r{n}" for n in range(len(written))]
         if written:

@@ -90,8 +90,9 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
         # Timeouts as SET LOCAL inside each transaction, sent in the same simple-query message as BEGIN:
         # no extra round trip, and nothing that depends on the session, which a transaction-mode pooler
         # does not keep (and whose startup parameters it refuses: "unsupported startup parameter").
+        self._lock_timeout = f"{int(lock_timeout * 1000)}ms"  # the optimistic statement sets it itself
         self._begin = (
-            f"BEGIN; SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms';"
+            f"BEGIN; SET LOCAL lock_timeout = '{self._lock_timeout}';"
             f" SET LOCAL statement_timeout = '{int(statement_timeout * 1000)}ms';"
             f" SET LOCAL idle_in_transaction_session_timeout = '{int(statement_timeout * 3000)}ms'"
         )
@@ -163,7 +164,13 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
     def optimistic_transaction(self) -> AbstractAsyncContextManager[OptimisticTransaction]:
         return _Finished(
             OptimisticTransaction(
-                self._pool, self._acquire_timeout, self._metrics, self.cache, self.turns, self.contention
+                self._pool,
+                self._acquire_timeout,
+                self._metrics,
+                self.cache,
+                self.turns,
+                self.contention,
+                self._lock_timeout,
             ),
             self,
         )
