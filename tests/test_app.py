@@ -268,20 +268,31 @@ async def test_a_handler_bug_is_rolled_back_recorded_as_a_dead_letter_and_acknow
     }
 
 
-@pytest.mark.parametrize("mode", ["optimistic", "locked"])
+@pytest.mark.parametrize(
+    ("mode", "pooled"),
+    [
+        pytest.param("optimistic", False, id="optimistic"),
+        pytest.param("locked", False, id="locked"),
+        pytest.param("optimistic", True, id="optimistic-pgbouncer"),
+    ],
+)
 async def test_a_locked_row_past_lock_timeout_is_503_and_nothing_is_half_written(
     open_client: OpenClient,
     database_url: str,
     telegram_root: str,
     fake: FakeTelegram,
     caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
     mode: str,
+    pooled: bool,
 ) -> None:
     # Both ways of applying an update give up on a row held by someone else after DB_LOCK_TIMEOUT, long
     # before the request's deadline: the optimistic statement, sent outside a transaction block, waited
-    # for the row until the deadline (25 s by default) before it set the lock timeout itself.
+    # for the row until the deadline (25 s by default) before it set the lock timeout itself. `pooled`:
+    # the bot behind PgBouncer in transaction mode, which keeps no setting of a connection's.
+    url = request.getfixturevalue("pooled_database_url") if pooled else database_url
     settings = make_settings(
-        database_url, telegram_root, DB_CONCURRENCY=mode, DB_LOCK_TIMEOUT="1", REQUEST_DEADLINE="55"
+        url, telegram_root, DB_CONCURRENCY=mode, DB_LOCK_TIMEOUT="1", REQUEST_DEADLINE="55"
     )
     async with open_client(settings) as client:
         assert await post(client, message_update(1, -12, PIZZA)) == 200
