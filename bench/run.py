@@ -5,11 +5,13 @@
     .venv/bin/python bench/run.py --quick         # a smoke run: a tenth of every workload
 
 Each row (workload, system, repetition) gets a database of its own, migrated by the code that runs on it
-(a `bot@DIR` by DIR's Procfile `release:` command) and dropped after the row, and fresh servers talking
-to the fake Bot API. Our bot runs as deployed: the Procfile's web command (listening on 127.0.0.1 instead of all interfaces), with only what a
-user must set (DATABASE_URL, PORT, BOT_TOKEN, WEBHOOK_SECRET, WEBHOOK_URL, and TELEGRAM_API_ROOT pointing at
-the fake): every other setting at the README's default, none taken from this shell's environment. Updates are delivered as Telegram does (redelivered until a 2xx), then every chat is asked /hunger
-and the answers are compared with what was sent: lost and extra increments are counted, not assumed.
+(a `bot@DIR` by DIR's Procfile `release:` command) and dropped after the row, and fresh servers talking to
+the fake Bot API. Our bot runs as deployed: the Procfile's web command (listening on 127.0.0.1 instead of
+all interfaces), with only what a user must set (DATABASE_URL, PORT, BOT_TOKEN, WEBHOOK_SECRET,
+WEBHOOK_URL, and TELEGRAM_API_ROOT pointing at the fake): every other setting at the README's default,
+none taken from this shell's environment. Updates are delivered as Telegram does (redelivered until a
+2xx), then every chat is asked /hunger and the answers are compared with what was sent: lost and extra
+increments are counted, not assumed.
 Uses DATABASE_URL when set, else a throwaway embedded PostgreSQL. Bounded: loopback only, fixed counts.
 """
 
