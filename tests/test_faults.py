@@ -30,7 +30,8 @@ from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess
 from bot.testing.updates import callback_update, encode, message_update
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+# One worker for the module under pytest-xdist: _write_results writes the numbers of every test here.
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.xdist_group("faults")]
 
 RESULTS: dict[str, dict[str, Any]] = {}
 
