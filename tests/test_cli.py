@@ -7,7 +7,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from bot.apps.pizza_testing import PIZZA, hunger
 from bot.migrate import MIGRATIONS_DIR
 from bot.testing.env import SECRET, TOKEN, bot_env
 from bot.testing.fake_telegram import FakeTelegram
-from bot.testing.processes import BotProcess, free_port
+from bot.testing.processes import BotProcess, free_port, interrupt
 from bot.testing.processes import run_cli as bot
 from bot.testing.updates import callback_update, encode, message_update
 
@@ -214,8 +213,7 @@ def test_poll_applies_updates_from_get_updates(
         fake.wait_for(lambda: len(fake.sent_messages(-5)) >= 1, timeout=30)
         assert fake.sent_messages(-5)[0]["text"] == "Your hunger level is 2!"
     finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(20)
+        interrupt(process)
         log.close()
 
 
@@ -239,8 +237,7 @@ def test_poll_runs_the_app_given_with_app_and_receives_its_update_kinds(
         [get_updates, *_] = fake.calls("getUpdates")
         assert "callback_query" in get_updates.params["allowed_updates"]
     finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(20)
+        interrupt(process)
         log.close()
 
 

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from bot.storage.postgres import PostgresStorage
 from bot.telegram import Update, decode_update
 from bot.testing.env import SECRET, TOKEN, bot_env, make_settings
 from bot.testing.fake_telegram import FakeTelegram
-from bot.testing.processes import run_cli
+from bot.testing.processes import interrupt, run_cli
 from bot.testing.updates import callback_update, encode, message_update
 
 pytestmark = pytest.mark.anyio
@@ -501,8 +500,7 @@ def test_poll_records_a_poison_update_and_moves_on(
         assert fake.sent_messages(-7)[0]["text"] == "count 1"
         assert process.poll() is None  # still polling
     finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(20)
+        interrupt(process)
         log.close()
     assert "update 1 is a dead letter (attempt 1): ValueError" in (tmp_path / "poll.log").read_text()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["BotProcess", "free_port", "run_cli"]
+__all__ = ["BotProcess", "free_port", "interrupt", "run_cli"]
 
 
 def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -30,6 +30,19 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.
         text=True,
         timeout=timeout,
     )
+
+
+def interrupt(process: subprocess.Popen[bytes], timeout: float = 20) -> int:
+    """Ctrl-C (SIGINT) and wait for the exit; returns the exit status. One still running after `timeout`
+    is killed before TimeoutExpired is raised: a `poll` left behind would go on long-polling the test
+    worker's fake Bot API, confirming (so dropping) the updates of the tests after it."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def free_port() -> int:
