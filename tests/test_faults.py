@@ -30,8 +30,7 @@ from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess
 from bot.testing.updates import callback_update, encode, message_update
 
-# One worker for the module under pytest-xdist: _write_results writes the numbers of every test here.
-pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.xdist_group("faults")]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 RESULTS: dict[str, dict[str, Any]] = {}
 

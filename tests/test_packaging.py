@@ -24,8 +24,7 @@ from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess
 from bot.testing.updates import encode, message_update
 
-# One worker for the module under pytest-xdist: the wheel and its venv (module fixtures) are built once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("packaging")]
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 
