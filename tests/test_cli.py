@@ -213,8 +213,8 @@ def test_poll_applies_updates_from_get_updates(
         fake.wait_for(lambda: len(fake.sent_messages(-5)) >= 1, timeout=30)
         assert fake.sent_messages(-5)[0]["text"] == "Your hunger level is 2!"
     finally:
+        log.close()  # first: the process has its own copy, and a failed interrupt must not leak ours
         interrupt(process)
-        log.close()
 
 
 def test_poll_runs_the_app_given_with_app_and_receives_its_update_kinds(
@@ -237,8 +237,8 @@ def test_poll_runs_the_app_given_with_app_and_receives_its_update_kinds(
         [get_updates, *_] = fake.calls("getUpdates")
         assert "callback_query" in get_updates.params["allowed_updates"]
     finally:
+        log.close()  # first: the process has its own copy, and a failed interrupt must not leak ours
         interrupt(process)
-        log.close()
 
 
 def test_serve_runs_the_app_the_app_setting_names(

@@ -500,8 +500,8 @@ def test_poll_records_a_poison_update_and_moves_on(
         assert fake.sent_messages(-7)[0]["text"] == "count 1"
         assert process.poll() is None  # still polling
     finally:
+        log.close()  # first: the process has its own copy, and a failed interrupt must not leak ours
         interrupt(process)
-        log.close()
     assert "update 1 is a dead letter (attempt 1): ValueError" in (tmp_path / "poll.log").read_text()
 
 
