@@ -178,9 +178,11 @@ class Pipeline:
                 raise NoSuchTimerHandler(
                     f"no timer handler {timer.handler!r} (registered: {sorted(self.bot.timers)})"
                 )
-            outcome = await self._apply_in(
-                timer_context(timer, self.me, self.api), [handler], optimistic=False, claim=TimerClaim
-            )
+
+            async def fresh() -> tuple[Context[Any], Match]:
+                return timer_context(timer, self.me, self.api), [handler]
+
+            outcome = await self._apply(*await fresh(), fresh, claim=TimerClaim)
         except Exception as exc:
             error = exc.error if isinstance(exc, _Hooked) else exc
             line = describe(error)
@@ -282,7 +284,7 @@ class Pipeline:
             if migration is not None and any(c.merge is not None for c in self.bot.sessions.values()):
                 work = partial(self._migrate, update, migration.old_chat_id, migration.new_chat_id, replay)
             elif found or replay:  # a replay takes its dead letter even if no handler wants it now
-                work = partial(self._apply, ctx, found, replay)
+                work = partial(self._apply, ctx, found, partial(self._match, ctx.update), replay=replay)
             if work is None:
                 return Outcome(Status.IGNORED)
             return await work()
@@ -316,22 +318,37 @@ class Pipeline:
             lambda tx: claim(tx, self.me.id, update.update_id, replay=replay),
         )
 
-    async def _apply(self, ctx: Context[Any], found: Match, replay: bool = False) -> Outcome:
+    async def _match(self, update: Update) -> tuple[Context[Any], Match]:
+        """A fresh context for the update, and the handlers that want it."""
+        ctx: Context[Any] = Context(update, self.me, self.api)
+        return ctx, await self.bot.match(ctx, kind) if (kind := update.kind) is not None else []
+
+    async def _apply(
+        self,
+        ctx: Context[Any],
+        found: Match,
+        fresh: Callable[[], Awaitable[tuple[Context[Any], Match]]],
+        *,
+        replay: bool = False,
+        claim: type[Claim] = Claim,
+    ) -> Outcome:
+        """Apply an update, or a timer's fire (`claim`), without locks first when the storage offers
+        it; `fresh` makes a new context and match for each attempt after the first."""
         if self.optimistic and not replay:  # (a replay's claim is taking its dead letter: with locks)
             for attempt in (1, 2):
                 try:
-                    return await self._apply_in(ctx, found, optimistic=True)
+                    return await self._apply_in(ctx, found, optimistic=True, claim=claim)
                 except Conflict as conflict:
                     # Nothing of that attempt was applied or sent. A fresh context and match, so nothing
                     # the first run queued or set is left over; with locks the update is applied exactly
-                    # once, or recognised as a redelivery. A stale remembered session is first retried
-                    # once more without locks, from the current row that came back with the refusal.
+                    # once, or recognised as a redelivery (a fire, as one fired before). A stale
+                    # remembered session is first retried once more without locks, from the current row
+                    # that came back with the refusal.
                     self.metrics.optimistic_conflicts.inc()
-                    ctx = Context(ctx.update, self.me, self.api)
-                    found = await self.bot.match(ctx, kind) if (kind := ctx.update.kind) is not None else []
+                    ctx, found = await fresh()
                     if attempt == 2 or not isinstance(conflict, StaleRead):
                         break
-        return await self._apply_in(ctx, found, optimistic=False, replay=replay)
+        return await self._apply_in(ctx, found, optimistic=False, replay=replay, claim=claim)
 
     async def _apply_in(
         self,

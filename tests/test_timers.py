@@ -297,6 +297,60 @@ async def test_updates_that_use_no_timer_cost_what_they_cost_in_a_bot_without_ti
     assert counted[2] == (1 + 3 if optimistic else 3)
 
 
+@pytest.mark.parametrize("optimistic", [False, True], ids=["locked", "optimistic"])
+async def test_a_fire_runs_as_an_update_does_in_one_round_trip_when_its_session_is_remembered(
+    database_url: str, optimistic: bool
+) -> None:
+    """With locks, a fire's claim rides with BEGIN, then its session is locked and read, then its reply
+    is queued with the writes, then COMMIT. Without, one statement claims (deletes) the timer, checks the
+    session read or remembered and writes it, and queues the reply, as for an update."""
+    sent: list[str] = []
+    storage = await PostgresStorage.connect(database_url, min_size=1, max_size=1)
+    async with storage.pool.acquire() as conn:  # the only connection: it stays logged
+        conn.add_query_logger(lambda q: sent.append(q.query))
+    try:
+        run = Pipeline(timer_bot(), storage, ME, Metrics(), optimistic=optimistic)
+        chat = Chat(run)
+        await chat.say("in 0 a")
+        await chat.say("in 0 b")
+        counted = []
+        for tag in ("a", "b"):
+            [due] = await storage.claim_due_timers(ME.id, 10, 30.0)
+            sent.clear()
+            fired = await run.fire(due)
+            assert (fired.status, texts(fired)) == (Status.APPLIED, [f"ping {tag}, 0 s late"])
+            counted.append(len(sent))
+        # (Optimistic: the first fire reads the session, which it creates; the second remembers it.)
+        assert counted == ([2, 1] if optimistic else [4, 4])
+        assert await log_of(storage) == '{"fired":["a","b"]}'
+    finally:
+        await storage.close()
+
+
+@pytest.mark.parametrize("optimistic", [False, True], ids=["locked", "optimistic"])
+async def test_two_processes_firing_one_timer_at_once_apply_it_once(
+    database_url: str, optimistic: bool
+) -> None:
+    """Its lease ran out while the first process was firing it, so a second one fires it too, both with
+    the session remembered: one applies it and queues its reply, the other finds it fired."""
+    first, second = [await PostgresStorage.connect(database_url) for _ in range(2)]
+    try:
+        runs = [Pipeline(timer_bot(), s, ME, Metrics(), optimistic=optimistic) for s in (first, second)]
+        await Chat(runs[0]).say("in 0 a")
+        for n, run in enumerate(runs):
+            await run.process(text_update(100 + n, CHAT, "look", from_id=ANN))  # remembered by each
+        [due] = await first.claim_due_timers(ME.id, 10, 30.0)
+        fired = await asyncio.gather(*(run.fire(due) for run in runs))
+        assert sorted((f.status.value, tuple(texts(f))) for f in fired) == sorted(
+            [(Status.APPLIED.value, ("ping a, 0 s late",)), (Status.DUPLICATE.value, ())]
+        )
+        assert await log_of(first) == '{"fired":["a"]}'
+        assert await first.claim_due_timers(ME.id, 10, 0.0) == []
+    finally:
+        for storage in (first, second):
+            await storage.close()
+
+
 class Steps(StatesGroup):
     one = State()
 

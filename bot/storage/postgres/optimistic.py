@@ -22,6 +22,7 @@ from .. import Conflict, DeadLetter, OutgoingCall, PendingCall, StaleRead, Store
 from ..cache import Cached, Contended, SessionCache, Turns
 from .outbox import pending_calls, queue_calls
 from .statements import Args, acquire, session_columns, unavailable_on_failure
+from .timers import CLAIM_TIMER
 
 __all__ = ["OptimisticTransaction"]
 
@@ -118,7 +119,8 @@ class OptimisticTransaction:
         self._turns = turns
         self._contended = contended
         self._conn: asyncpg.pool.PoolConnectionProxy | None = None
-        self._claim: tuple[int, int] | None = None
+        self._claim: tuple[int, int] | None = None  # (bot, update id) to record as processed
+        self._timer: tuple[int, int] | None = None  # (bot, timer id) of a fire, to delete
         self._rows: dict[str, _Row] = {}  # by key, in the order read
         self._held: list[str] = []  # the keys whose turns this transaction holds, the first waited for
         self._asked_applied = False  # a read asked whether the claimed update was applied before
@@ -225,7 +227,10 @@ class OptimisticTransaction:
         raise self._give_up("an update that schedules timers: run it with locks")
 
     async def claim_timer(self, bot_id: int, timer_id: int) -> bool:
-        raise self._give_up("a timer's fire: run it with locks")
+        # Deleted at the end, with the writes; a fire whose timer is gone by then (another process
+        # fired it) applies nothing, and the locking transaction tells it apart.
+        self._timer = (bot_id, timer_id)
+        return True
 
     async def _apply(
         self, calls: Sequence[OutgoingCall], bot_id: int = 0, update_id: int = 0, lease: float = 0.0
@@ -246,7 +251,7 @@ class OptimisticTransaction:
         self._done = True
         keys = list(self._rows)
         written = sorted(key for key in keys if self._rows[key].writes)
-        if self._claim is None and not written and not calls:
+        if self._claim is None and self._timer is None and not written and not calls:
             return []  # nothing to apply
         arg = Args()
         query = self._statement(arg, keys, written, calls, bot_id, update_id, lease)
@@ -269,6 +274,9 @@ class OptimisticTransaction:
                 raise self._give_up(f"apply the update: {type(exc).__name__}") from exc
         first = rows[0]
         if not first["applied"]:
+            if all(first[f"u{n}"] for n in range(len(keys))):
+                assert self._timer is not None  # else every row unchanged means applied (or raised)
+                raise self._give_up("the timer is gone (fired, replaced or cancelled): run it with locks")
             raise self._refused(keys, first)
         for n, key in enumerate(written):
             write = self._rows[key].write
@@ -319,6 +327,11 @@ class OptimisticTransaction:
                 f"c AS (INSERT INTO processed_updates (bot_id, update_id) SELECT {arg(self._claim[0])},"
                 f" {arg(self._claim[1])} FROM v WHERE {unchanged} RETURNING 1)"
             )
+            gate = "c"
+        elif self._timer is not None:
+            where = f" AND EXISTS (SELECT FROM v WHERE {unchanged})" if keys else ""
+            claim = CLAIM_TIMER.format(arg(self._timer[0]), arg(self._timer[1]))
+            ctes.append(f"c AS ({claim}{where} RETURNING 1)")
             gate = "c"
         elif keys:
             ctes.append(f"c AS (SELECT FROM v WHERE {unchanged})")
