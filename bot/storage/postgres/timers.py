@@ -38,11 +38,15 @@ class PostgresTimers(Pooled):
                 # heads: each key's earliest due timer. A head another process leased is skipped, and so
                 # are the later timers of its key: they wait for it to be fired (deleted). The lease is
                 # checked again on the row locked (a pick that committed since this statement's start).
+                # Keys are told apart byte by byte (COLLATE "C": a locale's sort cost ~1/3 of the
+                # statement), and the free heads are looked up by id (= ANY of an array, so the plan is an
+                # index scan of them, not a scan of the whole table joined to them).
                 "WITH due AS (SELECT id, key, due_at, lease_until FROM timers"
                 "  WHERE bot_id = $1 AND failed_at IS NULL AND due_at <= now() ORDER BY due_at, id LIMIT $4),"
-                " heads AS (SELECT DISTINCT ON (key) id, lease_until FROM due ORDER BY key, due_at, id)"
+                ' heads AS (SELECT DISTINCT ON (key COLLATE "C") id, lease_until FROM due'
+                '  ORDER BY key COLLATE "C", due_at, id)'
                 " UPDATE timers SET lease_until = now() + $3 * interval '1 second' WHERE id IN ("
-                " SELECT t.id FROM timers t WHERE t.id IN (SELECT id FROM heads WHERE lease_until <= now())"
+                " SELECT t.id FROM timers t WHERE t.id = ANY (ARRAY(SELECT id FROM heads WHERE lease_until <= now()))"
                 " AND t.lease_until <= now() AND t.failed_at IS NULL ORDER BY t.due_at, t.id LIMIT $2"
                 " FOR UPDATE OF t SKIP LOCKED)"
                 " RETURNING id, key, name, handler, payload::text AS payload, origin::text AS origin,"
