@@ -12,7 +12,8 @@ queues replies:
 Lock order inside a transaction is: the update id's unique index entry, then session rows in the order
 the session layer reads them (sorted, when it needs several). The only waits are on those, bounded by
 `lock_timeout`. It keeps no state on the connection between transactions, so it works the same through
-PgBouncer in transaction mode. Redeliveries, replays, dead letters, timers and chat moves all run here.
+PgBouncer in transaction mode. Redeliveries, replays, dead letters, scheduling timers and chat moves
+all run here, and so does a timer's fire whose optimistic attempt was refused.
 """
 
 from __future__ import annotations

@@ -89,8 +89,9 @@ class OptimisticTransaction:
 
     Any number of session rows (a chat's and a user's, say): each is read (one round trip) or remembered
     (none), and the one statement at the end applies the claim and every write only if every row read is
-    still the version it was read at. What it cannot do that way (a moved session, a redelivery, a timer,
-    a dead letter) raises Conflict before anything is written, and the locking transaction takes over.
+    still the version it was read at (the claim: the update recorded as processed, or a fire's timer
+    deleted). What it cannot do that way (a moved session, a redelivery, scheduling a timer, a dead
+    letter) raises Conflict before anything is written, and the locking transaction takes over.
 
     Updates of one key take turns in this process (`Turns`), from the read to the end of the statement,
     so only another process can change a row under an attempt. Only the first key's turn is waited for.
