@@ -330,9 +330,9 @@ class OptimisticTransaction:
             )
             gate = "c"
         elif self._timer is not None:
-            where = f" AND EXISTS (SELECT FROM v WHERE {unchanged})" if keys else ""
+            # Gated on v even with no keys (`unchanged` is then true): v sets the lock timeout first.
             claim = CLAIM_TIMER.format(arg(self._timer[0]), arg(self._timer[1]))
-            ctes.append(f"c AS ({claim}{where} RETURNING 1)")
+            ctes.append(f"c AS ({claim} AND EXISTS (SELECT FROM v WHERE {unchanged}) RETURNING 1)")
             gate = "c"
         elif keys:
             ctes.append(f"c AS (SELECT FROM v WHERE {unchanged})")
