@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -215,6 +216,43 @@ def test_poll_applies_updates_from_get_updates(
     finally:
         log.close()  # first: the process has its own copy, and a failed interrupt must not leak ours
         interrupt(process)
+
+
+@pytest.mark.parametrize(
+    ("sig", "inherited"),
+    [
+        pytest.param(signal.SIGINT, signal.SIG_IGN, id="SIGINT-ignored-as-in-a-background-job"),
+        pytest.param(signal.SIGTERM, signal.SIG_DFL, id="SIGTERM-as-a-platform-stops-a-worker"),
+    ],
+)
+def test_poll_stops_in_order_on_sigint_or_sigterm_whatever_it_inherited(
+    fake: FakeTelegram,
+    telegram_root: str,
+    database_url: str,
+    tmp_path: Path,
+    sig: signal.Signals,
+    inherited: signal.Handlers,
+) -> None:
+    """A shell starts `python -m bot poll &` with SIGINT ignored, which Python leaves ignored: Ctrl-C
+    and `kill -INT` did nothing. SIGTERM ended it at once, without the runtime's shutdown. Both now stop
+    it in order, exit status 0."""
+    fake.push_update(message_update(1, -6, PIZZA))
+    env = {**os.environ, **bot_env(database_url, telegram_root)}
+    with (tmp_path / "poll.log").open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bot", "poll"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, inherited),
+        )
+    try:
+        fake.wait_for(lambda: "update 1: applied" in (tmp_path / "poll.log").read_text(), timeout=30)
+        process.send_signal(sig)
+        assert process.wait(20) == 0
+    finally:
+        interrupt(process)  # (only if still running: it kills one that ignores this too)
+    assert f"{sig.name}: stopped polling" in (tmp_path / "poll.log").read_text()
 
 
 def test_poll_runs_the_app_given_with_app_and_receives_its_update_kinds(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -142,9 +143,15 @@ async def test_messages_go_through_the_webhook_and_replies_through_the_outbox(
     assert shown[-1]["version"] == 0 and shown[-1]["updated_at"] == shown[-2]["updated_at"]
     conn = await asyncpg.connect(database_url)
     try:
-        # The pipeline claimed each update, and the reply is an outbox row confirmed by the Bot API.
+        # The pipeline claimed each update, and the reply is an outbox row confirmed by the Bot API. The
+        # page shows the reply when the API receives it; the outbox marks it sent once the answer is
+        # back, a moment later: wait (bounded) for that mark.
         claimed = await conn.fetch("SELECT update_id FROM processed_updates ORDER BY update_id")
-        outbox = await conn.fetch("SELECT method, payload, sent_at FROM outbox")
+        for _ in range(100):
+            outbox = await conn.fetch("SELECT method, payload, sent_at FROM outbox")
+            if [row["sent_at"] is not None for row in outbox] == [True]:
+                break
+            await asyncio.sleep(0.1)
     finally:
         await conn.close()
     assert [r["update_id"] for r in claimed] == sent

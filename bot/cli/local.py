@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 from typing import Any
 
 import msgspec
@@ -65,12 +66,40 @@ async def _poll_forever(settings: Settings, bot: Bot[Any]) -> None:
                 offset = update.update_id + 1
 
 
+async def _poll_until_stopped(settings: Settings, bot: Bot[Any]) -> None:
+    """`_poll_forever` until SIGINT or SIGTERM, then the runtime's orderly shutdown. Both are handled
+    here, whatever the process inherited: a shell starts a background job (`python -m bot poll &`) with
+    SIGINT ignored, which Python then leaves ignored (Ctrl-C or `kill -INT` did nothing), and a
+    platform stops a worker with SIGTERM, which by default ends the process at once, sends under way
+    and all."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    stopped: list[str] = []
+
+    def stop(name: str) -> None:
+        stopped.append(name)
+        task.cancel()  # a second signal cancels the shutdown's waits too: stop now
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig.name)
+    try:
+        await _poll_forever(settings, bot)
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+        log.info("%s: stopped polling", stopped[0])
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
 def poll(settings: Settings, args: argparse.Namespace) -> int:
     if settings.bot_token is None:
         raise Fail("BOT_TOKEN: required for poll (it asks Telegram for updates)")
     bot = bot_to_run(settings, args)
+    # KeyboardInterrupt: a Ctrl-C before the loop runs (its handlers are set once polling starts).
     with database(settings, bot.name) as settings, contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_poll_forever(settings, bot))
+        asyncio.run(_poll_until_stopped(settings, bot))
     return 0
 
 
