@@ -5,6 +5,7 @@ tests/test_packaging.py.)"""
 
 from __future__ import annotations
 
+import time
 import tomllib
 import typing
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from bot.testing import updates
 from bot.testing.env import TOKEN
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.plugin import OpenWebhook
+from bot.testing.processes import BotProcess
 from bot.testing.results import RESULT_TYPES, minimal
 from bot.types import InputFile, InputMediaPhoto, Update
 
@@ -183,3 +185,31 @@ async def test_the_webhook_fixture_serves_a_bot_on_both_storages(
         assert (await hook.post(first, secret="wrong")).status_code == 401
         replies = await hook.replies(-9, 2)
     assert replies == [f"{updates.user(101)['first_name']} #1", f"{updates.user(102)['first_name']} #2"]
+
+
+def test_a_bot_process_closed_takes_what_its_shell_started_with_it(tmp_path: Path) -> None:
+    """A platform's command line runs through `sh -c`, where the shell may stay the bot's parent:
+    closing killed only the shell, and the bot kept serving after its test (four left by
+    test_platforms.py in one run)."""
+    pid_file = tmp_path / "child.pid"
+    process = BotProcess(
+        {}, tmp_path / "sh.log", command=["sh", "-c", f"sleep 300 & echo $! > {pid_file}; wait"]
+    )
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        assert time.monotonic() < deadline, "the shell did not start its child"
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    process.close()
+    deadline = time.monotonic() + 10
+    while _running(child):  # killed; the init process reaps it a moment later
+        assert time.monotonic() < deadline, f"the shell's child {child} outlived close()"
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -81,6 +82,10 @@ class BotProcess:
             cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            # Its own process group, so that `kill` and `close` reach what it started too: a command run
+            # through `sh -c` (a platform's command line) leaves the shell as the parent of the bot, and
+            # killing only the shell left the bot serving after its test (seen in a CI run).
+            start_new_session=True,
         )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -103,8 +108,10 @@ class BotProcess:
         return self.log_path.read_text(errors="replace")
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, as when a PaaS host dies."""
-        self.proc.kill()
+        """SIGKILL to the process and everything it started: no shutdown code runs, as when a PaaS host
+        dies."""
+        with contextlib.suppress(ProcessLookupError):  # (all of them gone already)
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
     def terminate(self, timeout: float = 30.0, signum: int = signal.SIGTERM) -> int:
@@ -114,9 +121,8 @@ class BotProcess:
         return self.proc.wait(timeout)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        # Even when the process itself has exited: what it started may still run.
+        self.kill()
         self._log.close()
 
     def __enter__(self) -> BotProcess:
