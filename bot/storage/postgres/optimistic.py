@@ -1,6 +1,6 @@
 """The optimistic transaction: no lock held while the handlers run. It takes two round trips: read,
 then one statement that applies the claim, the writes and the replies only if every row read is still
-the version read (its `xmin`, with the server's start time: `_revision`), else Conflict and the pipeline
+the version read (its `xmin`, with the server's start time: `optimistic_sql.revision`), else Conflict and the pipeline
 runs the update again in a locking transaction. A row this process remembers (`bot.storage.cache`: the
 session and its version as this process last read or wrote it) is not read, and the same statement
 checks its version: one round trip in all when every session of the update is remembered, one more per
@@ -20,51 +20,14 @@ import asyncpg
 from ...metrics import Metrics
 from .. import Conflict, DeadLetter, OutgoingCall, PendingCall, StaleRead, StoredSession, TimerChange
 from ..cache import Cached, Contended, SessionCache, Turns
-from .outbox import pending_calls, queue_calls
-from .statements import Args, acquire, session_columns, unavailable_on_failure
-from .timers import CLAIM_TIMER
+from .optimistic_sql import CLAIM, NO_CLAIM, TIMER, apply_text, read_text
+from .outbox import call_parameters, pending_calls
+from .statements import acquire, unavailable_on_failure
 
 __all__ = ["OptimisticTransaction"]
 
 
-def _revision(table: str = "") -> str:
-    """A row version as the optimistic transaction reads, remembers and checks it: the server's start
-    time and the row's `xmin`.
-
-    An xmin names one version of a row only while the server's history goes forward. After a restore,
-    or a failover to a replica that lagged, transaction ids are handed out again from an earlier point:
-    a remembered xmin can come back on another version of the row (the issue's 6 where the history says
-    5). Each of those starts a server (or moves to another), so no revision from before one matches any
-    after it. Computed in the statements themselves: no round trip, and it holds behind a pooler too,
-    where a new server session is no new connection of ours, so that no connection hook would see it."""
-    return f"extract(epoch FROM pg_postmaster_start_time())::text || ':' || {table}xmin::text"
-
-
 _NOT_WRITTEN: Any = object()
-
-
-def _write(
-    arg: Args, key: str, version: str | None, write: tuple[StoredSession, float | None] | None, after: str
-) -> str:
-    """An optimistic write of the row at `key` (a parameter) that was read at `version` (an SQL check of
-    it; None: there was no row), done only if `after` holds; it writes nothing when the row is another
-    version by then."""
-    if write is None:
-        assert version is not None  # (deleting a row that was not there is no write)
-        return f"DELETE FROM sessions WHERE key = {key} AND {version} AND {after}"
-    session, ttl = write
-    if version is None:
-        return (
-            "INSERT INTO sessions (key, data, version, expires_at, updated_at)"
-            f" SELECT {key}, {arg(session.data)}::jsonb, {arg(session.version)},"
-            f" now() + {arg(ttl)}::float8 * interval '1 second', now() WHERE {after}"
-            " ON CONFLICT DO NOTHING"
-        )
-    return (
-        f"UPDATE sessions SET data = {arg(session.data)}::jsonb, version = {arg(session.version)},"
-        f" expires_at = now() + {arg(ttl)}::float8 * interval '1 second', updated_at = now(),"
-        f" moved_to = NULL WHERE key = {key} AND {version} AND {after}"
-    )
 
 
 @dataclass(slots=True)
@@ -73,7 +36,7 @@ class _Row:
     at the end checks, and what that statement writes."""
 
     session: StoredSession | None  # what read() answered (None: no session)
-    revision: str | None  # the row's version when read (`_revision`); None: there was no row
+    revision: str | None  # the row's version when read (`optimistic_sql.revision`); None: there was no row
     cached: Cached | None = None  # read() answered from the SessionCache, with no round trip
     write: tuple[StoredSession, float | None] | None = _NOT_WRITTEN  # (session, ttl); None: delete
 
@@ -170,17 +133,12 @@ class OptimisticTransaction:
             self._rows[key] = _Row(cached.session, cached.revision, cached)
             return cached.session
         conn = await self._connection()
-        arg = Args()
-        applied = "false"
-        if self._claim is not None and not self._asked_applied:
-            applied = f"EXISTS (SELECT FROM processed_updates WHERE bot_id = {arg(self._claim[0])} AND update_id = {arg(self._claim[1])})"
+        claim = self._claim if self._claim is not None and not self._asked_applied else None
         with unavailable_on_failure(f"read session {key!r}"):
-            row = await conn.fetchrow(
-                f"SELECT {applied} AS done, {_revision('s.')} AS revision, s.moved_to, s.expires_at IS NULL AS lasting,"
-                f" {session_columns('s.')}"
-                f" FROM (VALUES (1)) AS one LEFT JOIN sessions AS s ON s.key = {arg(key)}",
-                *arg.values,
-            )
+            if claim is None:
+                row = await conn.fetchrow(read_text(False), key)
+            else:
+                row = await conn.fetchrow(read_text(True), key, *claim)
         assert row is not None  # the outer join returns one row
         self._asked_applied = self._claim is not None
         if row["done"]:
@@ -254,12 +212,11 @@ class OptimisticTransaction:
         written = sorted(key for key in keys if self._rows[key].writes)
         if self._claim is None and self._timer is None and not written and not calls:
             return []  # nothing to apply
-        arg = Args()
-        query = self._statement(arg, keys, written, calls, bot_id, update_id, lease)
+        query, values = self._statement(keys, written, calls, bot_id, update_id, lease)
         conn = await self._connection()
         with unavailable_on_failure("apply the update"):
             try:
-                rows = await conn.fetch(query, *arg.values)
+                rows = await conn.fetch(query, *values)
             except (
                 asyncpg.UniqueViolationError,
                 asyncpg.DeadlockDetectedError,
@@ -289,90 +246,45 @@ class OptimisticTransaction:
 
     def _statement(
         self,
-        arg: Args,
         keys: list[str],
         written: list[str],
         calls: Sequence[OutgoingCall],
         bot_id: int,
         update_id: int,
         lease: float,
-    ) -> str:
-        """`_apply`'s statement. Its answer: `applied`; `u<n>`, whether keys[n] is unchanged; `r<n>`, the
-        new version of written[n]; `k<n>_…`, the row of keys[n] as it is now, when it was remembered;
-        and one row per call queued."""
-        gate = None
-        key_arg = {key: arg(key) for key in keys}
-        version = {
-            key: f"{_revision()} = {arg(row.revision)}"
-            for key, row in self._rows.items()
-            if row.revision is not None
-        }
-        checks = (
-            f"EXISTS (SELECT FROM sessions WHERE key = {key_arg[key]} AND {version[key]})"
-            if key in version
-            else f"NOT EXISTS (SELECT FROM sessions WHERE key = {key_arg[key]})"
-            for key in keys
-        )
-        # DB_LOCK_TIMEOUT, set for this statement's own (implicit) transaction by the CTE every other part
-        # waits for: a row or an update id held by someone else (a locking transaction, a `SELECT … FOR
-        # UPDATE` in psql) ends it with LockNotAvailable after that long, as in the locking transaction,
-        # instead of at the request's deadline. In the statement itself: no round trip, and no setting left
-        # on a connection, which a transaction-mode pooler would not keep (nor take as a startup parameter).
-        limit = f"set_config('lock_timeout', '{self._lock_timeout}', true) AS lock_timeout"
-        ctes = [
-            f"v AS (SELECT {', '.join([limit, *(f'{check} AS u{n}' for n, check in enumerate(checks))])})"
-        ]
-        unchanged = " AND ".join(f"v.u{n}" for n in range(len(keys))) or "true"
+    ) -> tuple[str, list[Any]]:
+        """`_apply`'s statement (`apply_text`, kept per shape) and its parameters, in the order
+        optimistic_sql's docstring lists them."""
+        rows = self._rows
+        values: list[Any] = []
+        shape = []
+        for key in keys:
+            row = rows[key]
+            values.append(key)
+            if row.revision is not None:
+                values.append(row.revision)
+            shape.append((row.revision is not None, row.cached is not None))
+        claim = NO_CLAIM
         if self._claim is not None:
-            ctes.append(
-                f"c AS (INSERT INTO processed_updates (bot_id, update_id) SELECT {arg(self._claim[0])},"
-                f" {arg(self._claim[1])} FROM v WHERE {unchanged} RETURNING 1)"
-            )
-            gate = "c"
+            claim = CLAIM
+            values += self._claim
         elif self._timer is not None:
-            # Gated on v even with no keys (`unchanged` is then true): v sets the lock timeout first.
-            claim = CLAIM_TIMER.format(arg(self._timer[0]), arg(self._timer[1]))
-            ctes.append(f"c AS ({claim} AND EXISTS (SELECT FROM v WHERE {unchanged}) RETURNING 1)")
-            gate = "c"
-        elif keys:
-            ctes.append(f"c AS (SELECT FROM v WHERE {unchanged})")
-            gate = "c"
-        for n, key in enumerate(written):
-            assert gate is not None  # a key written was read, hence checked in c
-            write, after = self._rows[key].write, f"EXISTS (SELECT FROM {gate})"
-            ctes.append(
-                f"w{n} AS ({_write(arg, key_arg[key], version.get(key), write, after)} RETURNING {_revision()} AS revision)"
-            )
-            gate = f"w{n}"
+            claim = TIMER
+            values += self._timer
+        index = {key: n for n, key in enumerate(keys)}
+        writes = []
+        for key in written:
+            write = rows[key].write
+            writes.append((index[key], write is None))
+            if write is not None:
+                session, ttl = write
+                values += (session.data, session.version, ttl)
+        kind = 0
         if calls:
-            where = f" WHERE EXISTS (SELECT FROM {gate})" if gate else ""
-            ctes.append(f"o AS ({queue_calls(arg, bot_id, update_id, lease, calls, where)})")
-        columns = [f"EXISTS (SELECT FROM {gate}) AS applied" if gate else "true AS applied"]
-        joins = " FROM v"
-        columns += [f"v.u{n}" for n in range(len(keys))]
-        columns += [f"(SELECT revision FROM w{n}) AS r{n}" for n in range(len(written))]
-        if written:
-            # Checked, but a row changed between the statement's snapshot and its write (another process
-            # committed in between): the chain of writes broke there, and a division by zero rolls the
-            # whole statement back, so that neither the claim nor the other writes stay without it. (A
-            # count, not a constant 1/0, which the planner would fold and raise every time.)
-            columns.append(
-                f"CASE WHEN EXISTS (SELECT FROM c) THEN 1 / (SELECT count(*)::int FROM w{len(written) - 1}) END AS torn"
-            )
-        for n, key in enumerate(keys):
-            if self._rows[key].cached is not None:
-                # Read in the statement's snapshot, before its own writes: the row as it is now.
-                columns.append(
-                    f"k{n}.revision AS k{n}_revision, k{n}.data AS k{n}_data, k{n}.version AS k{n}_version"
-                )
-                joins += (
-                    f" LEFT JOIN (SELECT {_revision()} AS revision, data::text AS data, version FROM sessions"
-                    f" WHERE key = {key_arg[key]} AND moved_to IS NULL AND expires_at IS NULL) AS k{n} ON true"
-                )
-        if calls:
-            columns.append("o.id, o.method, o.payload, o.attempts, o.created_at, o.lease_no, o.has_files")
-            joins += " LEFT JOIN o ON true"
-        return f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}{joins}"
+            parameters = call_parameters(bot_id, update_id, lease, calls)
+            kind = 2 if len(parameters) > 5 else 1
+            values += parameters
+        return apply_text(self._lock_timeout, claim, tuple(shape), tuple(writes), kind), values
 
     def _refused(self, keys: list[str], found: asyncpg.Record) -> Conflict:
         """The statement applied nothing: rows among `keys` changed since they were read or remembered.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 
@@ -16,7 +17,14 @@ from .. import Budget, FloodRule, OutboxStatus, OutgoingCall, PendingCall, Reser
 from .pool import Pooled
 from .statements import Args
 
-__all__ = ["CALL_COLUMNS", "PostgresOutbox", "pending_calls", "queue_calls"]
+__all__ = [
+    "CALL_COLUMNS",
+    "PostgresOutbox",
+    "call_parameters",
+    "pending_calls",
+    "queue_calls",
+    "queue_calls_text",
+]
 
 # What every query handing calls to a sender returns, for pending_calls(): whether a call has files, not
 # the files (008).
@@ -46,16 +54,38 @@ def queue_calls(
     arg: Args, bot_id: int, update_id: int, lease: float, calls: Sequence[OutgoingCall], where: str = ""
 ) -> str:
     """The INSERT that queues calls (leased to the caller), returning them as `pending_calls` reads
-    them. A bytea[] of files only when a call has some: asyncpg looks that array type up on a
+    them, its parameters added to `arg`."""
+    values = call_parameters(bot_id, update_id, lease, calls)
+    first = len(arg.values) + 1
+    arg.values.extend(values)
+    return queue_calls_text(first, len(values) > 5, where)
+
+
+def call_parameters(bot_id: int, update_id: int, lease: float, calls: Sequence[OutgoingCall]) -> list[Any]:
+    """`queue_calls_text`'s parameters, in its order: the bot, the update, the lease, the methods, the
+    payloads, and the files only when a call has some: asyncpg looks the bytea[] type up on a
     connection's first use of it, a round trip that updates without files do not pay."""
-    files, column = "", "NULL::bytea"
+    values: list[Any] = [
+        bot_id,
+        update_id,
+        lease,
+        [c.method for c in calls],
+        [json.dumps(c.params) for c in calls],
+    ]
     if any(c.files for c in calls):
-        files, column = f", {arg([pack_uploads(c.files) for c in calls])}::bytea[]", "c.files"
+        values.append([pack_uploads(c.files) for c in calls])
+    return values
+
+
+def queue_calls_text(first: int, files: bool, where: str = "") -> str:
+    """The text of `queue_calls`, its parameters numbered from `first` (`call_parameters`). It depends
+    on neither the number of calls nor their values, so a caller can keep it."""
+    bot, update, lease, methods, payloads, packed = (f"${first + n}" for n in range(6))
     return (
         "INSERT INTO outbox (bot_id, update_id, method, payload, files, lease_until)"
-        f" SELECT {arg(bot_id)}, {arg(update_id)}, c.method, c.payload::jsonb, {column},"
-        f" now() + {arg(lease)} * interval '1 second'"
-        f" FROM unnest({arg([c.method for c in calls])}::text[], {arg([json.dumps(c.params) for c in calls])}::text[]{files})"
+        f" SELECT {bot}, {update}, c.method, c.payload::jsonb, {'c.files' if files else 'NULL::bytea'},"
+        f" now() + {lease} * interval '1 second'"
+        f" FROM unnest({methods}::text[], {payloads}::text[]{f', {packed}::bytea[]' if files else ''})"
         f" WITH ORDINALITY AS c(method, payload{', files' if files else ''}, n){where}"
         f" ORDER BY c.n RETURNING {CALL_COLUMNS}"
     )

@@ -34,7 +34,7 @@ class _Finished(Generic[_Tx]):
     """Yields the transaction; commits it when the block ends, rolls it back when anything raised.
 
     What this process remembers of sessions outlives a failure: a remembered row version names its
-    server too (`_revision`), so one remembered from before a restore or a failover never matches.
+    server too (`optimistic_sql.revision`), so one remembered from before a restore or a failover never matches.
     When a pooler broke a prepared statement, the storage switches to pooler mode and RunAgain asks
     for the update again. (A class, not an @asynccontextmanager: every update opens one, and the
     generator's machinery cost more than what it does.)"""
