@@ -281,8 +281,8 @@ class OptimisticTransaction:
                 values += (session.data, session.version, ttl)
         kind = 0
         if calls:
-            parameters = call_parameters(bot_id, update_id, lease, calls)
-            kind = 2 if len(parameters) > 5 else 1
+            parameters, files = call_parameters(bot_id, update_id, lease, calls)
+            kind = 2 if files else 1
             values += parameters
         return apply_text(self._lock_timeout, claim, tuple(shape), tuple(writes), kind), values
 

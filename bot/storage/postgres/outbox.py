@@ -55,16 +55,19 @@ def queue_calls(
 ) -> str:
     """The INSERT that queues calls (leased to the caller), returning them as `pending_calls` reads
     them, its parameters added to `arg`."""
-    values = call_parameters(bot_id, update_id, lease, calls)
+    values, files = call_parameters(bot_id, update_id, lease, calls)
     first = len(arg.values) + 1
     arg.values.extend(values)
-    return queue_calls_text(first, len(values) > 5, where)
+    return queue_calls_text(first, files, where)
 
 
-def call_parameters(bot_id: int, update_id: int, lease: float, calls: Sequence[OutgoingCall]) -> list[Any]:
-    """`queue_calls_text`'s parameters, in its order: the bot, the update, the lease, the methods, the
-    payloads, and the files only when a call has some: asyncpg looks the bytea[] type up on a
-    connection's first use of it, a round trip that updates without files do not pay."""
+def call_parameters(
+    bot_id: int, update_id: int, lease: float, calls: Sequence[OutgoingCall]
+) -> tuple[list[Any], bool]:
+    """`queue_calls_text`'s parameters, in its order, and whether they carry files: the bot, the update,
+    the lease, the methods, the payloads, and the files only when a call has some: asyncpg looks the
+    bytea[] type up on a connection's first use of it, a round trip that updates without files do not
+    pay."""
     values: list[Any] = [
         bot_id,
         update_id,
@@ -72,9 +75,10 @@ def call_parameters(bot_id: int, update_id: int, lease: float, calls: Sequence[O
         [c.method for c in calls],
         [json.dumps(c.params) for c in calls],
     ]
-    if any(c.files for c in calls):
+    files = any(c.files for c in calls)
+    if files:
         values.append([pack_uploads(c.files) for c in calls])
-    return values
+    return values, files
 
 
 def queue_calls_text(first: int, files: bool, where: str = "") -> str:
