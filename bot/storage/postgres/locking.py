@@ -27,9 +27,10 @@ import asyncpg
 
 from ...metrics import Metrics
 from .. import DeadLetter, Moved, OutgoingCall, PendingCall, StoredSession, TimerChange
+from .connections import Connections
 from .maintenance import DEAD_LETTER_COLUMNS, dead_letter_of
 from .outbox import CALL_COLUMNS, pending_calls, queue_calls
-from .statements import Args, acquire, session_columns, unavailable_on_failure
+from .statements import Args, session_columns, unavailable_on_failure
 from .timers import CANCEL_TIMER, CLAIM_TIMER, SCHEDULE_TIMER
 
 __all__ = ["PostgresTransaction"]
@@ -76,16 +77,14 @@ class PostgresTransaction:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
-        acquire_timeout: float,
+        connections: Connections,
         metrics: Metrics | None,
         begin: str,
         forget: Callable[[str], None],
     ) -> None:
-        self._pool = pool
+        self._connections = connections
         self._forget = forget  # what the optimistic transactions remember of a key it writes is stale
-        self._acquire_timeout = acquire_timeout
-        self._metrics = metrics
+        self._metrics = metrics  # for the lock-wait histogram
         self._begin = begin
         self._conn: asyncpg.pool.PoolConnectionProxy | None = None
         self._begun = False
@@ -100,7 +99,7 @@ class PostgresTransaction:
 
     async def _connection(self, begin: bool = True) -> asyncpg.pool.PoolConnectionProxy:
         if self._conn is None:
-            self._conn = await acquire(self._pool, self._acquire_timeout, self._metrics)
+            self._conn = await self._connections.take()
         if begin and not self._begun:
             with unavailable_on_failure("begin"):
                 await self._conn.execute(self._begin)
@@ -327,9 +326,6 @@ class PostgresTransaction:
             elif self._begun and self._conn is not None:
                 await self._conn.execute("ROLLBACK")
         finally:
-            # A connection broken mid-transaction fails its reset on release and is terminated by the
-            # pool, not reused; that failure says nothing about this transaction's outcome.
             held, self._conn = self._conn, None
             if held is not None:
-                with contextlib.suppress(Exception):
-                    await self._pool.release(held)
+                await self._connections.give_back(held)

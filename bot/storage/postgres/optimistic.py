@@ -10,19 +10,18 @@ through PgBouncer in transaction mode.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
-from ...metrics import Metrics
 from .. import Conflict, DeadLetter, OutgoingCall, PendingCall, StaleRead, StoredSession, TimerChange
 from ..cache import Cached, Contended, SessionCache, Turns
+from .connections import Connections
 from .optimistic_sql import CLAIM, NO_CLAIM, TIMER, apply_text, read_text
 from .outbox import call_parameters, pending_calls
-from .statements import acquire, unavailable_on_failure
+from .statements import unavailable_on_failure
 
 __all__ = ["OptimisticTransaction"]
 
@@ -66,19 +65,15 @@ class OptimisticTransaction:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
-        acquire_timeout: float,
-        metrics: Metrics | None,
+        connections: Connections,
         cache: SessionCache,
         turns: Turns,
         contended: Contended,
         lock_timeout: str,
     ) -> None:
         """`lock_timeout`: DB_LOCK_TIMEOUT as a PostgreSQL setting's value ('5000ms'), for the statement."""
-        self._pool = pool
+        self._connections = connections
         self._lock_timeout = lock_timeout
-        self._acquire_timeout = acquire_timeout
-        self._metrics = metrics
         self._cache = cache  # what this process remembers of sessions, shared by its transactions
         self._turns = turns
         self._contended = contended
@@ -100,7 +95,7 @@ class OptimisticTransaction:
 
     async def _connection(self) -> asyncpg.pool.PoolConnectionProxy:
         if self._conn is None:
-            self._conn = await acquire(self._pool, self._acquire_timeout, self._metrics)
+            self._conn = await self._connections.take()
         return self._conn
 
     async def claim_update(self, bot_id: int, update_id: int) -> bool:
@@ -344,5 +339,4 @@ class OptimisticTransaction:
                 self._turns.give_back(key)
             conn, self._conn = self._conn, None
             if conn is not None:
-                with contextlib.suppress(Exception):
-                    await self._pool.release(conn)
+                await self._connections.give_back(conn)

@@ -1,20 +1,18 @@
-"""What every part of the PostgreSQL storage needs to run a statement: a connection from the pool,
-numbered parameters, a session row's columns, and one translation of driver failures into the storage's
-answers: StorageUnavailable (503, Telegram delivers the update again) or StorageRefused (a value the
-database refuses on every delivery: a dead letter)."""
+"""What every part of the PostgreSQL storage needs to run a statement: numbered parameters, a session
+row's columns, and one translation of driver failures into the storage's answers: StorageUnavailable
+(503, Telegram delivers the update again) or StorageRefused (a value the database refuses on every
+delivery: a dead letter)."""
 
 from __future__ import annotations
 
-import time
 from types import TracebackType
 from typing import Any
 
 import asyncpg
 
-from ...metrics import Metrics
 from .. import StorageRefused, StorageUnavailable
 
-__all__ = ["Args", "acquire", "session_columns", "unavailable_on_failure"]
+__all__ = ["Args", "session_columns", "unavailable_on_failure"]
 
 # What the database refuses in a value, whenever it is sent: data exceptions (class 22: jsonb and text
 # refusing NUL, numbers out of range...), values over its limits (class 54: a key too long for the index,
@@ -55,24 +53,6 @@ class unavailable_on_failure:  # (lower case: used as the context manager functi
                 f"{what}: the database refused a value: {type(exc).__name__}: {exc}"
             ) from exc
         raise StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
-
-
-async def acquire(
-    pool: asyncpg.Pool, wait_limit: float, metrics: Metrics | None
-) -> asyncpg.pool.PoolConnectionProxy:
-    """A transaction's connection (StorageUnavailable when none comes), its wait observed in
-    `pool_wait`."""
-    started = time.perf_counter()
-    with unavailable_on_failure("acquire a connection"):
-        # With a connection idle, acquiring cannot wait, and asyncio.wait_for (a task per call) was ~2%
-        # of a request's CPU in py-spy on workload T; the request deadline still bounds the rare lost race.
-        if pool.get_idle_size():
-            conn = await pool.acquire()
-        else:
-            conn = await pool.acquire(timeout=wait_limit)
-    if metrics is not None:
-        metrics.pool_wait.observe(time.perf_counter() - started)
-    return conn
 
 
 class Args:

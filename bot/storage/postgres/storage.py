@@ -17,6 +17,7 @@ from ...metrics import Metrics
 from ...migrate import NotMigrated, check_migrated
 from .. import StorageUnavailable
 from ..cache import Contended, SessionCache, Turns
+from .connections import Connections
 from .locking import PostgresTransaction
 from .maintenance import PostgresMaintenance
 from .optimistic import OptimisticTransaction
@@ -87,6 +88,8 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
         pooler mode already."""
         super().__init__(pool, dsn=dsn, connect_kwargs=connect_kwargs, acquire_timeout=acquire_timeout)
         self._metrics = metrics  # for the lock-wait and pool-wait histograms
+        # The update transactions' connections, first come first served (bot.storage.postgres.connections).
+        self.connections = Connections(pool, acquire_timeout, metrics)
         # Timeouts as SET LOCAL inside each transaction, sent in the same simple-query message as BEGIN:
         # no extra round trip, and nothing that depends on the session, which a transaction-mode pooler
         # does not keep (and whose startup parameters it refuses: "unsupported startup parameter").
@@ -155,18 +158,14 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
 
     def transaction(self) -> AbstractAsyncContextManager[PostgresTransaction]:
         return _Finished(
-            PostgresTransaction(
-                self._pool, self._acquire_timeout, self._metrics, self._begin, self.cache.forget
-            ),
+            PostgresTransaction(self.connections, self._metrics, self._begin, self.cache.forget),
             self,
         )
 
     def optimistic_transaction(self) -> AbstractAsyncContextManager[OptimisticTransaction]:
         return _Finished(
             OptimisticTransaction(
-                self._pool,
-                self._acquire_timeout,
-                self._metrics,
+                self.connections,
                 self.cache,
                 self.turns,
                 self.contention,

@@ -1,0 +1,77 @@
+"""Connections for update transactions come first come, first served, within their wait limit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from bot.storage import StorageUnavailable
+from bot.storage.postgres.connections import Connections
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def one_connection(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def test_connections_are_handed_out_in_the_order_they_were_asked_for(
+    one_connection: asyncpg.Pool,
+) -> None:
+    # A busy server in small: more updates than connections, each giving its connection back and asking
+    # again at once. asyncpg's queue lets an update that asks while a connection is on its way to the
+    # longest waiter take it; that waiter queues again at the back, and can be overtaken over and over.
+    connections = Connections(one_connection, wait_limit=10.0, metrics=None)
+    asked: list[int] = []
+    granted: list[int] = []
+
+    async def update(number: int) -> None:
+        for turn in range(10):
+            ticket = number * 100 + turn
+            asked.append(ticket)
+            conn = await connections.take()
+            granted.append(ticket)
+            await asyncio.sleep(0)  # the statement
+            await connections.give_back(conn)
+            for _ in range((number * 7 + turn * 3) % 5):  # the next update arrives a little later
+                await asyncio.sleep(0)
+
+    await asyncio.gather(*(update(n) for n in range(8)))
+    assert len(granted) == 80
+    assert granted == asked
+
+
+async def test_a_wait_past_the_limit_is_storage_unavailable_and_gives_nothing_away(
+    one_connection: asyncpg.Pool,
+) -> None:
+    connections = Connections(one_connection, wait_limit=0.2, metrics=None)
+    held = await connections.take()
+    with pytest.raises(StorageUnavailable, match="acquire a connection"):
+        await connections.take()
+    await connections.give_back(held)
+    # The timed-out wait took no turn with it: the one connection is there for the next, twice over.
+    for _ in range(2):
+        conn = await asyncio.wait_for(connections.take(), 5)
+        assert await conn.fetchval("SELECT 1") == 1
+        await connections.give_back(conn)
+
+
+async def test_a_cancelled_wait_gives_nothing_away(one_connection: asyncpg.Pool) -> None:
+    connections = Connections(one_connection, wait_limit=10.0, metrics=None)
+    held = await connections.take()
+    waiter = asyncio.create_task(connections.take())
+    await asyncio.sleep(0.05)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await connections.give_back(held)
+    conn = await asyncio.wait_for(connections.take(), 5)
+    await connections.give_back(conn)
