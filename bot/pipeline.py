@@ -368,6 +368,7 @@ class Pipeline:
                     name: unit.slot(config, config.key(update)) for name, config in self.bot.sessions.items()
                 }
                 ctx.attach_sessions(slots)
+                unit.expect(slots.values())
                 try:
                     try:
                         for slot in unit.in_lock_order(slots.values()):

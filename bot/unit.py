@@ -71,6 +71,16 @@ class Unit:
     def slot(self, config: SessionConfig[Any], key: str | None) -> SessionSlot[Any]:
         return SessionSlot(config, key, self.transaction_of(config), self.claim)
 
+    def expect(self, slots: Iterable[SessionSlot[Any]]) -> None:
+        """Tell each transaction the keys of the update's sessions it holds (`Transaction.expect`), lazy
+        ones included, before the first read: a transaction may read them in one round trip."""
+        keys: dict[int, list[str]] = {}
+        for slot in slots:
+            if slot.key is not None:
+                keys.setdefault(id(slot.config.storage or self._storage), []).append(slot.key)
+        for storage_id, found in keys.items():
+            self.transactions[storage_id].expect(found)
+
     def in_lock_order(self, slots: Iterable[SessionSlot[Any]]) -> list[SessionSlot[Any]]:
         """The bot's storage first, then the others in the order their first session is declared; key by
         key within each. One order for every update, so two updates can't each hold a row the other

@@ -33,9 +33,15 @@ class Count:
     count: int = 0
 
 
-def two_session_bot(runs: list[int], *, between: Callable[[], Awaitable[None]] | None = None) -> Bot[Count]:
-    """A chat session, and a lazy per-user one loaded by the handler (examples/todo.py's shape). `runs`
-    gets the update id of every run of the handler; `between` runs after both sessions are loaded."""
+def two_session_bot(
+    runs: list[int],
+    *,
+    between: Callable[[], Awaitable[None]] | None = None,
+    before_me: Callable[[], Awaitable[None]] | None = None,
+) -> Bot[Count]:
+    """A chat session, and a lazy per-user one loaded by the handler (examples/todo.py's shape); "c"
+    counts in the chat's only. `runs` gets the update id of every run of a handler; `before_me` runs
+    before the user's session is loaded, `between` after every session the handler uses is."""
     bot: Bot[Count] = Bot(
         session(Count), sessions={"me": session(Count, get_session_key=user_key, prefix="user:", lazy=True)}
     )
@@ -44,28 +50,54 @@ def two_session_bot(runs: list[int], *, between: Callable[[], Awaitable[None]] |
     async def plus(ctx: Context[Count]) -> None:
         runs.append(ctx.update.update_id)
         ctx.session.count += 1
+        if before_me is not None:
+            await before_me()
         (await ctx.get_session("me")).count += 1
+        if between is not None:
+            await between()
+
+    @bot.message(text(equals="c"))
+    async def chat_only(ctx: Context[Count]) -> None:
+        runs.append(ctx.update.update_id)
+        ctx.session.count += 1
         if between is not None:
             await between()
 
     return bot
 
 
-def plus(update_id: int, user: int = USER) -> Any:
-    return text_update(update_id, chat_id=CHAT, text="+", from_id=user)
+def plus(update_id: int, user: int = USER, says: str = "+") -> Any:
+    return text_update(update_id, chat_id=CHAT, text=says, from_id=user)
+
+
+@pytest.fixture(params=["direct", "pgbouncer"])
+def url(request: pytest.FixtureRequest, database_url: str) -> str:
+    """The test's database, straight or through PgBouncer in transaction mode, which keeps nothing of a
+    connection's between statements."""
+    return database_url if request.param == "direct" else str(request.getfixturevalue("pooled_database_url"))
 
 
 @pytest.fixture
-async def logged(database_url: str) -> AsyncIterator[tuple[PostgresStorage, list[str]]]:
-    """A storage on one connection, and every statement sent on it (each a round trip)."""
+async def logged_with_args(url: str) -> AsyncIterator[tuple[PostgresStorage, list[str], list[Any]]]:
+    """A storage on one connection, every statement sent on it (each a round trip), and their arguments."""
     sent: list[str] = []
-    storage = await PostgresStorage.connect(database_url, min_size=1, max_size=1)
+    args: list[Any] = []
+    storage = await PostgresStorage.connect(url, min_size=1, max_size=1)
     async with storage.pool.acquire() as conn:  # the only connection: it stays logged
-        conn.add_query_logger(lambda q: sent.append(q.query))
+        conn.add_query_logger(lambda q: (sent.append(q.query), args.append(q.args)))
     try:
-        yield storage, sent
+        yield storage, sent, args
     finally:
         await storage.close()
+
+
+@pytest.fixture
+def logged(
+    logged_with_args: tuple[PostgresStorage, list[str], list[Any]],
+) -> tuple[PostgresStorage, list[str]]:
+    """A storage on one connection, and every statement sent on it (each a round trip)."""
+    storage, sent, _ = logged_with_args
+    return storage, sent
 
 
 async def count_of(storage: PostgresStorage, key: str) -> int | None:
@@ -83,9 +115,10 @@ async def write_count(storage: PostgresStorage, key: str, count: int) -> None:
 async def test_an_update_with_two_sessions_runs_once_in_the_round_trips_of_one_session(
     logged: tuple[PostgresStorage, list[str]],
 ) -> None:
-    """A new chat and user: one read each, then the one statement. Both remembered afterwards: the one
-    statement alone, as for a bot with one session. The handler runs once per update, and no update
-    takes the locking transaction (no BEGIN)."""
+    """A new chat and user: both rows read in one round trip (the user's read ahead with the chat's, though
+    its session is lazy), then the one statement. Both remembered afterwards: the one statement alone,
+    as for a bot with one session. The handler runs once per update, and no update takes the locking
+    transaction (no BEGIN)."""
     storage, sent = logged
     runs: list[int] = []
     run = Pipeline(two_session_bot(runs), storage, ME, Metrics(), optimistic=True)
@@ -95,7 +128,7 @@ async def test_an_update_with_two_sessions_runs_once_in_the_round_trips_of_one_s
         assert (await run.process(plus(update_id))).status is Status.APPLIED
         trips.append(len(sent))
         assert not any("BEGIN" in q for q in sent), sent
-    assert trips == [3, 1, 1]
+    assert trips == [2, 1, 1]
     assert runs == [1, 2, 3]
     assert run.metrics.count("bot_optimistic_conflicts_total") == 0
     assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (3, 3)
@@ -146,6 +179,68 @@ async def test_a_second_session_written_after_it_was_read_conflicts_and_the_upda
         assert await storage.pool.fetchval("SELECT count(*) FROM processed_updates") == 1
     finally:
         await storage.close()
+        await other.close()
+
+
+async def test_a_session_read_ahead_but_never_used_may_change_elsewhere_without_a_conflict(
+    logged_with_args: tuple[PostgresStorage, list[str], list[Any]], database_url: str
+) -> None:
+    """The chat's read also reads the user's row ahead (the update's other session), but the handler
+    never asks for it: another process writing that row meanwhile changes nothing for this update, which
+    applies at once, checking and writing the chat's row only."""
+    storage, sent, args = logged_with_args
+    other = await PostgresStorage.connect(database_url)
+    try:
+        await write_count(other, USER_KEY, 3)
+        runs: list[int] = []
+
+        async def meanwhile() -> None:
+            if runs == [1]:
+                await write_count(other, USER_KEY, 10)
+
+        run = Pipeline(two_session_bot(runs, between=meanwhile), storage, ME, Metrics(), optimistic=True)
+        assert (await run.process(plus(1, says="c"))).status is Status.APPLIED
+        assert len(sent) == 2 and not any("BEGIN" in q for q in sent), sent
+        assert args[0][0] == [CHAT_KEY, USER_KEY]  # read in one round trip
+        assert runs == [1]
+        assert run.metrics.count("bot_optimistic_conflicts_total") == 0
+        assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (1, 10)
+        assert not storage.contended(USER_KEY)
+        # Nor was the row read ahead taken for one this process remembers: the next update reads it.
+        assert storage.cache.get(USER_KEY) is None
+        assert (await run.process(plus(2))).status is Status.APPLIED
+        assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (2, 11)
+        assert runs == [1, 2]
+    finally:
+        await other.close()
+
+
+async def test_a_session_read_ahead_then_changed_elsewhere_before_its_use_is_caught_and_counts_once(
+    logged_with_args: tuple[PostgresStorage, list[str], list[Any]], database_url: str
+) -> None:
+    """The user's row is read ahead with the chat's; another process writes it before the handler asks
+    for it, so the handler gets the value read ahead, which is stale by then. The statement checks that
+    row's version as it would a row read when asked for: it applies nothing, and the update runs again
+    with locks, once, from the current row."""
+    storage, sent, args = logged_with_args
+    other = await PostgresStorage.connect(database_url)
+    try:
+        runs: list[int] = []
+
+        async def meanwhile() -> None:
+            if len(runs) == 1:
+                await write_count(other, USER_KEY, 10)
+
+        run = Pipeline(two_session_bot(runs, before_me=meanwhile), storage, ME, Metrics(), optimistic=True)
+        assert (await run.process(plus(1))).status is Status.APPLIED
+        assert args[0][0] == [CHAT_KEY, USER_KEY]  # read in one round trip, before the other write
+        assert not any("BEGIN" in q for q in sent[:2]) and "BEGIN" in sent[2], sent
+        assert runs == [1, 1]
+        assert run.metrics.count("bot_optimistic_conflicts_total") == 1
+        assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (1, 11)
+        assert await storage.pool.fetchval("SELECT count(*) FROM processed_updates") == 1
+        assert storage.contended(USER_KEY)
+    finally:
         await other.close()
 
 

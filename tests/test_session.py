@@ -98,6 +98,9 @@ class _CountingTransaction:
         self._count("claim", str(update_id))
         return await self.tx.claim_update(bot_id, update_id)
 
+    def expect(self, keys: Sequence[str]) -> None:
+        self.tx.expect(keys)
+
     async def read(self, key: str) -> StoredSession | Moved | None:
         self._count("read", key)
         return await self.tx.read(key)

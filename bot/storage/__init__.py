@@ -214,6 +214,11 @@ class Transaction(Protocol):
         A concurrent attempt at the same update waits here until the first one commits or rolls back.
         """
 
+    def expect(self, keys: Sequence[str]) -> None:
+        """A hint, before the first read: the keys of the update's sessions in this transaction, lazy ones
+        included, which it may read. No I/O, no lock, and no promise that they are read; a storage may
+        fetch them together with the first key it reads (the optimistic one does), or ignore it."""
+
     async def read(self, key: str) -> StoredSession | Moved | None:
         """Lock `key` for the rest of the transaction, even a key that has no session yet (the first two
         updates of a new chat must take turns too), and return its session (None: missing or expired),

@@ -164,6 +164,9 @@ class _MemoryTransaction:
         self._claimed.append((bot_id, update_id))
         return True
 
+    def expect(self, keys: Sequence[str]) -> None:
+        pass  # every read is in memory: nothing to gain by reading ahead
+
     async def read(self, key: str) -> StoredSession | Moved | None:
         await self._lock(("session", key))
         row = self._writes[key] if key in self._writes else self._storage._sessions.get(key)

@@ -178,6 +178,9 @@ class PostgresTransaction:
                 self._begun = True
         return status
 
+    def expect(self, keys: Sequence[str]) -> None:
+        pass  # each read locks its row: reading a lazy session's ahead would lock it for nothing
+
     async def read(self, key: str) -> StoredSession | Moved | None:
         await self._flush()
         conn = await self._connection()

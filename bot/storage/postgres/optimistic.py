@@ -3,9 +3,10 @@ then one statement that applies the claim, the writes and the replies only if ev
 the version read (its `xmin`, with the server's start time: `optimistic_sql.revision`), else Conflict and the pipeline
 runs the update again in a locking transaction. A row this process remembers (`bot.storage.cache`: the
 session and its version as this process last read or wrote it) is not read, and the same statement
-checks its version: one round trip in all when every session of the update is remembered, one more per
-session that is not. It keeps no state on the connection between transactions, so it works the same
-through PgBouncer in transaction mode.
+checks its version: one round trip in all when every session of the update is remembered. The first
+read also reads ahead the rows of the update's other sessions that are not remembered (`expect`), so
+that a new chat's and its sender's sessions cost one read: two round trips in all. It keeps no state on
+the connection between transactions, so it works the same through PgBouncer in transaction mode.
 """
 
 from __future__ import annotations
@@ -49,11 +50,18 @@ class OptimisticTransaction:
     """Two round trips and no lock held while the handlers run (see the module's docstring); one when
     this process remembers the session (`SessionCache`) and nobody else wrote it since.
 
-    Any number of session rows (a chat's and a user's, say): each is read (one round trip) or remembered
-    (none), and the one statement at the end applies the claim and every write only if every row read is
-    still the version it was read at (the claim: the update recorded as processed, or a fire's timer
-    deleted). What it cannot do that way (a moved session, a redelivery, scheduling a timer, a dead
-    letter) raises Conflict before anything is written, and the locking transaction takes over.
+    Any number of session rows (a chat's and a user's, say): each is read or remembered (no round trip),
+    and the one statement at the end applies the claim and every write only if every row read is still
+    the version it was read at (the claim: the update recorded as processed, or a fire's timer deleted).
+    What it cannot do that way (a moved session, a redelivery, scheduling a timer, a dead letter) raises
+    Conflict before anything is written, and the locking transaction takes over.
+
+    The first read that goes to the database also reads ahead every other expected row (`expect`) not
+    read, remembered or contended yet, in the same round trip. A row read ahead (`_ahead`) is only a
+    value at hand: nothing checks or writes it until read() asks for it, which then takes the key's turn
+    and answers it (unless the cache has the key by then: an update of this process may have written it
+    since), and from then on it is checked like a row read then. A lazy session never asked for is never
+    checked, whoever writes it meanwhile.
 
     Updates of one key take turns in this process (`Turns`), from the read to the end of the statement,
     so only another process can change a row under an attempt. Only the first key's turn is waited for.
@@ -81,6 +89,9 @@ class OptimisticTransaction:
         self._claim: tuple[int, int] | None = None  # (bot, update id) to record as processed
         self._timer: tuple[int, int] | None = None  # (bot, timer id) of a fire, to delete
         self._rows: dict[str, _Row] = {}  # by key, in the order read
+        self._expected: Sequence[str] = ()  # the update's session keys (`expect`): read ahead of need
+        # Rows read ahead and not asked for yet: not checked by the statement, nor written, until read().
+        self._ahead: dict[str, asyncpg.Record] = {}
         self._held: list[str] = []  # the keys whose turns this transaction holds, the first waited for
         self._asked_applied = False  # a read asked whether the claimed update was applied before
         self._done = False  # the statement was sent (or refused): nothing more goes to the database
@@ -112,6 +123,9 @@ class OptimisticTransaction:
         await turns.take(key)
         self._held.append(key)
 
+    def expect(self, keys: Sequence[str]) -> None:
+        self._expected = keys
+
     async def read(self, key: str) -> StoredSession | None:
         if self._refusal is not None:
             raise self._refusal
@@ -125,19 +139,12 @@ class OptimisticTransaction:
         if cached is not None:
             # No round trip: the statement at the end checks the version, as it would after a read. A
             # redelivery is not told apart here but by its claim there (a conflict, then the lock).
+            # (Remembered wins over read ahead: another update of this process may have written it since.)
             self._rows[key] = _Row(cached.session, cached.revision, cached)
             return cached.session
-        conn = await self._connection()
-        claim = self._claim if self._claim is not None and not self._asked_applied else None
-        with unavailable_on_failure(f"read session {key!r}"):
-            if claim is None:
-                row = await conn.fetchrow(read_text(False), key)
-            else:
-                row = await conn.fetchrow(read_text(True), key, *claim)
-        assert row is not None  # the outer join returns one row
-        self._asked_applied = self._claim is not None
-        if row["done"]:
-            raise self._give_up("a redelivered update: the locking transaction tells it apart")
+        row = self._ahead.pop(key, None)
+        if row is None:
+            row = await self._fetch(key)
         if row["moved_to"] is not None and not row["expired"]:
             raise self._give_up(f"session {key!r} moved: following it takes the locking transaction")
         session = None
@@ -147,6 +154,34 @@ class OptimisticTransaction:
                 self._cache.put(key, session, row["revision"])
         self._rows[key] = _Row(session, row["revision"])
         return session
+
+    async def _fetch(self, key: str) -> asyncpg.Record:
+        """Read the row at `key`, and in the same round trip every expected key's that is neither read nor
+        remembered yet (nor contended: that one takes the lock), kept in `_ahead` for its read()."""
+        rows, cache, contended = self._rows, self._cache, self._contended
+        keys = [key]
+        keys += (
+            k
+            for k in dict.fromkeys(self._expected)
+            if k != key
+            and k not in rows
+            and k not in self._ahead
+            and k not in contended
+            and cache.get(k) is None
+        )
+        conn = await self._connection()
+        claim = self._claim if self._claim is not None and not self._asked_applied else None
+        with unavailable_on_failure(f"read session {key!r}"):
+            if claim is None:
+                found = await conn.fetch(read_text(False), keys)
+            else:
+                found = await conn.fetch(read_text(True), keys, *claim)
+        self._asked_applied = self._claim is not None
+        if found[0]["done"]:  # (the outer join answers every key; `done` is the same in each answer)
+            raise self._give_up("a redelivered update: the locking transaction tells it apart")
+        for row in found:
+            self._ahead[row["key"]] = row
+        return self._ahead.pop(key)
 
     async def write(self, key: str, session: StoredSession, ttl: float | None = None) -> None:
         self._read_before(key).write = (session, ttl)

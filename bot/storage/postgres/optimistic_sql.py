@@ -1,7 +1,7 @@
-"""The optimistic transaction's SQL text (bot/storage/postgres/optimistic.py), pure: its read, and its one
-statement at the end, built from the update's shape alone (how many rows, which were read or remembered,
-which are written and how, the claim, whether replies are queued) and kept per shape, so an update
-passes only its parameters. Building the text was ~10% of an update's CPU on workload T, and asyncpg
+"""The optimistic transaction's SQL text (bot/storage/postgres/optimistic.py), pure: its read (of a row,
+with the rows it reads ahead), and its one statement at the end, built from the update's shape alone
+(how many rows, which were read or remembered, which are written and how, the claim, whether replies
+are queued) and kept per shape, so an update passes only its parameters. Building the text was ~10% of an update's CPU on workload T, and asyncpg
 caches the prepared statement by its text anyway.
 
 The statement's parameters, in order (`apply_text`'s numbering; the transaction lists them the same way):
@@ -38,14 +38,16 @@ def revision(table: str = "") -> str:
 
 @functools.cache
 def read_text(applied: bool) -> str:
-    """The read of one row ($1 its key); with `applied`, it also asks whether the update ($2 the bot, $3
-    its id) was applied before."""
+    """The read of the rows at the keys in $1 (a text[]: the key asked for, and those read ahead with it),
+    one answer per key, `key` naming it; with `applied`, each also says whether the update ($2 the bot,
+    $3 its id) was applied before."""
     done = (
         "EXISTS (SELECT FROM processed_updates WHERE bot_id = $2 AND update_id = $3)" if applied else "false"
     )
     return (
-        f"SELECT {done} AS done, {revision('s.')} AS revision, s.moved_to, s.expires_at IS NULL AS lasting,"
-        f" {session_columns('s.')} FROM (VALUES (1)) AS one LEFT JOIN sessions AS s ON s.key = $1"
+        f"SELECT k.key, {done} AS done, {revision('s.')} AS revision, s.moved_to,"
+        f" s.expires_at IS NULL AS lasting, {session_columns('s.')}"
+        " FROM unnest($1::text[]) AS k (key) LEFT JOIN sessions AS s ON s.key = k.key"
     )
 
 
