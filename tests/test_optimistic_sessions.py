@@ -244,6 +244,63 @@ async def test_a_session_read_ahead_then_changed_elsewhere_before_its_use_is_cau
         await other.close()
 
 
+async def test_a_session_read_ahead_that_expired_reads_as_missing_when_used(
+    logged_with_args: tuple[PostgresStorage, list[str], list[Any]],
+) -> None:
+    """A row read ahead is answered as a row read when asked for would be: an expired one as no session."""
+    storage, sent, args = logged_with_args
+    async with storage.transaction() as tx:
+        await tx.read(USER_KEY)
+        await tx.write(USER_KEY, StoredSession('{"count": 5}'), ttl=0.01)
+    await asyncio.sleep(0.05)
+    sent.clear()
+    args.clear()
+    runs: list[int] = []
+    run = Pipeline(two_session_bot(runs), storage, ME, Metrics(), optimistic=True)
+    assert (await run.process(plus(1))).status is Status.APPLIED
+    assert args[0][0] == [CHAT_KEY, USER_KEY]  # read in one round trip
+    assert len(sent) == 2 and not any("BEGIN" in q for q in sent), sent
+    assert runs == [1]
+    assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (1, 1)
+
+
+async def test_a_session_read_ahead_then_written_by_this_process_is_answered_from_memory(url: str) -> None:
+    """Update 1 (chat 7) reads the user's row ahead with the chat's; update 2 (chat 8, same user) writes
+    the user's session in this process before update 1 asks for it. Update 1 then answers from what
+    this process remembers (update 2's write), not from the older row read ahead: no conflict, each
+    update applied once, the user's count 2."""
+    storage = await PostgresStorage.connect(url, min_size=2, max_size=2)
+    try:
+        reads: list[Any] = []
+        connections = [await storage.pool.acquire() for _ in range(2)]
+        for conn in connections:
+            conn.add_query_logger(lambda q: reads.append(q.args[0]) if " AS done" in q.query else None)
+            await storage.pool.release(conn)
+        runs: list[int] = []
+        paused, go = asyncio.Event(), asyncio.Event()
+
+        async def until_update_2_is_applied() -> None:
+            if runs == [1]:
+                paused.set()
+                await go.wait()
+
+        bot = two_session_bot(runs, before_me=until_update_2_is_applied)
+        run = Pipeline(bot, storage, ME, Metrics(), optimistic=True)
+        first = asyncio.create_task(run.process(plus(1)))
+        await paused.wait()
+        second = text_update(2, chat_id=8, text="+", from_id=USER)
+        assert (await run.process(second)).status is Status.APPLIED
+        go.set()
+        assert (await first).status is Status.APPLIED
+        assert reads == [[CHAT_KEY, USER_KEY], ["8", USER_KEY]]  # each read the user's row ahead
+        assert runs == [1, 2]
+        assert run.metrics.count("bot_optimistic_conflicts_total") == 0
+        counts = [await count_of(storage, key) for key in (CHAT_KEY, "8", USER_KEY)]
+        assert counts == [1, 1, 2]
+    finally:
+        await storage.close()
+
+
 async def test_a_middleware_catching_exception_never_sees_a_conflict(
     logged: tuple[PostgresStorage, list[str]],
 ) -> None:
