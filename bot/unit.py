@@ -6,7 +6,7 @@ in which sessions are locked (`Unit.in_lock_order`). The pipeline opens one per 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
 from typing import Any
@@ -71,15 +71,20 @@ class Unit:
     def slot(self, config: SessionConfig[Any], key: str | None) -> SessionSlot[Any]:
         return SessionSlot(config, key, self.transaction_of(config), self.claim)
 
-    def expect(self, slots: Iterable[SessionSlot[Any]]) -> None:
+    def expect(self, slots: Collection[SessionSlot[Any]]) -> None:
         """Tell each transaction the keys of the update's sessions it holds (`Transaction.expect`), lazy
-        ones included, before the first read: a transaction may read them in one round trip."""
+        ones included, before the first read: a transaction may read them in one round trip. Optional
+        for a storage: one written before the hint existed reads each key when asked, as it did."""
+        if len(slots) < 2:
+            return  # (every update passes here: a bot with one session has nothing to read ahead)
         keys: dict[int, list[str]] = {}
         for slot in slots:
             if slot.key is not None:
                 keys.setdefault(id(slot.config.storage or self._storage), []).append(slot.key)
         for storage_id, found in keys.items():
-            self.transactions[storage_id].expect(found)
+            expect = getattr(self.transactions[storage_id], "expect", None)
+            if expect is not None:
+                expect(found)
 
     def in_lock_order(self, slots: Iterable[SessionSlot[Any]]) -> list[SessionSlot[Any]]:
         """The bot's storage first, then the others in the order their first session is declared; key by

@@ -87,6 +87,9 @@ class CountingStorage:
 
 
 class _CountingTransaction:
+    """A transaction as a storage written outside this project might be: without the optional
+    `expect` hint, which the pipeline then does not give."""
+
     def __init__(self, tx: Transaction, ops: Counter[tuple[str, str]], log: list[tuple[str, str]]) -> None:
         self.tx, self.ops, self.log = tx, ops, log
 
@@ -97,9 +100,6 @@ class _CountingTransaction:
     async def claim_update(self, bot_id: int, update_id: int) -> bool:
         self._count("claim", str(update_id))
         return await self.tx.claim_update(bot_id, update_id)
-
-    def expect(self, keys: Sequence[str]) -> None:
-        self.tx.expect(keys)
 
     async def read(self, key: str) -> StoredSession | Moved | None:
         self._count("read", key)
