@@ -64,6 +64,19 @@ async def test_a_wait_past_the_limit_is_storage_unavailable_and_gives_nothing_aw
         await connections.give_back(conn)
 
 
+async def test_a_wait_that_ends_in_the_pool_gives_its_turn_back(one_connection: asyncpg.Pool) -> None:
+    # The outbox, timers and health checks take connections from the pool directly: an update can have
+    # its turn and still find the pool empty, and time out there.
+    connections = Connections(one_connection, wait_limit=0.2, metrics=None)
+    outside = await one_connection.acquire()
+    with pytest.raises(StorageUnavailable, match="acquire a connection"):
+        await connections.take()
+    await one_connection.release(outside)
+    for _ in range(2):
+        conn = await asyncio.wait_for(connections.take(), 5)
+        await connections.give_back(conn)
+
+
 async def test_a_cancelled_wait_gives_nothing_away(one_connection: asyncpg.Pool) -> None:
     connections = Connections(one_connection, wait_limit=10.0, metrics=None)
     held = await connections.take()

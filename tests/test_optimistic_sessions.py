@@ -38,13 +38,14 @@ def two_session_bot(
     *,
     between: Callable[[], Awaitable[None]] | None = None,
     before_me: Callable[[], Awaitable[None]] | None = None,
+    me_ttl: float | None = None,
 ) -> Bot[Count]:
     """A chat session, and a lazy per-user one loaded by the handler (examples/todo.py's shape); "c"
     counts in the chat's only. `runs` gets the update id of every run of a handler; `before_me` runs
-    before the user's session is loaded, `between` after every session the handler uses is."""
-    bot: Bot[Count] = Bot(
-        session(Count), sessions={"me": session(Count, get_session_key=user_key, prefix="user:", lazy=True)}
-    )
+    before the user's session is loaded, `between` after every session the handler uses is; `me_ttl` is the
+    user's session's ttl."""
+    me = session(Count, get_session_key=user_key, prefix="user:", lazy=True, ttl=me_ttl)
+    bot: Bot[Count] = Bot(session(Count), sessions={"me": me})
 
     @bot.message(text(equals="+"))
     async def plus(ctx: Context[Count]) -> None:
@@ -264,12 +265,20 @@ async def test_a_session_read_ahead_that_expired_reads_as_missing_when_used(
     assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (1, 1)
 
 
-async def test_a_session_read_ahead_then_written_by_this_process_is_answered_from_memory(url: str) -> None:
+@pytest.mark.parametrize(
+    ("me_ttl", "cache_size", "read_again"),
+    [(None, 5000, False), (3600.0, 5000, True), (None, 0, True)],
+    ids=["remembered", "with-a-ttl", "cache-off"],
+)
+async def test_a_session_read_ahead_then_written_by_this_process_is_not_a_conflict(
+    url: str, me_ttl: float | None, cache_size: int, read_again: bool
+) -> None:
     """Update 1 (chat 7) reads the user's row ahead with the chat's; update 2 (chat 8, same user) writes
     the user's session in this process before update 1 asks for it. Update 1 then answers from what
-    this process remembers (update 2's write), not from the older row read ahead: no conflict, each
-    update applied once, the user's count 2."""
-    storage = await PostgresStorage.connect(url, min_size=2, max_size=2)
+    this process remembers of update 2's write or, when it keeps none (a session with a ttl, or
+    SESSION_CACHE=0), reads the row again: never the older row read ahead, which would be a conflict,
+    a second run and the key run with locks for a while. Each update applied once, the user's count 2."""
+    storage = await PostgresStorage.connect(url, min_size=2, max_size=2, cache_size=cache_size)
     try:
         reads: list[Any] = []
         connections = [await storage.pool.acquire() for _ in range(2)]
@@ -284,7 +293,7 @@ async def test_a_session_read_ahead_then_written_by_this_process_is_answered_fro
                 paused.set()
                 await go.wait()
 
-        bot = two_session_bot(runs, before_me=until_update_2_is_applied)
+        bot = two_session_bot(runs, before_me=until_update_2_is_applied, me_ttl=me_ttl)
         run = Pipeline(bot, storage, ME, Metrics(), optimistic=True)
         first = asyncio.create_task(run.process(plus(1)))
         await paused.wait()
@@ -292,9 +301,11 @@ async def test_a_session_read_ahead_then_written_by_this_process_is_answered_fro
         assert (await run.process(second)).status is Status.APPLIED
         go.set()
         assert (await first).status is Status.APPLIED
-        assert reads == [[CHAT_KEY, USER_KEY], ["8", USER_KEY]]  # each read the user's row ahead
+        again = [[USER_KEY]] if read_again else []
+        assert reads == [[CHAT_KEY, USER_KEY], ["8", USER_KEY], *again]  # each read the user's row ahead
         assert runs == [1, 2]
         assert run.metrics.count("bot_optimistic_conflicts_total") == 0
+        assert not storage.contended(USER_KEY)
         counts = [await count_of(storage, key) for key in (CHAT_KEY, "8", USER_KEY)]
         assert counts == [1, 1, 2]
     finally:

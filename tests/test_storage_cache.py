@@ -33,6 +33,33 @@ def test_nothing_is_remembered_past_its_age_or_with_size_zero() -> None:
     assert off.get("a") is None and len(off) == 0
 
 
+def test_a_write_makes_what_is_remembered_stale_and_is_seen_from_any_earlier_point() -> None:
+    cache = SessionCache(size=0)  # (the writes are kept whatever the size: SESSION_CACHE=0 too)
+    before = cache.clock
+    cache.wrote("other")
+    assert not cache.written_since("a", before)
+    cache.wrote("a")
+    assert cache.written_since("a", before)
+    assert not cache.written_since("a", cache.clock)
+    remembering = SessionCache(size=10)
+    remembering.put("a", StoredSession("1"), "100")
+    remembering.wrote("a")
+    assert remembering.get("a") is None
+
+
+def test_writes_kept_are_bounded_and_a_point_older_than_them_answers_maybe() -> None:
+    cache = SessionCache(size=10)
+    cache.wrote("a")
+    after_a = cache.clock
+    for n in range(SessionCache.WRITES - 1):
+        cache.wrote(f"k{n}")
+    assert not cache.written_since("a", after_a)  # still told apart: WRITES - 1 writes back
+    cache.wrote("b")
+    assert len(cache._written) == SessionCache.WRITES  # "a" dropped
+    assert cache.written_since("a", after_a)  # too far back to know: read it again
+    assert not cache.written_since("a", cache.clock)
+
+
 async def test_turns_are_taken_in_arrival_order_and_a_free_key_keeps_no_state() -> None:
     turns, order = Turns(), []
 

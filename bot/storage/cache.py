@@ -37,12 +37,21 @@ class SessionCache:
 
     Only sessions without an expiry are kept (an expired one must read as missing). The age limit keeps
     a remembered `xmin` far from the 2**32 transactions after which PostgreSQL could reuse it.
+
+    It also keeps which keys this process wrote lately (`wrote`, `written_since`), whatever their
+    expiry and whatever `size`: a row read before its key's turn (read ahead, for a lazy session) is
+    used only if no update of this process wrote it since, which the turns otherwise rule out. The last
+    `WRITES` writes are kept; asked about an earlier point, it answers yes (read the row again).
     """
+
+    WRITES = 1000
 
     def __init__(self, size: int, max_age: float = 3600.0) -> None:
         self.size = size
         self.max_age = max_age
         self._entries: dict[str, Cached] = {}
+        self.clock = 0  # writes so far (`wrote`)
+        self._written: dict[str, int] = {}  # key -> the clock after its last write, oldest first
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -64,6 +73,23 @@ class SessionCache:
 
     def forget(self, key: str) -> None:
         self._entries.pop(key, None)
+
+    def wrote(self, key: str) -> None:
+        """An update of this process wrote `key` (or is writing it with locks): what is remembered of
+        it is stale, and a row of it read ahead before now is too."""
+        self._entries.pop(key, None)
+        self.clock += 1
+        written = self._written
+        written.pop(key, None)
+        written[key] = self.clock
+        if len(written) > self.WRITES:
+            # The oldest key's last write is at least WRITES writes back: `written_since` answers yes
+            # for any point that far back without it.
+            del written[next(iter(written))]
+
+    def written_since(self, key: str, clock: int) -> bool:
+        """Whether this process wrote `key` after `clock` (an earlier `self.clock`), or may have."""
+        return self.clock - clock >= self.WRITES or self._written.get(key, 0) > clock
 
 
 class Turns:

@@ -64,9 +64,11 @@ class Connections:
 
     async def give_back(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
         """Never raises: a connection broken mid-transaction fails its reset here and is terminated by
-        the pool, not reused; that failure says nothing about the transaction's outcome."""
+        the pool, not reused; that failure says nothing about the transaction's outcome. The release
+        (waiting out a cancelled statement, a rollback) is bounded by the wait limit too: its turn is
+        held until it ends."""
         try:
             with contextlib.suppress(Exception):
-                await self._pool.release(conn)
+                await self._pool.release(conn, timeout=self._wait_limit)
         finally:
             self._turns.release()

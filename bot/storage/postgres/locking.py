@@ -80,10 +80,10 @@ class PostgresTransaction:
         connections: Connections,
         metrics: Metrics | None,
         begin: str,
-        forget: Callable[[str], None],
+        wrote: Callable[[str], None],
     ) -> None:
         self._connections = connections
-        self._forget = forget  # what the optimistic transactions remember of a key it writes is stale
+        self._wrote = wrote  # what the optimistic transactions remember of a key it writes is stale
         self._metrics = metrics  # for the lock-wait histogram
         self._begin = begin
         self._conn: asyncpg.pool.PoolConnectionProxy | None = None
@@ -112,7 +112,7 @@ class PostgresTransaction:
         forgetting anything."""
         statements = []
         for key, write in self._writes.items():
-            self._forget(key)
+            self._wrote(key)
             if write is None:
                 statements.append(f"DELETE FROM sessions WHERE key = {value(key)}")
             else:
@@ -219,7 +219,7 @@ class PostgresTransaction:
     async def move(self, key: str, to: str, keep: float) -> None:
         await self._flush()  # a move is rare (a group's upgrade): its own round trip, after the writes
         self._writes.pop(key, None)
-        self._forget(key)
+        self._wrote(key)
         conn = await self._connection()
         with unavailable_on_failure(f"move session {key!r}"):
             # A forward is a data-less row that expires: the prune of expired sessions removes it.

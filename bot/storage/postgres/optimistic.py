@@ -91,7 +91,7 @@ class OptimisticTransaction:
         self._rows: dict[str, _Row] = {}  # by key, in the order read
         self._expected: Sequence[str] = ()  # the update's session keys (`expect`): read ahead of need
         # Rows read ahead and not asked for yet: not checked by the statement, nor written, until read().
-        self._ahead: dict[str, asyncpg.Record] = {}
+        self._ahead: dict[str, tuple[asyncpg.Record, int]] = {}  # with `SessionCache.clock` then
         self._held: list[str] = []  # the keys whose turns this transaction holds, the first waited for
         self._asked_applied = False  # a read asked whether the claimed update was applied before
         self._done = False  # the statement was sent (or refused): nothing more goes to the database
@@ -142,8 +142,12 @@ class OptimisticTransaction:
             # (Remembered wins over read ahead: another update of this process may have written it since.)
             self._rows[key] = _Row(cached.session, cached.revision, cached)
             return cached.session
-        row = self._ahead.pop(key, None)
-        if row is None:
+        ahead = self._ahead.pop(key, None)
+        if ahead is not None and not self._cache.written_since(key, ahead[1]):
+            row = ahead[0]
+        else:
+            # (Read ahead before this update had its turn, and another update of this process wrote it
+            # since: the row is stale, and the statement would refuse it. Read it again.)
             row = await self._fetch(key)
         if row["moved_to"] is not None and not row["expired"]:
             raise self._give_up(f"session {key!r} moved: following it takes the locking transaction")
@@ -171,6 +175,7 @@ class OptimisticTransaction:
         )
         conn = await self._connection()
         claim = self._claim if self._claim is not None and not self._asked_applied else None
+        clock = cache.clock  # (before the round trip: a write may land while it is under way)
         with unavailable_on_failure(f"read session {key!r}"):
             if claim is None:
                 found = await conn.fetch(read_text(False), keys)
@@ -180,8 +185,8 @@ class OptimisticTransaction:
         if found[0]["done"]:  # (the outer join answers every key; `done` is the same in each answer)
             raise self._give_up("a redelivered update: the locking transaction tells it apart")
         for row in found:
-            self._ahead[row["key"]] = row
-        return self._ahead.pop(key)
+            self._ahead[row["key"]] = (row, clock)
+        return self._ahead.pop(key)[0]
 
     async def write(self, key: str, session: StoredSession, ttl: float | None = None) -> None:
         self._read_before(key).write = (session, ttl)
@@ -267,6 +272,7 @@ class OptimisticTransaction:
                 raise self._give_up("the timer is gone (fired, replaced or cancelled): run it with locks")
             raise self._refused(keys, first)
         for n, key in enumerate(written):
+            self._cache.wrote(key)
             write = self._rows[key].write
             if write is not None and write[1] is None:
                 self._remember(key, first[f"r{n}"], write[0].data, write[0].version)

@@ -158,7 +158,7 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
 
     def transaction(self) -> AbstractAsyncContextManager[PostgresTransaction]:
         return _Finished(
-            PostgresTransaction(self.connections, self._metrics, self._begin, self.cache.forget),
+            PostgresTransaction(self.connections, self._metrics, self._begin, self.cache.wrote),
             self,
         )
 
