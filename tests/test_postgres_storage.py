@@ -32,6 +32,7 @@ from bot.storage import (
     StoredSession,
 )
 from bot.storage.postgres import PostgresStorage
+from bot.storage.postgres.optimistic_sql import CLAIM, apply_text, revision
 from bot.telegram import Update
 from bot.testing.pgbouncer import PgBouncer
 from bot.testing.updates import text_update
@@ -636,3 +637,29 @@ async def test_values_that_cannot_be_sql_literals_still_commit(postgres: Postgre
 
     with pytest.raises(StorageRefused, match="write sessions"):  # PostgreSQL refuses NUL in text
         await write_nul()
+
+
+async def test_an_optimistic_statement_that_applies_reads_no_remembered_row_again(database_url: str) -> None:
+    """A remembered row comes back with the statement only when it changed (to refresh what this process
+    remembers): for an update that applies, that part of the plan never runs (no index scan, no jsonb
+    turned into text), as EXPLAIN ANALYZE shows."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO sessions (key, data, version) VALUES ('7', '{\"n\": 1}', 1)")
+        current = await conn.fetchval(f"SELECT {revision()} FROM sessions WHERE key = '7'")
+        text = "EXPLAIN (ANALYZE, COSTS OFF) " + apply_text(
+            "5000ms", CLAIM, ((True, True),), ((0, False),), 0
+        )
+        for remembered, changed in ((current, False), ("0:0", True)):
+            attempt = conn.transaction()
+            await attempt.start()  # (rolled back: EXPLAIN ANALYZE runs the statement)
+            try:
+                plan = [row[0] for row in await conn.fetch(text, "7", remembered, 1, 1, '{"n": 2}', 1, None)]
+            finally:
+                await attempt.rollback()
+            gated = [n for n, line in enumerate(plan) if "One-Time Filter: (NOT v.u0)" in line]
+            assert gated, plan  # the remembered row's read runs only when it changed
+            scan = next(line for line in plan[gated[0] :] if "Index Scan" in line)
+            assert ("never executed" not in scan) is changed, plan
+    finally:
+        await conn.close()

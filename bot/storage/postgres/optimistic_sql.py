@@ -160,13 +160,18 @@ def apply_text(
         )
     for n, (_, cached) in enumerate(rows):
         if cached:
-            # Read in the statement's snapshot, before its own writes: the row as it is now.
+            # Read in the statement's snapshot, before its own writes: the row as it is now, only when it
+            # changed since remembered (`NOT v.u<n>`). OFFSET 0 keeps the planner from pulling the
+            # subquery up into a join filter, so that the condition gates it as a one-time filter: an
+            # update that applies reads no row here and turns no jsonb into text (EXPLAIN: "never
+            # executed").
             columns.append(
                 f"k{n}.revision AS k{n}_revision, k{n}.data AS k{n}_data, k{n}.version AS k{n}_version"
             )
             joins += (
-                f" LEFT JOIN (SELECT {revision()} AS revision, data::text AS data, version FROM sessions"
-                f" WHERE key = {key_arg[n]} AND moved_to IS NULL AND expires_at IS NULL) AS k{n} ON true"
+                f" LEFT JOIN LATERAL (SELECT {revision()} AS revision, data::text AS data, version"
+                f" FROM sessions WHERE key = {key_arg[n]} AND moved_to IS NULL AND expires_at IS NULL"
+                f" AND NOT v.u{n} OFFSET 0) AS k{n} ON true"
             )
     if calls:
         columns.append("o.id, o.method, o.payload, o.attempts, o.created_at, o.lease_no, o.has_files")
