@@ -306,6 +306,25 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+async def database_server(dsn: str) -> list[int]:
+    """The database server's postmaster, when it runs on this machine: its CPU and its backends' (live,
+    and those it reaped) is the database's share of an update. Empty when it cannot be found (another
+    host, a data directory this user cannot read): the column then says "-"."""
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            directory = await conn.fetchval("SHOW data_directory")
+        finally:
+            await conn.close()
+        return [int((Path(directory) / "postmaster.pid").read_text().split()[0])]
+    except (OSError, ValueError, asyncpg.PostgresError):
+        return []
+
+
+def per_update_us(seconds: float | None, updates: int) -> int | str:
+    return "-" if seconds is None else round(seconds / updates * 1e6)
+
+
 def peak_rss_mb(pids: list[int]) -> float:
     """The largest peak resident set (VmHWM) of any one of these processes or their descendants."""
     peak = 0
@@ -390,7 +409,8 @@ async def run_server(
                         )
                     )
                 await asyncio.sleep(1.0)  # py-spy attaches
-            cpu_before = cpu_seconds(pids)
+            db = await database_server(dsn)
+            cpu_before, db_before = cpu_seconds(pids), cpu_seconds(db)
             stats: DeliveryStats = await deliver(
                 client,
                 lambda: urls[next(turn) % len(urls)],
@@ -402,6 +422,7 @@ async def run_server(
                 give_up_after=600,
             )
             cpu = cpu_seconds(pids) - cpu_before
+            db_cpu = cpu_seconds(db) - db_before if db else None
             for running in spies:  # py-spy writes its file when it stops
                 running.send_signal(signal.SIGINT)
                 await running.wait()
@@ -425,6 +446,7 @@ async def run_server(
         "lost": lost,
         "extra": extra,
         "CPU µs/update": round(cpu / stats.delivered * 1e6),
+        "DB CPU µs/update": per_update_us(db_cpu, stats.delivered),
         "peak RSS MB": f"{rss:.0f}",
         "runs/handled": "-" if runs is None else f"{runs / handled:.3f}",
     }
@@ -463,12 +485,15 @@ async def raw_postgres(w: Workload, dsn: str) -> dict[str, Any]:
                     )
             latencies.append(time.perf_counter() - started)
 
+    db = await database_server(dsn)
+    db_before = cpu_seconds(db)
     started = time.perf_counter()
     try:
         await asyncio.gather(*(one(u) for u in updates))
     finally:
         await pool.close()
     elapsed = time.perf_counter() - started
+    db_cpu = cpu_seconds(db) - db_before if db else None
     latencies.sort()
     return {
         "workload": w.name,
@@ -482,6 +507,7 @@ async def raw_postgres(w: Workload, dsn: str) -> dict[str, Any]:
         "lost": "-",
         "extra": "-",
         "CPU µs/update": "-",
+        "DB CPU µs/update": per_update_us(db_cpu, len(updates)),
         "peak RSS MB": "-",
         "runs/handled": "-",
     }
