@@ -11,7 +11,7 @@ import pytest
 
 from bot.storage import Storage
 from bot.testing.chat import Chat
-from bot.testing.env import make_settings
+from bot.testing.env import UNPACED_ENV, make_settings
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.updates import callback_update, member_update, reaction_update
 from examples.todo import build_bot
@@ -26,7 +26,9 @@ GROUP, ANN, BOB = -100, 11, 22
 async def client(
     storage: Storage, database_url: str, telegram_root: str, open_client: OpenClient
 ) -> AsyncIterator[httpx.AsyncClient]:
-    async with open_client(make_settings(database_url, telegram_root), build_bot(), storage) as c:
+    async with open_client(
+        make_settings(database_url, telegram_root, **UNPACED_ENV), build_bot(), storage
+    ) as c:
         yield c
 
 
