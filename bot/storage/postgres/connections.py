@@ -5,7 +5,7 @@ a newcomer barge: a connection given back wakes the longest waiter, but a reques
 waiter runs takes the connection, and the waiter, finding the queue empty, queues again at the back.
 Under load (more updates in flight than connections, as with Telegram's 40 connections against the
 default pool of 10) a few updates lose that race again and again: workload T measured (bench/run.py,
-a probe timing `Pool._acquire`) a p50 wait of 10 ms and a p99 of 179 ms, which was the bot's p99. A
+a probe timing `Pool._acquire`) a p50 wait of 10 ms and a p99 of 179 ms, most of the bot's p99. A
 semaphore of the pool's size in front of it takes the wait out of the pool: asyncio's hands a permit
 given back straight to the longest waiter and queues a newcomer behind the waiters, so every update
 waits its turn and none waits several (tests/test_connections.py).
