@@ -106,6 +106,17 @@ async def count_of(storage: PostgresStorage, key: str) -> int | None:
     return None if value is None else int(value)
 
 
+def writes_user_during_first_run(other: PostgresStorage, runs: list[int]) -> Callable[[], Awaitable[None]]:
+    """Another process (`other`) sets the user's count to 10 while the first run of the handler is under
+    way, and never again."""
+
+    async def meanwhile() -> None:
+        if len(runs) == 1:
+            await write_count(other, USER_KEY, 10)
+
+    return meanwhile
+
+
 async def write_count(storage: PostgresStorage, key: str, count: int) -> None:
     """Another process's update of the key (with locks)."""
     async with storage.transaction() as tx:
@@ -168,11 +179,13 @@ async def test_a_second_session_written_after_it_was_read_conflicts_and_the_upda
     try:
         runs: list[int] = []
 
-        async def meanwhile() -> None:
-            if len(runs) == 1:
-                await write_count(other, USER_KEY, 10)
-
-        run = Pipeline(two_session_bot(runs, between=meanwhile), storage, ME, Metrics(), optimistic=True)
+        run = Pipeline(
+            two_session_bot(runs, between=writes_user_during_first_run(other, runs)),
+            storage,
+            ME,
+            Metrics(),
+            optimistic=True,
+        )
         assert (await run.process(plus(1))).status is Status.APPLIED
         assert runs == [1, 1]
         assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (1, 11)
@@ -195,11 +208,13 @@ async def test_a_session_read_ahead_but_never_used_may_change_elsewhere_without_
         await write_count(other, USER_KEY, 3)
         runs: list[int] = []
 
-        async def meanwhile() -> None:
-            if runs == [1]:
-                await write_count(other, USER_KEY, 10)
-
-        run = Pipeline(two_session_bot(runs, between=meanwhile), storage, ME, Metrics(), optimistic=True)
+        run = Pipeline(
+            two_session_bot(runs, between=writes_user_during_first_run(other, runs)),
+            storage,
+            ME,
+            Metrics(),
+            optimistic=True,
+        )
         assert (await run.process(plus(1, says="c"))).status is Status.APPLIED
         assert len(sent) == 2 and not any("BEGIN" in q for q in sent), sent
         assert args[0][0] == [CHAT_KEY, USER_KEY]  # read in one round trip
@@ -228,11 +243,13 @@ async def test_a_session_read_ahead_then_changed_elsewhere_before_its_use_is_cau
     try:
         runs: list[int] = []
 
-        async def meanwhile() -> None:
-            if len(runs) == 1:
-                await write_count(other, USER_KEY, 10)
-
-        run = Pipeline(two_session_bot(runs, before_me=meanwhile), storage, ME, Metrics(), optimistic=True)
+        run = Pipeline(
+            two_session_bot(runs, before_me=writes_user_during_first_run(other, runs)),
+            storage,
+            ME,
+            Metrics(),
+            optimistic=True,
+        )
         assert (await run.process(plus(1))).status is Status.APPLIED
         assert args[0][0] == [CHAT_KEY, USER_KEY]  # read in one round trip, before the other write
         assert not any("BEGIN" in q for q in sent[:2]) and "BEGIN" in sent[2], sent
