@@ -178,14 +178,8 @@ async def test_a_second_session_written_after_it_was_read_conflicts_and_the_upda
     other = await PostgresStorage.connect(database_url)
     try:
         runs: list[int] = []
-
-        run = Pipeline(
-            two_session_bot(runs, between=writes_user_during_first_run(other, runs)),
-            storage,
-            ME,
-            Metrics(),
-            optimistic=True,
-        )
+        bot = two_session_bot(runs, between=writes_user_during_first_run(other, runs))
+        run = Pipeline(bot, storage, ME, Metrics(), optimistic=True)
         assert (await run.process(plus(1))).status is Status.APPLIED
         assert runs == [1, 1]
         assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (1, 11)
@@ -207,14 +201,8 @@ async def test_a_session_read_ahead_but_never_used_may_change_elsewhere_without_
     try:
         await write_count(other, USER_KEY, 3)
         runs: list[int] = []
-
-        run = Pipeline(
-            two_session_bot(runs, between=writes_user_during_first_run(other, runs)),
-            storage,
-            ME,
-            Metrics(),
-            optimistic=True,
-        )
+        bot = two_session_bot(runs, between=writes_user_during_first_run(other, runs))
+        run = Pipeline(bot, storage, ME, Metrics(), optimistic=True)
         assert (await run.process(plus(1, says="c"))).status is Status.APPLIED
         assert len(sent) == 2 and not any("BEGIN" in q for q in sent), sent
         assert args[0][0] == [CHAT_KEY, USER_KEY]  # read in one round trip
@@ -242,14 +230,8 @@ async def test_a_session_read_ahead_then_changed_elsewhere_before_its_use_is_cau
     other = await PostgresStorage.connect(database_url)
     try:
         runs: list[int] = []
-
-        run = Pipeline(
-            two_session_bot(runs, before_me=writes_user_during_first_run(other, runs)),
-            storage,
-            ME,
-            Metrics(),
-            optimistic=True,
-        )
+        bot = two_session_bot(runs, before_me=writes_user_during_first_run(other, runs))
+        run = Pipeline(bot, storage, ME, Metrics(), optimistic=True)
         assert (await run.process(plus(1))).status is Status.APPLIED
         assert args[0][0] == [CHAT_KEY, USER_KEY]  # read in one round trip, before the other write
         assert not any("BEGIN" in q for q in sent[:2]) and "BEGIN" in sent[2], sent
