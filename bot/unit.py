@@ -77,12 +77,13 @@ class Unit:
         for a storage: one written before the hint existed reads each key when asked, as it did."""
         if len(slots) < 2:
             return  # (every update passes here: a bot with one session has nothing to read ahead)
-        keys: dict[int, list[str]] = {}
+        keys: dict[int, tuple[Transaction, list[str]]] = {}
         for slot in slots:
             if slot.key is not None:
-                keys.setdefault(id(slot.config.storage or self._storage), []).append(slot.key)
-        for storage_id, found in keys.items():
-            expect = getattr(self.transactions[storage_id], "expect", None)
+                tx = self.transaction_of(slot.config)
+                keys.setdefault(id(tx), (tx, []))[1].append(slot.key)
+        for tx, found in keys.values():
+            expect = getattr(tx, "expect", None)
             if expect is not None:
                 expect(found)
 

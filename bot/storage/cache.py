@@ -77,7 +77,7 @@ class SessionCache:
     def wrote(self, key: str) -> None:
         """An update of this process wrote `key` (or is writing it with locks): what is remembered of
         it is stale, and a row of it read ahead before now is too."""
-        self._entries.pop(key, None)
+        self.forget(key)
         self.clock += 1
         written = self._written
         written.pop(key, None)

@@ -40,16 +40,14 @@ class Connections:
         """A transaction's connection (StorageUnavailable when none comes in time); `give_back` it."""
         started = time.perf_counter()
         turns, pool = self._turns, self._pool
+        # A turn and a connection free: nothing to wait for, so no deadline is armed (asyncio.wait_for,
+        # a task per call, was ~2% of a request's CPU in py-spy on workload T; the request deadline
+        # bounds a lost race).
+        idle = not turns.locked() and pool.get_idle_size()
         with unavailable_on_failure("acquire a connection"):
-            if not turns.locked() and pool.get_idle_size():
-                # Nothing to wait for: no timer (asyncio.wait_for, a task per call, was ~2% of a
-                # request's CPU in py-spy on workload T; the request deadline bounds a lost race).
+            async with asyncio.timeout(None if idle else self._wait_limit):
                 await turns.acquire()
                 conn = await self._taken(pool.acquire())
-            else:
-                async with asyncio.timeout(self._wait_limit):
-                    await turns.acquire()
-                    conn = await self._taken(pool.acquire())
         if self._metrics is not None:
             self._metrics.pool_wait.observe(time.perf_counter() - started)
         return conn

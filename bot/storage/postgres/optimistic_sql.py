@@ -1,8 +1,8 @@
 """The optimistic transaction's SQL text (bot/storage/postgres/optimistic.py), pure: its read (of a row,
 with the rows it reads ahead), and its one statement at the end, built from the update's shape alone
 (how many rows, which were read or remembered, which are written and how, the claim, whether replies
-are queued) and kept per shape, so an update passes only its parameters. Building the text was ~10% of an update's CPU on workload T, and asyncpg
-caches the prepared statement by its text anyway.
+are queued) and kept per shape, so an update passes only its parameters. Building the text was ~10% of
+an update's CPU on workload T, and asyncpg caches the prepared statement by its text anyway.
 
 The statement's parameters, in order (`apply_text`'s numbering; the transaction lists them the same way):
 for each row (in the order read) its key, then its version when there was a row; the claim's two (the
