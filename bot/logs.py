@@ -7,17 +7,22 @@ line, in either format, has the bot token, the webhook secret and the database p
 "***" before it is written: a secret that reaches a log line by way of an exception's text (a URL, a
 DSN) is still not written.
 
-At INFO every update writes a line, so a line must cost little next to an update (~100 µs of CPU): the
-standard path (a full LogRecord, Formatter's strftime per line, a locked write and flush per line) cost
-~30 µs, a quarter of the throughput (bench/README.md). Here the caller only queues the record (the
-per-update line, `log_update`, only its parts, with no record at all when nothing else would see it); a
-writer thread formats the queue and writes it in one call every WRITE_INTERVAL, and records leave out the
-thread, process and caller fields no line shows. A quiet process's lines, and every WARNING or worse, are
-written at once; the queue is written out at exit (logging.shutdown) and before a forked worker leaves.
+Each update gets a line (`UpdateLines`): every one at DEBUG; at INFO, the default, the first
+UPDATE_LINES_PER_SECOND of each second, and one line a second counting the rest by outcome. A line per
+update, however cheap, cost a busy process ~15% of its throughput (bench/README.md: ~30 µs of CPU per line
+on the standard path, and still ~30 µs per update in the whole process with the lines queued to a writer
+thread), while a laptop's trial, a few updates a second, still sees each one.
+
+Lines cost little anyway: the caller only queues the record (the per-update line, `log_update`, only its
+parts, with no record at all when nothing else would see it); a writer thread formats the queue and
+writes it in one call every WRITE_INTERVAL, and records leave out the thread, process and caller fields
+no line shows. A quiet process's lines, and every WARNING or worse, are written at once; the queue is
+written out at exit (logging.shutdown) and before a forked worker leaves.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
@@ -26,16 +31,27 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TextIO
 from urllib.parse import urlsplit
 
 from .config import Settings
 
-__all__ = ["JsonFormatter", "LineWriter", "TextFormatter", "log_update", "secrets_of", "setup_logging"]
+__all__ = [
+    "JsonFormatter",
+    "LineWriter",
+    "TextFormatter",
+    "UpdateLines",
+    "log_update",
+    "secrets_of",
+    "setup_logging",
+]
 
 # How long a line may wait in the queue while the process is busy (each wait, one write of them all).
 WRITE_INTERVAL = 0.05
+
+# At INFO, how many updates a second get a line each (the rest of the second's are counted, in one line).
+UPDATE_LINES_PER_SECOND = 10
 
 # The `extra=` fields the framework attaches to a record, in the order a JSON line shows them.
 FIELDS = ("update_id", "chat", "outcome", "duration")
@@ -282,6 +298,64 @@ def log_update(
         logger.info(UPDATE_LINE, *args, extra=fields)
     else:
         writer.queue_line((time.time(), logger.name, UPDATE_LINE, args, fields))
+
+
+class UpdateLines:
+    """The per-update lines of one process (`Pipeline.process` calls `log`): at DEBUG every update's; at
+    INFO the first `per_second` of each second of the clock, then one line when the second is over
+    (`update lines: 3802 more this second: 3000 applied, 802 ignored`), written by the next update's call
+    or by a timer of the running event loop when none comes. Past the limit an update costs a clock read
+    and a count. `flush` writes a pending count now (at shutdown)."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        per_second: int = UPDATE_LINES_PER_SECOND,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.per_second = per_second
+        self._clock = clock
+        self._second = -1  # the clock's whole second that the counts below belong to
+        self._written = 0  # lines written in it
+        self._held: collections.Counter[str] = collections.Counter()  # outcome: updates without a line
+        self._timer: asyncio.TimerHandle | None = None
+
+    def log(self, update_id: int, chat: int | None, outcome: str, seconds: float) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        now = self._clock()
+        second = int(now)
+        if second != self._second:
+            self.flush()
+            self._second, self._written = second, 0
+        if self._written < self.per_second or self.logger.isEnabledFor(logging.DEBUG):
+            self._written += 1
+            log_update(self.logger, update_id, chat, outcome, seconds)
+            return
+        self._held[outcome] += 1
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # (no loop: the next call in a later second writes the count)
+            self._timer = loop.call_later(second + 1 - now, self.flush)
+
+    def flush(self) -> None:
+        """Write the count of updates that got no line of their own, if any."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._held:
+            return
+        held = self._held.most_common()
+        self._held = collections.Counter()
+        counts = ", ".join(f"{count} {outcome}" for outcome, count in held)
+        self.logger.info(
+            "update lines: %d more this second: %s (LOG_LEVEL=DEBUG writes one for each)",
+            sum(count for _, count in held),
+            counts,
+        )
 
 
 def _sole_writer(logger: logging.Logger) -> LineWriter | None:

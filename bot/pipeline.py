@@ -34,7 +34,7 @@ from .dispatch import Bot, ErrorHook, NoSuchTimerHandler
 from .errors import BotError
 from .failures import TransientFailures, TryLater, describe, is_transient, storable
 from .files import MAX_UPLOAD_BYTES
-from .logs import log_update
+from .logs import UpdateLines
 from .metrics import Metrics
 from .outcome import DONE, Outcome, Status
 from .recording import Recorder, handled
@@ -110,6 +110,7 @@ class Pipeline:
         self._recorder = Recorder(storage, me, self.api, lease)  # what failed for good (bot.recording)
         self._deliveries = Deliveries()  # redeliveries answered from memory (bot.redelivery)
         self._deadlines = Deadlines()  # every update's REQUEST_DEADLINE, on one timer
+        self.lines = UpdateLines(log)  # a line per update, or a count of them when busy (bot.logs)
         # Told of the timers an update or a fire changed, once committed (the timer loop's wake-up).
         self.on_schedule: Callable[[Sequence[TimerChange]], None] | None = None
 
@@ -127,7 +128,7 @@ class Pipeline:
             self.metrics.update_done(update.kind or "other", outcome, seconds)
             if log.isEnabledFor(logging.INFO):
                 chat = update.chat
-                log_update(log, update.update_id, None if chat is None else chat.id, outcome, seconds)
+                self.lines.log(update.update_id, None if chat is None else chat.id, outcome, seconds)
 
     async def replay(self, letter: DeadLetter) -> Outcome:
         """Run a dead letter again (`python -m bot replay`), with locks: applied exactly once and removed

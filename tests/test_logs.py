@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from bot.app import SECRET_HEADER
 from bot.apps.pizza import build_bot
 from bot.apps.pizza_testing import PIZZA, hunger
 from bot.context import BotIdentity
-from bot.logs import JsonFormatter, LineWriter, TextFormatter, log_update, setup_logging
+from bot.logs import JsonFormatter, LineWriter, TextFormatter, UpdateLines, log_update, setup_logging
 from bot.metrics import Metrics
 from bot.pipeline import Pipeline
 from bot.storage.memory import MemoryStorage
@@ -253,6 +254,76 @@ def test_an_update_line_queued_as_its_parts_is_the_line_its_record_would_give(
         )
 
 
+class Lines(logging.Handler):
+    """The messages a logger's records would write, in order."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+        logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def update_logger() -> Iterator[logging.Logger]:
+    logger = logging.getLogger("bot.test_update_lines")
+    yield logger
+    logger.handlers.clear()
+    logger.setLevel(logging.NOTSET)
+
+
+def test_at_info_a_busy_second_writes_its_first_update_lines_then_counts_the_rest(
+    update_logger: logging.Logger,
+) -> None:
+    update_logger.setLevel(logging.INFO)
+    seen = Lines(update_logger)
+    now = [100.2]
+    lines = UpdateLines(update_logger, per_second=3, clock=lambda: now[0])
+    for n in range(8):  # second 100: three lines, five counted
+        lines.log(n, -1, "ignored" if n % 4 == 3 else "applied", 0.001)
+    assert seen.messages == [f"update {n}: applied in 1.0 ms" for n in range(3)]
+    now[0] = 101.0
+    lines.log(8, -1, "applied", 0.001)  # the next second's first update writes the last one's count first
+    lines.log(9, -1, "applied", 0.001)
+    assert seen.messages[3:] == [
+        "update lines: 5 more this second: 3 applied, 2 ignored (LOG_LEVEL=DEBUG writes one for each)",
+        "update 8: applied in 1.0 ms",
+        "update 9: applied in 1.0 ms",
+    ]
+    lines.flush()  # nothing counted in second 101
+    assert len(seen.messages) == 6
+
+
+def test_at_debug_every_update_gets_its_line(update_logger: logging.Logger) -> None:
+    update_logger.setLevel(logging.DEBUG)
+    seen = Lines(update_logger)
+    lines = UpdateLines(update_logger, per_second=3, clock=lambda: 100.5)
+    for n in range(8):
+        lines.log(n, -1, "applied", 0.001)
+    lines.flush()
+    assert seen.messages == [f"update {n}: applied in 1.0 ms" for n in range(8)]
+
+
+@pytest.mark.anyio
+async def test_the_count_of_a_busy_second_is_written_when_no_update_follows(
+    update_logger: logging.Logger,
+) -> None:
+    update_logger.setLevel(logging.INFO)
+    seen = Lines(update_logger)
+    lines = UpdateLines(update_logger, per_second=1)
+    for n in range(3):
+        lines.log(n, -1, "applied", 0.001)
+    await anyio.sleep(1.2)  # the loop's timer, at the end of the clock's second (within 1 s)
+    assert seen.messages[-1].startswith("update lines: ")
+    # The three were one second's, or two's when the clock's second ended among them.
+    assert seen.messages[-1] in (
+        "update lines: 2 more this second: 2 applied (LOG_LEVEL=DEBUG writes one for each)",
+        "update lines: 1 more this second: 1 applied (LOG_LEVEL=DEBUG writes one for each)",
+    )
+
+
 @pytest.mark.anyio
 @pytest.mark.usefixtures("restore_logging")
 @pytest.mark.parametrize(("level", "lines"), [("INFO", 1), ("WARNING", 0)])
@@ -271,6 +342,30 @@ async def test_one_line_per_update_at_info_none_at_warning(
     if lines:
         assert per_update[0]["chat"] == -3 and per_update[0]["outcome"] == "applied"
         assert per_update[0]["duration"] >= 0
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+async def test_a_busy_pipeline_writes_every_update_line_at_debug_and_a_count_of_most_at_info(
+    capsys: pytest.CaptureFixture[str], level: str
+) -> None:
+    setup_logging(
+        make_settings("postgresql://u@h/db", "http://127.0.0.1:1", LOG_FORMAT="json", LOG_LEVEL=level)
+    )
+    pipeline = Pipeline(build_bot(), MemoryStorage(), BotIdentity(1, "pizza_test_bot"), Metrics())
+    for n in range(60):
+        await pipeline.process(decode_update(encode(message_update(100 + n, -3, PIZZA))))
+    pipeline.lines.flush()
+    logging.getLogger().handlers[0].flush()
+    written = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    per_update = [w for w in written if "update_id" in w]
+    counted = [int(w["message"].split()[2]) for w in written if w["message"].startswith("update lines: ")]
+    assert len(per_update) + sum(counted) == 60  # every update: a line of its own or a count
+    if level == "DEBUG":
+        assert len(per_update) == 60
+    else:  # 60 updates take a second or two here: at most 10 lines in each second they touch
+        assert len(per_update) <= 30 and counted
 
 
 # --- a real process ---------------------------------------------------------------------------------
