@@ -1,12 +1,14 @@
 """CPU time of the bot process per update, for two checkouts, in alternating rounds.
 
     .venv/bin/python bench/cpu_per_update.py /path/to/main /path/to/branch --rounds 6
+    .venv/bin/python bench/cpu_per_update.py . .+LOG_LEVEL=INFO --rounds 6     # one checkout, two settings
 
 Wall-clock throughput on a shared machine moves with everyone else's load; the CPU seconds the bot
 process itself spends per update move far less, so a change to the request path shows up here first.
 Each round starts a fresh `python -m bot serve` from each checkout (run from a directory without a `bot`
 package, so PYTHONPATH decides which code runs) on its own fresh database, and delivers workload A's
-shape: 6,000 updates over 600 chats, half with 🍕, 32 in flight. Loopback only, fixed counts.
+shape: 6,000 updates over 600 chats, half with 🍕, 32 in flight. Loopback only, fixed counts. The bot
+runs with the test kit's settings (`LOG_LEVEL=WARNING`) and `DB_POOL_MAX=16`; `DIR+NAME=VALUE+…` sets more.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def one_round(tree: str, pg: EmbeddedPostgres, api_root: str, logs: Path) -> float:
-    """Microseconds of bot CPU per update, serving the code in `tree`."""
+async def one_round(spec: str, pg: EmbeddedPostgres, api_root: str, logs: Path) -> float:
+    """Microseconds of bot CPU per update, serving the code in `spec`'s checkout with its settings."""
+    tree, *settings = spec.split("+")
     name = f"cpu_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(pg.dsn("postgres"))
     try:
@@ -49,6 +52,7 @@ async def one_round(tree: str, pg: EmbeddedPostgres, api_root: str, logs: Path) 
     finally:
         await admin.close()
     env = {**bot_env(pg.dsn(name), api_root), "PYTHONPATH": tree, "DB_POOL_MAX": "16", "LOG_LEVEL": "WARNING"}
+    env.update(setting.split("=", 1) for setting in settings)
     migrate = [sys.executable, "-m", "bot", "migrate"]
     await asyncio.to_thread(
         subprocess.run, migrate, env={**os.environ, **env}, check=True, capture_output=True
@@ -87,10 +91,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("trees", nargs=2, help="two checkouts to compare (their root folders)")
+    parser.add_argument(
+        "trees", nargs=2, help="two checkouts to compare (their root folders, each DIR or DIR+NAME=VALUE+...)"
+    )
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
-    trees = [str(Path(t).resolve()) for t in args.trees]
+    trees = [
+        "+".join([str(Path(tree).resolve()), *settings])
+        for tree, *settings in (t.split("+") for t in args.trees)
+    ]
     logs = Path(tempfile.mkdtemp())
     os.chdir(logs)  # `python -m bot` must find the checkouts through PYTHONPATH only
     for tree, values in asyncio.run(compare(trees, args.rounds, logs)).items():

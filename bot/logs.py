@@ -7,8 +7,8 @@ line, in either format, has the bot token, the webhook secret and the database p
 "***" before it is written: a secret that reaches a log line by way of an exception's text (a URL, a
 DSN) is still not written.
 
-Each update gets a line (`UpdateLines`): every one at DEBUG; at INFO, the default, the first
-UPDATE_LINES_PER_SECOND of each second, and one line a second counting the rest by outcome. A line per
+Each update (and each timer fire) gets a line (`LinesPerSecond`): every one at DEBUG; at INFO, the
+default, the first LINES_PER_SECOND of each second, and one line a second counting the rest by outcome. A line per
 update, however cheap, cost a busy process ~15% of its throughput (bench/README.md: ~30 µs of CPU per line
 on the standard path, and still ~30 µs per update in the whole process with the lines queued to a writer
 thread), while a laptop's trial, a few updates a second, still sees each one.
@@ -40,8 +40,8 @@ from .config import Settings
 __all__ = [
     "JsonFormatter",
     "LineWriter",
+    "LinesPerSecond",
     "TextFormatter",
-    "UpdateLines",
     "log_update",
     "secrets_of",
     "setup_logging",
@@ -50,8 +50,8 @@ __all__ = [
 # How long a line may wait in the queue while the process is busy (each wait, one write of them all).
 WRITE_INTERVAL = 0.05
 
-# At INFO, how many updates a second get a line each (the rest of the second's are counted, in one line).
-UPDATE_LINES_PER_SECOND = 10
+# At INFO, how many updates (or timer fires) a second get a line each; the rest are counted, in one line.
+LINES_PER_SECOND = 10
 
 # The `extra=` fields the framework attaches to a record, in the order a JSON line shows them.
 FIELDS = ("update_id", "chat", "outcome", "duration")
@@ -300,30 +300,37 @@ def log_update(
         writer.queue_line((time.time(), logger.name, UPDATE_LINE, args, fields))
 
 
-class UpdateLines:
-    """The per-update lines of one process (`Pipeline.process` calls `log`): at DEBUG every update's; at
-    INFO the first `per_second` of each second of the clock, then one line when the second is over
-    (`update lines: 3802 more this second: 3000 applied, 802 ignored`), written by the next update's call
-    or by a timer of the running event loop when none comes. Past the limit an update costs a clock read
-    and a count. `flush` writes a pending count now (at shutdown)."""
+class LinesPerSecond:
+    """How many lines of one kind (an update's, a timer fire's) a process writes: at DEBUG, one for each;
+    at INFO the first `per_second` of each second of the clock, then one line when the second is over,
+    counting the rest by outcome (`update lines: 3802 more this second: 3000 applied, 802 ignored`),
+    written by the next call of a later second or by a timer of the running event loop when none comes.
+    Past the limit a line costs a clock read and a count. `flush` writes a pending count now (shutdown).
+
+        if lines.allow(outcome):
+            log_update(logger, ...)
+    """
 
     def __init__(
         self,
         logger: logging.Logger,
-        per_second: int = UPDATE_LINES_PER_SECOND,
+        kind: str,
+        per_second: int = LINES_PER_SECOND,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.logger = logger
+        self.kind = kind
         self.per_second = per_second
         self._clock = clock
         self._second = -1  # the clock's whole second that the counts below belong to
         self._written = 0  # lines written in it
-        self._held: collections.Counter[str] = collections.Counter()  # outcome: updates without a line
+        self._held: collections.Counter[str] = collections.Counter()  # outcome: how many got no line
         self._timer: asyncio.TimerHandle | None = None
 
-    def log(self, update_id: int, chat: int | None, outcome: str, seconds: float) -> None:
+    def allow(self, outcome: str) -> bool:
+        """Whether this line is to be written; if not, it is counted (False also below INFO)."""
         if not self.logger.isEnabledFor(logging.INFO):
-            return
+            return False
         now = self._clock()
         second = int(now)
         if second != self._second:
@@ -331,18 +338,18 @@ class UpdateLines:
             self._second, self._written = second, 0
         if self._written < self.per_second or self.logger.isEnabledFor(logging.DEBUG):
             self._written += 1
-            log_update(self.logger, update_id, chat, outcome, seconds)
-            return
+            return True
         self._held[outcome] += 1
         if self._timer is None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
-                return  # (no loop: the next call in a later second writes the count)
+                return False  # (no loop: the next call in a later second writes the count)
             self._timer = loop.call_later(second + 1 - now, self.flush)
+        return False
 
     def flush(self) -> None:
-        """Write the count of updates that got no line of their own, if any."""
+        """Write the count of lines not written, if any."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -350,11 +357,11 @@ class UpdateLines:
             return
         held = self._held.most_common()
         self._held = collections.Counter()
-        counts = ", ".join(f"{count} {outcome}" for outcome, count in held)
         self.logger.info(
-            "update lines: %d more this second: %s (LOG_LEVEL=DEBUG writes one for each)",
+            "%s lines: %d more this second: %s (LOG_LEVEL=DEBUG writes one for each)",
+            self.kind,
             sum(count for _, count in held),
-            counts,
+            ", ".join(f"{count} {outcome}" for outcome, count in held),
         )
 
 

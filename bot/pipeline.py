@@ -34,7 +34,7 @@ from .dispatch import Bot, ErrorHook, NoSuchTimerHandler
 from .errors import BotError
 from .failures import TransientFailures, TryLater, describe, is_transient, storable
 from .files import MAX_UPLOAD_BYTES
-from .logs import UpdateLines
+from .logs import LinesPerSecond, log_update
 from .metrics import Metrics
 from .outcome import DONE, Outcome, Status
 from .recording import Recorder, handled
@@ -110,7 +110,9 @@ class Pipeline:
         self._recorder = Recorder(storage, me, self.api, lease)  # what failed for good (bot.recording)
         self._deliveries = Deliveries()  # redeliveries answered from memory (bot.redelivery)
         self._deadlines = Deadlines()  # every update's REQUEST_DEADLINE, on one timer
-        self.lines = UpdateLines(log)  # a line per update, or a count of them when busy (bot.logs)
+        # A line per update, and per timer fire, or a count of them when busy (bot.logs).
+        self.update_lines = LinesPerSecond(log, "update")
+        self.timer_lines = LinesPerSecond(log, "timer")
         # Told of the timers an update or a fire changed, once committed (the timer loop's wake-up).
         self.on_schedule: Callable[[Sequence[TimerChange]], None] | None = None
 
@@ -126,9 +128,9 @@ class Pipeline:
         finally:
             seconds = time.perf_counter() - started
             self.metrics.update_done(update.kind or "other", outcome, seconds)
-            if log.isEnabledFor(logging.INFO):
+            if self.update_lines.allow(outcome):
                 chat = update.chat
-                self.lines.log(update.update_id, None if chat is None else chat.id, outcome, seconds)
+                log_update(log, update.update_id, None if chat is None else chat.id, outcome, seconds)
 
     async def replay(self, letter: DeadLetter) -> Outcome:
         """Run a dead letter again (`python -m bot replay`), with locks: applied exactly once and removed
@@ -161,7 +163,7 @@ class Pipeline:
         finally:
             seconds = time.perf_counter() - started
             self.metrics.timer_done(outcome, seconds, timer.late)
-            if log.isEnabledFor(logging.INFO):
+            if self.timer_lines.allow(outcome):
                 log.info(
                     "timer %d (%s): %s in %.1f ms, %.3f s late",
                     timer.id,

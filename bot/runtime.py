@@ -178,7 +178,8 @@ async def start(
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
                 await outbox.close(max(0.0, ends - asyncio.get_running_loop().time()))
-                pipeline.lines.flush()  # the last second's count of updates without a line
+                pipeline.update_lines.flush()  # the last second's counts of lines not written
+                pipeline.timer_lines.flush()
         finally:
             if owned is not None:
                 await owned.close()

@@ -23,7 +23,7 @@ from bot.app import SECRET_HEADER
 from bot.apps.pizza import build_bot
 from bot.apps.pizza_testing import PIZZA, hunger
 from bot.context import BotIdentity
-from bot.logs import JsonFormatter, LineWriter, TextFormatter, UpdateLines, log_update, setup_logging
+from bot.logs import JsonFormatter, LinesPerSecond, LineWriter, TextFormatter, log_update, setup_logging
 from bot.metrics import Metrics
 from bot.pipeline import Pipeline
 from bot.storage.memory import MemoryStorage
@@ -274,19 +274,25 @@ def update_logger() -> Iterator[logging.Logger]:
     logger.setLevel(logging.NOTSET)
 
 
+def log(lines: LinesPerSecond, update_id: int, outcome: str = "applied") -> None:
+    """An update's line, as the pipeline writes it."""
+    if lines.allow(outcome):
+        log_update(lines.logger, update_id, -1, outcome, 0.001)
+
+
 def test_at_info_a_busy_second_writes_its_first_update_lines_then_counts_the_rest(
     update_logger: logging.Logger,
 ) -> None:
     update_logger.setLevel(logging.INFO)
     seen = Lines(update_logger)
     now = [100.2]
-    lines = UpdateLines(update_logger, per_second=3, clock=lambda: now[0])
+    lines = LinesPerSecond(update_logger, "update", per_second=3, clock=lambda: now[0])
     for n in range(8):  # second 100: three lines, five counted
-        lines.log(n, -1, "ignored" if n % 4 == 3 else "applied", 0.001)
+        log(lines, n, "ignored" if n % 4 == 3 else "applied")
     assert seen.messages == [f"update {n}: applied in 1.0 ms" for n in range(3)]
     now[0] = 101.0
-    lines.log(8, -1, "applied", 0.001)  # the next second's first update writes the last one's count first
-    lines.log(9, -1, "applied", 0.001)
+    log(lines, 8)  # the next second's first update writes the last one's count first
+    log(lines, 9)
     assert seen.messages[3:] == [
         "update lines: 5 more this second: 3 applied, 2 ignored (LOG_LEVEL=DEBUG writes one for each)",
         "update 8: applied in 1.0 ms",
@@ -299,9 +305,9 @@ def test_at_info_a_busy_second_writes_its_first_update_lines_then_counts_the_res
 def test_at_debug_every_update_gets_its_line(update_logger: logging.Logger) -> None:
     update_logger.setLevel(logging.DEBUG)
     seen = Lines(update_logger)
-    lines = UpdateLines(update_logger, per_second=3, clock=lambda: 100.5)
+    lines = LinesPerSecond(update_logger, "update", per_second=3, clock=lambda: 100.5)
     for n in range(8):
-        lines.log(n, -1, "applied", 0.001)
+        log(lines, n)
     lines.flush()
     assert seen.messages == [f"update {n}: applied in 1.0 ms" for n in range(8)]
 
@@ -312,9 +318,9 @@ async def test_the_count_of_a_busy_second_is_written_when_no_update_follows(
 ) -> None:
     update_logger.setLevel(logging.INFO)
     seen = Lines(update_logger)
-    lines = UpdateLines(update_logger, per_second=1)
+    lines = LinesPerSecond(update_logger, "update", per_second=1)
     for n in range(3):
-        lines.log(n, -1, "applied", 0.001)
+        log(lines, n)
     await anyio.sleep(1.2)  # the loop's timer, at the end of the clock's second (within 1 s)
     assert seen.messages[-1].startswith("update lines: ")
     # The three were one second's, or two's when the clock's second ended among them.
@@ -356,7 +362,7 @@ async def test_a_busy_pipeline_writes_every_update_line_at_debug_and_a_count_of_
     pipeline = Pipeline(build_bot(), MemoryStorage(), BotIdentity(1, "pizza_test_bot"), Metrics())
     for n in range(60):
         await pipeline.process(decode_update(encode(message_update(100 + n, -3, PIZZA))))
-    pipeline.lines.flush()
+    pipeline.update_lines.flush()
     logging.getLogger().handlers[0].flush()
     written = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     per_update = [w for w in written if "update_id" in w]
