@@ -410,7 +410,7 @@ async def run_server(
                     )
                 await asyncio.sleep(1.0)  # py-spy attaches
             db = await database_server(dsn)
-            cpu_before, db_before = cpu_seconds(pids), cpu_seconds(db)
+            cpu_before, db_before, load_before = cpu_seconds(pids), cpu_seconds(db), time.process_time()
             stats: DeliveryStats = await deliver(
                 client,
                 lambda: urls[next(turn) % len(urls)],
@@ -423,6 +423,7 @@ async def run_server(
             )
             cpu = cpu_seconds(pids) - cpu_before
             db_cpu = cpu_seconds(db) - db_before if db else None
+            load_cpu = time.process_time() - load_before
             for running in spies:  # py-spy writes its file when it stops
                 running.send_signal(signal.SIGINT)
                 await running.wait()
@@ -447,6 +448,7 @@ async def run_server(
         "extra": extra,
         "CPU µs/update": round(cpu / stats.delivered * 1e6),
         "DB CPU µs/update": per_update_us(db_cpu, stats.delivered),
+        "load CPU µs/update": per_update_us(load_cpu, stats.delivered),
         "peak RSS MB": f"{rss:.0f}",
         "runs/handled": "-" if runs is None else f"{runs / handled:.3f}",
     }
@@ -486,13 +488,14 @@ async def raw_postgres(w: Workload, dsn: str) -> dict[str, Any]:
             latencies.append(time.perf_counter() - started)
 
     db = await database_server(dsn)
-    db_before = cpu_seconds(db)
+    db_before, cpu_before = cpu_seconds(db), time.process_time()
     started = time.perf_counter()
     try:
         await asyncio.gather(*(one(u) for u in updates))
     finally:
         await pool.close()
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_before  # the loop is this process: its CPU is the system's
     db_cpu = cpu_seconds(db) - db_before if db else None
     latencies.sort()
     return {
@@ -506,8 +509,9 @@ async def raw_postgres(w: Workload, dsn: str) -> dict[str, Any]:
         "non-2xx": "-",
         "lost": "-",
         "extra": "-",
-        "CPU µs/update": "-",
+        "CPU µs/update": per_update_us(cpu, len(updates)),
         "DB CPU µs/update": per_update_us(db_cpu, len(updates)),
+        "load CPU µs/update": "-",
         "peak RSS MB": "-",
         "runs/handled": "-",
     }
