@@ -5,10 +5,12 @@ seen by the bot's own code."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import pytest
 
 from bot.context import BotIdentity, Context
@@ -101,6 +103,11 @@ def logged(
     return storage, sent
 
 
+def keys_read(args: Sequence[Any]) -> list[str]:
+    """The keys a read asked for: its text parameters (the others are the claimed update's ids)."""
+    return [arg for arg in args if isinstance(arg, str)]
+
+
 async def count_of(storage: PostgresStorage, key: str) -> int | None:
     value = await storage.pool.fetchval("SELECT (data->>'count')::int FROM sessions WHERE key = $1", key)
     return None if value is None else int(value)
@@ -144,6 +151,52 @@ async def test_an_update_with_two_sessions_runs_once_in_the_round_trips_of_one_s
     assert runs == [1, 2, 3]
     assert run.metrics.count("bot_optimistic_conflicts_total") == 0
     assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (3, 3)
+
+
+async def test_the_read_takes_each_row_by_its_key_in_the_plan_the_server_keeps_for_it(
+    logged_with_args: tuple[PostgresStorage, list[str], list[Any]], database_url: str
+) -> None:
+    """A new chat's read (its user's row read ahead with it), run as a prepared statement is: after five
+    runs the server keeps one generic plan, for any keys, rather than planning every run. That plan takes
+    each row by its key in the index, whether the table was never analyzed (a new deployment: an
+    array of keys made it a hash join over every row, each read reading every session) or holds
+    thousands of rows (then the array's plan was worse than a custom one, and every read was planned
+    again)."""
+    storage, sent, args = logged_with_args
+    run = Pipeline(two_session_bot([]), storage, ME, Metrics(), optimistic=True)
+    assert (await run.process(plus(1))).status is Status.APPLIED
+    read = next(n for n, query in enumerate(sent) if " AS done" in query)
+    assert keys_read(args[read]) == [CHAT_KEY, USER_KEY]
+
+    def literal(arg: Any) -> str:
+        if isinstance(arg, list):
+            return f"ARRAY[{', '.join(map(literal, arg))}]::text[]"
+        return f"'{arg}'" if isinstance(arg, str) else str(arg)
+
+    def sessions_scans(plan: dict[str, Any]) -> list[str]:
+        found = [plan["Node Type"]] if plan.get("Relation Name") == "sessions" else []
+        return found + [scan for child in plan.get("Plans", ()) for scan in sessions_scans(child)]
+
+    execute = f"EXECUTE read ({', '.join(map(literal, args[read]))})"
+    conn = await asyncpg.connect(database_url)
+    try:
+        for rows in (0, 3000):
+            if rows:
+                await conn.execute(
+                    "INSERT INTO sessions (key, data) SELECT 'other:' || n, '{}' FROM generate_series(1, $1) n",
+                    rows,
+                )
+                await conn.execute("ANALYZE sessions")
+            await conn.execute(f"PREPARE read AS {sent[read]}")
+            for _ in range(6):
+                assert len(await conn.fetch(execute)) == 2
+            plan = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {execute}"))[0]["Plan"]
+            kept = await conn.fetchval("SELECT generic_plans FROM pg_prepared_statements WHERE name = 'read'")
+            assert kept > 0, f"{rows} other rows: planned again on every run"
+            assert sessions_scans(plan) and set(sessions_scans(plan)) == {"Index Scan"}, (rows, plan)
+            await conn.execute("DEALLOCATE read")
+    finally:
+        await conn.close()
 
 
 async def test_another_process_writing_the_second_session_refreshes_it_and_the_update_counts_once(
@@ -205,7 +258,7 @@ async def test_a_session_read_ahead_but_never_used_may_change_elsewhere_without_
         run = Pipeline(bot, storage, ME, Metrics(), optimistic=True)
         assert (await run.process(plus(1, says="c"))).status is Status.APPLIED
         assert len(sent) == 2 and not any("BEGIN" in q for q in sent), sent
-        assert args[0][0] == [CHAT_KEY, USER_KEY]  # read in one round trip
+        assert keys_read(args[0]) == [CHAT_KEY, USER_KEY]  # read in one round trip
         assert runs == [1]
         assert run.metrics.count("bot_optimistic_conflicts_total") == 0
         assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (1, 10)
@@ -233,7 +286,7 @@ async def test_a_session_read_ahead_then_changed_elsewhere_before_its_use_is_cau
         bot = two_session_bot(runs, before_me=writes_user_during_first_run(other, runs))
         run = Pipeline(bot, storage, ME, Metrics(), optimistic=True)
         assert (await run.process(plus(1))).status is Status.APPLIED
-        assert args[0][0] == [CHAT_KEY, USER_KEY]  # read in one round trip, before the other write
+        assert keys_read(args[0]) == [CHAT_KEY, USER_KEY]  # read in one round trip, before the other write
         assert not any("BEGIN" in q for q in sent[:2]) and "BEGIN" in sent[2], sent
         assert runs == [1, 1]
         assert run.metrics.count("bot_optimistic_conflicts_total") == 1
@@ -258,7 +311,7 @@ async def test_a_session_read_ahead_that_expired_reads_as_missing_when_used(
     runs: list[int] = []
     run = Pipeline(two_session_bot(runs), storage, ME, Metrics(), optimistic=True)
     assert (await run.process(plus(1))).status is Status.APPLIED
-    assert args[0][0] == [CHAT_KEY, USER_KEY]  # read in one round trip
+    assert keys_read(args[0]) == [CHAT_KEY, USER_KEY]  # read in one round trip
     assert len(sent) == 2 and not any("BEGIN" in q for q in sent), sent
     assert runs == [1]
     assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (1, 1)
@@ -282,7 +335,9 @@ async def test_a_session_read_ahead_then_written_by_this_process_is_not_a_confli
         reads: list[Any] = []
         connections = [await storage.pool.acquire() for _ in range(2)]
         for conn in connections:
-            conn.add_query_logger(lambda q: reads.append(q.args[0]) if " AS done" in q.query else None)
+            conn.add_query_logger(
+                lambda q: reads.append(keys_read(q.args)) if " AS done" in q.query else None
+            )
             await storage.pool.release(conn)
         runs: list[int] = []
         paused, go = asyncio.Event(), asyncio.Event()

@@ -178,9 +178,9 @@ class OptimisticTransaction:
         clock = cache.clock  # (before the round trip: a write may land while it is under way)
         with unavailable_on_failure(f"read session {key!r}"):
             if claim is None:
-                found = await conn.fetch(read_text(False), keys)
+                found = await conn.fetch(read_text(False, len(keys)), *keys)
             else:
-                found = await conn.fetch(read_text(True), keys, *claim)
+                found = await conn.fetch(read_text(True, len(keys)), *keys, *claim)
         self._asked_applied = self._claim is not None
         if found[0]["done"]:  # (the outer join answers every key; `done` is the same in each answer)
             raise self._give_up("a redelivered update: the locking transaction tells it apart")

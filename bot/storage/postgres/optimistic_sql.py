@@ -37,17 +37,28 @@ def revision(table: str = "") -> str:
 
 
 @functools.cache
-def read_text(applied: bool) -> str:
-    """The read of the rows at the keys in $1 (a text[]: the key asked for, and those read ahead with it),
-    one answer per key, `key` naming it; with `applied`, each also says whether the update ($2 the bot,
-    $3 its id) was applied before."""
+def read_text(applied: bool, keys: int) -> str:
+    """The read of the rows at `keys` keys ($1…: the key asked for, and those read ahead with it), one
+    answer per key, `key` naming it; with `applied`, each also says whether the update (the next two
+    parameters: the bot and its id) was applied before.
+
+    The keys are a VALUES list, one parameter each, not an array: the server plans the statement for as
+    many keys as there are, also in the generic plan it keeps after five runs (a text per count of keys).
+    For an array (`unnest`) it guesses ten keys: while the table was small or never analyzed (a new
+    deployment, every benchmark run), a hash join over a scan of every row looked cheaper than ten index
+    lookups, and that plan was kept as the table grew, each read reading every session (on workload T
+    about half of the two-session bot's time in statements); once analyzed with thousands of rows, the
+    plan for ten was dearer than one for the real two, so each read was planned again (~40 µs)."""
     done = (
-        "EXISTS (SELECT FROM processed_updates WHERE bot_id = $2 AND update_id = $3)" if applied else "false"
+        f"EXISTS (SELECT FROM processed_updates WHERE bot_id = ${keys + 1} AND update_id = ${keys + 2})"
+        if applied
+        else "false"
     )
+    values = ", ".join(f"(${n}::text)" for n in range(1, keys + 1))
     return (
         f"SELECT k.key, {done} AS done, {revision('s.')} AS revision, s.moved_to,"
         f" s.expires_at IS NULL AS lasting, {session_columns('s.')}"
-        " FROM unnest($1::text[]) AS k (key) LEFT JOIN sessions AS s ON s.key = k.key"
+        f" FROM (VALUES {values}) AS k (key) LEFT JOIN sessions AS s ON s.key = k.key"
     )
 
 
