@@ -1,4 +1,6 @@
-"""The request deadline (REQUEST_DEADLINE) of every update, on one timer for all of them.
+"""Deadlines that nearly never pass, each kind on one timer: every update's request deadline
+(REQUEST_DEADLINE, `bot.pipeline`), every wait for a pooled connection (DB_ACQUIRE_TIMEOUT,
+`bot.storage.postgres.connections`).
 
 `asyncio.timeout_at` arms a timer per block and cancels it on the way out: with uvloop that is a libuv
 timer made, started, stopped and closed for every update, whose deadline (25 s) is nearly never

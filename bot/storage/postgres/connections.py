@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 import asyncpg
 
+from ...deadline import Deadlines
 from ...metrics import Metrics
 from .statements import unavailable_on_failure
 
@@ -35,29 +35,28 @@ class Connections:
         self._wait_limit = wait_limit
         self._metrics = metrics
         self._turns = asyncio.Semaphore(pool.get_max_size())
+        # Every wait's limit, on one timer (`bot.deadline`): an asyncio.timeout per call armed and
+        # cancelled a timer of its own (asyncio.wait_for before it, a task per call, was ~2% of a
+        # request's CPU in py-spy on workload T), and telling the waits from the free cases first
+        # took a scan of the whole pool.
+        self._deadlines = Deadlines()
 
     async def take(self) -> asyncpg.pool.PoolConnectionProxy:
         """A transaction's connection (StorageUnavailable when none comes in time); `give_back` it."""
-        started = time.perf_counter()
-        turns, pool = self._turns, self._pool
-        # A turn and a connection free: nothing to wait for, so no deadline is armed (asyncio.wait_for,
-        # a task per call, was ~2% of a request's CPU in py-spy on workload T; the request deadline
-        # bounds a lost race).
-        idle = not turns.locked() and pool.get_idle_size()
-        with unavailable_on_failure("acquire a connection"):
-            async with asyncio.timeout(None if idle else self._wait_limit):
-                await turns.acquire()
-                conn = await self._taken(pool.acquire())
+        clock = asyncio.get_running_loop().time
+        started = clock()
+        with (
+            unavailable_on_failure("acquire a connection"),
+            self._deadlines.within(started + self._wait_limit),
+        ):
+            await self._turns.acquire()
+            try:
+                conn: asyncpg.pool.PoolConnectionProxy = await self._pool.acquire()
+            except BaseException:
+                self._turns.release()
+                raise
         if self._metrics is not None:
-            self._metrics.pool_wait.observe(time.perf_counter() - started)
-        return conn
-
-    async def _taken(self, acquiring: asyncpg.pool.PoolAcquireContext) -> asyncpg.pool.PoolConnectionProxy:
-        try:
-            conn: asyncpg.pool.PoolConnectionProxy = await acquiring
-        except BaseException:
-            self._turns.release()
-            raise
+            self._metrics.pool_wait.observe(clock() - started)
         return conn
 
     async def give_back(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
