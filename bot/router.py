@@ -159,12 +159,15 @@ class Router(KindRoutes, Generic[S]):
         """Every handler here or below whose kind and filters accept the update. Pure: no database."""
         found: Match = []
         for entry in self._entries:
-            if isinstance(entry, Router):
+            # (_Route first: an isinstance() against Router goes through ABCMeta, for every entry of
+            # every update, as KindRoutes is an ABC.)
+            if isinstance(entry, _Route):
+                if kind in entry.kinds and await entry.wants(ctx):
+                    found.append(entry.handler)
+            else:
                 below = await entry.match(ctx, kind)
                 if below:
                     found.append((entry, below))
-            elif kind in entry.kinds and await entry.wants(ctx):
-                found.append(entry.handler)
         return found
 
     async def run(self, ctx: Context[S], found: Match) -> bool:
