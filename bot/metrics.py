@@ -1,15 +1,24 @@
 """The process's metrics in Prometheus' text format (README: "Metrics" lists each one).
 
-prometheus_client provides the metric types, the histogram buckets and the exposition format, which our
-own counters had only the first of. Each runtime has its own registry, so tests and several bots in one
-process do not add into each other. Labelled counters whose label values are known in advance are
-created at start-up, so they read 0 before first use instead of being missing.
+prometheus_client provides the registry, the metric types and the exposition format. Each runtime has
+its own registry, so tests and several bots in one process do not add into each other. Labelled counters
+whose label values are known in advance are created at start-up, so they read 0 before first use
+instead of being missing. The histograms, and the counter every update adds to, are our own collectors
+(`_Histogram`, `_UpdateCounter`), exposed exactly as prometheus_client's Histogram and Counter are.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import bisect
+import itertools
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from .storage import OutboxStatus
 from .types import UPDATE_KINDS as _KINDS
@@ -32,26 +41,83 @@ _WAIT = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10)
 _LATE = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 
 
+class _Histogram:
+    """A histogram without labels, its samples those of prometheus_client's Histogram (cumulative buckets,
+    count, sum, created), for the ones observed on every update and every fire.
+
+    prometheus_client's observe() checks that the metric has its labels, then takes a lock for the sum and
+    one for the bucket it finds with a Python loop. With the update counter's increment, that was 3.7% of
+    the instructions an update took in this process (368,300 then 354,700 per update: valgrind, 1,000
+    updates, half applied and half ignored, through Pipeline.process on PostgreSQL). Here: one bisect
+    and two additions. Every metric is observed on the event loop's thread, so nothing is locked."""
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self._name, self._documentation = name, documentation
+        self._bounds = (*buckets, math.inf)
+        # (prometheus_client's own spelling of each bound: "0.001", "1.0", "+Inf")
+        self._les: list[str] = [floatToGoString(b) for b in self._bounds]  # type: ignore[no-untyped-call]
+        self._counts = [0.0] * len(self._bounds)  # per bucket, not cumulative
+        self._sum = 0.0
+        self._created = time.time()
+        registry.register(self)
+
+    def observe(self, amount: float) -> None:
+        self._counts[bisect.bisect_left(self._bounds, amount)] += 1  # the first bound >= amount
+        self._sum += amount
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation)
+        counts = itertools.accumulate(self._counts)
+        family.add_metric([], list(zip(self._les, counts, strict=True)), self._sum)
+        family.add_sample(f"{self._name}_created", {}, self._created)
+        yield family
+
+
+class _UpdateCounter:
+    """Updates by kind and outcome, every pair known from the start (each reads 0 before first use), its
+    samples those of prometheus_client's Counter with those labels. Added to once per update: a plain
+    dict of floats, for the reason `_Histogram` gives."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.counts = {(kind, outcome): 0.0 for kind in UPDATE_KINDS for outcome in UPDATE_OUTCOMES}
+        self._created = time.time()
+        registry.register(self)
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "bot_updates", "Updates received, by kind and outcome.", labels=["kind", "outcome"]
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for labels, value in self.counts.items():
+            family.add_metric(labels, value, created=self._created)
+        yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.updates = Counter(
-            "bot_updates", "Updates received, by kind and outcome.", ["kind", "outcome"], registry=r
-        )
-        self.update_seconds = Histogram(
+        self.updates = _UpdateCounter(r)
+        self.update_seconds = _Histogram(
             "bot_update_duration_seconds",
             "Time to process one update: decode to commit (replies are sent after).",
-            buckets=_LATENCY,
-            registry=r,
+            _LATENCY,
+            r,
         )
-        self.lock_wait = Histogram(
-            "bot_lock_wait_seconds", "Time waiting for a session's row lock.", buckets=_WAIT, registry=r
+        self.lock_wait = _Histogram(
+            "bot_lock_wait_seconds", "Time waiting for a session's row lock.", _WAIT, r
         )
-        self.pool_wait = Histogram(
-            "bot_pool_wait_seconds",
-            "Time waiting for a pooled database connection.",
-            buckets=_WAIT,
-            registry=r,
+        self.pool_wait = _Histogram(
+            "bot_pool_wait_seconds", "Time waiting for a pooled database connection.", _WAIT, r
         )
         self.optimistic_conflicts = Counter(
             "bot_optimistic_conflicts",
@@ -105,24 +171,15 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.timer_seconds = Histogram(
-            "bot_timer_duration_seconds",
-            "Time to fire one timer: claim to commit.",
-            buckets=_LATENCY,
-            registry=r,
+        self.timer_seconds = _Histogram(
+            "bot_timer_duration_seconds", "Time to fire one timer: claim to commit.", _LATENCY, r
         )
-        self.timer_lateness = Histogram(
+        self.timer_lateness = _Histogram(
             "bot_timer_lateness_seconds",
             "How long after it was due a timer was picked to fire.",
-            buckets=_LATE,
-            registry=r,
+            _LATE,
+            r,
         )
-        # Children looked up once: labels() costs more than the increment itself, once per update.
-        self._updates = {
-            (kind, outcome): self.updates.labels(kind, outcome)
-            for kind in UPDATE_KINDS
-            for outcome in UPDATE_OUTCOMES
-        }
         for outcome in CALL_OUTCOMES:
             self.api_calls.labels("sendMessage", outcome)
         for scope in ("chat", "bot"):
@@ -133,7 +190,7 @@ class Metrics:
         self._timers = {outcome: self.timers.labels(outcome) for outcome in TIMER_OUTCOMES}
 
     def update_done(self, kind: str, outcome: str, seconds: float) -> None:
-        self._updates[kind, outcome].inc()
+        self.updates.counts[kind, outcome] += 1
         self.update_seconds.observe(seconds)
 
     def timer_done(self, outcome: str, seconds: float, late: float) -> None:

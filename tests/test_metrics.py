@@ -11,11 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.app import SECRET_HEADER
 from bot.apps.pizza_testing import PIZZA, hunger
-from bot.metrics import UPDATE_KINDS, UPDATE_OUTCOMES
+from bot.metrics import UPDATE_KINDS, UPDATE_OUTCOMES, _Histogram, _UpdateCounter
 from bot.testing.env import SECRET, make_settings
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.updates import encode, message_update
@@ -174,3 +175,32 @@ async def test_the_grafana_dashboard_names_only_metrics_the_bot_serves(
         named = set(re.findall(r"\bbot_\w+", query))
         assert named, f"{query!r} reads none of our metrics"
         assert named <= served, f"{query!r} names {named - served}, which /metrics does not serve"
+
+
+def exposed(registry: CollectorRegistry) -> str:
+    """The registry in Prometheus' text format, each `_created` timestamp blanked (they differ by when)."""
+    return re.sub(r"(_created(\{[^}]*\})?) \S+", r"\1 T", generate_latest(registry).decode())
+
+
+def test_the_per_update_metrics_are_exposed_as_prometheus_client_exposes_them() -> None:
+    # Our own collectors, for their cost (bot.metrics), against prometheus_client's own classes fed the
+    # same: bounds exactly, between, below the first and past the last, an integer bound, and updates
+    # of two kinds and outcomes among the counter's pairs that read 0.
+    buckets = (0.001, 0.01, 1, 2.5)
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    histogram = _Histogram("h_seconds", "A histogram.", buckets, ours)
+    reference = Histogram("h_seconds", "A histogram.", buckets=buckets, registry=theirs)
+    updates = _UpdateCounter(ours)
+    counter = Counter(
+        "bot_updates", "Updates received, by kind and outcome.", ["kind", "outcome"], registry=theirs
+    )
+    for kind in UPDATE_KINDS:
+        for outcome in UPDATE_OUTCOMES:
+            counter.labels(kind, outcome)
+    for amount in (-1.0, 0.0, 0.0005, 0.001, 0.002, 0.01, 0.5, 1, 1.0000001, 2.5, 3, 1e9):
+        histogram.observe(amount)
+        reference.observe(amount)
+    for pair in [("message", "applied")] * 3 + [("callback_query", "unavailable")]:
+        updates.counts[pair] += 1
+        counter.labels(*pair).inc()
+    assert exposed(ours) == exposed(theirs)
