@@ -1,0 +1,134 @@
+"""Instructions the bot process executes per update, for two checkouts: a measure that does not move with
+the machine's load.
+
+    .venv/bin/python bench/instructions.py /path/to/main /path/to/branch
+    .venv/bin/python bench/instructions.py /path/to/main /path/to/branch --in-flight 32
+
+CPU seconds per update (bench/cpu_per_update.py) move by 15-25% from one round to the next on a shared
+machine, more than most changes to the request path; the instructions a process executes move by about
+0.3%. Each checkout's `python -m bot serve` runs under valgrind's cachegrind (Debian's `valgrind`; about
+50 times slower) twice, on a fresh database each time, and is delivered 300 updates, then 1,300 (half
+with 🍕, over 300 chats, LOG_LEVEL=WARNING, PYTHONHASHSEED=0), over HTTP on loopback; the difference of
+the two counts over 1,000 is one update's instructions, start-up and shutdown cancelled out. Run from a
+directory without a `bot` package, so PYTHONPATH decides which code runs. What it does not count: the
+kernel's side of the system calls, and any other process (PostgreSQL, the client). Run one at a time:
+with another valgrind run beside it, a count moved by up to 1.5% (the timing changes how the event loop
+batches its work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+from bot.apps.pizza_testing import PIZZA
+from bot.embedded import EmbeddedPostgres
+from bot.testing.delivery import LoopbackHttp, deliver
+from bot.testing.env import SECRET, bot_env
+from bot.testing.fake_telegram import FakeTelegram, serve
+from bot.testing.processes import BotProcess
+from bot.testing.updates import message_update
+
+FEW, MANY = 300, 1300
+CHATS = 300
+
+
+async def instructions(tree: str, updates: int, in_flight: int, pg: EmbeddedPostgres, api_root: str) -> int:
+    """Instructions of a bot process serving the code in `tree` that was delivered `updates` updates."""
+    name = f"ir_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(pg.dsn("postgres"))
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    env = {
+        **bot_env(pg.dsn(name), api_root),
+        "PYTHONPATH": tree,
+        "LOG_LEVEL": "WARNING",
+        "PYTHONHASHSEED": "0",  # the same hashes, so the same dict and set layouts, in every run
+        # The periodic work (the outbox's sweep, the webhook's watch) would count with the run's length,
+        # which the longer run has more of: none during it.
+        "OUTBOX_SWEEP_INTERVAL": "3600",
+        "WEBHOOK_WATCH_INTERVAL": "3600",
+    }
+    migrate = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "migrate", env={**os.environ, **env}, stdout=asyncio.subprocess.DEVNULL
+    )
+    if await migrate.wait() != 0:
+        raise RuntimeError(f"migrating with {tree} failed")
+    logs = Path(tempfile.mkdtemp())
+    counts = logs / "cachegrind.txt"
+    command = [
+        "valgrind",
+        "--tool=cachegrind",
+        "--cache-sim=no",
+        "--branch-sim=no",
+        "--cachegrind-out-file=/dev/null",
+        f"--log-file={counts}",
+        sys.executable,
+        "-m",
+        "bot",
+        "serve",
+    ]
+    rng = random.Random(1)
+    batch = [
+        message_update(n + 1, -100_000 - n % CHATS, f"{PIZZA} please" if rng.random() < 0.5 else "hi all")
+        for n in range(updates)
+    ]
+    with BotProcess(env, logs / "bot.log", command=command) as bot:
+        await asyncio.to_thread(bot.wait_ready, 600)
+        client = LoopbackHttp()
+        try:
+            await deliver(client, lambda: bot.url + "/webhook", SECRET, batch, in_flight=in_flight)
+        finally:
+            await client.aclose()
+        await asyncio.to_thread(bot.terminate, 600)  # (cachegrind writes its count as the process ends)
+    found = re.search(r"I\s+refs:\s+([\d,]+)", counts.read_text())
+    if found is None:
+        raise RuntimeError(f"no instruction count in {counts}")
+    return int(found.group(1).replace(",", ""))
+
+
+async def per_update(trees: list[str], in_flight: int) -> dict[str, float]:
+    pg = EmbeddedPostgres.throwaway()
+    try:
+        with serve(FakeTelegram()) as api_root:
+            results = {}
+            for tree in trees:
+                few = await instructions(tree, FEW, in_flight, pg, api_root)
+                many = await instructions(tree, MANY, in_flight, pg, api_root)
+                results[tree] = (many - few) / (MANY - FEW)
+                print(f"{tree}: {results[tree]:,.0f} instructions/update", flush=True)
+            return results
+    finally:
+        pg.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("trees", nargs=2, help="two checkouts to compare (their root folders)")
+    parser.add_argument("--in-flight", type=int, default=1, help="updates delivered at once (default 1)")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
+    trees = [str(Path(tree).resolve()) for tree in args.trees]
+    os.chdir(tempfile.mkdtemp())  # `python -m bot` must find the checkouts through PYTHONPATH only
+    results = asyncio.run(per_update(trees, args.in_flight))
+    old, new = results[trees[0]], results[trees[1]]
+    print(f"{new - old:+,.0f} instructions/update ({(new - old) / old:+.1%})")
+
+
+if __name__ == "__main__":
+    main()
