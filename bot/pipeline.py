@@ -367,16 +367,12 @@ class Pipeline:
         hooked = False
         try:
             async with self._unit(update, optimistic=optimistic, replay=replay, claim=claim) as unit:
-                slots = {
-                    name: unit.slot(config, config.key(update)) for name, config in self.bot.sessions.items()
-                }
+                slots = unit.slots(self.bot.sessions, update)
                 ctx.attach_sessions(slots)
-                unit.expect(slots.values())
                 try:
                     try:
                         for slot in unit.in_lock_order(slots.values()):
-                            if not slot.config.lazy:
-                                await slot.load()
+                            await slot.load()
                         if found:  # (a replay's update that no handler wants now only takes its letter)
                             await self.bot.run(ctx, found)
                             if ctx.timers:

@@ -202,13 +202,18 @@ class Router(KindRoutes, Generic[S]):
             return True
         called = False
         reached = False
+        last = index + 1 == len(self._middleware)
 
         async def next_() -> None:
             nonlocal called, reached
             if called:
                 raise RuntimeError(f"middleware {self._middleware[index]!r} called next() twice")
             called = True
-            reached = await self._wrapped(ctx, inner, index + 1)
+            if last:  # the handlers themselves, with no call of _wrapped around them (every update)
+                await inner()
+                reached = True
+            else:
+                reached = await self._wrapped(ctx, inner, index + 1)
 
         await self._middleware[index](ctx, next_)
         return reached

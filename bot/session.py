@@ -329,7 +329,7 @@ class SessionSlot(Generic[S]):
         return self._stored is not None
 
     async def load(self) -> None:
-        if self.loaded:
+        if self._value is not _UNLOADED:  # (not `loaded`: a property call per session per update)
             return
         if self.key is None:
             self._value = None
@@ -356,7 +356,7 @@ class SessionSlot(Generic[S]):
 
     def get(self) -> S:
         """The session; None when there is none (no `initial`, or set to None in this update)."""
-        if not self.loaded:
+        if self._value is _UNLOADED:
             raise SessionNotLoaded(
                 "the session is lazy and not loaded yet: `await ctx.get_session()` (or `get_session(name)`) first"
             )
@@ -395,7 +395,7 @@ class SessionSlot(Generic[S]):
         """Write back what changed: nothing if unchanged, a delete if the session was set to None.
         Raises SessionValueError for a value that does not fit the session type or cannot be stored,
         before anything is written, so the update fails and the row keeps its last good value."""
-        if not self.loaded or self.key is None:
+        if self._value is _UNLOADED or self.key is None:
             return
         if self._value is None:
             if self._stored is not None:

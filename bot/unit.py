@@ -6,13 +6,14 @@ in which sessions are locked (`Unit.in_lock_order`). The pipeline opens one per 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
 from typing import Any
 
 from .session import AlreadyApplied, SessionConfig, SessionSlot
 from .storage import Storage, Transaction
+from .types import Update
 
 __all__ = ["Claim", "TimerClaim", "Unit", "UnitOfWork"]
 
@@ -71,28 +72,47 @@ class Unit:
     def slot(self, config: SessionConfig[Any], key: str | None) -> SessionSlot[Any]:
         return SessionSlot(config, key, self.transaction_of(config), self.claim)
 
-    def expect(self, slots: Collection[SessionSlot[Any]]) -> None:
-        """Tell each transaction the keys of the update's sessions it holds (`Transaction.expect`), lazy
-        ones included, before the first read: a transaction may read them in one round trip. Optional
-        for a storage: one written before the hint existed reads each key when asked, as it did."""
-        if len(slots) < 2:
-            return  # (every update passes here: a bot with one session has nothing to read ahead)
-        keys: dict[int, tuple[Transaction, list[str]]] = {}
+    def slots(
+        self, sessions: Mapping[str, SessionConfig[Any]], update: Update
+    ) -> dict[str, SessionSlot[Any]]:
+        """The update's slot of each session, by name. With two or more, each transaction is first told
+        the keys of those it holds (`Transaction.expect`), lazy ones included, before the first read: a
+        transaction may read them in one round trip. Optional for a storage: one written before the hint
+        existed reads each key when asked, as it did."""
+        slots = {name: self.slot(config, config.key(update)) for name, config in sessions.items()}
+        if len(slots) > 1:
+            self._expect(slots.values())
+        return slots
+
+    def _expect(self, slots: Iterable[SessionSlot[Any]]) -> None:
+        if len(self.transactions) == 1:
+            # Every session in the bot's storage (nearly every bot): one transaction to tell, without
+            # looking each session's up.
+            keys = [slot.key for slot in slots if slot.key is not None]
+            expect = getattr(self.main, "expect", None)
+            if keys and expect is not None:
+                expect(keys)
+            return
+        by_tx: dict[int, tuple[Transaction, list[str]]] = {}
         for slot in slots:
             if slot.key is not None:
                 tx = self.transaction_of(slot.config)
-                keys.setdefault(id(tx), (tx, []))[1].append(slot.key)
-        for tx, found in keys.values():
+                by_tx.setdefault(id(tx), (tx, []))[1].append(slot.key)
+        for tx, found in by_tx.values():
             expect = getattr(tx, "expect", None)
             if expect is not None:
                 expect(found)
 
     def in_lock_order(self, slots: Iterable[SessionSlot[Any]]) -> list[SessionSlot[Any]]:
-        """The bot's storage first, then the others in the order their first session is declared; key by
-        key within each. One order for every update, so two updates can't each hold a row the other
-        waits for. (A lazy session is locked when first asked for, outside this order.)"""
+        """The slots to load before the handlers, the lazy ones left out (each is locked when first asked
+        for, outside this order): the bot's storage first, then the others in the order their first
+        session is declared; key by key within each. One order for every update, so two updates can't
+        each hold a row the other waits for."""
+        eager = [slot for slot in slots if not slot.config.lazy]
+        if len(eager) < 2:
+            return eager
         order = {storage_id: n for n, storage_id in enumerate(self.transactions)}
-        return sorted(slots, key=lambda s: (order[id(s.config.storage or self._storage)], s.key or ""))
+        return sorted(eager, key=lambda s: (order[id(s.config.storage or self._storage)], s.key or ""))
 
 
 class UnitOfWork:

@@ -74,10 +74,14 @@ class SessionCache:
     def forget(self, key: str) -> None:
         self._entries.pop(key, None)
 
-    def wrote(self, key: str) -> None:
+    def wrote(self, key: str, session: StoredSession | None = None, revision: str | None = None) -> None:
         """An update of this process wrote `key` (or is writing it with locks): what is remembered of
-        it is stale, and a row of it read ahead before now is too."""
-        self.forget(key)
+        it is stale, and a row of it read ahead before now is too. Given the `session` written and the
+        row's `revision` after the write, that is remembered instead."""
+        if session is not None and revision is not None:
+            self.put(key, session, revision)
+        else:
+            self.forget(key)
         self.clock += 1
         written = self._written
         written.pop(key, None)
@@ -101,12 +105,18 @@ class Turns:
     def busy(self, key: str) -> bool:
         return key in self._waiting
 
+    def take_free(self, key: str) -> bool:
+        """Take the key's turn if nobody has it (True), without waiting; False when someone has."""
+        if key in self._waiting:
+            return False
+        self._waiting[key] = deque()
+        return True
+
     async def take(self, key: str) -> None:
-        queue = self._waiting.get(key)
-        if queue is None:
-            self._waiting[key] = deque()
+        if self.take_free(key):
             return
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._waiting[key]
         queue.append(turn)
         try:
             await turn

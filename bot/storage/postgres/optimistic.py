@@ -113,15 +113,14 @@ class OptimisticTransaction:
         self._claim = (bot_id, update_id)  # applied at the end, and only with the writes
         return True
 
-    async def _take_turn(self, key: str) -> None:
-        turns = self._turns
-        if self._held and turns.busy(key):
+    async def _wait_turn(self, key: str) -> None:
+        """`key` is another update's turn: wait for it, unless this update holds one already."""
+        if self._held:
             raise self._give_up(
                 f"session {key!r} is another update's turn, and this one holds {self._held[0]!r}:"
                 " run it with locks"
             )
-        await turns.take(key)
-        self._held.append(key)
+        await self._turns.take(key)
 
     def expect(self, keys: Sequence[str]) -> None:
         self._expected = keys
@@ -134,7 +133,9 @@ class OptimisticTransaction:
             return known.session
         if key in self._contended:
             raise self._give_up(f"session {key!r} is contended: run it with locks")
-        await self._take_turn(key)
+        if not self._turns.take_free(key):
+            await self._wait_turn(key)
+        self._held.append(key)
         cached = self._cache.get(key)
         if cached is not None:
             # No round trip: the statement at the end checks the version, as it would after a read. A
@@ -243,11 +244,12 @@ class OptimisticTransaction:
         if self._refusal is not None:
             raise self._refusal
         self._done = True
-        keys = list(self._rows)
-        written = sorted(key for key in keys if self._rows[key].writes)
+        read = self._rows
+        # The rows written, in key order, each with its place among the rows read.
+        written = sorted((key, n) for n, (key, row) in enumerate(read.items()) if row.writes)
         if self._claim is None and self._timer is None and not written and not calls:
             return []  # nothing to apply
-        query, values = self._statement(keys, written, calls, bot_id, update_id, lease)
+        query, values = self._statement(written, calls, bot_id, update_id, lease)
         conn = await self._connection()
         with unavailable_on_failure("apply the update"):
             try:
@@ -261,45 +263,45 @@ class OptimisticTransaction:
                 # holds what we need, or a row changed under a write: nothing of this statement was
                 # applied. Other processes are writing these chats right now: the lock is the way.
                 if not isinstance(exc, asyncpg.UniqueViolationError):
-                    for key in keys:
+                    for key in read:
                         self._cache.forget(key)
                         self._contended.add(key)
                 raise self._give_up(f"apply the update: {type(exc).__name__}") from exc
         first = rows[0]
         if not first["applied"]:
-            if all(first[f"u{n}"] for n in range(len(keys))):
+            if all(first[f"u{n}"] for n in range(len(read))):
                 assert self._timer is not None  # else every row unchanged means applied (or raised)
                 raise self._give_up("the timer is gone (fired, replaced or cancelled): run it with locks")
-            raise self._refused(keys, first)
-        for n, key in enumerate(written):
-            self._cache.wrote(key)
-            write = self._rows[key].write
+            raise self._refused(list(read), first)
+        cache = self._cache
+        for n, (key, _) in enumerate(written):
+            write = read[key].write
             if write is not None and write[1] is None:
-                self._remember(key, first[f"r{n}"], write[0].data, write[0].version)
+                cache.wrote(key, write[0], first[f"r{n}"])  # remembered as written, at its new version
             else:
-                self._cache.forget(key)  # deleted, or expires: read it from the database
+                cache.wrote(key)  # deleted, or expires: read it from the database
         return pending_calls(rows) if calls else []
 
     def _statement(
         self,
-        keys: list[str],
-        written: list[str],
+        written: list[tuple[str, int]],
         calls: Sequence[OutgoingCall],
         bot_id: int,
         update_id: int,
         lease: float,
     ) -> tuple[str, list[Any]]:
         """`_apply`'s statement (`apply_text`, kept per shape) and its parameters, in the order
-        optimistic_sql's docstring lists them."""
+        optimistic_sql's docstring lists them. `written`: the rows written, in key order, each with its
+        place among the rows read."""
         rows = self._rows
         values: list[Any] = []
         shape = []
-        for key in keys:
-            row = rows[key]
+        for key, row in rows.items():
             values.append(key)
-            if row.revision is not None:
+            there = row.revision is not None
+            if there:
                 values.append(row.revision)
-            shape.append((row.revision is not None, row.cached is not None))
+            shape.append((there, row.cached is not None))
         claim = NO_CLAIM
         if self._claim is not None:
             claim = CLAIM
@@ -307,11 +309,10 @@ class OptimisticTransaction:
         elif self._timer is not None:
             claim = TIMER
             values += self._timer
-        index = {key: n for n, key in enumerate(keys)}
         writes = []
-        for key in written:
+        for key, n in written:
             write = rows[key].write
-            writes.append((index[key], write is None))
+            writes.append((n, write is None))
             if write is not None:
                 session, ttl = write
                 values += (session.data, session.version, ttl)
