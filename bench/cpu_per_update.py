@@ -22,13 +22,10 @@ import asyncio
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
-import uuid
 from pathlib import Path
 
-import asyncpg
+from checkouts import checkout_env, migrate, new_database, resolved
 
 from bot.apps.pizza_testing import PIZZA
 from bot.embedded import EmbeddedPostgres
@@ -68,22 +65,11 @@ def make_updates(workload: str) -> list[Update]:
 
 async def one_round(spec: str, workload: str, pg: EmbeddedPostgres, api_root: str, logs: Path) -> float:
     """Microseconds of bot CPU per update, serving the code in `spec`'s checkout with its settings."""
-    tree, *settings = spec.split("+")
-    name = f"cpu_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(pg.dsn("postgres"))
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    path = os.pathsep.join([tree, str(Path(tree) / "bench" / "apps")])
-    env = {**bot_env(pg.dsn(name), api_root), "PYTHONPATH": path, "DB_POOL_MAX": "16", "LOG_LEVEL": "WARNING"}
-    env.update(setting.split("=", 1) for setting in settings)
-    migrate = [sys.executable, "-m", "bot", "migrate"]
-    await asyncio.to_thread(
-        subprocess.run, migrate, env={**os.environ, **env}, check=True, capture_output=True
-    )
+    dsn = await new_database(pg, "cpu")
+    env = checkout_env(spec, {**bot_env(dsn, api_root), "DB_POOL_MAX": "16", "LOG_LEVEL": "WARNING"})
+    await migrate(env)
     updates = make_updates(workload)
-    with BotProcess(env, logs / f"{name}.log") as bot:
+    with BotProcess(env, logs / f"{dsn.rsplit('/', 1)[-1]}.log") as bot:
         bot.wait_ready()
         client = LoopbackHttp()
         before = cpu_seconds(bot.proc.pid)
@@ -125,10 +111,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("-w", "--workload", choices=["A", "T"], default="A", help="the updates' shape")
     args = parser.parse_args()
-    trees = [
-        "+".join([str(Path(tree).resolve()), *settings])
-        for tree, *settings in (t.split("+") for t in args.trees)
-    ]
+    trees = [resolved(spec) for spec in args.trees]
     logs = Path(tempfile.mkdtemp())
     os.chdir(logs)  # `python -m bot` must find the checkouts through PYTHONPATH only
     for tree, values in asyncio.run(compare(trees, args.workload, args.rounds, logs)).items():

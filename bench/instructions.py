@@ -29,10 +29,9 @@ import re
 import shutil
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
-import asyncpg
+from checkouts import checkout_env, migrate, new_database, resolved
 
 from bot.apps.pizza_testing import PIZZA
 from bot.embedded import EmbeddedPostgres
@@ -72,29 +71,20 @@ async def instructions(
 ) -> int:
     """Instructions of a bot process serving the code in `spec`'s checkout, with its settings, that was
     delivered `updates`."""
-    tree, *settings = spec.split("+")
-    name = f"ir_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(pg.dsn("postgres"))
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    env = {
-        **bot_env(pg.dsn(name), api_root),
-        "PYTHONPATH": os.pathsep.join([tree, str(Path(tree) / "bench" / "apps")]),
-        "LOG_LEVEL": "WARNING",
-        "PYTHONHASHSEED": "0",  # the same hashes, so the same dict and set layouts, in every run
-        # The periodic work (the outbox's sweep, the webhook's watch) would count with the run's length,
-        # which the longer run has more of: none during it.
-        "OUTBOX_SWEEP_INTERVAL": "3600",
-        "WEBHOOK_WATCH_INTERVAL": "3600",
-    }
-    env.update(setting.split("=", 1) for setting in settings)
-    migrate = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "migrate", env={**os.environ, **env}, stdout=asyncio.subprocess.DEVNULL
+    dsn = await new_database(pg, "ir")
+    env = checkout_env(
+        spec,
+        {
+            **bot_env(dsn, api_root),
+            "LOG_LEVEL": "WARNING",
+            "PYTHONHASHSEED": "0",  # the same hashes, so the same dict and set layouts, in every run
+            # The periodic work (the outbox's sweep, the webhook's watch) would count with the run's
+            # length, which the longer run has more of: none during it.
+            "OUTBOX_SWEEP_INTERVAL": "3600",
+            "WEBHOOK_WATCH_INTERVAL": "3600",
+        },
     )
-    if await migrate.wait() != 0:
-        raise RuntimeError(f"migrating with {tree} failed")
+    await migrate(env)
     logs = Path(tempfile.mkdtemp())
     counts = logs / "cachegrind.txt"
     command = [
@@ -152,10 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
-    trees = [
-        "+".join([str(Path(tree).resolve()), *settings])
-        for tree, *settings in (t.split("+") for t in args.trees)
-    ]
+    trees = [resolved(spec) for spec in args.trees]
     os.chdir(tempfile.mkdtemp())  # `python -m bot` must find the checkouts through PYTHONPATH only
     results = asyncio.run(per_update(trees, args.workload, args.in_flight))
     old, new = results[trees[0]], results[trees[1]]

@@ -1,0 +1,56 @@
+"""What bench/cpu_per_update.py and bench/instructions.py share: a bot process of a given checkout, with
+given settings, on a new database of its own, migrated by that checkout's code.
+
+A spec is `DIR` or `DIR+NAME=VALUE+…`: the checkout's root (its code first on PYTHONPATH, with its
+bench/apps, so `+APP=two_sessions:build_bot` serves the two-session bot) and settings over `base`. The
+scripts run from a directory without a `bot` package, so PYTHONPATH alone decides which code runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+from bot.embedded import EmbeddedPostgres
+
+__all__ = ["checkout_env", "migrate", "new_database", "resolved"]
+
+
+def resolved(spec: str) -> str:
+    """The spec with its checkout's path made absolute (the scripts change directory)."""
+    tree, *settings = spec.split("+")
+    return "+".join([str(Path(tree).resolve()), *settings])
+
+
+def checkout_env(spec: str, base: dict[str, str]) -> dict[str, str]:
+    """The bot process's environment for `spec`: `base`, the checkout on PYTHONPATH, then its settings."""
+    tree, *settings = spec.split("+")
+    env = {**base, "PYTHONPATH": os.pathsep.join([tree, str(Path(tree) / "bench" / "apps")])}
+    env.update(setting.split("=", 1) for setting in settings)
+    return env
+
+
+async def new_database(pg: EmbeddedPostgres, prefix: str) -> str:
+    """A new, empty database on `pg`: its DSN."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(pg.dsn("postgres"))
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    return pg.dsn(name)
+
+
+async def migrate(env: dict[str, str]) -> None:
+    """Migrate env's DATABASE_URL with the code env runs (`python -m bot migrate`), as a deploy does."""
+    command = (sys.executable, "-m", "bot", "migrate")
+    done = await asyncio.create_subprocess_exec(
+        *command, env={**os.environ, **env}, stdout=asyncio.subprocess.DEVNULL
+    )
+    if await done.wait() != 0:
+        raise RuntimeError(f"migrating with {env['PYTHONPATH']} failed")
