@@ -281,8 +281,8 @@ os.register_at_fork(
 def log_update(
     logger: logging.Logger, update_id: int, chat: int | None, outcome: str, seconds: float
 ) -> None:
-    """The line every update gets at INFO (`update 85: applied in 3.1 ms`, with update_id, chat, outcome
-    and duration). When the only handler it would reach is the LineWriter of `setup_logging` (no other
+    """An update's line (`update 85: applied in 3.1 ms`, with update_id, chat, outcome and duration),
+    written when `LinesPerSecond.allow` says so. When the only handler it would reach is the LineWriter of `setup_logging` (no other
     handler or filter on the way, the standard record factory), the line is queued as its parts and the
     writer's thread formats it: the same line, for ~1 µs here instead of a LogRecord's ~6 µs. Otherwise
     (a test's caplog, a handler of the user's) it is logged as a record like any other line."""
@@ -302,7 +302,8 @@ def log_update(
 
 class LinesPerSecond:
     """How many lines of one kind (an update's, a timer fire's) a process writes: at DEBUG, one for each;
-    at INFO the first `per_second` of each second of the clock, then one line when the second is over,
+    at INFO the first `per_second` of each whole second of `clock` (time.monotonic: its seconds need not
+    start where the lines' timestamps do), then one line when the second is over,
     counting the rest by outcome (`update lines: 3802 more this second: 3000 applied, 802 ignored`),
     written by the next call of a later second or by a timer of the running event loop when none comes.
     Past the limit a line costs a clock read and a count. `flush` writes a pending count now (shutdown).
@@ -345,8 +346,16 @@ class LinesPerSecond:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 return False  # (no loop: the next call in a later second writes the count)
-            self._timer = loop.call_later(second + 1 - now, self.flush)
+            self._timer = loop.call_later(second + 1 - now, self._second_over)
         return False
+
+    def _second_over(self) -> None:
+        self._timer = None
+        if int(self._clock()) == self._second:
+            # (A loop's timer may fire a little early: uvloop's count whole milliseconds.)
+            self._timer = asyncio.get_running_loop().call_later(0.001, self._second_over)
+            return
+        self.flush()
 
     def flush(self) -> None:
         """Write the count of lines not written, if any."""

@@ -164,22 +164,25 @@ async def start(
             try:
                 yield Runtime(settings, storage, api, me, pipeline, outbox, metrics, timers)
             finally:
-                # One SHUTDOWN_TIMEOUT for the fires and the sends together.
-                ends = asyncio.get_running_loop().time() + settings.shutdown_timeout
-                if timers is not None and firing is not None:
-                    firing.cancel()
+                try:
+                    # One SHUTDOWN_TIMEOUT for the fires and the sends together.
+                    ends = asyncio.get_running_loop().time() + settings.shutdown_timeout
+                    if timers is not None and firing is not None:
+                        firing.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await firing
+                        # Fires still running finish first: their replies are queued before the close below.
+                        await timers.drain(settings.shutdown_timeout)
+                    sweeper.cancel()
+                    # The sweeper ends only by this cancellation (it survives every error), so the close
+                    # below always runs, and every send has ended before the pool and the client close.
                     with contextlib.suppress(asyncio.CancelledError):
-                        await firing
-                    # Fires still running finish first: their replies are queued before the close below.
-                    await timers.drain(settings.shutdown_timeout)
-                sweeper.cancel()
-                # The sweeper ends only by this cancellation (it survives every error), so the close
-                # below always runs, and every send has ended before the pool and the client close.
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
-                await outbox.close(max(0.0, ends - asyncio.get_running_loop().time()))
-                pipeline.update_lines.flush()  # the last second's counts of lines not written
-                pipeline.timer_lines.flush()
+                        await sweeper
+                    await outbox.close(max(0.0, ends - asyncio.get_running_loop().time()))
+                finally:
+                    # The last second's counts of lines not written, and their timers off the loop.
+                    pipeline.update_lines.flush()
+                    pipeline.timer_lines.flush()
         finally:
             if owned is not None:
                 await owned.close()

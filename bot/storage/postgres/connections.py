@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import asyncpg
 
@@ -43,11 +44,12 @@ class Connections:
 
     async def take(self) -> asyncpg.pool.PoolConnectionProxy:
         """A transaction's connection (StorageUnavailable when none comes in time); `give_back` it."""
-        clock = asyncio.get_running_loop().time
-        started = clock()
+        # The wait is timed with perf_counter: uvloop's loop.time() (the deadline's clock) counts whole
+        # milliseconds, too coarse for bot_pool_wait_seconds' first buckets.
+        started = time.perf_counter()
         with (
             unavailable_on_failure("acquire a connection"),
-            self._deadlines.within(started + self._wait_limit),
+            self._deadlines.within(asyncio.get_running_loop().time() + self._wait_limit),
         ):
             await self._turns.acquire()
             try:
@@ -56,7 +58,7 @@ class Connections:
                 self._turns.release()
                 raise
         if self._metrics is not None:
-            self._metrics.pool_wait.observe(clock() - started)
+            self._metrics.pool_wait.observe(time.perf_counter() - started)
         return conn
 
     async def give_back(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
