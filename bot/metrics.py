@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
+import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -39,6 +40,12 @@ _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 _WAIT = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10)
 # Seconds a timer fired after it was due: under a second while the bot runs, up to the downtime after.
 _LATE = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+
+
+def _created_series() -> bool:
+    """Whether prometheus_client's own metrics expose `_created` samples now (off with
+    PROMETHEUS_DISABLE_CREATED_SERIES=True or disable_created_metrics()): ours follow them."""
+    return bool(getattr(prometheus_client.metrics, "_use_created", True))
 
 
 class _Histogram:
@@ -74,7 +81,8 @@ class _Histogram:
         family = HistogramMetricFamily(self._name, self._documentation)
         counts = itertools.accumulate(self._counts)
         family.add_metric([], list(zip(self._les, counts, strict=True)), self._sum)
-        family.add_sample(f"{self._name}_created", {}, self._created)
+        if _created_series():
+            family.add_sample(f"{self._name}_created", {}, self._created)
         yield family
 
 
@@ -99,7 +107,7 @@ class _UpdateCounter:
     def collect(self) -> Iterator[Metric]:
         family = self._family()
         for labels, value in self.counts.items():
-            family.add_metric(labels, value, created=self._created)
+            family.add_metric(labels, value, created=self._created if _created_series() else None)
         yield family
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import httpx
+import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -182,10 +183,22 @@ def exposed(registry: CollectorRegistry) -> str:
     return re.sub(r"(_created(\{[^}]*\})?) \S+", r"\1 T", generate_latest(registry).decode())
 
 
+@pytest.fixture(params=[True, False], ids=["created-series", "no-created-series"])
+def created_series(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """With prometheus_client's `_created` samples on (its default), and off (disable_created_metrics)."""
+    if not request.param:
+        prometheus_client.disable_created_metrics()
+    try:
+        yield request.param
+    finally:
+        prometheus_client.enable_created_metrics()
+
+
+@pytest.mark.usefixtures("created_series")
 def test_the_per_update_metrics_are_exposed_as_prometheus_client_exposes_them() -> None:
     # Our own collectors, for their cost (bot.metrics), against prometheus_client's own classes fed the
     # same: bounds exactly, between, below the first and past the last, an integer bound, and updates
-    # of two kinds and outcomes among the counter's pairs that read 0.
+    # of two kinds and outcomes among the counter's pairs that read 0; with and without `_created`.
     buckets = (0.001, 0.01, 1, 2.5)
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     histogram = _Histogram("h_seconds", "A histogram.", buckets, ours)
