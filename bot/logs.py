@@ -8,10 +8,10 @@ line, in either format, has the bot token, the webhook secret and the database p
 DSN) is still not written.
 
 Each update (and each timer fire) gets a line (`LinesPerSecond`): every one at DEBUG; at INFO, the
-default, the first LINES_PER_SECOND of each second, and one line a second counting the rest by outcome. A line per
-update, however cheap, cost a busy process ~15% of its throughput (bench/README.md: ~30 µs of CPU per line
-on the standard path, and still ~30 µs per update in the whole process with the lines queued to a writer
-thread), while a laptop's trial, a few updates a second, still sees each one.
+default, the first LINES_PER_SECOND of each second, and one line a second counting the rest by outcome.
+A line per update, even queued to a writer thread as below, made a busy process execute 7.0% more
+instructions per update than at WARNING; with the limit, 0.85% (bench/README.md). A laptop's trial, a
+few updates a second, still sees each one.
 
 Lines cost little anyway: the caller only queues the record (the per-update line, `log_update`, only its
 parts, with no record at all when nothing else would see it); a writer thread formats the queue and
@@ -282,10 +282,11 @@ def log_update(
     logger: logging.Logger, update_id: int, chat: int | None, outcome: str, seconds: float
 ) -> None:
     """An update's line (`update 85: applied in 3.1 ms`, with update_id, chat, outcome and duration),
-    written when `LinesPerSecond.allow` says so. When the only handler it would reach is the LineWriter of `setup_logging` (no other
-    handler or filter on the way, the standard record factory), the line is queued as its parts and the
-    writer's thread formats it: the same line, for ~1 µs here instead of a LogRecord's ~6 µs. Otherwise
-    (a test's caplog, a handler of the user's) it is logged as a record like any other line."""
+    written when `LinesPerSecond.allow` says so. When the only handler it would reach is the LineWriter
+    of `setup_logging` (no other handler or filter on the way, the standard record factory), the line is
+    queued as its parts and the writer's thread formats it: the same line, for ~1 µs here instead of a
+    LogRecord's ~6 µs. Otherwise (a test's caplog, a handler of the user's) it is logged as a record like
+    any other line."""
     fields: dict[str, object] = {
         "update_id": update_id,
         "chat": chat,
@@ -303,10 +304,10 @@ def log_update(
 class LinesPerSecond:
     """How many lines of one kind (an update's, a timer fire's) a process writes: at DEBUG, one for each;
     at INFO the first `per_second` of each whole second of `clock` (time.monotonic: its seconds need not
-    start where the lines' timestamps do), then one line when the second is over,
-    counting the rest by outcome (`update lines: 3802 more this second: 3000 applied, 802 ignored`),
-    written by the next call of a later second or by a timer of the running event loop when none comes.
-    Past the limit a line costs a clock read and a count. `flush` writes a pending count now (shutdown).
+    start where the lines' timestamps do), then one line when the second is over, counting the rest by
+    outcome (`update lines: 3802 more this second: 3000 applied, 802 ignored`), written by the next call
+    of a later second or by a timer of the running event loop when none comes. Past the limit a line
+    costs a clock read and a count. `flush` writes a pending count now (shutdown).
 
         if lines.allow(outcome):
             log_update(logger, ...)
