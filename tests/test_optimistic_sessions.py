@@ -43,7 +43,7 @@ def two_session_bot(
     me_ttl: float | None = None,
 ) -> Bot[Count]:
     """A chat session, and a lazy per-user one loaded by the handler (examples/todo.py's shape); "c"
-    counts in the chat's only. `runs` gets the update id of every run of a handler; `before_me` runs
+    counts in the chat's only, and "?" too, after reading the user's (a setting, say) without changing it. `runs` gets the update id of every run of a handler; `before_me` runs
     before the user's session is loaded, `between` after every session the handler uses is; `me_ttl` is the
     user's session's ttl."""
     me = session(Count, get_session_key=user_key, prefix="user:", lazy=True, ttl=me_ttl)
@@ -65,6 +65,12 @@ def two_session_bot(
         ctx.session.count += 1
         if between is not None:
             await between()
+
+    @bot.message(text(equals="?"))
+    async def looks(ctx: Context[Count]) -> None:
+        runs.append(ctx.update.update_id)
+        await ctx.get_session("me")
+        ctx.session.count += 1
 
     return bot
 
@@ -151,6 +157,52 @@ async def test_an_update_with_two_sessions_runs_once_in_the_round_trips_of_one_s
     assert runs == [1, 2, 3]
     assert run.metrics.count("bot_optimistic_conflicts_total") == 0
     assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (3, 3)
+
+
+@pytest.mark.parametrize("first", ["?", "c"], ids=["read-and-unchanged", "read-ahead-only"])
+async def test_a_user_session_with_no_row_is_remembered_and_costs_no_round_trip_after(
+    logged: tuple[PostgresStorage, list[str]], first: str
+) -> None:
+    """A new user's lazy session, read (with the chat's, in one round trip) and left at its initial
+    value, or only read ahead, so never written: its row does not exist, and that is remembered like a
+    row read. The user's next updates that use it take the one statement alone, as a bot with one
+    session does, which checks that there is still no row; and "+" then writes it."""
+    storage, sent = logged
+    runs: list[int] = []
+    run = Pipeline(two_session_bot(runs), storage, ME, Metrics(), optimistic=True)
+    trips = []
+    for update_id, says in enumerate([first, "?", "?", "+"], start=1):
+        sent.clear()
+        assert (await run.process(plus(update_id, says=says))).status is Status.APPLIED
+        trips.append(len(sent))
+    assert trips == [2, 1, 1, 1]
+    assert runs == [1, 2, 3, 4]
+    assert run.metrics.count("bot_optimistic_conflicts_total") == 0
+    assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (4, 1)
+
+
+async def test_a_row_created_elsewhere_for_a_key_remembered_as_none_is_caught_and_counts_once(
+    logged: tuple[PostgresStorage, list[str]], database_url: str
+) -> None:
+    """The user's session is remembered as no row; another process then writes it (count 10). The next
+    update's statement finds the row (no longer "no row"), applies nothing and answers with it, and the
+    update runs again from it, once, without locks: the user's count 11, nothing lost."""
+    storage, sent = logged
+    other = await PostgresStorage.connect(database_url)
+    try:
+        runs: list[int] = []
+        run = Pipeline(two_session_bot(runs), storage, ME, Metrics(), optimistic=True)
+        assert (await run.process(plus(1, says="?"))).status is Status.APPLIED
+        await write_count(other, USER_KEY, 10)
+        sent.clear()
+        assert (await run.process(plus(2))).status is Status.APPLIED
+        assert len(sent) == 2 and not any("BEGIN" in q for q in sent), sent  # refused, then applied
+        assert runs == [1, 2, 2]
+        assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (2, 11)
+        assert await storage.pool.fetchval("SELECT count(*) FROM processed_updates") == 2
+        assert not storage.contended(USER_KEY)
+    finally:
+        await other.close()
 
 
 async def test_the_read_takes_each_row_by_its_key_in_the_plan_the_server_keeps_for_it(
@@ -263,11 +315,17 @@ async def test_a_session_read_ahead_but_never_used_may_change_elsewhere_without_
         assert run.metrics.count("bot_optimistic_conflicts_total") == 0
         assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (1, 10)
         assert not storage.contended(USER_KEY)
-        # Nor was the row read ahead taken for one this process remembers: the next update reads it.
-        assert storage.cache.get(USER_KEY) is None
+        # The row read ahead is remembered as read (count 3), as any row read is: the next update that
+        # uses it finds it stale at its statement, which answers with the row as it is now, and runs
+        # again from that, once, without locks (what a stale memory costs, as for a row read and used).
+        remembered = storage.cache.get(USER_KEY)
+        assert remembered is not None and remembered.session == StoredSession('{"count": 3}')
+        sent.clear()
         assert (await run.process(plus(2))).status is Status.APPLIED
+        assert len(sent) == 2 and not any("BEGIN" in q for q in sent), sent  # refused, then applied
         assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (2, 11)
-        assert runs == [1, 2]
+        assert runs == [1, 2, 2]
+        assert not storage.contended(USER_KEY)
     finally:
         await other.close()
 
@@ -325,11 +383,12 @@ async def test_a_session_read_ahead_that_expired_reads_as_missing_when_used(
 async def test_a_session_read_ahead_then_written_by_this_process_is_not_a_conflict(
     url: str, me_ttl: float | None, cache_size: int, read_again: bool
 ) -> None:
-    """Update 1 (chat 7) reads the user's row ahead with the chat's; update 2 (chat 8, same user) writes
-    the user's session in this process before update 1 asks for it. Update 1 then answers from what
-    this process remembers of update 2's write or, when it keeps none (a session with a ttl, or
-    SESSION_CACHE=0), reads the row again: never the older row read ahead, which would be a conflict,
-    a second run and the key run with locks for a while. Each update applied once, the user's count 2."""
+    """Update 1 (chat 7) reads the user's row ahead with the chat's (no row: remembered as none, unless
+    SESSION_CACHE=0); update 2 (chat 8, same user) writes the user's session in this process before
+    update 1 asks for it. Update 1 then answers from what this process remembers of update 2's write
+    or, when it keeps none (a session with a ttl, or SESSION_CACHE=0), reads the row again: never the
+    older row read ahead, which would be a conflict, a second run and the key run with locks for a
+    while. Each update applied once, the user's count 2."""
     storage = await PostgresStorage.connect(url, min_size=2, max_size=2, cache_size=cache_size)
     try:
         reads: list[Any] = []
@@ -355,8 +414,10 @@ async def test_a_session_read_ahead_then_written_by_this_process_is_not_a_confli
         assert (await run.process(second)).status is Status.APPLIED
         go.set()
         assert (await first).status is Status.APPLIED
+        # Update 2 reads the user's row ahead only when update 1's read of it is not remembered.
+        second_read = ["8", USER_KEY] if cache_size == 0 else ["8"]
         again = [[USER_KEY]] if read_again else []
-        assert reads == [[CHAT_KEY, USER_KEY], ["8", USER_KEY], *again]  # each read the user's row ahead
+        assert reads == [[CHAT_KEY, USER_KEY], second_read, *again]
         assert runs == [1, 2]
         assert run.metrics.count("bot_optimistic_conflicts_total") == 0
         assert not storage.contended(USER_KEY)
@@ -505,7 +566,10 @@ async def test_a_stale_memory_of_both_sessions_is_a_stale_read(database_url: str
             await attempt()
         chat, user = storage.cache.get(CHAT_KEY), storage.cache.get(USER_KEY)
         assert chat is not None and user is not None
-        assert (chat.session.data, user.session.data) == ('{"count": 10}', '{"count": 20}')
+        assert (chat.session, user.session) == (
+            StoredSession('{"count": 10}'),
+            StoredSession('{"count": 20}'),
+        )
     finally:
         await storage.close()
         await other.close()

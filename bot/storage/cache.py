@@ -26,8 +26,9 @@ __all__ = ["Cached", "Contended", "SessionCache", "Turns"]
 
 @dataclass(frozen=True, slots=True)
 class Cached:
-    session: StoredSession
-    revision: str  # the row's version when it held `session`: "<server start time>:<xmin>"
+    # Both None: there was no row (a new chat; a user's lazy session read and left at its initial value).
+    session: StoredSession | None
+    revision: str | None  # the row's version when it held `session`: "<server start time>:<xmin>"
     since: float  # time.monotonic() when remembered
     refreshed: bool = False  # learnt from a refused statement: another process wrote the key just now
 
@@ -35,7 +36,9 @@ class Cached:
 class SessionCache:
     """The last `size` sessions used, least recently used forgotten first; none older than `max_age`.
 
-    Only sessions without an expiry are kept (an expired one must read as missing). The age limit keeps
+    Only sessions without an expiry are kept (an expired one must read as missing), and keys with no row
+    at all: a user's lazy session that stays at its initial value is never written, and without that
+    memory each of the user's updates read it again, a round trip a bot with one session does not take. The age limit keeps
     a remembered `xmin` far from the 2**32 transactions after which PostgreSQL could reuse it.
 
     It also keeps which keys this process wrote lately (`wrote`, `written_since`), whatever their
@@ -63,7 +66,10 @@ class SessionCache:
         self._entries[key] = entry  # now the most recently used: dicts keep insertion order
         return entry
 
-    def put(self, key: str, session: StoredSession, revision: str, *, refreshed: bool = False) -> None:
+    def put(
+        self, key: str, session: StoredSession | None, revision: str | None, *, refreshed: bool = False
+    ) -> None:
+        """Remember `key` as `session` at `revision`; both None: there is no row."""
         if self.size <= 0:
             return
         self._entries.pop(key, None)

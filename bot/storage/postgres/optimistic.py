@@ -136,28 +136,36 @@ class OptimisticTransaction:
         if not self._turns.take_free(key):
             await self._wait_turn(key)
         self._held.append(key)
-        cached = self._cache.get(key)
-        if cached is not None:
-            # No round trip: the statement at the end checks the version, as it would after a read. A
-            # redelivery is not told apart here but by its claim there (a conflict, then the lock).
-            # (Remembered wins over read ahead: another update of this process may have written it since.)
-            self._rows[key] = _Row(cached.session, cached.revision, cached)
-            return cached.session
         ahead = self._ahead.pop(key, None)
         if ahead is not None and not self._cache.written_since(key, ahead[1]):
-            row = ahead[0]
+            row = ahead[0]  # read ahead by this update, and no update of this process wrote it since
         else:
-            # (Read ahead before this update had its turn, and another update of this process wrote it
-            # since: the row is stale, and the statement would refuse it. Read it again.)
+            # (Read ahead, then written by another update of this process: the row is stale, and the
+            # statement would refuse it. What this process remembers of that write is current.)
+            cached = self._cache.get(key)
+            if cached is not None:
+                # No round trip: the statement at the end checks the version, as it would after a read. A
+                # redelivery is not told apart here but by its claim there (a conflict, then the lock).
+                self._rows[key] = _Row(cached.session, cached.revision, cached)
+                return cached.session
             row = await self._fetch(key)
         if row["moved_to"] is not None and not row["expired"]:
             raise self._give_up(f"session {key!r} moved: following it takes the locking transaction")
+        session = self._kept(key, row)
+        self._rows[key] = _Row(session, row["revision"])
+        return session
+
+    def _kept(self, key: str, row: asyncpg.Record) -> StoredSession | None:
+        """The session in a row read (None: none), remembered for the next updates when it can be: one
+        without an expiry, or no row at all (a new key, or a lazy session that stays at its initial
+        value, which is never written: else each of its updates would read it again)."""
         session = None
         if row["data"] is not None and not row["expired"]:
             session = StoredSession(row["data"], row["version"])
-            if row["lasting"]:
-                self._cache.put(key, session, row["revision"])
-        self._rows[key] = _Row(session, row["revision"])
+        if row["revision"] is None:
+            self._cache.put(key, None, None)
+        elif session is not None and row["lasting"]:
+            self._cache.put(key, session, row["revision"])
         return session
 
     async def _fetch(self, key: str) -> asyncpg.Record:
@@ -185,8 +193,21 @@ class OptimisticTransaction:
         self._asked_applied = self._claim is not None
         if found[0]["done"]:  # (the outer join answers every key; `done` is the same in each answer)
             raise self._give_up("a redelivered update: the locking transaction tells it apart")
+        turns = self._turns
         for row in found:
-            self._ahead[row["key"]] = (row, clock)
+            other = row["key"]
+            self._ahead[other] = (row, clock)
+            if (
+                other != key
+                and not turns.busy(other)
+                and not cache.written_since(other, clock)
+                and cache.get(other) is None
+            ):
+                # Remembered too, as a row read is, for the updates after this one, which would read it
+                # again otherwise (a session of this sender that this update does not use). Not while
+                # another update of this process has the key's turn (it may be writing it), nor over
+                # what was remembered during the round trip (it may be newer).
+                self._kept(other, row)
         return self._ahead.pop(key)[0]
 
     async def write(self, key: str, session: StoredSession, ttl: float | None = None) -> None:
