@@ -61,7 +61,8 @@ class OptimisticTransaction:
     value at hand: nothing checks or writes it until read() asks for it, which then takes the key's turn
     and answers it (unless the cache has the key by then: an update of this process may have written it
     since), and from then on it is checked like a row read then. A lazy session never asked for is never
-    checked, whoever writes it meanwhile.
+    checked, whoever writes it meanwhile. What was read is remembered for later updates (`_kept`), a row
+    read ahead too, and so is a key with no row: its next update checks that there is still none.
 
     Updates of one key take turns in this process (`Turns`), from the read to the end of the statement,
     so only another process can change a row under an attempt. Only the first key's turn is waited for.
