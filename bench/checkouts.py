@@ -1,5 +1,5 @@
 """What bench/cpu_per_update.py and bench/instructions.py share: a bot process of a given checkout, with
-given settings, on a new database of its own, migrated by that checkout's code.
+given settings, on a new database of its own (bench/databases.py), migrated by that checkout's code.
 
 A spec is `DIR` or `DIR+NAME=VALUE+…`: the checkout's root (its code first on PYTHONPATH, with its
 bench/apps, so `+APP=two_sessions:build_bot` serves the two-session bot) and settings over `base`. The
@@ -11,14 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import uuid
 from pathlib import Path
 
-import asyncpg
-
-from bot.embedded import EmbeddedPostgres
-
-__all__ = ["checkout_env", "migrate", "new_database", "resolved"]
+__all__ = ["checkout_env", "migrate", "resolved"]
 
 
 def resolved(spec: str) -> str:
@@ -33,17 +28,6 @@ def checkout_env(spec: str, base: dict[str, str]) -> dict[str, str]:
     env = {**base, "PYTHONPATH": os.pathsep.join([tree, str(Path(tree) / "bench" / "apps")])}
     env.update(setting.split("=", 1) for setting in settings)
     return env
-
-
-async def new_database(pg: EmbeddedPostgres, prefix: str) -> str:
-    """A new, empty database on `pg`: its DSN."""
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(pg.dsn("postgres"))
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    return pg.dsn(name)
 
 
 async def migrate(env: dict[str, str]) -> None:

@@ -9,7 +9,7 @@ process itself spends per update move far less, so a change to the request path 
 Each round starts a fresh `python -m bot serve` from each checkout (run from a directory without a `bot`
 package, so PYTHONPATH decides which code runs, with the checkout's bench/apps: `APP=two_sessions:build_bot`
 serves the benchmark's two-session bot) on its own fresh database, and delivers 6,000 updates over 600
-chats, half with 🍕, each chat with two senders of its own (bench/run.py's `sender`), in workload A's
+chats, half with 🍕, each chat with two senders of its own (bench/workloads.py's `sender`), in workload A's
 shape (shuffled, 32 in flight) or T's (`-w T`: each chat's in order, one at a time, 40 in flight).
 Loopback only, fixed counts. The bot runs with the test kit's settings (`LOG_LEVEL=WARNING`) and
 `DB_POOL_MAX=16`; `DIR+NAME=VALUE+…` sets more.
@@ -25,7 +25,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from checkouts import checkout_env, migrate, new_database, resolved
+from checkouts import checkout_env, migrate, resolved
+from databases import create_database
+from workloads import sender
 
 from bot.apps.pizza_testing import PIZZA
 from bot.embedded import EmbeddedPostgres
@@ -38,7 +40,6 @@ from bot.types import Update
 
 UPDATES = 6000
 CHATS = 600
-SENDERS = 2  # as bench/run.py's: two-session updates that no other chat's touch
 
 
 def cpu_seconds(pid: int) -> float:
@@ -53,7 +54,7 @@ def make_updates(workload: str) -> list[Update]:
             chat * (UPDATES // CHATS) + n + 1,
             -100_000 - chat,
             PIZZA if rng.random() < 0.5 else "hi",
-            from_id=2_000_000 + chat * SENDERS + n % SENDERS,
+            from_id=sender(chat, n),
         )
         for chat in range(CHATS)
         for n in range(UPDATES // CHATS)
@@ -65,7 +66,7 @@ def make_updates(workload: str) -> list[Update]:
 
 async def one_round(spec: str, workload: str, pg: EmbeddedPostgres, api_root: str, logs: Path) -> float:
     """Microseconds of bot CPU per update, serving the code in `spec`'s checkout with its settings."""
-    dsn = await new_database(pg, "cpu")
+    dsn = await create_database(pg.dsn("postgres"), "cpu")
     env = checkout_env(spec, {**bot_env(dsn, api_root), "DB_POOL_MAX": "16", "LOG_LEVEL": "WARNING"})
     await migrate(env)
     updates = make_updates(workload)

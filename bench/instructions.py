@@ -31,7 +31,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from checkouts import checkout_env, migrate, new_database, resolved
+from checkouts import checkout_env, migrate, resolved
+from databases import create_database
+from workloads import sender
 
 from bot.apps.pizza_testing import PIZZA
 from bot.embedded import EmbeddedPostgres
@@ -44,7 +46,6 @@ from bot.types import Update
 
 FEW, MANY = 300, 1300
 CHATS = 300
-SENDERS = 2  # T's: each chat's own two (bench/run.py's `sender`)
 
 
 def make_updates(count: int, workload: str) -> list[Update]:
@@ -56,7 +57,7 @@ def make_updates(count: int, workload: str) -> list[Update]:
                 n + 1,
                 -100_000 - n // 10,
                 f"{PIZZA} please" if rng.random() < 0.5 else "hi all",
-                from_id=2_000_000 + n // 10 * SENDERS + n % SENDERS,
+                from_id=sender(n // 10, n % 10),  # T's: each chat's own two
             )
             for n in range(count)
         ]
@@ -71,7 +72,7 @@ async def instructions(
 ) -> int:
     """Instructions of a bot process serving the code in `spec`'s checkout, with its settings, that was
     delivered `updates`."""
-    dsn = await new_database(pg, "ir")
+    dsn = await create_database(pg.dsn("postgres"), "ir")
     env = checkout_env(
         spec,
         {

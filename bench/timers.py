@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 import asyncpg
-from run import cpu_seconds, fresh_database, postgres_server  # bench/run.py: this script runs from bench/ too
+from databases import fresh_database, postgres_server  # bench/ modules: this script runs from bench/ too
+from process_tree import cpu_seconds
 
 from bot.testing.delivery import LoopbackHttp, deliver
 from bot.testing.env import SECRET, USERNAME, bot_env
