@@ -573,3 +573,50 @@ async def test_a_stale_memory_of_both_sessions_is_a_stale_read(database_url: str
     finally:
         await storage.close()
         await other.close()
+
+
+async def test_a_row_read_ahead_while_a_locking_update_of_this_process_commits_it_is_not_remembered_stale(
+    database_url: str,
+) -> None:
+    """A locking update of this process writes the user's session (count 10); its commit is in flight
+    (held here by a lock on another row it writes, as a slow round trip would) when an optimistic
+    update of the chat ("c") reads the user's row ahead: it sees the row as it was before that commit
+    (none). The locking transaction told the cache it wrote the key before committing, so the read
+    ahead is not "older than a write of this process" by the clock, and no turn is held: that stale
+    "no row" must not be remembered, else the user's next update runs twice (StaleRead)."""
+    storage = await PostgresStorage.connect(database_url, min_size=1, max_size=3)
+    blocker = await asyncpg.connect(database_url)
+    watcher = await asyncpg.connect(database_url)
+    try:
+        runs: list[int] = []
+        run = Pipeline(two_session_bot(runs), storage, ME, Metrics(), optimistic=True)
+        await blocker.execute("INSERT INTO sessions (key, data, version) VALUES ('held', '{}', 1)")
+        held = blocker.transaction()
+        await held.start()
+        await blocker.execute("SELECT FROM sessions WHERE key = 'held' FOR UPDATE")
+
+        async def locking_update() -> None:
+            async with storage.transaction() as tx:
+                await tx.read(USER_KEY)
+                await tx.write(USER_KEY, StoredSession('{"count": 10}'))
+                await tx.write("held", StoredSession("{}"))
+
+        committing = asyncio.create_task(locking_update())
+        for _ in range(1000):  # until the commit waits for the lock (10 s at most)
+            if await watcher.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted"):
+                break
+            await asyncio.sleep(0.01)
+        assert not committing.done()
+        assert (await run.process(plus(1, says="c"))).status is Status.APPLIED  # reads the user's ahead
+        await held.rollback()
+        await committing
+        assert await count_of(storage, USER_KEY) == 10
+        remembered = storage.cache.get(USER_KEY)
+        assert remembered is None or remembered.session is not None, remembered  # not "no row"
+        assert (await run.process(plus(2))).status is Status.APPLIED
+        assert runs == [1, 2]
+        assert (await count_of(storage, CHAT_KEY), await count_of(storage, USER_KEY)) == (2, 11)
+    finally:
+        await watcher.close()
+        await blocker.close()
+        await storage.close()
