@@ -93,6 +93,9 @@ class PostgresTransaction:
         # Rows this transaction inserted only to have something to lock; removed before commit unless
         # written, so "no session" stays "no row".
         self._placeholders: set[str] = set()
+        # Keys written (or moved): told to the cache again once the commit is over, since an optimistic
+        # read during the commit's round trip may have seen (and remembered) the row before it.
+        self._written: set[str] = set()
         # Timers to schedule or cancel, riding with the writes: by (bot, key, name), the last change
         # only, since one statement's parts do not see each other's rows.
         self._timers: dict[tuple[int, str, str], TimerChange] = {}
@@ -113,6 +116,7 @@ class PostgresTransaction:
         statements = []
         for key, write in self._writes.items():
             self._wrote(key)
+            self._written.add(key)
             if write is None:
                 statements.append(f"DELETE FROM sessions WHERE key = {value(key)}")
             else:
@@ -220,6 +224,7 @@ class PostgresTransaction:
         await self._flush()  # a move is rare (a group's upgrade): its own round trip, after the writes
         self._writes.pop(key, None)
         self._wrote(key)
+        self._written.add(key)
         conn = await self._connection()
         with unavailable_on_failure(f"move session {key!r}"):
             # A forward is a data-less row that expires: the prune of expired sessions removes it.
@@ -329,6 +334,9 @@ class PostgresTransaction:
             elif self._begun and self._conn is not None:
                 await self._conn.execute("ROLLBACK")
         finally:
+            for key in self._written:
+                self._wrote(key)
+            self._written.clear()
             held, self._conn = self._conn, None
             if held is not None:
                 await self._connections.give_back(held)
