@@ -620,3 +620,46 @@ async def test_a_row_read_ahead_while_a_locking_update_of_this_process_commits_i
         await watcher.close()
         await blocker.close()
         await storage.close()
+
+
+async def test_a_row_read_ahead_is_not_used_over_a_newer_one_this_process_remembers(
+    database_url: str,
+) -> None:
+    """Update 1 (chat 7) reads the user's row ahead (count 3) and pauses before using it; another process
+    sets the user's count to 10; update 2 (chat 8, same user) only reads the user's session, finds what
+    this process remembered stale, and runs again from the row that came back (10), writing nothing of
+    the user's. Update 1 must then answer the newer row this process remembers, not its older row read
+    ahead: that would be a conflict, a second run with locks, and the user's key contended for a while."""
+    storage = await PostgresStorage.connect(database_url, min_size=2, max_size=2)
+    other = await PostgresStorage.connect(database_url)
+    try:
+        await write_count(other, USER_KEY, 3)
+        runs: list[int] = []
+        paused, go = asyncio.Event(), asyncio.Event()
+
+        async def until_update_2_is_applied() -> None:
+            if not paused.is_set():
+                paused.set()
+                await go.wait()
+
+        run = Pipeline(
+            two_session_bot(runs, before_me=until_update_2_is_applied),
+            storage,
+            ME,
+            Metrics(),
+            optimistic=True,
+        )
+        first = asyncio.create_task(run.process(plus(1)))
+        await paused.wait()
+        await write_count(other, USER_KEY, 10)
+        second = text_update(2, chat_id=8, text="?", from_id=USER)
+        assert (await run.process(second)).status is Status.APPLIED
+        go.set()
+        assert (await first).status is Status.APPLIED
+        assert runs.count(1) == 1, runs
+        assert not storage.contended(USER_KEY)
+        counts = [await count_of(storage, key) for key in (CHAT_KEY, "8", USER_KEY)]
+        assert counts == [1, 1, 11]
+    finally:
+        await other.close()
+        await storage.close()
