@@ -138,12 +138,18 @@ class OptimisticTransaction:
             await self._wait_turn(key)
         self._held.append(key)
         ahead = self._ahead.pop(key, None)
-        if ahead is not None and not self._cache.written_since(key, ahead[1]):
-            row = ahead[0]  # read ahead by this update, and no update of this process wrote it since
+        cached = self._cache.get(key)
+        if (
+            ahead is not None
+            and not self._cache.written_since(key, ahead[1])
+            and (cached is None or cached.revision == ahead[0]["revision"])
+        ):
+            # Read ahead by this update, no update of this process wrote it since, and nothing else was
+            # remembered of it since (another update's refresh, or its newer read).
+            row = ahead[0]
         else:
-            # (Read ahead, then written by another update of this process: the row is stale, and the
-            # statement would refuse it. What this process remembers of that write is current.)
-            cached = self._cache.get(key)
+            # (Read ahead, then written by another update of this process, or remembered anew: the row
+            # is stale, and the statement would refuse it. What this process remembers is current.)
             if cached is not None:
                 # No round trip: the statement at the end checks the version, as it would after a read. A
                 # redelivery is not told apart here but by its claim there (a conflict, then the lock).
