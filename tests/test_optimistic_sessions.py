@@ -43,9 +43,10 @@ def two_session_bot(
     me_ttl: float | None = None,
 ) -> Bot[Count]:
     """A chat session, and a lazy per-user one loaded by the handler (examples/todo.py's shape); "c"
-    counts in the chat's only, and "?" too, after reading the user's (a setting, say) without changing it. `runs` gets the update id of every run of a handler; `before_me` runs
-    before the user's session is loaded, `between` after every session the handler uses is; `me_ttl` is the
-    user's session's ttl."""
+    counts in the chat's only, and "?" too, after reading the user's (a setting, say) without changing
+    it. `runs` gets the update id of every run of a handler; `before_me` runs before the user's session
+    is loaded, `between` after every session the handler uses is; `me_ttl` is the user's session's
+    ttl."""
     me = session(Count, get_session_key=user_key, prefix="user:", lazy=True, ttl=me_ttl)
     bot: Bot[Count] = Bot(session(Count), sessions={"me": me})
 

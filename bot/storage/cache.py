@@ -38,8 +38,9 @@ class SessionCache:
 
     Only sessions without an expiry are kept (an expired one must read as missing), and keys with no row
     at all: a user's lazy session that stays at its initial value is never written, and without that
-    memory each of the user's updates read it again, a round trip a bot with one session does not take. The age limit keeps
-    a remembered `xmin` far from the 2**32 transactions after which PostgreSQL could reuse it.
+    memory each of the user's updates read it again, a round trip a bot with one session does not take.
+    The age limit keeps a remembered `xmin` far from the 2**32 transactions after which PostgreSQL could
+    reuse it.
 
     It also keeps which keys this process wrote lately (`wrote`, `written_since`), whatever their
     expiry and whatever `size`: a row read before its key's turn (read ahead, for a lazy session) is

@@ -210,12 +210,14 @@ class OptimisticTransaction:
                 other != key
                 and not turns.busy(other)
                 and not cache.written_since(other, clock)
+                and other not in self._contended
                 and cache.get(other) is None
             ):
                 # Remembered too, as a row read is, for the updates after this one, which would read it
                 # again otherwise (a session of this sender that this update does not use). Not while
                 # another update of this process has the key's turn (it may be writing it), nor over
-                # what was remembered during the round trip (it may be newer).
+                # what was remembered during the round trip (it may be newer), nor for a key found
+                # contended meanwhile (its memory was just forgotten as stale).
                 self._kept(other, row)
         return self._ahead.pop(key)[0]
 
