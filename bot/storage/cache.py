@@ -8,7 +8,8 @@ A copy that went stale (another process wrote the chat, or the database went bac
 conflict, answered with the current row in the same round trip. `Turns` lets one update per session key
 at a time run in this process, so two updates of a busy chat wait for each other here instead of
 conflicting in the database. `Contended` remembers the keys whose optimistic write lost a race
-lately: their updates take the lock straight away for a while.
+lately (their updates take the lock straight away for a while), and, a second one, those whose memory
+went stale (read afresh for a while).
 """
 
 from __future__ import annotations
@@ -146,8 +147,11 @@ class Turns:
 
 
 class Contended:
-    """Keys other processes were writing lately, each for `seconds` after it was added: a hot chat would
-    otherwise run most of its updates twice (optimistically, then with the lock)."""
+    """Keys other processes were writing lately, each for `seconds` after it was added. The storage keeps
+    two: keys whose optimistic write lost a race, run with locks for a while (a hot chat would otherwise
+    run most of its updates twice, optimistically, then with the lock), and keys whose memory went stale,
+    read afresh for a while (a chat served by several processes would otherwise have its memory refused,
+    and its handlers run twice, on most updates)."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds

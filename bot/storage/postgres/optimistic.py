@@ -80,14 +80,20 @@ class OptimisticTransaction:
         cache: SessionCache,
         turns: Turns,
         contended: Contended,
+        shared: Contended,
         lock_timeout: str,
     ) -> None:
-        """`lock_timeout`: DB_LOCK_TIMEOUT as a PostgreSQL setting's value ('5000ms'), for the statement."""
+        """`contended`: keys to run with locks for now; `shared`: keys to read afresh rather than take
+        from `cache` for now. `lock_timeout`: DB_LOCK_TIMEOUT as a PostgreSQL setting's value ('5000ms'),
+        for the statement."""
         self._connections = connections
         self._lock_timeout = lock_timeout
         self._cache = cache  # what this process remembers of sessions, shared by its transactions
         self._turns = turns
         self._contended = contended
+        # Keys another process wrote since this one remembered them: read afresh for a while (their
+        # memory would be refused, and the handlers run twice, on nearly every update).
+        self._shared = shared
         self._conn: asyncpg.pool.PoolConnectionProxy | None = None
         self._claim: tuple[int, int] | None = None  # (bot, update id) to record as processed
         self._timer: tuple[int, int] | None = None  # (bot, timer id) of a fire, to delete
@@ -152,7 +158,8 @@ class OptimisticTransaction:
         else:
             # (Read ahead, then written by another update of this process, or remembered anew: the row
             # is stale, and the statement would refuse it. What this process remembers is current.)
-            if cached is not None:
+            # A key another process wrote lately is read afresh, unless a refresh was just learnt.
+            if cached is not None and (cached.refreshed or key not in self._shared):
                 # No round trip: the statement at the end checks the version, as it would after a read. A
                 # redelivery is not told apart here but by its claim there (a conflict, then the lock).
                 self._rows[key] = _Row(cached.session, cached.revision, cached)
@@ -189,7 +196,7 @@ class OptimisticTransaction:
             and k not in rows
             and k not in self._ahead
             and k not in contended
-            and cache.get(k) is None
+            and (k in self._shared or cache.get(k) is None)
         )
         conn = await self._connection()
         claim = self._claim if self._claim is not None and not self._asked_applied else None
@@ -312,6 +319,12 @@ class OptimisticTransaction:
                 cache.wrote(key, write[0], first[f"r{n}"])  # remembered as written, at its new version
             else:
                 cache.wrote(key)  # deleted, or expires: read it from the database
+        for key, row in read.items():
+            cached = row.cached
+            if cached is not None and cached.refreshed and not row.writes:
+                # A refresh this attempt used and the statement found current: an ordinary memory now,
+                # so a key read afresh for a while (`_shared`) is, rather than used again unchecked.
+                cache.put(key, cached.session, cached.revision)
         return pending_calls(rows) if calls else []
 
     def _statement(
@@ -363,12 +376,16 @@ class OptimisticTransaction:
         other processes as we speak, and taking turns on its row lock is cheaper than racing them. (An
         expired, moved or placeholder row is not remembered: it is read from the database.)"""
         changed, stale = [], True
+        # A remembered row another process wrote since is refreshed, and its key read afresh for a while
+        # (`_shared`): the next updates of a chat served by several processes read, rather than have
+        # their memory refused and run their handlers twice.
         for n, key in enumerate(keys):
             if found[f"u{n}"]:
                 continue
             changed.append(key)
             cached = self._rows[key].cached
             if cached is not None and not cached.refreshed:
+                self._shared.add(key)
                 prefix = f"k{n}_"
                 self._remember(
                     key,

@@ -71,6 +71,11 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
     # How long a session whose optimistic write lost a race is run with locks straight away: a hot chat
     # would otherwise run most of its updates twice.
     CONTENDED_FOR = 5.0
+    # How long a session another process wrote since this one remembered it is read afresh for each of
+    # its updates instead of taken from memory: a chat whose updates alternate between processes
+    # (several instances, WEB_CONCURRENCY > 1) would otherwise have its memory refused, and its handlers
+    # run twice, on nearly every update. A read costs the same round trips as that refusal did.
+    SHARED_FOR = 60.0
 
     def __init__(
         self,
@@ -99,11 +104,12 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
             f" SET LOCAL statement_timeout = '{int(statement_timeout * 1000)}ms';"
             f" SET LOCAL idle_in_transaction_session_timeout = '{int(statement_timeout * 3000)}ms'"
         )
-        # The optimistic transaction's memory of sessions, its per-key turns, and the keys it leaves to
-        # the lock for a while (bot.storage.cache).
+        # The optimistic transaction's memory of sessions, its per-key turns, the keys it leaves to the
+        # lock for a while, and those it reads afresh for a while (bot.storage.cache).
         self.cache = SessionCache(cache_size)
         self.turns = Turns()
         self.contention = Contended(self.CONTENDED_FOR)
+        self.shared = Contended(self.SHARED_FOR)
 
     @classmethod
     async def connect(
@@ -169,6 +175,7 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
                 self.cache,
                 self.turns,
                 self.contention,
+                self.shared,
                 self._lock_timeout,
             ),
             self,
