@@ -31,6 +31,7 @@ from bot.storage import (
     StorageUnavailable,
     StoredSession,
 )
+from bot.storage.cache import Contended
 from bot.storage.postgres import PostgresStorage
 from bot.storage.postgres.optimistic_sql import CLAIM, apply_text, revision
 from bot.telegram import Update
@@ -595,6 +596,53 @@ async def test_a_row_changed_between_the_snapshot_and_the_write_rolls_the_claim_
         await attempt
     await _nothing_of_update_applied(postgres, 31)
     assert await postgres.pool.fetchval("SELECT data->>'count' FROM sessions WHERE key = 'k'") == "5"
+
+
+async def test_a_refresh_used_while_this_process_wrote_it_with_locks_is_not_remembered_again(
+    database_url: str,
+) -> None:
+    """An update uses a refresh of "k" (learnt from a stale memory) without writing it, and its
+    statement waits for another row's lock. Meanwhile an update of this process writes "k" with locks,
+    which takes no turn: "k" is forgotten. The statement then applies (it checked "k" in its snapshot,
+    before that write), and the refresh it used, stale now, must not be remembered again: else the
+    next update of "k" once it is no longer shared is refused, and runs twice (StaleRead)."""
+    first = await PostgresStorage.connect(database_url)
+    second = await PostgresStorage.connect(database_url)
+    try:
+        await _write_count(second, "j", 0)
+        await _optimistic_count(first, 1, 1)  # "k" remembered as written
+        await _write_count(second, "k", 5)  # another process writes it
+        with pytest.raises(StaleRead):
+            await _optimistic_count(first, 2, 2)  # refused: "k" refreshed (5) and shared
+        refreshed = first.cache.get("k")
+        assert refreshed is not None and refreshed.refreshed
+
+        async def uses_the_refresh() -> None:
+            async with first.optimistic_transaction() as tx:
+                await tx.claim_update(1, 3)
+                assert await tx.read("k") == refreshed.session  # the refresh: no round trip
+                await tx.read("j")
+                await tx.write("j", StoredSession('{"count": 1}'))
+
+        async with second.pool.acquire() as holder:
+            locked = holder.transaction()
+            await locked.start()
+            await holder.execute("SELECT FROM sessions WHERE key = 'j' FOR UPDATE")
+            attempt = asyncio.create_task(uses_the_refresh())
+            await _until_a_statement_waits_for_a_lock(first)  # "k" checked, the claim made
+            await _write_count(first, "k", 7)  # this process, with locks: "k" forgotten
+            assert first.cache.get("k") is None
+            await locked.rollback()  # "j" unchanged: the statement applies
+        await attempt
+        assert await first.pool.fetchval("SELECT count(*) FROM processed_updates WHERE update_id = 3") == 1
+        remembered = first.cache.get("k")
+        assert remembered is None or remembered.session == StoredSession('{"count": 7}'), remembered
+        first.shared = Contended(PostgresStorage.SHARED_FOR)  # a minute later: "k" no longer shared
+        await _optimistic_count(first, 4, 8)  # no stale memory to refuse: applies at once
+        assert await first.pool.fetchval("SELECT data->>'count' FROM sessions WHERE key = 'k'") == "8"
+    finally:
+        await first.close()
+        await second.close()
 
 
 async def test_an_optimistic_update_applies_claim_write_and_replies_together(

@@ -321,9 +321,12 @@ class OptimisticTransaction:
                 cache.wrote(key)  # deleted, or expires: read it from the database
         for key, row in read.items():
             cached = row.cached
-            if cached is not None and cached.refreshed and not row.writes:
+            if cached is not None and cached.refreshed and not row.writes and cache.get(key) is cached:
                 # A refresh this attempt used and the statement found current: an ordinary memory now,
                 # so a key read afresh for a while (`_shared`) is, rather than used again unchecked.
+                # Only while it is still what the cache holds: the locking transaction takes no turn,
+                # and its write of the key during the statement (after the statement's snapshot) made
+                # the cache forget it; remembered again, that stale refresh would be refused later.
                 cache.put(key, cached.session, cached.revision)
         return pending_calls(rows) if calls else []
 
