@@ -664,3 +664,32 @@ async def test_a_row_read_ahead_is_not_used_over_a_newer_one_this_process_rememb
     finally:
         await other.close()
         await storage.close()
+
+
+async def test_two_processes_taking_turns_on_a_chat_and_its_user_read_both_in_one_round_trip(
+    logged: tuple[PostgresStorage, list[str]], url: str
+) -> None:
+    """Two processes take turns on a chat and its user, as across instances or WEB_CONCURRENCY
+    workers: both keys go stale in each process's memory on every update. After each process's first
+    refusal both are read afresh, the user's ahead with the chat's: one read and the statement, not a
+    second read of a key read ahead because the memory it differs from is stale."""
+    first, sent = logged
+    second = await PostgresStorage.connect(url, min_size=1, max_size=1)
+    try:
+        runs: list[int] = []
+        pipelines = [
+            Pipeline(two_session_bot(runs), storage, ME, Metrics(), optimistic=True)
+            for storage in (first, second)
+        ]
+        trips = []
+        for update_id in range(1, 11):
+            sent.clear()
+            assert (await pipelines[update_id % 2].process(plus(update_id))).status is Status.APPLIED
+            if update_id % 2 == 0:  # on `first`
+                trips.append(len(sent))
+        assert trips[2:] == [2, 2, 2], (trips, sent)  # (before: [3, 3, 3], the user's row read twice)
+        # Only each process's first update after the other wrote ran twice.
+        assert [pipeline.metrics.count("bot_optimistic_conflicts_total") for pipeline in pipelines] == [1, 1]
+        assert (await count_of(first, CHAT_KEY), await count_of(first, USER_KEY)) == (10, 10)
+    finally:
+        await second.close()

@@ -57,7 +57,7 @@ class OptimisticTransaction:
     Conflict before anything is written, and the locking transaction takes over.
 
     The first read that goes to the database also reads ahead every other expected row (`expect`) not
-    read, remembered or contended yet, in the same round trip. A row read ahead (`_ahead`) is only a
+    read, remembered (unless shared) or contended yet, in the same round trip. A row read ahead (`_ahead`) is only a
     value at hand: nothing checks or writes it until read() asks for it, which then takes the key's turn
     and answers it (unless an update of this process wrote it since, or the cache learnt something else
     of it: then what the cache has), and from then on it is checked like a row read then. A lazy session
@@ -100,7 +100,8 @@ class OptimisticTransaction:
         self._rows: dict[str, _Row] = {}  # by key, in the order read
         self._expected: Sequence[str] = ()  # the update's session keys (`expect`): read ahead of need
         # Rows read ahead and not asked for yet: not checked by the statement, nor written, until read().
-        self._ahead: dict[str, tuple[asyncpg.Record, int]] = {}  # with `SessionCache.clock` then
+        # With `SessionCache.clock` then, and what the cache had of the key then (a shared key's memory).
+        self._ahead: dict[str, tuple[asyncpg.Record, int, Cached | None]] = {}
         self._held: list[str] = []  # the keys whose turns this transaction holds, the first waited for
         self._asked_applied = False  # a read asked whether the claimed update was applied before
         self._done = False  # the statement was sent (or refused): nothing more goes to the database
@@ -150,10 +151,11 @@ class OptimisticTransaction:
         if (
             ahead is not None
             and not self._cache.written_since(key, ahead[1])
-            and (cached is None or cached.revision == ahead[0]["revision"])
+            and (cached is None or cached is ahead[2] or cached.revision == ahead[0]["revision"])
         ):
             # Read ahead by this update, no update of this process wrote it since, and nothing else was
-            # remembered of it since (another update's refresh, or its newer read).
+            # remembered of it since (another update's refresh, or its newer read). A shared key is read
+            # ahead over its memory: the row is newer than that, or the same.
             row = ahead[0]
         else:
             # (Read ahead, then written by another update of this process, or remembered anew: the row
@@ -186,7 +188,8 @@ class OptimisticTransaction:
 
     async def _fetch(self, key: str) -> asyncpg.Record:
         """Read the row at `key`, and in the same round trip every expected key's that is neither read nor
-        remembered yet (nor contended: that one takes the lock), kept in `_ahead` for its read()."""
+        remembered yet, or shared (`_shared`: its memory is not used), nor contended (that one takes
+        the lock), kept in `_ahead` for its read()."""
         rows, cache, contended = self._rows, self._cache, self._contended
         keys = [key]
         keys += (
@@ -198,6 +201,7 @@ class OptimisticTransaction:
             and k not in contended
             and (k in self._shared or cache.get(k) is None)
         )
+        remembered = {k: cache.get(k) for k in keys}  # (before the round trip, as `clock`)
         conn = await self._connection()
         claim = self._claim if self._claim is not None and not self._asked_applied else None
         clock = cache.clock  # (before the round trip: a write may land while it is under way)
@@ -212,7 +216,7 @@ class OptimisticTransaction:
         turns = self._turns
         for row in found:
             other = row["key"]
-            self._ahead[other] = (row, clock)
+            self._ahead[other] = (row, clock, remembered[other])
             if (
                 other != key
                 and not turns.busy(other)
