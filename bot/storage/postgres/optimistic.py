@@ -57,10 +57,11 @@ class OptimisticTransaction:
     Conflict before anything is written, and the locking transaction takes over.
 
     The first read that goes to the database also reads ahead every other expected row (`expect`) not
-    read, remembered (unless shared) or contended yet, in the same round trip. A row read ahead (`_ahead`) is only a
-    value at hand: nothing checks or writes it until read() asks for it, which then takes the key's turn
-    and answers it (unless an update of this process wrote it since, or the cache learnt something else
-    of it: then what the cache has), and from then on it is checked like a row read then. A lazy session
+    read, remembered (unless shared) or contended yet, in the same round trip. A row read ahead
+    (`_ahead`) is only a value at hand: nothing checks or writes it until read() asks for it, which then
+    takes the key's turn and answers it (unless an update of this process wrote it since, or the cache
+    learnt something else of it: then what the cache has), and from then on it is checked like a row
+    read then. A lazy session
     never asked for is never checked by this update, whoever writes it meanwhile. What was read is
     remembered for later updates (`_kept`), a row read ahead too, and so is a key with no row: its next
     update checks that there is still none (a row changed elsewhere since then costs that update a
