@@ -61,11 +61,10 @@ class OptimisticTransaction:
     (`_ahead`) is only a value at hand: nothing checks or writes it until read() asks for it, which then
     takes the key's turn and answers it (unless an update of this process wrote it since, or the cache
     learnt something else of it: then what the cache has), and from then on it is checked like a row
-    read then. A lazy session
-    never asked for is never checked by this update, whoever writes it meanwhile. What was read is
-    remembered for later updates (`_kept`), a row read ahead too, and so is a key with no row: its next
-    update checks that there is still none (a row changed elsewhere since then costs that update a
-    second run, StaleRead).
+    read then. A lazy session never asked for is never checked by this update, whoever writes it
+    meanwhile. What was read is remembered for later updates (`_kept`), a row read ahead too, and so is
+    a key with no row: its next update checks that there is still none (a row changed elsewhere since
+    then costs that update a second run, StaleRead).
 
     Updates of one key take turns in this process (`Turns`), from the read to the end of the statement,
     so only another process can change a row under an attempt. Only the first key's turn is waited for.
@@ -202,7 +201,9 @@ class OptimisticTransaction:
             and k not in contended
             and (k in self._shared or cache.get(k) is None)
         )
-        remembered = {k: cache.get(k) for k in keys}  # (before the round trip, as `clock`)
+        # What is remembered of the shared keys read ahead, before the round trip (as `clock`): the others
+        # were just found remembered as nothing, and the key asked for is answered, not kept ahead.
+        remembered = {k: cache.get(k) for k in keys[1:] if k in self._shared}
         conn = await self._connection()
         claim = self._claim if self._claim is not None and not self._asked_applied else None
         clock = cache.clock  # (before the round trip: a write may land while it is under way)
@@ -217,7 +218,7 @@ class OptimisticTransaction:
         turns = self._turns
         for row in found:
             other = row["key"]
-            self._ahead[other] = (row, clock, remembered[other])
+            self._ahead[other] = (row, clock, remembered.get(other))
             if (
                 other != key
                 and not turns.busy(other)
