@@ -5,8 +5,10 @@ runs the update again in a locking transaction. A row this process remembers (`b
 session and its version as this process last read or wrote it) is not read, and the same statement
 checks its version: one round trip in all when every session of the update is remembered. The first
 read also reads ahead the rows of the update's other sessions that are not remembered (`expect`), so
-that a new chat's and its sender's sessions cost one read: two round trips in all. It keeps no state on
-the connection between transactions, so it works the same through PgBouncer in transaction mode.
+that a new chat's and its sender's sessions cost one read: two round trips in all. Statements of
+several updates that end in the same turn of the event loop go in one round trip and one commit
+(`bot.storage.postgres.batches`). It keeps no state on the connection between transactions, so it
+works the same through PgBouncer in transaction mode.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import asyncpg
 
 from .. import Conflict, DeadLetter, OutgoingCall, PendingCall, StaleRead, StoredSession, TimerChange
 from ..cache import Cached, Contended, SessionCache, Turns
+from .batches import ALONE, Batches
+from .batches import LOCK_TIMEOUT as BATCH_LOCK_TIMEOUT
 from .connections import Connections
-from .optimistic_sql import CLAIM, NO_CLAIM, TIMER, apply_text, read_text
+from .optimistic_sql import CLAIM, NO_CLAIM, TIMER, Shape, apply_text, read_text
 from .outbox import call_parameters, pending_calls
 from .statements import unavailable_on_failure
 
@@ -82,12 +86,14 @@ class OptimisticTransaction:
         contended: Contended,
         shared: Contended,
         lock_timeout: str,
+        batches: Batches | None = None,
     ) -> None:
         """`contended`: keys to run with locks for now; `shared`: keys to read afresh rather than take
         from `cache` for now. `lock_timeout`: DB_LOCK_TIMEOUT as a PostgreSQL setting's value ('5000ms'),
         for the statement."""
         self._connections = connections
         self._lock_timeout = lock_timeout
+        self._batches = batches
         self._cache = cache  # what this process remembers of sessions, shared by its transactions
         self._turns = turns
         self._contended = contended
@@ -294,24 +300,12 @@ class OptimisticTransaction:
         written = sorted((key, n) for n, (key, row) in enumerate(read.items()) if row.writes)
         if self._claim is None and self._timer is None and not written and not calls:
             return []  # nothing to apply
-        query, values = self._statement(written, calls, bot_id, update_id, lease)
-        conn = await self._connection()
-        with unavailable_on_failure("apply the update"):
-            try:
-                rows = await conn.fetch(query, *values)
-            except (
-                asyncpg.UniqueViolationError,
-                asyncpg.DeadlockDetectedError,
-                asyncpg.DivisionByZeroError,
-            ) as exc:
-                # The update's id was claimed meanwhile (a redelivery raced us), a locking attempt of it
-                # holds what we need, or a row changed under a write: nothing of this statement was
-                # applied. Other processes are writing these chats right now: the lock is the way.
-                if not isinstance(exc, asyncpg.UniqueViolationError):
-                    for key in read:
-                        self._cache.forget(key)
-                        self._contended.add(key)
-                raise self._give_up(f"apply the update: {type(exc).__name__}") from exc
+        shape, values = self._statement(written, calls, bot_id, update_id, lease)
+        rows: Any = ALONE
+        if self._batches is not None and self._claim is not None and not calls:
+            rows = await self._batched(self._batches, apply_text(BATCH_LOCK_TIMEOUT, *shape), values)
+        if rows is ALONE:
+            rows = await self._alone(apply_text(self._lock_timeout, *shape), values)
         first = rows[0]
         if not first["applied"]:
             if all(first[f"u{n}"] for n in range(len(read))):
@@ -336,6 +330,38 @@ class OptimisticTransaction:
                 cache.put(key, cached.session, cached.revision)
         return pending_calls(rows) if calls else []
 
+    async def _batched(self, batches: Batches, query: str, values: list[Any]) -> Any:
+        """The statement sent with others of its turn of the event loop (`batches`): its answer, or
+        ALONE. Only a claiming statement with no replies is: the claim makes sending it again after a
+        batch of unknown outcome safe, and its answer is one row."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # The batch takes a connection of its own, and this one, idle since the read, could be the
+            # one it waits for.
+            await self._connections.give_back(conn)
+        row = await batches.fetch(query, values)
+        return row if row is ALONE else [row]
+
+    async def _alone(self, query: str, values: list[Any]) -> list[asyncpg.Record]:
+        """The statement sent on this transaction's connection: its answer."""
+        conn = await self._connection()
+        with unavailable_on_failure("apply the update"):
+            try:
+                return await conn.fetch(query, *values)
+            except (
+                asyncpg.UniqueViolationError,
+                asyncpg.DeadlockDetectedError,
+                asyncpg.DivisionByZeroError,
+            ) as exc:
+                # The update's id was claimed meanwhile (a redelivery raced us), a locking attempt of it
+                # holds what we need, or a row changed under a write: nothing of this statement was
+                # applied. Other processes are writing these chats right now: the lock is the way.
+                if not isinstance(exc, asyncpg.UniqueViolationError):
+                    for key in self._rows:
+                        self._cache.forget(key)
+                        self._contended.add(key)
+                raise self._give_up(f"apply the update: {type(exc).__name__}") from exc
+
     def _statement(
         self,
         written: list[tuple[str, int]],
@@ -343,10 +369,10 @@ class OptimisticTransaction:
         bot_id: int,
         update_id: int,
         lease: float,
-    ) -> tuple[str, list[Any]]:
-        """`_apply`'s statement (`apply_text`, kept per shape) and its parameters, in the order
-        optimistic_sql's docstring lists them. `written`: the rows written, in key order, each with its
-        place among the rows read."""
+    ) -> tuple[Shape, list[Any]]:
+        """`_apply`'s statement: its shape (`apply_text` keeps a text per shape) and its parameters, in
+        the order optimistic_sql's docstring lists them. `written`: the rows written, in key order,
+        each with its place among the rows read."""
         rows = self._rows
         values: list[Any] = []
         shape = []
@@ -375,7 +401,7 @@ class OptimisticTransaction:
             parameters, files = call_parameters(bot_id, update_id, lease, calls)
             kind = 2 if files else 1
             values += parameters
-        return apply_text(self._lock_timeout, claim, tuple(shape), tuple(writes), kind), values
+        return (claim, tuple(shape), tuple(writes), kind), values
 
     def _refused(self, keys: list[str], found: asyncpg.Record) -> Conflict:
         """The statement applied nothing: rows among `keys` changed since they were read or remembered.

@@ -18,9 +18,12 @@ from .outbox import queue_calls_text
 from .statements import session_columns
 from .timers import CLAIM_TIMER
 
-__all__ = ["CLAIM", "NO_CLAIM", "TIMER", "apply_text", "read_text", "revision"]
+__all__ = ["CLAIM", "NO_CLAIM", "TIMER", "Shape", "apply_text", "read_text", "revision"]
 
 NO_CLAIM, CLAIM, TIMER = 0, 1, 2  # what the statement claims: nothing, the update, a fire's timer
+
+# apply_text's arguments after the lock timeout: the claim, the rows, the writes, the replies.
+Shape = tuple[int, tuple[tuple[bool, bool], ...], tuple[tuple[int, bool], ...], int]
 
 
 def revision(table: str = "") -> str:

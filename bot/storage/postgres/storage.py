@@ -17,6 +17,7 @@ from ...metrics import Metrics
 from ...migrate import NotMigrated, check_migrated
 from .. import StorageUnavailable
 from ..cache import Contended, SessionCache, Turns
+from .batches import Batches
 from .connections import Connections
 from .locking import PostgresTransaction
 from .maintenance import PostgresMaintenance
@@ -107,6 +108,7 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
         # The optimistic transaction's memory of sessions, its per-key turns, the keys it leaves to the
         # lock for a while, and those it reads afresh for a while (bot.storage.cache).
         self.cache = SessionCache(cache_size)
+        self.batches = Batches(self.connections)
         self.turns = Turns()
         self.contention = Contended(self.CONTENDED_FOR)
         self.shared = Contended(self.SHARED_FOR)
@@ -177,6 +179,7 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
                 self.contention,
                 self.shared,
                 self._lock_timeout,
+                self.batches,
             ),
             self,
         )
