@@ -31,6 +31,13 @@ def pooled_database_url(database_url: str, pgbouncer: PgBouncer) -> str:
     return pgbouncer.pooled(database_url)
 
 
+@pytest.fixture(params=["direct", "pgbouncer"])
+def direct_or_pooled_url(request: pytest.FixtureRequest, database_url: str) -> str:
+    """The test's database, straight or through PgBouncer in transaction mode, which keeps nothing of a
+    connection's between statements."""
+    return database_url if request.param == "direct" else str(request.getfixturevalue("pooled_database_url"))
+
+
 @pytest.fixture(params=["memory", "postgres-locked", "postgres-optimistic"])
 async def storage_mode(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Storage, bool]]:
     """Each storage and, for PostgreSQL, each transaction mode (DB_CONCURRENCY): (storage, optimistic)."""

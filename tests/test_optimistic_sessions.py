@@ -80,19 +80,14 @@ def plus(update_id: int, user: int = USER, says: str = "+") -> Any:
     return text_update(update_id, chat_id=CHAT, text=says, from_id=user)
 
 
-@pytest.fixture(params=["direct", "pgbouncer"])
-def url(request: pytest.FixtureRequest, database_url: str) -> str:
-    """The test's database, straight or through PgBouncer in transaction mode, which keeps nothing of a
-    connection's between statements."""
-    return database_url if request.param == "direct" else str(request.getfixturevalue("pooled_database_url"))
-
-
 @pytest.fixture
-async def logged_with_args(url: str) -> AsyncIterator[tuple[PostgresStorage, list[str], list[Any]]]:
+async def logged_with_args(
+    direct_or_pooled_url: str,
+) -> AsyncIterator[tuple[PostgresStorage, list[str], list[Any]]]:
     """A storage on one connection, every statement sent on it (each a round trip), and their arguments."""
     sent: list[str] = []
     args: list[Any] = []
-    storage = await PostgresStorage.connect(url, min_size=1, max_size=1)
+    storage = await PostgresStorage.connect(direct_or_pooled_url, min_size=1, max_size=1)
     async with storage.pool.acquire() as conn:  # the only connection: it stays logged
         conn.add_query_logger(lambda q: (sent.append(q.query), args.append(q.args)))
     try:
@@ -382,7 +377,7 @@ async def test_a_session_read_ahead_that_expired_reads_as_missing_when_used(
     ids=["remembered", "with-a-ttl", "cache-off"],
 )
 async def test_a_session_read_ahead_then_written_by_this_process_is_not_a_conflict(
-    url: str, me_ttl: float | None, cache_size: int, read_again: bool
+    direct_or_pooled_url: str, me_ttl: float | None, cache_size: int, read_again: bool
 ) -> None:
     """Update 1 (chat 7) reads the user's row ahead with the chat's (no row: remembered as none, unless
     SESSION_CACHE=0); update 2 (chat 8, same user) writes the user's session in this process before
@@ -390,7 +385,9 @@ async def test_a_session_read_ahead_then_written_by_this_process_is_not_a_confli
     or, when it keeps none (a session with a ttl, or SESSION_CACHE=0), reads the row again: never the
     older row read ahead, which would be a conflict, a second run and the key run with locks for a
     while. Each update applied once, the user's count 2."""
-    storage = await PostgresStorage.connect(url, min_size=2, max_size=2, cache_size=cache_size)
+    storage = await PostgresStorage.connect(
+        direct_or_pooled_url, min_size=2, max_size=2, cache_size=cache_size
+    )
     try:
         reads: list[Any] = []
         connections = [await storage.pool.acquire() for _ in range(2)]
@@ -667,14 +664,14 @@ async def test_a_row_read_ahead_is_not_used_over_a_newer_one_this_process_rememb
 
 
 async def test_two_processes_taking_turns_on_a_chat_and_its_user_read_both_in_one_round_trip(
-    logged: tuple[PostgresStorage, list[str]], url: str
+    logged: tuple[PostgresStorage, list[str]], direct_or_pooled_url: str
 ) -> None:
     """Two processes take turns on a chat and its user, as across instances or WEB_CONCURRENCY
     workers: both keys go stale in each process's memory on every update. After each process's first
     refusal both are read afresh, the user's ahead with the chat's: one read and the statement, not a
     second read of a key read ahead because the memory it differs from is stale."""
     first, sent = logged
-    second = await PostgresStorage.connect(url, min_size=1, max_size=1)
+    second = await PostgresStorage.connect(direct_or_pooled_url, min_size=1, max_size=1)
     try:
         runs: list[int] = []
         pipelines = [

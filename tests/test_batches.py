@@ -1,0 +1,157 @@
+"""Optimistic statements of updates that end together, sent in one round trip and one commit
+(bot/storage/postgres/batches.py): all of them apply, and one update's failure in the batch costs the
+others nothing but a round trip."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+
+from bot.context import BotIdentity, Context
+from bot.dispatch import Bot
+from bot.filters import text
+from bot.metrics import Metrics
+from bot.pipeline import Pipeline, Status
+from bot.session import session
+from bot.storage.postgres import PostgresStorage
+from bot.testing.updates import text_update
+
+pytestmark = pytest.mark.anyio
+
+ME = BotIdentity(1, "pizza_bot")
+CHATS = range(1, 9)
+
+
+@dataclass
+class Tally:
+    count: int = 0
+    note: str = ""
+
+
+def tally_bot() -> Bot[Tally]:
+    """ "+" counts in the chat's session, "look" only reads it; "poison" stores a text the database
+    refuses (jsonb has no NUL)."""
+    bot: Bot[Tally] = Bot(session(Tally))
+
+    @bot.message(text(equals="+"))
+    async def plus(ctx: Context[Tally]) -> None:
+        ctx.session.count += 1
+
+    @bot.message(text(equals="look"))
+    async def look(ctx: Context[Tally]) -> None:
+        assert ctx.session.count >= 0
+
+    @bot.message(text(equals="poison"))
+    async def poison(ctx: Context[Tally]) -> None:
+        ctx.session.note = "\x00"
+
+    return bot
+
+
+@pytest.fixture
+async def storage(direct_or_pooled_url: str) -> AsyncIterator[PostgresStorage]:
+    storage = await PostgresStorage.connect(direct_or_pooled_url, min_size=2, max_size=4)
+    try:
+        yield storage
+    finally:
+        await storage.close()
+
+
+@pytest.fixture
+async def run(storage: PostgresStorage) -> Pipeline[Tally]:
+    """The bot, with every chat's session written once, one update after another (each alone): the
+    pipeline remembers them, so each next update is the one statement, with no read before it."""
+    run = Pipeline(tally_bot(), storage, ME, Metrics(), optimistic=True)
+    for chat in CHATS:
+        assert (await run.process(text_update(chat, chat, "+"))).status is Status.APPLIED
+    return run
+
+
+async def counts(storage: PostgresStorage) -> dict[int, int]:
+    rows = await storage.pool.fetch("SELECT key, (data->>'count')::int AS count FROM sessions")
+    return {int(row["key"]): row["count"] for row in rows}
+
+
+async def transactions_of(storage: PostgresStorage, update_ids: list[int]) -> int:
+    """How many transactions claimed these updates (their rows in processed_updates, by xmin)."""
+    return int(
+        await storage.pool.fetchval(
+            "SELECT count(DISTINCT xmin::text) FROM processed_updates WHERE update_id = ANY($1::bigint[])",
+            update_ids,
+        )
+    )
+
+
+async def test_updates_of_chats_that_end_together_apply_in_one_transaction(
+    storage: PostgresStorage, run: Pipeline[Tally]
+) -> None:
+    """Eight chats' updates at once: eight statements, one commit, every count exact."""
+    ids = [100 + chat for chat in CHATS]
+    outcomes = await asyncio.gather(*(run.process(text_update(i, chat, "+")) for i, chat in zip(ids, CHATS)))
+    assert [o.status for o in outcomes] == [Status.APPLIED] * len(ids)
+    assert await transactions_of(storage, ids) == 1
+    assert await counts(storage) == {chat: 2 for chat in CHATS}
+    assert run.metrics.count("bot_optimistic_conflicts_total") == 0
+
+
+async def test_an_update_another_process_applied_fails_its_batch_alone(
+    storage: PostgresStorage, run: Pipeline[Tally], database_url: str
+) -> None:
+    """Eight chats' "look" (each claims its update and writes nothing) at once; chat 1's was applied
+    by another process already, which this one cannot know: its claim fails the batch, which applied
+    nothing. Each statement is sent again on its own: chat 1's found a redelivery, the others applied."""
+    ids = [100 + chat for chat in CHATS]
+    other = await PostgresStorage.connect(database_url)
+    try:
+        elsewhere = Pipeline(tally_bot(), other, ME, Metrics(), optimistic=True)
+        assert (await elsewhere.process(text_update(ids[0], 1, "look"))).status is Status.APPLIED
+    finally:
+        await other.close()
+    outcomes = await asyncio.gather(
+        *(run.process(text_update(i, chat, "look")) for i, chat in zip(ids, CHATS))
+    )
+    assert [o.status for o in outcomes] == [Status.DUPLICATE] + [Status.APPLIED] * (len(ids) - 1)
+    assert await storage.pool.fetchval("SELECT count(*) FROM processed_updates WHERE update_id >= 100") == 8
+    assert await counts(storage) == {chat: 1 for chat in CHATS}
+
+
+async def test_a_value_the_database_refuses_is_a_dead_letter_and_its_batch_applies(
+    storage: PostgresStorage, run: Pipeline[Tally]
+) -> None:
+    """Chat 1 stores a text jsonb refuses: its update alone becomes a dead letter; the other chats'
+    updates of its batch apply once."""
+    ids = [100 + chat for chat in CHATS]
+    says = ["poison"] + ["+"] * (len(ids) - 1)
+    outcomes = await asyncio.gather(
+        *(run.process(text_update(i, chat, word)) for i, chat, word in zip(ids, CHATS, says))
+    )
+    assert [o.status for o in outcomes] == [Status.DEAD_LETTER] + [Status.APPLIED] * (len(ids) - 1)
+    assert await counts(storage) == {1: 1} | {chat: 2 for chat in CHATS[1:]}
+
+
+async def test_a_row_locked_elsewhere_holds_up_only_its_own_update(
+    storage: PostgresStorage, run: Pipeline[Tally], database_url: str
+) -> None:
+    """Chat 1's row is locked by another transaction (a locking update of another process, with a slow
+    handler) for longer than the batch waits for a lock: the other chats' updates of its batch apply
+    meanwhile; chat 1's, sent alone, waits for the lock as it would have without the batch, and applies
+    once it is free."""
+    holder = await asyncpg.connect(database_url)
+    try:
+        locked = holder.transaction()
+        await locked.start()
+        await holder.execute("SELECT FROM sessions WHERE key = '1' FOR UPDATE")
+        ids = [100 + chat for chat in CHATS]
+        tasks = [asyncio.ensure_future(run.process(text_update(i, chat, "+"))) for i, chat in zip(ids, CHATS)]
+        done, _ = await asyncio.wait(tasks[1:], timeout=3)
+        assert len(done) == len(ids) - 1 and not tasks[0].done()
+        await locked.commit()
+        assert (await tasks[0]).status is Status.APPLIED
+    finally:
+        await holder.close()
+    assert [task.result().status for task in tasks[1:]] == [Status.APPLIED] * (len(ids) - 1)
+    assert await counts(storage) == {chat: 2 for chat in CHATS}
