@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import pytest
@@ -71,6 +72,11 @@ async def run(storage: PostgresStorage) -> Pipeline[Tally]:
     return run
 
 
+def to_each_chat(*says: str) -> list[Any]:
+    """An update for each chat (its id 100 + the chat's), saying `says[n]` in the n-th chat."""
+    return [text_update(100 + chat, chat, word) for chat, word in zip(CHATS, says, strict=True)]
+
+
 async def counts(storage: PostgresStorage) -> dict[int, int]:
     rows = await storage.pool.fetch("SELECT key, (data->>'count')::int AS count FROM sessions")
     return {int(row["key"]): row["count"] for row in rows}
@@ -90,10 +96,9 @@ async def test_updates_of_chats_that_end_together_apply_in_one_transaction(
     storage: PostgresStorage, run: Pipeline[Tally]
 ) -> None:
     """Eight chats' updates at once: eight statements, one commit, every count exact."""
-    ids = [100 + chat for chat in CHATS]
-    outcomes = await asyncio.gather(*(run.process(text_update(i, chat, "+")) for i, chat in zip(ids, CHATS)))
-    assert [o.status for o in outcomes] == [Status.APPLIED] * len(ids)
-    assert await transactions_of(storage, ids) == 1
+    outcomes = await asyncio.gather(*map(run.process, to_each_chat(*"+" * len(CHATS))))
+    assert [o.status for o in outcomes] == [Status.APPLIED] * len(CHATS)
+    assert await transactions_of(storage, [100 + chat for chat in CHATS]) == 1
     assert await counts(storage) == {chat: 2 for chat in CHATS}
     assert run.metrics.count("bot_optimistic_conflicts_total") == 0
 
@@ -104,17 +109,15 @@ async def test_an_update_another_process_applied_fails_its_batch_alone(
     """Eight chats' "look" (each claims its update and writes nothing) at once; chat 1's was applied
     by another process already, which this one cannot know: its claim fails the batch, which applied
     nothing. Each statement is sent again on its own: chat 1's found a redelivery, the others applied."""
-    ids = [100 + chat for chat in CHATS]
+    updates = to_each_chat(*["look"] * len(CHATS))
     other = await PostgresStorage.connect(database_url)
     try:
         elsewhere = Pipeline(tally_bot(), other, ME, Metrics(), optimistic=True)
-        assert (await elsewhere.process(text_update(ids[0], 1, "look"))).status is Status.APPLIED
+        assert (await elsewhere.process(updates[0])).status is Status.APPLIED
     finally:
         await other.close()
-    outcomes = await asyncio.gather(
-        *(run.process(text_update(i, chat, "look")) for i, chat in zip(ids, CHATS))
-    )
-    assert [o.status for o in outcomes] == [Status.DUPLICATE] + [Status.APPLIED] * (len(ids) - 1)
+    outcomes = await asyncio.gather(*map(run.process, updates))
+    assert [o.status for o in outcomes] == [Status.DUPLICATE] + [Status.APPLIED] * (len(CHATS) - 1)
     assert await storage.pool.fetchval("SELECT count(*) FROM processed_updates WHERE update_id >= 100") == 8
     assert await counts(storage) == {chat: 1 for chat in CHATS}
 
@@ -124,12 +127,8 @@ async def test_a_value_the_database_refuses_is_a_dead_letter_and_its_batch_appli
 ) -> None:
     """Chat 1 stores a text jsonb refuses: its update alone becomes a dead letter; the other chats'
     updates of its batch apply once."""
-    ids = [100 + chat for chat in CHATS]
-    says = ["poison"] + ["+"] * (len(ids) - 1)
-    outcomes = await asyncio.gather(
-        *(run.process(text_update(i, chat, word)) for i, chat, word in zip(ids, CHATS, says))
-    )
-    assert [o.status for o in outcomes] == [Status.DEAD_LETTER] + [Status.APPLIED] * (len(ids) - 1)
+    outcomes = await asyncio.gather(*map(run.process, to_each_chat("poison", *"+" * (len(CHATS) - 1))))
+    assert [o.status for o in outcomes] == [Status.DEAD_LETTER] + [Status.APPLIED] * (len(CHATS) - 1)
     assert await counts(storage) == {1: 1} | {chat: 2 for chat in CHATS[1:]}
 
 
@@ -145,13 +144,12 @@ async def test_a_row_locked_elsewhere_holds_up_only_its_own_update(
         locked = holder.transaction()
         await locked.start()
         await holder.execute("SELECT FROM sessions WHERE key = '1' FOR UPDATE")
-        ids = [100 + chat for chat in CHATS]
-        tasks = [asyncio.ensure_future(run.process(text_update(i, chat, "+"))) for i, chat in zip(ids, CHATS)]
+        tasks = [asyncio.ensure_future(run.process(u)) for u in to_each_chat(*"+" * len(CHATS))]
         done, _ = await asyncio.wait(tasks[1:], timeout=3)
-        assert len(done) == len(ids) - 1 and not tasks[0].done()
+        assert len(done) == len(CHATS) - 1 and not tasks[0].done()
         await locked.commit()
         assert (await tasks[0]).status is Status.APPLIED
     finally:
         await holder.close()
-    assert [task.result().status for task in tasks[1:]] == [Status.APPLIED] * (len(ids) - 1)
+    assert [task.result().status for task in tasks[1:]] == [Status.APPLIED] * (len(CHATS) - 1)
     assert await counts(storage) == {chat: 2 for chat in CHATS}

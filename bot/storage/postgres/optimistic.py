@@ -381,7 +381,7 @@ class OptimisticTransaction:
             there = row.revision is not None
             if there:
                 values.append(row.revision)
-            shape.append((there, row.cached is not None))
+            shape.append(there)
         claim = NO_CLAIM
         if self._claim is not None:
             claim = CLAIM

@@ -23,7 +23,7 @@ __all__ = ["CLAIM", "NO_CLAIM", "TIMER", "Shape", "apply_text", "read_text", "re
 NO_CLAIM, CLAIM, TIMER = 0, 1, 2  # what the statement claims: nothing, the update, a fire's timer
 
 # apply_text's arguments after the lock timeout: the claim, the rows, the writes, the replies.
-Shape = tuple[int, tuple[tuple[bool, bool], ...], tuple[tuple[int, bool], ...], int]
+Shape = tuple[int, tuple[bool, ...], tuple[tuple[int, bool], ...], int]
 
 
 def revision(table: str = "") -> str:
@@ -91,17 +91,22 @@ def _write(key: str, version: str | None, params: tuple[str, str, str] | None, a
 def apply_text(
     lock_timeout: str,
     claim: int,
-    rows: tuple[tuple[bool, bool], ...],
+    rows: tuple[bool, ...],
     written: tuple[tuple[int, bool], ...],
     calls: int,
 ) -> str:
     """The statement that applies an optimistic update (see OptimisticTransaction._apply). `rows`: for
-    each row in the order read, (whether it was there, whether it was remembered rather than read);
+    each row in the order read, whether it was there;
     `written`: for each row written, in key order, (its index in `rows`, whether it is deleted); `calls`:
     0 without replies, 1 with, 2 with replies that carry files. `claim`: NO_CLAIM, CLAIM or TIMER.
 
     Its answer: `applied`; `u<n>`, whether row n is unchanged; `r<n>`, the new version of the n-th row
-    written; `k<n>_…`, row n as it is now, when it was remembered; and one row per call queued."""
+    written; `k<n>_…`, row n as it is now, when it changed; and one row per call queued.
+
+    Whether a row was remembered or read is not part of the text, though only a remembered row's
+    `k<n>_…` are used (a fresh read that changed is contended): one text for both, so that updates just
+    after a read share a batch with those of remembered chats (`batches.py` sends one text at a time).
+    The part costs nothing to a statement that applies."""
     count = 0
 
     def param() -> str:
@@ -111,7 +116,7 @@ def apply_text(
 
     # The parameters' numbers, in the module docstring's order.
     key_arg, version = [], {}
-    for n, (there, _) in enumerate(rows):
+    for n, there in enumerate(rows):
         key_arg.append(param())
         if there:
             version[n] = f"{revision()} = {param()}"
@@ -172,21 +177,19 @@ def apply_text(
         columns.append(
             f"CASE WHEN EXISTS (SELECT FROM c) THEN 1 / (SELECT count(*)::int FROM w{len(written) - 1}) END AS torn"
         )
-    for n, (_, cached) in enumerate(rows):
-        if cached:
-            # Read in the statement's snapshot, before its own writes: the row as it is now, only when it
-            # changed since remembered (`NOT v.u<n>`). OFFSET 0 keeps the planner from pulling the
-            # subquery up into a join filter, so that the condition gates it as a one-time filter: an
-            # update that applies reads no row here and turns no jsonb into text (EXPLAIN: "never
-            # executed").
-            columns.append(
-                f"k{n}.revision AS k{n}_revision, k{n}.data AS k{n}_data, k{n}.version AS k{n}_version"
-            )
-            joins += (
-                f" LEFT JOIN LATERAL (SELECT {revision()} AS revision, data::text AS data, version"
-                f" FROM sessions WHERE key = {key_arg[n]} AND moved_to IS NULL AND expires_at IS NULL"
-                f" AND NOT v.u{n} OFFSET 0) AS k{n} ON true"
-            )
+    for n in range(len(rows)):
+        # Read in the statement's snapshot, before its own writes: the row as it is now, only when it
+        # changed since read or remembered (`NOT v.u<n>`). OFFSET 0 keeps the planner from pulling the
+        # subquery up into a join filter, so that the condition gates it as a one-time filter: an update
+        # that applies reads no row here and turns no jsonb into text (EXPLAIN: "never executed").
+        columns.append(
+            f"k{n}.revision AS k{n}_revision, k{n}.data AS k{n}_data, k{n}.version AS k{n}_version"
+        )
+        joins += (
+            f" LEFT JOIN LATERAL (SELECT {revision()} AS revision, data::text AS data, version"
+            f" FROM sessions WHERE key = {key_arg[n]} AND moved_to IS NULL AND expires_at IS NULL"
+            f" AND NOT v.u{n} OFFSET 0) AS k{n} ON true"
+        )
     if calls:
         columns.append("o.id, o.method, o.payload, o.attempts, o.created_at, o.lease_no, o.has_files")
         joins += " LEFT JOIN o ON true"
