@@ -24,6 +24,7 @@ every update in the batch. The batch gives up and each statement is sent alone, 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,14 +39,16 @@ _Waiting = list[tuple[Sequence[Any], "asyncio.Future[Any]"]]
 
 
 class Batches:
-    """Statements gathered by text during one turn of the event loop, sent in one round trip (see the
-    module's docstring). The batch takes a connection of its own from `connections` and gives it back:
-    the updates in it hold none for their statement."""
+    """Statements gathered by text, sent in one round trip (see the module's docstring): those asked for
+    during one turn of the event loop, or while the text's batch before them was under way. The batch
+    takes a connection of its own from `connections` and gives it back: the updates in it hold none for
+    their statement."""
 
     def __init__(self, connections: Connections, limit: int = 32) -> None:
         self._connections = connections
         self._limit = limit
         self._gathering: dict[str, _Waiting] = {}
+        self._sending: Counter[str] = Counter()  # batches under way, by text
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def fetch(self, query: str, values: Sequence[Any]) -> Any:
@@ -56,7 +59,10 @@ class Batches:
         waiting = self._gathering.get(query)
         if waiting is None:
             waiting = self._gathering[query] = []
-            loop.call_soon(self._send, query, waiting)
+            if not self._sending[query]:
+                loop.call_soon(self._send, query, waiting)
+            # Else the batch under way sends this one when it is done: a commit's time to gather more,
+            # as PostgreSQL's group commit does (at most one round trip more for this statement).
         waiting.append((values, future))
         if len(waiting) >= self._limit:
             self._send(query, waiting)
@@ -71,6 +77,7 @@ class Batches:
             for _, future in waiting:
                 future.set_result(ALONE)
             return
+        self._sending[query] += 1
         task = asyncio.get_running_loop().create_task(self._run(query, waiting))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -95,3 +102,9 @@ class Batches:
             for (_, future), answer in zip(waiting, answers, strict=True):
                 if not future.done():
                     future.set_result(answer)
+            self._sending[query] -= 1
+            if not self._sending[query]:
+                del self._sending[query]
+                gathered = self._gathering.get(query)
+                if gathered is not None:
+                    self._send(query, gathered)
