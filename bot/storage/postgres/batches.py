@@ -35,7 +35,7 @@ __all__ = ["ALONE", "Batches"]
 ALONE: Any = object()  # the statement was not applied in a batch: send it on its own
 LOCK_TIMEOUT = "10ms"
 
-_Waiting = list[tuple[Sequence[Any], "asyncio.Future[Any]"]]
+_Waiting = list[tuple[Sequence[Any], int, "asyncio.Future[Any]"]]  # values, rows answered, answer
 
 
 class Batches:
@@ -51,9 +51,9 @@ class Batches:
         self._sending: Counter[str] = Counter()  # batches under way, by text
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def fetch(self, query: str, values: Sequence[Any]) -> Any:
-        """The statement's one row, or ALONE: send it on its own connection (it was the only one asked
-        for in its turn, or its batch was aborted)."""
+    async def fetch(self, query: str, values: Sequence[Any], answers: int = 1) -> Any:
+        """The statement's answer (`answers` rows, as many as it always answers), or ALONE: send it on its
+        own connection (it was the only one asked for in its turn, or its batch failed)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         waiting = self._gathering.get(query)
@@ -63,7 +63,7 @@ class Batches:
                 loop.call_soon(self._send, query, waiting)
             # Else the batch under way sends this one when it is done: a commit's time to gather more,
             # as PostgreSQL's group commit does (at most one round trip more for this statement).
-        waiting.append((values, future))
+        waiting.append((values, answers, future))
         if len(waiting) >= self._limit:
             self._send(query, waiting)
         return await future
@@ -72,9 +72,9 @@ class Batches:
         if self._gathering.get(query) is not waiting:
             return  # sent already (the limit was reached)
         del self._gathering[query]
-        waiting = [(values, future) for values, future in waiting if not future.done()]
+        waiting = [member for member in waiting if not member[2].done()]
         if len(waiting) < 2:
-            for _, future in waiting:
+            for _, _, future in waiting:
                 future.set_result(ALONE)
             return
         self._sending[query] += 1
@@ -87,7 +87,7 @@ class Batches:
         try:
             conn = await self._connections.take()
             try:
-                rows = await conn.fetchmany(query, [values for values, _ in waiting])
+                rows = await conn.fetchmany(query, [values for values, _, _ in waiting])
             finally:
                 await self._connections.give_back(conn)
         except Exception:
@@ -97,11 +97,13 @@ class Batches:
             # after the commit), each would find its update claimed, and take it for a redelivery.
             rows = []
         finally:
-            # One row per statement (the statements batched queue no replies, which add rows).
-            answers = rows if len(rows) == len(waiting) else [ALONE] * len(waiting)
-            for (_, future), answer in zip(waiting, answers, strict=True):
+            # fetchmany answers the statements' rows one after the other.
+            complete = len(rows) == sum(answers for _, answers, _ in waiting)
+            start = 0
+            for _, answers, future in waiting:
                 if not future.done():
-                    future.set_result(answer)
+                    future.set_result(rows[start : start + answers] if complete else ALONE)
+                start += answers
             self._sending[query] -= 1
             if not self._sending[query]:
                 del self._sending[query]

@@ -210,14 +210,19 @@ class OptimisticTransaction:
         # What is remembered of the shared keys read ahead, before the round trip (as `clock`): the others
         # were just found remembered as nothing, and the key asked for is answered, not kept ahead.
         remembered = {k: cache.get(k) for k in keys[1:] if k in self._shared}
-        conn = await self._connection()
         claim = self._claim if self._claim is not None and not self._asked_applied else None
+        query = read_text(claim is not None, len(keys))
+        values = keys if claim is None else [*keys, *claim]
         clock = cache.clock  # (before the round trip: a write may land while it is under way)
-        with unavailable_on_failure(f"read session {key!r}"):
-            if claim is None:
-                found = await conn.fetch(read_text(False, len(keys)), *keys)
-            else:
-                found = await conn.fetch(read_text(True, len(keys)), *keys, *claim)
+        found: Any = ALONE
+        if self._batches is not None and self._conn is None:
+            # With the reads of other updates of this turn: a connection of the batch's, not one held
+            # from here to the statement at the end. (One row per key, whatever is there.)
+            found = await self._batches.fetch(query, values, len(keys))
+        if found is ALONE:
+            conn = await self._connection()
+            with unavailable_on_failure(f"read session {key!r}"):
+                found = await conn.fetch(query, *values)
         self._asked_applied = self._claim is not None
         if found[0]["done"]:  # (the outer join answers every key; `done` is the same in each answer)
             raise self._give_up("a redelivered update: the locking transaction tells it apart")
@@ -339,8 +344,7 @@ class OptimisticTransaction:
             # The batch takes a connection of its own, and this one, idle since the read, could be the
             # one it waits for.
             await self._connections.give_back(conn)
-        row = await batches.fetch(query, values)
-        return row if row is ALONE else [row]
+        return await batches.fetch(query, values)
 
     async def _alone(self, query: str, values: list[Any]) -> list[asyncpg.Record]:
         """The statement sent on this transaction's connection: its answer."""
