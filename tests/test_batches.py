@@ -103,6 +103,23 @@ async def test_updates_of_chats_that_end_together_apply_in_one_transaction(
     assert run.metrics.count("bot_optimistic_conflicts_total") == 0
 
 
+async def test_new_chats_first_updates_at_once_take_two_round_trips_in_all(direct_or_pooled_url: str) -> None:
+    """Eight new chats' first updates at once, on a pool of one connection that logs what is sent: their
+    reads go in one round trip, their statements in a second (sixteen, one by one)."""
+    sent: list[str] = []
+    storage = await PostgresStorage.connect(direct_or_pooled_url, min_size=1, max_size=1)
+    try:
+        async with storage.pool.acquire() as conn:  # the only connection: it stays logged
+            conn.add_query_logger(lambda query: sent.append(query.query))
+        run = Pipeline(tally_bot(), storage, ME, Metrics(), optimistic=True)
+        outcomes = await asyncio.gather(*map(run.process, to_each_chat(*"+" * len(CHATS))))
+        assert [o.status for o in outcomes] == [Status.APPLIED] * len(CHATS)
+        assert len(sent) == 2, sent
+        assert await counts(storage) == {chat: 1 for chat in CHATS}
+    finally:
+        await storage.close()
+
+
 async def test_an_update_another_process_applied_fails_its_batch_alone(
     storage: PostgresStorage, run: Pipeline[Tally], database_url: str
 ) -> None:

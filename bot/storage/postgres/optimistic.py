@@ -7,7 +7,7 @@ checks its version: one round trip in all when every session of the update is re
 read also reads ahead the rows of the update's other sessions that are not remembered (`expect`), so
 that a new chat's and its sender's sessions cost one read: two round trips in all. Statements of
 several updates that end in the same turn of the event loop go in one round trip and one commit
-(`bot.storage.postgres.batches`). It keeps no state on the connection between transactions, so it
+(`bot.storage.postgres.batches`), and so do their reads. It keeps no state on the connection between transactions, so it
 works the same through PgBouncer in transaction mode.
 """
 
@@ -338,7 +338,7 @@ class OptimisticTransaction:
     async def _batched(self, batches: Batches, query: str, values: list[Any]) -> Any:
         """The statement sent with others of its turn of the event loop (`batches`): its answer, or
         ALONE. Only a claiming statement with no replies is: the claim makes sending it again after a
-        batch of unknown outcome safe, and its answer is one row."""
+        batch of unknown outcome safe, and its answer is one row (replies add one each)."""
         conn, self._conn = self._conn, None
         if conn is not None:
             # The batch takes a connection of its own, and this one, idle since the read, could be the
