@@ -1,14 +1,15 @@
 """The optimistic transaction: no lock held while the handlers run. It takes two round trips: read,
 then one statement that applies the claim, the writes and the replies only if every row read is still
-the version read (its `xmin`, with the server's start time: `optimistic_sql.revision`), else Conflict and the pipeline
-runs the update again in a locking transaction. A row this process remembers (`bot.storage.cache`: the
-session and its version as this process last read or wrote it) is not read, and the same statement
-checks its version: one round trip in all when every session of the update is remembered. The first
-read also reads ahead the rows of the update's other sessions that are not remembered (`expect`), so
-that a new chat's and its sender's sessions cost one read: two round trips in all. Statements of
-several updates that end in the same turn of the event loop go in one round trip and one commit
-(`bot.storage.postgres.batches`), and so do their reads. It keeps no state on the connection between transactions, so it
-works the same through PgBouncer in transaction mode.
+the version read (its `xmin`, with the server's start time: `optimistic_sql.revision`), else Conflict
+and the pipeline runs the update again in a locking transaction. A row this process remembers
+(`bot.storage.cache`: the session and its version as this process last read or wrote it) is not read,
+and the same statement checks its version: one round trip in all when every session of the update is
+remembered. The first read also reads ahead the rows of the update's other sessions that are not
+remembered (`expect`), so that a new chat's and its sender's sessions cost one read: two round trips in
+all. The reads and statements of several updates that reach them in the same turn of the event loop
+go together, in one round trip and (statements) one commit (`bot.storage.postgres.batches`). It keeps
+no state on the connection between transactions, so it works the same through PgBouncer in
+transaction mode.
 """
 
 from __future__ import annotations
