@@ -170,3 +170,48 @@ async def test_a_row_locked_elsewhere_holds_up_only_its_own_update(
         await holder.close()
     assert [task.result().status for task in tasks[1:]] == [Status.APPLIED] * (len(CHATS) - 1)
     assert await counts(storage) == {chat: 2 for chat in CHATS}
+
+
+async def test_each_update_of_a_batch_gets_its_own_answer(
+    storage: PostgresStorage, run: Pipeline[Tally]
+) -> None:
+    """Chat 1's session was written by another process since this one remembered it: in the batch, its
+    statement alone applies nothing (no error: the batch commits the others). Each update reads its own
+    statement's answer: chat 1's is refused and runs again, the others applied; taking another's
+    answer would report chat 1's update applied with nothing stored, or run another chat's twice."""
+    await storage.pool.execute("UPDATE sessions SET data = '{\"count\": 10}' WHERE key = '1'")
+    outcomes = await asyncio.gather(*map(run.process, to_each_chat(*"+" * len(CHATS))))
+    assert [o.status for o in outcomes] == [Status.APPLIED] * len(CHATS)
+    assert await counts(storage) == {1: 11} | {chat: 2 for chat in CHATS[1:]}
+    assert run.metrics.count("bot_optimistic_conflicts_total") == 1
+
+
+async def test_an_update_cancelled_while_its_batch_runs_is_applied_once_and_the_others_apply(
+    storage: PostgresStorage, run: Pipeline[Tally], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chat 1's request is cancelled (its deadline, a shutdown) while its statement is in a batch under
+    way: the other chats' updates of the batch still get their answers and apply, and chat 1's, which
+    the batch applied, is a duplicate when Telegram delivers it again: counted once."""
+    batches = storage.batches
+    started, go = asyncio.Event(), asyncio.Event()
+    send = batches._run
+
+    async def held(*args: Any) -> None:
+        started.set()
+        await go.wait()
+        await send(*args)
+
+    monkeypatch.setattr(batches, "_run", held)
+    updates = to_each_chat(*"+" * len(CHATS))
+    tasks = [asyncio.ensure_future(run.process(u)) for u in updates]
+    await asyncio.wait_for(started.wait(), 3)
+    tasks[0].cancel()
+    go.set()
+    done, _ = await asyncio.wait(tasks[1:], timeout=3)
+    assert len(done) == len(CHATS) - 1
+    assert [task.result().status for task in tasks[1:]] == [Status.APPLIED] * (len(CHATS) - 1)
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[0]
+    monkeypatch.undo()
+    assert (await run.process(updates[0])).status in (Status.APPLIED, Status.DUPLICATE)
+    assert await counts(storage) == {chat: 2 for chat in CHATS}
