@@ -133,6 +133,16 @@ class Metrics:
             " ran again with the row locked (DB_CONCURRENCY=optimistic).",
             registry=r,
         )
+        self.batches = Counter(
+            "bot_statement_batches",
+            "Batches of optimistic reads and statements sent together (bot/storage/postgres/batches.py),"
+            " by outcome: sent, or failed (each statement sent again on its own: a claim race, a value"
+            " refused, a row locked elsewhere, a lost connection).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("sent", "failed"):
+            self.batches.labels(outcome)  # both series from the start, at 0
         self.api_calls = Counter(
             "bot_api_calls",
             "Outgoing Bot API calls by method and outcome: sent, retry (5xx, network error, no answer"

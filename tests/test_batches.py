@@ -54,8 +54,13 @@ def tally_bot() -> Bot[Tally]:
 
 
 @pytest.fixture
-async def storage(direct_or_pooled_url: str) -> AsyncIterator[PostgresStorage]:
-    storage = await PostgresStorage.connect(direct_or_pooled_url, min_size=2, max_size=4)
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+async def storage(direct_or_pooled_url: str, metrics: Metrics) -> AsyncIterator[PostgresStorage]:
+    storage = await PostgresStorage.connect(direct_or_pooled_url, min_size=2, max_size=4, metrics=metrics)
     try:
         yield storage
     finally:
@@ -63,10 +68,10 @@ async def storage(direct_or_pooled_url: str) -> AsyncIterator[PostgresStorage]:
 
 
 @pytest.fixture
-async def run(storage: PostgresStorage) -> Pipeline[Tally]:
+async def run(storage: PostgresStorage, metrics: Metrics) -> Pipeline[Tally]:
     """The bot, with every chat's session written once, one update after another (each alone): the
     pipeline remembers them, so each next update is the one statement, with no read before it."""
-    run = Pipeline(tally_bot(), storage, ME, Metrics(), optimistic=True)
+    run = Pipeline(tally_bot(), storage, ME, metrics, optimistic=True)
     for chat in CHATS:
         assert (await run.process(text_update(chat, chat, "+"))).status is Status.APPLIED
     return run
@@ -101,6 +106,7 @@ async def test_updates_of_chats_that_end_together_apply_in_one_transaction(
     assert await transactions_of(storage, [100 + chat for chat in CHATS]) == 1
     assert await counts(storage) == {chat: 2 for chat in CHATS}
     assert run.metrics.count("bot_optimistic_conflicts_total") == 0
+    assert run.metrics.count("bot_statement_batches_total", outcome="sent") == 1
 
 
 async def test_new_chats_first_updates_at_once_take_two_round_trips_in_all(direct_or_pooled_url: str) -> None:
@@ -137,6 +143,7 @@ async def test_an_update_another_process_applied_fails_its_batch_alone(
     assert [o.status for o in outcomes] == [Status.DUPLICATE] + [Status.APPLIED] * (len(CHATS) - 1)
     assert await storage.pool.fetchval("SELECT count(*) FROM processed_updates WHERE update_id >= 100") == 8
     assert await counts(storage) == {chat: 1 for chat in CHATS}
+    assert run.metrics.count("bot_statement_batches_total", outcome="failed") == 1
 
 
 async def test_a_value_the_database_refuses_is_a_dead_letter_and_its_batch_applies(
@@ -196,10 +203,10 @@ async def test_an_update_cancelled_while_its_batch_runs_is_applied_once_and_the_
     started, go = asyncio.Event(), asyncio.Event()
     send = batches._run
 
-    async def held(*args: Any) -> None:
+    async def held(*args: Any) -> Any:
         started.set()
         await go.wait()
-        await send(*args)
+        return await send(*args)
 
     monkeypatch.setattr(batches, "_run", held)
     updates = to_each_chat(*"+" * len(CHATS))
@@ -215,3 +222,45 @@ async def test_an_update_cancelled_while_its_batch_runs_is_applied_once_and_the_
     monkeypatch.undo()
     assert (await run.process(updates[0])).status in (Status.APPLIED, Status.DUPLICATE)
     assert await counts(storage) == {chat: 2 for chat in CHATS}
+
+
+async def test_an_update_that_read_its_session_is_not_held_up_by_another_chats_slow_handler(
+    direct_or_pooled_url: str,
+) -> None:
+    """One connection. Chat 1's update reads its session (the connection is its own from then on);
+    chat 2's arrives and waits for the connection, gets it once chat 1's is done, and its handler is
+    slow. Chat 1's statement, alone in its turn, goes on the connection it read on: it does not wait for
+    chat 2's handler (until the pool's wait limit, then a 503)."""
+    entered, one_may_go, two_in, two_may_go = (asyncio.Event() for _ in range(4))
+    bot: Bot[Tally] = Bot(session(Tally))
+
+    @bot.message(text(equals="one"))
+    async def one(ctx: Context[Tally]) -> None:
+        entered.set()
+        await one_may_go.wait()
+        ctx.session.count += 1
+
+    @bot.message(text(equals="two"))
+    async def two(ctx: Context[Tally]) -> None:
+        two_in.set()
+        await two_may_go.wait()
+        ctx.session.count += 1
+
+    storage = await PostgresStorage.connect(direct_or_pooled_url, min_size=1, max_size=1)
+    try:
+        run = Pipeline(bot, storage, ME, Metrics(), optimistic=True)
+        first = asyncio.ensure_future(run.process(text_update(1, 1, "one")))
+        await asyncio.wait_for(entered.wait(), 3)
+        second = asyncio.ensure_future(run.process(text_update(2, 2, "two")))
+        await asyncio.sleep(0.05)  # chat 2's read waits for the connection
+        one_may_go.set()
+        assert (await asyncio.wait_for(asyncio.shield(first), 2)).status is Status.APPLIED
+        assert not second.done()
+        await asyncio.wait_for(two_in.wait(), 3)
+        two_may_go.set()
+        assert (await second).status is Status.APPLIED
+        assert await counts(storage) == {1: 1, 2: 1}
+    finally:
+        two_may_go.set()
+        await asyncio.gather(first, second, return_exceptions=True)
+        await storage.close()

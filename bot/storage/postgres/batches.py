@@ -27,10 +27,12 @@ every update in the batch. The batch gives up and each statement is sent alone, 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from ...metrics import Metrics
 from .connections import Connections
 
 __all__ = ["ALONE", "Batches"]
@@ -45,14 +47,15 @@ class Batches:
     """Statements gathered by text, sent in one round trip (see the module's docstring): those asked for
     during one turn of the event loop, or while the text's batch before them was under way. The batch
     takes a connection of its own from `connections` and gives it back: the updates in it hold none for
-    their statement."""
+    their statement. `metrics` counts the batches sent and those that failed."""
 
-    def __init__(self, connections: Connections, limit: int = 32) -> None:
+    def __init__(self, connections: Connections, metrics: Metrics | None = None, limit: int = 32) -> None:
         self._connections = connections
+        self._metrics = metrics
         self._limit = limit
         self._gathering: dict[str, _Waiting] = {}
         self._sending: Counter[str] = Counter()  # batches under way, by text
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[list[Any]]] = set()
 
     async def fetch(self, query: str, values: Sequence[Any], answers: int = 1) -> Any:
         """The statement's answer (`answers` rows, as many as it always answers), or ALONE: send it on its
@@ -81,35 +84,38 @@ class Batches:
                 future.set_result(ALONE)
             return
         self._sending[query] += 1
-        task = asyncio.get_running_loop().create_task(self._run(query, waiting))
+        task = asyncio.get_running_loop().create_task(self._run(query, [values for values, _, _ in waiting]))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # Answered in a callback, not at the end of _run: also when the task is cancelled before it starts.
+        task.add_done_callback(functools.partial(self._answer, query, waiting))
 
-    async def _run(self, query: str, waiting: _Waiting) -> None:
-        rows: list[Any] = []
+    async def _run(self, query: str, values: list[Sequence[Any]]) -> list[Any]:
+        conn = await self._connections.take()
         try:
-            conn = await self._connections.take()
-            try:
-                rows = await conn.fetchmany(query, [values for values, _, _ in waiting])
-            finally:
-                await self._connections.give_back(conn)
-        except Exception:
-            # Whatever failed (a statement the database refused, a lock not free, the connection), the
-            # batch is not known to have applied: each statement is sent again on its own and fails or
-            # applies there as it would have alone. Had it applied after all (a connection lost
-            # after the commit), each would find its update claimed, and take it for a redelivery.
-            rows = []
+            return await conn.fetchmany(query, values)
         finally:
-            # fetchmany answers the statements' rows one after the other.
-            complete = len(rows) == sum(answers for _, answers, _ in waiting)
-            start = 0
-            for _, answers, future in waiting:
-                if not future.done():
-                    future.set_result(rows[start : start + answers] if complete else ALONE)
-                start += answers
-            self._sending[query] -= 1
-            if not self._sending[query]:
-                del self._sending[query]
-                gathered = self._gathering.get(query)
-                if gathered is not None:
-                    self._send(query, gathered)
+            await self._connections.give_back(conn)
+
+    def _answer(self, query: str, waiting: _Waiting, task: asyncio.Task[list[Any]]) -> None:
+        self._tasks.discard(task)
+        # Whatever failed (a statement the database refused, a lock not free, the connection), the batch
+        # is not known to have applied: each statement is sent again on its own and fails or applies
+        # there as it would have alone. Had it applied after all (a connection lost after the commit),
+        # each finds its update claimed, or its rows changed by itself, and is told apart as a
+        # redelivery (its handlers may run again; nothing is applied twice).
+        rows = task.result() if not task.cancelled() and task.exception() is None else []
+        # fetchmany answers the statements' rows one after the other.
+        complete = len(rows) == sum(answers for _, answers, _ in waiting)
+        if self._metrics is not None:
+            self._metrics.batches.labels("sent" if complete else "failed").inc()
+        start = 0
+        for _, answers, future in waiting:
+            if not future.done():
+                future.set_result(rows[start : start + answers] if complete else ALONE)
+            start += answers
+        self._sending[query] -= 1
+        if not self._sending[query]:
+            del self._sending[query]
+            gathered = self._gathering.get(query)
+            if gathered is not None:
+                self._send(query, gathered)

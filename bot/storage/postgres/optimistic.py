@@ -308,8 +308,13 @@ class OptimisticTransaction:
             return []  # nothing to apply
         shape, values = self._statement(written, calls, bot_id, update_id, lease)
         rows: Any = ALONE
-        if self._batches is not None and self._claim is not None and not calls:
-            rows = await self._batched(self._batches, apply_text(BATCH_LOCK_TIMEOUT, *shape), values)
+        if self._batches is not None and self._conn is None and self._claim is not None and not calls:
+            # With the statements of other updates (`Batches`), unless it queues replies (each adds a row
+            # to its answer) or claims nothing (the claim makes sending it again after a batch of unknown
+            # outcome safe). An update that holds a connection (it read alone) sends it on that: given back,
+            # it would queue for one again behind every newer update, one of which may be in a slow
+            # handler, holding it (a 503 at the pool's wait limit, for this chat's trouble-free update).
+            rows = await self._batches.fetch(apply_text(BATCH_LOCK_TIMEOUT, *shape), values)
         if rows is ALONE:
             rows = await self._alone(apply_text(self._lock_timeout, *shape), values)
         first = rows[0]
@@ -335,17 +340,6 @@ class OptimisticTransaction:
                 # the cache forget it; remembered again, that stale refresh would be refused later.
                 cache.put(key, cached.session, cached.revision)
         return pending_calls(rows) if calls else []
-
-    async def _batched(self, batches: Batches, query: str, values: list[Any]) -> Any:
-        """The statement sent with others of its turn of the event loop (`batches`): its answer, or
-        ALONE. Only a claiming statement with no replies is: the claim makes sending it again after a
-        batch of unknown outcome safe, and its answer is one row (replies add one each)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            # The batch takes a connection of its own, and this one, idle since the read, could be the
-            # one it waits for.
-            await self._connections.give_back(conn)
-        return await batches.fetch(query, values)
 
     async def _alone(self, query: str, values: list[Any]) -> list[asyncpg.Record]:
         """The statement sent on this transaction's connection: its answer."""

@@ -108,7 +108,7 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
         # The optimistic transaction's memory of sessions, its per-key turns, the keys it leaves to the
         # lock for a while, and those it reads afresh for a while (bot.storage.cache).
         self.cache = SessionCache(cache_size)
-        self.batches = Batches(self.connections)
+        self.batches = Batches(self.connections, metrics)
         self.turns = Turns()
         self.contention = Contended(self.CONTENDED_FOR)
         self.shared = Contended(self.SHARED_FOR)
