@@ -3,12 +3,12 @@
 Each optimistic update ends in one statement (`optimistic_sql.apply_text`), and a chat or sender not
 remembered starts with a read (`optimistic_sql.read_text`). Under load many updates of different chats
 reach them in the same turn of the event loop; sent one by one, each costs a round trip, a pooled
-connection held, and for the statement a commit (with its WAL flush: about a third of the database's
-CPU per update, measured). `Batches` gathers what is asked for with the same text during one turn of
-the loop, or while that text's batch before it is under way (as PostgreSQL's group commit gathers
-commits), and sends it with asyncpg's `fetchmany`: Bind and Execute for each, one Sync. Until that Sync
-they are one transaction, so either all of them apply or none does. (Reads write nothing: a batch of
-them is only one round trip.)
+connection held, and for the statement a commit with its WAL flush (shared, on workload T the database's
+CPU per update fell from 160 to 64 µs: bench/README.md). `Batches` gathers what is asked for with the
+same text during one turn of the loop, or while that text's batch before it is under way (as
+PostgreSQL's group commit gathers commits), and sends it with asyncpg's `fetchmany`: Bind and Execute
+for each, one Sync. Until that Sync they are one transaction, so either all of them apply or none does.
+(Reads write nothing: a batch of them is only one round trip.)
 
 A row changed since it was read is no error: that statement applies nothing and answers so, as it
 would alone, and the others apply. A statement the database refuses (a race on the update's claim, a
