@@ -15,9 +15,10 @@ would alone, and the others apply. A statement the database refuses (a race on t
 row changed between the snapshot and the write, a lock not free, a value it cannot store) aborts the
 whole batch, and so does a broken connection. Each statement is then sent again on its own (`ALONE`),
 where its transaction tells its own failure apart as it would have without the batch: one chat's
-trouble costs the others of its batch a round trip, never their updates nor a 503. Sending again is
-safe even when the batch's outcome is unknown (the connection broke after the commit): each statement
-claims its update, and finds it claimed.
+trouble costs the others of its batch a round trip (and, for those that hold no connection, a wait for
+one, as any update's), never their outcome. Sending again is safe even when the batch's outcome is
+unknown (the connection broke after the commit): each statement claims its update, and finds it
+claimed, or its rows changed by itself, and is told apart as a redelivery.
 
 A batched statement waits for no lock held elsewhere (`LOCK_TIMEOUT`, a few milliseconds instead of
 DB_LOCK_TIMEOUT): a locking transaction of another chat with a slow handler would otherwise hold up
