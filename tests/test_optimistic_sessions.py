@@ -106,7 +106,7 @@ def logged(
 
 
 def keys_read(args: Sequence[Any]) -> list[str]:
-    """The keys a read asked for: its text parameters (the others are the claimed update's ids)."""
+    """The keys a read asked for: its text parameters (the others are NULLs, or the claimed update's ids)."""
     return [arg for arg in args if isinstance(arg, str)]
 
 
@@ -217,6 +217,8 @@ async def test_the_read_takes_each_row_by_its_key_in_the_plan_the_server_keeps_f
     assert keys_read(args[read]) == [CHAT_KEY, USER_KEY]
 
     def literal(arg: Any) -> str:
+        if arg is None:
+            return "NULL"
         return f"'{arg}'" if isinstance(arg, str) else str(arg)
 
     def sessions_scans(plan: dict[str, Any]) -> list[str]:
@@ -245,6 +247,30 @@ async def test_the_read_takes_each_row_by_its_key_in_the_plan_the_server_keeps_f
             await conn.execute("DEALLOCATE read")
     finally:
         await conn.close()
+
+
+async def test_reads_of_a_new_chat_and_of_a_second_sender_at_once_take_one_round_trip(
+    logged_with_args: tuple[PostgresStorage, list[str], list[Any]],
+) -> None:
+    """Chat 7 and its user 5 are remembered. At once: user 6's first message in chat 7 (its chat's row
+    remembered, its own read in the handler: one key) and chat 8's first (its row and its sender's
+    read ahead: two keys). Both reads go in one round trip, whatever the count of keys (a text per
+    count split them into two, each alone, each then holding a connection for its statement)."""
+    storage, sent, args = logged_with_args
+    runs: list[int] = []
+    run = Pipeline(two_session_bot(runs), storage, ME, Metrics(), optimistic=True)
+    assert (await run.process(plus(1))).status is Status.APPLIED
+    del sent[:], args[:]
+    second_sender = plus(2, user=6)
+    new_chat = text_update(3, chat_id=8, text="+", from_id=9)
+    outcomes = await asyncio.gather(run.process(second_sender), run.process(new_chat))
+    assert [o.status for o in outcomes] == [Status.APPLIED, Status.APPLIED]
+    reads = [batch for query, batch in zip(sent, args, strict=True) if " AS done" in query]
+    assert len(reads) == 1, sent
+    assert sorted(key for values in reads[0] for key in keys_read(values)) == ["8", "user:6", "user:9"]
+    assert runs == [1, 2, 3]
+    assert (await count_of(storage, CHAT_KEY), await count_of(storage, "8")) == (2, 1)
+    assert (await count_of(storage, "user:6"), await count_of(storage, "user:9")) == (1, 1)
 
 
 async def test_another_process_writing_the_second_session_refreshes_it_and_the_update_counts_once(

@@ -25,7 +25,7 @@ from ..cache import Cached, Contended, SessionCache, Turns
 from .batches import ALONE, Batches
 from .batches import LOCK_TIMEOUT as BATCH_LOCK_TIMEOUT
 from .connections import Connections
-from .optimistic_sql import CLAIM, NO_CLAIM, TIMER, Shape, apply_text, read_text
+from .optimistic_sql import CLAIM, NO_CLAIM, READ_SLOTS, TIMER, Shape, apply_text, read_text
 from .outbox import call_parameters, pending_calls
 from .statements import unavailable_on_failure
 
@@ -212,8 +212,9 @@ class OptimisticTransaction:
         # were just found remembered as nothing, and the key asked for is answered, not kept ahead.
         remembered = {k: cache.get(k) for k in keys[1:] if k in self._shared}
         claim = self._claim if self._claim is not None and not self._asked_applied else None
-        query = read_text(claim is not None, len(keys))
-        values = keys if claim is None else [*keys, *claim]
+        slots = -(-len(keys) // READ_SLOTS) * READ_SLOTS
+        query = read_text(slots)
+        values = [*keys, *(None,) * (slots - len(keys)), *(claim or (None, None))]
         clock = cache.clock  # (before the round trip: a write may land while it is under way)
         found: Any = ALONE
         if self._batches is not None and self._conn is None:

@@ -18,7 +18,7 @@ from .outbox import queue_calls_text
 from .statements import session_columns
 from .timers import CLAIM_TIMER
 
-__all__ = ["CLAIM", "NO_CLAIM", "TIMER", "Shape", "apply_text", "read_text", "revision"]
+__all__ = ["CLAIM", "NO_CLAIM", "READ_SLOTS", "TIMER", "Shape", "apply_text", "read_text", "revision"]
 
 NO_CLAIM, CLAIM, TIMER = 0, 1, 2  # what the statement claims: nothing, the update, a fire's timer
 
@@ -39,29 +39,37 @@ def revision(table: str = "") -> str:
     return f"extract(epoch FROM pg_postmaster_start_time())::text || ':' || {table}xmin::text"
 
 
-@functools.cache
-def read_text(applied: bool, keys: int) -> str:
-    """The read of the rows at `keys` keys ($1…: the key asked for, and those read ahead with it), one
-    answer per key, `key` naming it; with `applied`, each also says whether the update (the next two
-    parameters: the bot and its id) was applied before.
+READ_SLOTS = 4  # a read's keys take a multiple of this many places in its text, the rest NULL
 
-    The keys are a VALUES list, one parameter each, not an array: the server plans the statement for as
-    many keys as there are, also in the generic plan it keeps after five runs (a text per count of keys).
-    For an array (`unnest`) it guesses ten keys: while the table was small or never analyzed (a new
-    deployment, every benchmark run), a hash join over a scan of every row looked cheaper than ten index
-    lookups, and that plan was kept as the table grew, each read reading every session (on workload T
-    about half of the two-session bot's time in statements); once analyzed with thousands of rows, the
-    plan for ten was dearer than one for the real two, so each read was planned again (~40 µs)."""
-    done = (
-        f"EXISTS (SELECT FROM processed_updates WHERE bot_id = ${keys + 1} AND update_id = ${keys + 2})"
-        if applied
-        else "false"
-    )
-    values = ", ".join(f"(${n}::text)" for n in range(1, keys + 1))
+
+@functools.cache
+def read_text(slots: int) -> str:
+    """The read of the rows at up to `slots` keys ($1…: the key asked for, then those read ahead with
+    it, then NULLs), one answer per key, `key` naming it, each also saying whether the update (the next
+    two parameters: the bot and its id; NULLs when that is not asked) was applied before.
+
+    Each count of keys up to `slots` (a multiple of READ_SLOTS), asked or not, shares the text:
+    `Batches` sends one text per batch, and with a text per count and per question the reads of one
+    turn were split (the two-session bot's: a new chat's of its row and its sender's, a second sender's
+    of its own in the handler), and a read left alone holds a connection that its update's statement is
+    then sent on, alone too.
+
+    The keys are a VALUES list of `slots` parameters, not an array, and each key's row is taken by a
+    LATERAL subquery that OFFSET 0 keeps from being pulled up into a join. So the server plans for
+    exactly `slots` keys, in its custom plans and in the generic one alike, and keeps the generic one
+    after five runs rather than planning every run (~40 µs; for an array it guessed ten keys, and that
+    plan looked dearer than one for the real two). And it can only look each key up in the index:
+    joined plainly, four keys on a small or never analyzed table (a new deployment, every benchmark
+    run) made a hash join over a scan of every row, a plan kept as the table grew, each read reading
+    every session (an array did so too: about half of the two-session bot's time in statements on
+    workload T)."""
+    values = ", ".join(f"(${n}::text)" for n in range(1, slots + 1))
     return (
-        f"SELECT k.key, {done} AS done, {revision('s.')} AS revision, s.moved_to,"
-        f" s.expires_at IS NULL AS lasting, {session_columns('s.')}"
-        f" FROM (VALUES {values}) AS k (key) LEFT JOIN sessions AS s ON s.key = k.key"
+        f"SELECT k.key, EXISTS (SELECT FROM processed_updates WHERE bot_id = ${slots + 1}"
+        f" AND update_id = ${slots + 2}) AS done, s.revision, s.moved_to, s.lasting, s.data, s.version,"
+        f" s.expired FROM (VALUES {values}) AS k (key) LEFT JOIN LATERAL (SELECT {revision()} AS revision,"
+        f" moved_to, expires_at IS NULL AS lasting, {session_columns()} FROM sessions WHERE key = k.key"
+        " OFFSET 0) AS s ON true WHERE k.key IS NOT NULL"
     )
 
 
