@@ -1,5 +1,6 @@
 """The raw asyncpg loop (`-s raw`): the bot's transactions per update (claim, session row locked, count),
-run in this process at the workload's concurrency, with no HTTP and no framework."""
+run in this process at the workload's concurrency, with no HTTP and no framework; `-s raw2` does the
+two-session bot's (bench/apps/two_sessions.py): a 🍕 also locks and counts its sender's row."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from bot.apps.pizza_testing import PIZZA
 from bot.types import Update
 
 
-async def raw_postgres(w: Workload, dsn: str) -> dict[str, Any]:
-    """What one update needs, straight on asyncpg: no HTTP, no framework. The ceiling for our numbers."""
+async def raw_postgres(w: Workload, dsn: str, two_sessions: bool = False) -> dict[str, Any]:
+    """What one update needs, straight on asyncpg: no HTTP, no framework. The ceiling for our numbers;
+    with `two_sessions`, for the two-session bot's."""
     updates, _ = make_updates(w)
     pool = await asyncpg.create_pool(dsn, min_size=min(w.in_flight, 16), max_size=16)
     gate = asyncio.Semaphore(w.in_flight)
@@ -35,20 +37,24 @@ async def raw_postgres(w: Workload, dsn: str) -> dict[str, Any]:
                     "INSERT INTO processed_updates (bot_id, update_id) VALUES (1, $1) ON CONFLICT DO NOTHING",
                     update["update_id"],
                 )
-                key = str(message["chat"]["id"])
-                row = await conn.fetchrow("SELECT data FROM sessions WHERE key = $1 FOR UPDATE", key)
-                if row is None:
-                    await conn.execute(
-                        "INSERT INTO sessions (key, data) VALUES ($1, '{\"pizza_count\": 0}') ON CONFLICT DO NOTHING",
-                        key,
-                    )
-                    await conn.fetchrow("SELECT data FROM sessions WHERE key = $1 FOR UPDATE", key)
-                if PIZZA in message["text"]:
-                    await conn.execute(
-                        "UPDATE sessions SET data = jsonb_set(data, '{pizza_count}',"
-                        " to_jsonb((data->>'pizza_count')::int + 1)) WHERE key = $1",
-                        key,
-                    )
+                keys = [str(message["chat"]["id"])]
+                pizza = PIZZA in message["text"]
+                if two_sessions and pizza:
+                    keys.append(f"user:{message['from']['id']}")  # (read lazily: only by a 🍕)
+                for key in keys:
+                    row = await conn.fetchrow("SELECT data FROM sessions WHERE key = $1 FOR UPDATE", key)
+                    if row is None:
+                        await conn.execute(
+                            "INSERT INTO sessions (key, data) VALUES ($1, '{\"pizza_count\": 0}') ON CONFLICT DO NOTHING",
+                            key,
+                        )
+                        await conn.fetchrow("SELECT data FROM sessions WHERE key = $1 FOR UPDATE", key)
+                    if pizza:
+                        await conn.execute(
+                            "UPDATE sessions SET data = jsonb_set(data, '{pizza_count}',"
+                            " to_jsonb((data->>'pizza_count')::int + 1)) WHERE key = $1",
+                            key,
+                        )
             latencies.append(time.perf_counter() - started)
 
     db = await database_server(dsn)
@@ -64,7 +70,7 @@ async def raw_postgres(w: Workload, dsn: str) -> dict[str, Any]:
     latencies.sort()
     return {
         "workload": w.name,
-        "system": System("raw").label,
+        "system": System("raw2" if two_sessions else "raw").label,
         "updates": len(updates),
         "updates/s": round(len(updates) / elapsed),
         "p50 ms": ms(statistics.median(latencies)),

@@ -49,7 +49,7 @@ async def main() -> None:
         "--systems",
         default="bot,grammy,raw",
         help="what to measure side by side: bot, bot2 (two sessions), bot@DIR (another checkout's code), "
-        "bot+NAME=VALUE+... (a setting), grammy, raw",
+        "bot+NAME=VALUE+... (a setting), grammy, raw, raw2 (the raw loop doing the two-session bot's work)",
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: a tenth of every workload")
     parser.add_argument(
@@ -96,8 +96,8 @@ async def main() -> None:
                     # migrations never meet, and no row starts on another's sessions.
                     async with new_database(server_url) as dsn:
                         await migrate_for(system, dsn, root, logs)
-                        if system.kind == "raw":
-                            row = await raw_postgres(w, dsn)
+                        if system.kind in ("raw", "raw2"):
+                            row = await raw_postgres(w, dsn, two_sessions=system.kind == "raw2")
                         else:
                             row = await run_server(
                                 w, system, dsn, root, fake, args.processes, logs, args.profile

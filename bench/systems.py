@@ -29,7 +29,8 @@ GRAMMY = Path(__file__).parent / "grammy"
 class System:
     """What a row measures. On the command line: `bot` (the pizza bot), `bot2` (the two-session bot,
     bench/apps/two_sessions.py), either as `bot@DIR` (the code of another checkout, to compare old and
-    new in one run) and with settings (`bot+NAME=VALUE+...`, `bot@DIR+NAME=VALUE`), `grammy`, `raw`."""
+    new in one run) and with settings (`bot+NAME=VALUE+...`, `bot@DIR+NAME=VALUE`), `grammy`, `raw`, `raw2`
+    (the raw loop doing the two-session bot's work)."""
 
     kind: str
     env: tuple[tuple[str, str], ...] = ()
@@ -40,8 +41,10 @@ class System:
         head, *settings = text.strip().split("+")
         kind, _, where = head.partition("@")
         ours = kind in ("bot", "bot2")
-        if kind not in ("bot", "bot2", "grammy", "raw") or ((settings or where) and not ours):
-            raise ValueError(f"unknown system {text!r}: bot, bot2, bot@DIR, bot+NAME=VALUE..., grammy or raw")
+        if kind not in ("bot", "bot2", "grammy", "raw", "raw2") or ((settings or where) and not ours):
+            raise ValueError(
+                f"unknown system {text!r}: bot, bot2, bot@DIR, bot+NAME=VALUE..., grammy, raw or raw2"
+            )
         checkout = Path(where).resolve() if where else None
         if checkout is not None and not (checkout / "bot" / "__init__.py").is_file():
             raise ValueError(f"{text!r}: {checkout} is not a checkout of this project (no bot/__init__.py)")
@@ -54,6 +57,7 @@ class System:
             "bot2": "two sessions",
             "grammy": "grammY + pg.Pool",
             "raw": "raw asyncpg",
+            "raw2": "raw asyncpg, two sessions",
         }
         where = [f"@{self.checkout.name}"] if self.checkout is not None else []
         return " ".join([names[self.kind], *where, *(f"{k}={v}" for k, v in self.env)])
