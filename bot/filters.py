@@ -43,12 +43,13 @@ class Filter:
         self._check = check
 
     async def __call__(self, ctx: Context[Any]) -> bool:
-        result = self._check(ctx)
-        if result is True or result is False:  # the common case, without inspecting
-            return result
-        if inspect.isawaitable(result):
-            result = await result
-        return bool(result)
+        return await settle(self._check(ctx))
+
+    def direct(self) -> Callable[[Context[Any]], Any]:
+        """What answers for this filter as it comes: a bool (nearly always), another value to take as
+        one, or an awaitable of either (`settle` makes it a bool). For a plain filter its function, so
+        that the router calls it with no frame of ours around it, on every update."""
+        return self._check
 
     def __and__(self, other: Check) -> Filter:
         return _All((self, as_filter(other)))
@@ -67,40 +68,60 @@ class Filter:
         return _Any((as_filter(other), self))
 
 
-class _All(Filter):
+class _Combined(Filter):
+    """A filter made of others: what answers for it is its own `__call__`."""
+
+    __slots__ = ()
+
+    def direct(self) -> Callable[[Context[Any]], Any]:
+        return self
+
+
+class _All(_Combined):
     __slots__ = ("_parts",)
 
     def __init__(self, parts: Iterable[Filter]) -> None:
-        self._parts = tuple(parts)
+        self._parts = tuple(part.direct() for part in parts)
 
     async def __call__(self, ctx: Context[Any]) -> bool:
         for part in self._parts:
-            if not await part(ctx):
+            answer = part(ctx)
+            if answer is not True and (answer is False or not await settle(answer)):
                 return False
         return True
 
 
-class _Any(Filter):
+class _Any(_Combined):
     __slots__ = ("_parts",)
 
     def __init__(self, parts: Iterable[Filter]) -> None:
-        self._parts = tuple(parts)
+        self._parts = tuple(part.direct() for part in parts)
 
     async def __call__(self, ctx: Context[Any]) -> bool:
         for part in self._parts:
-            if await part(ctx):
+            answer = part(ctx)
+            if answer is True or (answer is not False and await settle(answer)):
                 return True
         return False
 
 
-class _Not(Filter):
+class _Not(_Combined):
     __slots__ = ("_inner",)
 
     def __init__(self, inner: Filter) -> None:
-        self._inner = inner
+        self._inner = inner.direct()
 
     async def __call__(self, ctx: Context[Any]) -> bool:
-        return not await self._inner(ctx)
+        return not await settle(self._inner(ctx))
+
+
+async def settle(answer: Any) -> bool:
+    """A filter's answer (`Filter.direct`) as a bool, awaited first if it is awaitable."""
+    if answer is True or answer is False:  # the common case, without inspecting
+        return answer
+    if inspect.isawaitable(answer):
+        answer = await answer
+    return bool(answer)
 
 
 def as_filter(check: Check) -> Filter:

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeAlias, TypeVar
 from .callables import check_async
 from .context import Context
 from .errors import BotError
-from .filters import Check, Filter, as_filter, command
+from .filters import Check, as_filter, command, settle
 from .kinds import KindRoutes
 from .types import UPDATE_KINDS
 
@@ -44,14 +44,10 @@ class SkipHandler(BotError):
 @dataclass(frozen=True, slots=True)
 class _Route(Generic[S]):
     kinds: frozenset[str]
-    filters: tuple[Filter, ...]
+    # Each filter's `Filter.direct`: for a plain filter its function itself, called with no frame of ours
+    # around it (`match` runs every handler's filters of the update's kind, on every update).
+    checks: tuple[Callable[[Context[Any]], Any], ...]
     handler: Handler[S]
-
-    async def wants(self, ctx: Context[S]) -> bool:
-        for check in self.filters:
-            if not await check(ctx):
-                return False
-        return True
 
 
 # What `match` found in one router: its matching handlers and matching child routers, in the order
@@ -83,7 +79,7 @@ class Router(KindRoutes, Generic[S]):
         unknown = wanted - set(UPDATE_KINDS)
         if unknown or not wanted:
             raise ValueError(f"{self!r}: unknown update kinds {sorted(unknown)}; known: {UPDATE_KINDS}")
-        checks = tuple(as_filter(f) for f in filters)
+        checks = tuple(as_filter(f).direct() for f in filters)
 
         def register(handler: H) -> H:
             check_async(handler, "handler", "ctx")
@@ -162,58 +158,49 @@ class Router(KindRoutes, Generic[S]):
             # (_Route first: an isinstance() against Router goes through ABCMeta, for every entry of
             # every update, as KindRoutes is an ABC.)
             if isinstance(entry, _Route):
-                if kind in entry.kinds and await entry.wants(ctx):
-                    found.append(entry.handler)
+                if kind in entry.kinds:
+                    # Every filter agrees, asked in order until one does not.
+                    for check in entry.checks:
+                        answer = check(ctx)
+                        if answer is not True and (answer is False or not await settle(answer)):
+                            break
+                    else:
+                        found.append(entry.handler)
             else:
                 below = await entry.match(ctx, kind)
                 if below:
                     found.append((entry, below))
         return found
 
-    async def run(self, ctx: Context[S], found: Match) -> bool:
+    async def run(self, ctx: Context[S], found: Match, _index: int = 0) -> bool:
         """Run this router's middleware around its first match that does not skip. True if the update is
         done (a handler took it, or a middleware ended it by not calling next); False if every match
-        skipped, so the parent tries its next match."""
-        handled = False
-
-        async def handlers() -> None:
-            nonlocal handled
+        skipped, so the parent tries its next match. (`_index`: the middleware to start from, for the
+        `next` of the one before it: one frame per middleware, the handlers' loop in the last.)"""
+        middleware = self._middleware
+        if _index == len(middleware):
             for item in found:
                 if isinstance(item, tuple):
                     router, below = item
                     if await router.run(ctx, below):
-                        handled = True
-                        return
+                        return True
                     continue
                 try:
                     await item(ctx)
                 except SkipHandler:
                     continue
-                handled = True
-                return
-
-        reached = await self._wrapped(ctx, handlers, 0)
-        return handled or not reached
-
-    async def _wrapped(self, ctx: Context[S], inner: Next, index: int) -> bool:
-        """Run the middleware from `index` on around `inner`; False if one of them did not call next."""
-        if index == len(self._middleware):
-            await inner()
-            return True
-        called = False
-        reached = False
-        last = index + 1 == len(self._middleware)
+                return True
+            return False
+        handled = called = reached = False
 
         async def next_() -> None:
-            nonlocal called, reached
+            nonlocal handled, called, reached
             if called:
-                raise RuntimeError(f"middleware {self._middleware[index]!r} called next() twice")
+                raise RuntimeError(f"middleware {middleware[_index]!r} called next() twice")
             called = True
-            if last:  # the handlers themselves, with no call of _wrapped around them (every update)
-                await inner()
-                reached = True
-            else:
-                reached = await self._wrapped(ctx, inner, index + 1)
+            handled = await self.run(ctx, found, _index + 1)
+            reached = True
 
-        await self._middleware[index](ctx, next_)
-        return reached
+        await middleware[_index](ctx, next_)
+        # A middleware here or further in that did not call next ended the update.
+        return handled or not reached

@@ -78,22 +78,29 @@ class Unit:
         """The update's slot of each session, by name. With two or more, each transaction is first told
         the keys of those it holds (`Transaction.expect`), lazy ones included, before the first read: a
         transaction may read them in one round trip. Optional for a storage: one written before the hint
-        existed reads each key when asked, as it did."""
-        slots = {name: self.slot(config, config.key(update)) for name, config in sessions.items()}
+        existed reads each key when asked, as it did.
+
+        Loops rather than comprehensions, and no look-up of each session's transaction when there is one
+        (nearly every bot): each is a frame, on every update with a handler."""
+        slots: dict[str, SessionSlot[Any]] = {}
+        main = self.main if len(self.transactions) == 1 else None
+        keys: list[str] = []
+        for name, config in sessions.items():
+            key = config.key(update)
+            slots[name] = SessionSlot(
+                config, key, self.transaction_of(config) if main is None else main, self.claim
+            )
+            if key is not None:
+                keys.append(key)
         if len(slots) > 1:
-            self._expect(slots.values())
+            if main is None:
+                self._expect(slots.values())
+            elif keys and (expect := getattr(main, "expect", None)) is not None:
+                expect(keys)
         return slots
 
     def _expect(self, slots: Iterable[SessionSlot[Any]]) -> None:
-        if len(self.transactions) == 1:
-            # Every session in the bot's storage (nearly every bot): one transaction to tell, without
-            # looking each session's up. Measured, not only assumed: without this path the two-session
-            # bot executed 0.9-1.1% more instructions per update (bench/instructions.py -w T, twice).
-            keys = [slot.key for slot in slots if slot.key is not None]
-            expect = getattr(self.main, "expect", None)
-            if keys and expect is not None:
-                expect(keys)
-            return
+        """`expect` with several transactions: each told the keys of its own sessions."""
         by_tx: dict[int, tuple[Transaction, list[str]]] = {}
         for slot in slots:
             if slot.key is not None:
@@ -109,7 +116,10 @@ class Unit:
         for, outside this order): the bot's storage first, then the others in the order their first
         session is declared; key by key within each. One order for every update, so two updates can't
         each hold a row the other waits for."""
-        eager = [slot for slot in slots if not slot.config.lazy]
+        eager = []
+        for slot in slots:  # (not a comprehension: a frame, on every update)
+            if not slot.config.lazy:
+                eager.append(slot)
         if len(eager) < 2:
             return eager
         order = {storage_id: n for n, storage_id in enumerate(self.transactions)}

@@ -155,14 +155,16 @@ class Contended:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._until: dict[str, float] = {}  # key -> until when (monotonic)
+        # key -> until when (monotonic). Empty nearly always, so a caller on every update's path asks
+        # `contended.until and key in contended`: no call then.
+        self.until: dict[str, float] = {}
 
     def add(self, key: str) -> None:
         now = time.monotonic()
-        if len(self._until) > 1000:
-            self._until = {k: t for k, t in self._until.items() if t > now}
-        self._until[key] = now + self.seconds
+        if len(self.until) > 1000:
+            self.until = {k: t for k, t in self.until.items() if t > now}
+        self.until[key] = now + self.seconds
 
     def __contains__(self, key: str) -> bool:
-        until = self._until.get(key)
+        until = self.until.get(key)
         return until is not None and until > time.monotonic()

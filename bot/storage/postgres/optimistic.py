@@ -32,9 +32,6 @@ from .statements import unavailable_on_failure
 __all__ = ["OptimisticTransaction"]
 
 
-_NOT_WRITTEN: Any = object()
-
-
 @dataclass(slots=True)
 class _Row:
     """A session row as an optimistic transaction read it: what it answered, the version the statement
@@ -43,12 +40,10 @@ class _Row:
     session: StoredSession | None  # what read() answered (None: no session)
     revision: str | None  # the row's version when read (`optimistic_sql.revision`); None: there was no row
     cached: Cached | None = None  # read() answered from the SessionCache, with no round trip
-    write: tuple[StoredSession, float | None] | None = _NOT_WRITTEN  # (session, ttl); None: delete
-
-    @property
-    def writes(self) -> bool:
-        """Whether the statement changes the row (deleting a row that was not there changes nothing)."""
-        return self.write is not _NOT_WRITTEN and not (self.write is None and self.revision is None)
+    write: tuple[StoredSession, float | None] | None = None  # (session, ttl); None: delete, if `writes`
+    # Whether the statement changes the row (deleting a row that was not there changes nothing): kept as
+    # write() and delete() set it, not worked out each time it is asked (a frame, on every update).
+    writes: bool = False
 
 
 class OptimisticTransaction:
@@ -148,7 +143,7 @@ class OptimisticTransaction:
         known = self._rows.get(key)
         if known is not None:  # read twice: the same answer, checked once at the end
             return known.session
-        if key in self._contended:
+        if self._contended.until and key in self._contended:  # (nearly always empty: no call then)
             raise self._give_up(f"session {key!r} is contended: run it with locks")
         if not self._turns.take_free(key):
             await self._wait_turn(key)
@@ -168,7 +163,7 @@ class OptimisticTransaction:
             # (Read ahead, then written by another update of this process, or remembered anew: the row
             # is stale, and the statement would refuse it. What this process remembers is current.)
             # A key another process wrote lately is read afresh, unless a refresh was just learnt.
-            if cached is not None and (cached.refreshed or key not in self._shared):
+            if cached is not None and (cached.refreshed or not self._shared.until or key not in self._shared):
                 # No round trip: the statement at the end checks the version, as it would after a read. A
                 # redelivery is not told apart here but by its claim there (a conflict, then the lock).
                 self._rows[key] = _Row(cached.session, cached.revision, cached)
@@ -248,10 +243,12 @@ class OptimisticTransaction:
         return self._ahead.pop(key)[0]
 
     async def write(self, key: str, session: StoredSession, ttl: float | None = None) -> None:
-        self._read_before(key).write = (session, ttl)
+        row = self._read_before(key)
+        row.write, row.writes = (session, ttl), True
 
     async def delete(self, key: str) -> None:
-        self._read_before(key).write = None
+        row = self._read_before(key)
+        row.write, row.writes = None, row.revision is not None
 
     async def move(self, key: str, to: str, keep: float) -> None:
         raise self._give_up(f"moving session {key!r}: run it with locks")
@@ -304,7 +301,11 @@ class OptimisticTransaction:
         self._done = True
         read = self._rows
         # The rows written, in key order, each with its place among the rows read.
-        written = sorted((key, n) for n, (key, row) in enumerate(read.items()) if row.writes)
+        written = []
+        for n, (key, row) in enumerate(read.items()):  # (not a generator: a frame per row resumed)
+            if row.writes:
+                written.append((key, n))
+        written.sort()
         if self._claim is None and self._timer is None and not written and not calls:
             return []  # nothing to apply
         shape, values = self._statement(written, calls, bot_id, update_id, lease)
