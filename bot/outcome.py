@@ -23,7 +23,10 @@ class Status(enum.Enum):
 DONE = frozenset((Status.APPLIED, Status.FAILED, Status.DEAD_LETTER))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
+    """Not changed once made; not a frozen dataclass, which costs several times as much to build (each
+    field set through object.__setattr__), for every update."""
+
     status: Status
     to_send: list[PendingCall] = field(default_factory=list)

@@ -25,8 +25,11 @@ from . import StoredSession
 __all__ = ["Cached", "Contended", "SessionCache", "Turns"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Cached:
+    """Not changed once made, but not a frozen dataclass: building one of those costs several times as
+    much (each field set through object.__setattr__), and one is built for every session written."""
+
     # Both None: there was no row (a new chat; a user's lazy session read and left at its initial value).
     session: StoredSession | None
     revision: str | None  # the row's version when it held `session`: "<server start time>:<xmin>"

@@ -243,21 +243,22 @@ class OptimisticTransaction:
         return self._ahead.pop(key)[0]
 
     async def write(self, key: str, session: StoredSession, ttl: float | None = None) -> None:
-        row = self._read_before(key)
+        row = self._rows.get(key)  # (no call around it: every session an update changes is written)
+        if row is None:
+            raise self._unread(key)
         row.write, row.writes = (session, ttl), True
 
     async def delete(self, key: str) -> None:
-        row = self._read_before(key)
+        row = self._rows.get(key)
+        if row is None:
+            raise self._unread(key)
         row.write, row.writes = None, row.revision is not None
 
     async def move(self, key: str, to: str, keep: float) -> None:
         raise self._give_up(f"moving session {key!r}: run it with locks")
 
-    def _read_before(self, key: str) -> _Row:
-        row = self._rows.get(key)
-        if row is None:
-            raise self._give_up(f"session {key!r} written without being read: run it with locks")
-        return row
+    def _unread(self, key: str) -> Conflict:
+        return self._give_up(f"session {key!r} written without being read: run it with locks")
 
     async def enqueue(
         self, bot_id: int, update_id: int, calls: Sequence[OutgoingCall], lease: float
