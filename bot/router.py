@@ -10,7 +10,7 @@ grammY handler calling `next()` does; a router's middleware runs once, around al
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeAlias, TypeVar
 
@@ -172,35 +172,44 @@ class Router(KindRoutes, Generic[S]):
                     found.append((entry, below))
         return found
 
-    async def run(self, ctx: Context[S], found: Match, _index: int = 0) -> bool:
+    def run(self, ctx: Context[S], found: Match, _index: int = 0) -> Coroutine[Any, Any, bool]:
         """Run this router's middleware around its first match that does not skip. True if the update is
         done (a handler took it, or a middleware ended it by not calling next); False if every match
         skipped, so the parent tries its next match. (`_index`: the middleware to start from, for the
-        `next` of the one before it: one frame per middleware, the handlers' loop in the last.)"""
-        middleware = self._middleware
-        if _index == len(middleware):
-            for item in found:
-                if isinstance(item, tuple):
-                    router, below = item
-                    if await router.run(ctx, below):
-                        return True
-                    continue
-                try:
-                    await item(ctx)
-                except SkipHandler:
-                    continue
-                return True
-            return False
+        `next` of the one before it.)
+
+        Not a coroutine itself but the one that does the work, so that each level costs one: the
+        middleware's (`_around`, whose closure holds the chain's state) or the handlers' (none)."""
+        if _index < len(self._middleware):
+            return self._around(ctx, found, _index)
+        return self._handlers(ctx, found)
+
+    async def _handlers(self, ctx: Context[S], found: Match) -> bool:
+        for item in found:
+            if isinstance(item, tuple):
+                router, below = item
+                if await router.run(ctx, below):
+                    return True
+                continue
+            try:
+                await item(ctx)
+            except SkipHandler:
+                continue
+            return True
+        return False
+
+    async def _around(self, ctx: Context[S], found: Match, index: int) -> bool:
+        middleware = self._middleware[index]
         handled = called = reached = False
 
         async def next_() -> None:
             nonlocal handled, called, reached
             if called:
-                raise RuntimeError(f"middleware {middleware[_index]!r} called next() twice")
+                raise RuntimeError(f"middleware {middleware!r} called next() twice")
             called = True
-            handled = await self.run(ctx, found, _index + 1)
+            handled = await self.run(ctx, found, index + 1)
             reached = True
 
-        await middleware[_index](ctx, next_)
+        await middleware(ctx, next_)
         # A middleware here or further in that did not call next ended the update.
         return handled or not reached
