@@ -273,6 +273,40 @@ async def test_reads_of_a_new_chat_and_of_a_second_sender_at_once_take_one_round
     assert (await count_of(storage, "user:6"), await count_of(storage, "user:9")) == (1, 1)
 
 
+async def test_five_sessions_are_read_in_one_round_trip_of_eight_places_each_answered_once(
+    logged_with_args: tuple[PostgresStorage, list[str], list[Any]],
+) -> None:
+    """A new chat's update with five sessions (the chat's and four of its sender's, lazy): one read of the
+    five rows, in the text of the next multiple of four places (eight: the keys, three NULLs, then the
+    update's ids), each row answered once (`Batches` splits a batch's rows by that count), then the one
+    statement. All five remembered: the next update sends the statement alone."""
+    storage, sent, args = logged_with_args
+    others = ("a", "b", "c", "d")
+    lazy = {name: session(Count, get_session_key=user_key, prefix=f"{name}:", lazy=True) for name in others}
+    bot: Bot[Count] = Bot(session(Count), sessions=lazy)
+
+    @bot.message(text(equals="+"))
+    async def everyone(ctx: Context[Count]) -> None:
+        ctx.session.count += 1
+        for name in others:
+            (await ctx.get_session(name)).count += 1
+
+    run = Pipeline(bot, storage, ME, Metrics(), optimistic=True)
+    keys = [CHAT_KEY, *(f"{name}:{USER}" for name in others)]
+    trips = []
+    for update_id in (1, 2):
+        del sent[:], args[:]
+        assert (await run.process(plus(update_id))).status is Status.APPLIED
+        trips.append(len(sent))
+        if update_id == 1:
+            assert " AS done" in sent[0] and "$8::text" in sent[0] and "$9::text" not in sent[0], sent[0]
+            assert sorted(keys_read(args[0])) == sorted(keys)
+            assert list(args[0])[len(keys) :] == [None, None, None, ME.id, 1]
+    assert trips == [2, 1]
+    assert run.metrics.count("bot_optimistic_conflicts_total") == 0
+    assert [await count_of(storage, key) for key in keys] == [2] * len(keys)
+
+
 async def test_another_process_writing_the_second_session_refreshes_it_and_the_update_counts_once(
     logged: tuple[PostgresStorage, list[str]], database_url: str
 ) -> None:
