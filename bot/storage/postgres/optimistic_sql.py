@@ -58,11 +58,14 @@ def read_text(slots: int) -> str:
     LATERAL subquery that OFFSET 0 keeps from being pulled up into a join. So the server plans for
     exactly `slots` keys, in its custom plans and in the generic one alike, and keeps the generic one
     after five runs rather than planning every run (~40 µs; for an array it guessed ten keys, and that
-    plan looked dearer than one for the real two). And it can only look each key up in the index:
-    joined plainly, four keys on a small or never analyzed table (a new deployment, every benchmark
-    run) made a hash join over a scan of every row, a plan kept as the table grew, each read reading
-    every session (an array did so too: about half of the two-session bot's time in statements on
-    workload T)."""
+    plan looked dearer than one for the real two). And it looks each key up on its own, in the index
+    when the table was never analyzed (a new deployment, every benchmark run) or analyzed with more
+    than a few hundred rows: joined plainly, four keys on a small or never analyzed table made a hash
+    join over a scan of every row, a plan kept as the table grew, each read reading every session (an
+    array did so too: about half of the two-session bot's time in statements on workload T). (Analyzed
+    with a few hundred rows or fewer, a key's lookup is a scan of the table, cheaper there; that plan
+    too is kept as the table grows, until it is analyzed again: by default autovacuum does so once 50
+    rows and a tenth of the table have changed.)"""
     values = ", ".join(f"(${n}::text)" for n in range(1, slots + 1))
     return (
         f"SELECT k.key, EXISTS (SELECT FROM processed_updates WHERE bot_id = ${slots + 1}"
