@@ -48,8 +48,11 @@ class Filter:
     def direct(self) -> Callable[[Context[Any]], Any]:
         """What answers for this filter as it comes: a bool (nearly always), another value to take as
         one, or an awaitable of either (`settle` makes it a bool). For a plain filter its function, so
-        that the router calls it with no frame of ours around it, on every update."""
-        return self._check
+        that the router calls it with no frame of ours around it, on every update; for one whose class
+        answers with a `__call__` of its own (a combination, a user's subclass), the filter itself."""
+        if type(self).__call__ is Filter.__call__:
+            return self._check
+        return self
 
     def __and__(self, other: Check) -> Filter:
         return _All((self, as_filter(other)))
@@ -68,16 +71,7 @@ class Filter:
         return _Any((as_filter(other), self))
 
 
-class _Combined(Filter):
-    """A filter made of others: what answers for it is its own `__call__`."""
-
-    __slots__ = ()
-
-    def direct(self) -> Callable[[Context[Any]], Any]:
-        return self
-
-
-class _All(_Combined):
+class _All(Filter):
     __slots__ = ("_parts",)
 
     def __init__(self, parts: Iterable[Filter]) -> None:
@@ -91,7 +85,7 @@ class _All(_Combined):
         return True
 
 
-class _Any(_Combined):
+class _Any(Filter):
     __slots__ = ("_parts",)
 
     def __init__(self, parts: Iterable[Filter]) -> None:
@@ -105,7 +99,7 @@ class _Any(_Combined):
         return False
 
 
-class _Not(_Combined):
+class _Not(Filter):
     __slots__ = ("_inner",)
 
     def __init__(self, inner: Filter) -> None:

@@ -73,3 +73,62 @@ async def test_combinations(combined: Any, expected: bool, evaluated: list[str])
 )
 async def test_builtin_filters(check: Filter, raw: dict[str, Any], expected: bool) -> None:
     assert await check(ctx(raw)) is expected
+
+
+class FromUser(Filter):
+    """A filter written as aiogram's are: a subclass whose own `__call__` answers, with no function."""
+
+    def __init__(self, user_id: int) -> None:
+        self.user_id = user_id
+
+    async def __call__(self, c: Context[Any]) -> bool:
+        return c.from_user is not None and c.from_user.id == self.user_id
+
+
+class Noted(Filter):
+    """A subclass given a function, whose `__call__` adds to it: the override answers, not the function."""
+
+    def __init__(self, seen: list[str]) -> None:
+        super().__init__(lambda c: True)
+        self.seen = seen
+
+    async def __call__(self, c: Context[Any]) -> bool:
+        self.seen.append("noted")
+        return False
+
+
+@pytest.mark.parametrize(
+    ("combined", "expected", "evaluated"),
+    [
+        (lambda s: FromUser(7) & recorder(True, s, "b"), True, ["b"]),
+        (lambda s: FromUser(8) & recorder(True, s, "b"), False, []),
+        (lambda s: recorder(False, s, "a") | FromUser(7), True, ["a"]),
+        (lambda s: ~FromUser(7), False, []),
+        (lambda s: Noted(s) | recorder(True, s, "b"), True, ["noted", "b"]),
+        (lambda s: ~Noted(s), True, ["noted"]),
+    ],
+)
+async def test_a_subclass_overriding_call_answers_for_itself_in_combinations(
+    combined: Any, expected: bool, evaluated: list[str]
+) -> None:
+    seen: list[str] = []
+    assert await combined(seen)(ctx(message_update(1, -1, "x", from_id=7))) is expected
+    assert seen == evaluated
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (lambda c: c.message, True),
+        (lambda c: c.message.caption, False),
+        (lambda c: 0, False),
+        (lambda c: is_true(c), True),
+    ],
+)
+async def test_an_answer_that_is_not_a_bool_is_taken_as_one_inside_combinations(
+    answer: Any, expected: bool
+) -> None:
+    c = ctx(message_update(1, -1, "x"))
+    assert await (Filter(answer) & Filter(lambda c: True))(c) is expected
+    assert await (Filter(lambda c: False) | answer)(c) is expected
+    assert await (~Filter(answer))(c) is (not expected)

@@ -674,6 +674,55 @@ async def test_an_optimistic_delete_beside_a_write_of_another_key(postgres: Post
     assert [tuple(r) for r in rows] == [("new", "1")]
 
 
+@pytest.mark.parametrize(
+    ("there", "changes", "left"),
+    [
+        (False, ["delete"], None),  # nothing to delete: the statement writes no row, and still claims
+        (False, ["delete", "write"], "2"),
+        (False, ["write", "delete"], None),
+        (True, [], "1"),  # read, not written: checked only
+        (True, ["delete", "write"], "2"),
+        (True, ["write", "delete"], None),
+    ],
+)
+async def test_an_optimistic_session_ends_as_its_last_write_or_delete_left_it(
+    postgres: PostgresStorage, there: bool, changes: list[str], left: str | None
+) -> None:
+    if there:
+        await _write_count(postgres, "k", 1)
+    async with postgres.optimistic_transaction() as tx:
+        await tx.claim_update(1, 16)
+        await tx.read("k")
+        for change in changes:
+            if change == "write":
+                await tx.write("k", StoredSession('{"count": 2}'))
+            else:
+                await tx.delete("k")
+    assert await postgres.pool.fetchval("SELECT data->>'count' FROM sessions WHERE key = 'k'") == left
+    assert await postgres.pool.fetchval("SELECT count(*) FROM processed_updates WHERE update_id = 16") == 1
+
+
+@pytest.mark.parametrize("change", ["write", "delete"])
+async def test_an_optimistic_change_of_a_session_not_read_gives_up_even_if_the_handler_swallows_it(
+    postgres: PostgresStorage, change: str
+) -> None:
+    await _write_count(postgres, "k", 1)
+    refusal = "session 'other' written without being read: run it with locks"
+
+    async def attempt() -> None:
+        async with postgres.optimistic_transaction() as tx:
+            await tx.claim_update(1, 17)
+            await tx.read("k")
+            await tx.write("k", StoredSession('{"count": 2}'))
+            with pytest.raises(Conflict, match=refusal):  # and the handler swallows it
+                await (tx.write("other", StoredSession("{}")) if change == "write" else tx.delete("other"))
+
+    with pytest.raises(Conflict, match=refusal):  # again at the end: nothing of it applied
+        await attempt()
+    await _nothing_of_update_applied(postgres, 17)
+    assert await postgres.pool.fetchval("SELECT data->>'count' FROM sessions WHERE key = 'k'") == "1"
+
+
 async def test_values_that_cannot_be_sql_literals_still_commit(postgres: PostgresStorage) -> None:
     """The COMMIT rides with the writes as literals; quotes and backslashes must survive, and a NUL
     (which no literal can carry) falls back to parameters."""

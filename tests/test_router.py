@@ -370,3 +370,189 @@ async def test_edits_go_to_edited_message_handlers_and_new_messages_do_not() -> 
     ]
     channel_edit = message_update(3, -1, "post", kind="edited_channel_post")
     assert texts(await process(bot, channel_edit)) == ["you edited: post"]
+
+
+class FromUser(Filter):
+    """A filter written as aiogram's are: a subclass whose own `__call__` answers, with no function."""
+
+    def __init__(self, user_id: int) -> None:
+        self.user_id = user_id
+
+    async def __call__(self, ctx: Context[Any]) -> bool:
+        return ctx.from_user is not None and ctx.from_user.id == self.user_id
+
+
+class Refusing(Filter):
+    """A subclass given a function that says yes, whose `__call__` says no: the override decides."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda ctx: True)
+
+    async def __call__(self, ctx: Context[Any]) -> bool:
+        return False
+
+
+async def test_a_filter_subclass_with_its_own_call_decides_for_its_handler() -> None:
+    bot: Bot[None] = Bot()
+
+    @bot.message(Refusing())
+    async def refused(ctx: Context[None]) -> None:
+        ctx.reply("refused")
+
+    @bot.message(FromUser(7))
+    async def seven(ctx: Context[None]) -> None:
+        ctx.reply("seven")
+
+    @bot.message()
+    async def others(ctx: Context[None]) -> None:
+        ctx.reply("others")
+
+    assert texts(await process(bot, message_update(1, -1, "x", from_id=7))) == ["seven"]
+    assert texts(await process(bot, message_update(2, -1, "x", from_id=8))) == ["others"]
+
+
+async def test_filter_answers_that_are_not_bools_choose_handlers_as_their_truth_does() -> None:
+    bot: Bot[None] = Bot()
+
+    async def data(ctx: Context[None]) -> str | None:
+        return None if ctx.message is None else ctx.message.text
+
+    @bot.message(lambda ctx: ctx.message.caption)  # None: no
+    async def captioned(ctx: Context[None]) -> None:
+        ctx.reply("captioned")
+
+    @bot.message(lambda ctx: ctx.message, data)  # a Message, then "x": yes
+    async def texted(ctx: Context[None]) -> None:
+        ctx.reply("texted")
+
+    assert texts(await process(bot, message_update(1, -1, "x"))) == ["texted"]
+
+
+async def test_each_routers_middleware_runs_once_around_the_handler_that_takes_the_update() -> None:
+    bot: Bot[None] = Bot()
+    child: Router[None] = Router("child")
+    order: list[str] = []
+
+    def around(name: str) -> Callable[[Context[None], Next], Awaitable[None]]:
+        async def middleware(ctx: Context[None], next: Next) -> None:
+            order.append(f"{name} in")
+            await next()
+            order.append(f"{name} out")
+
+        return middleware
+
+    bot.use(around("a"))
+    bot.use(around("b"))
+    child.use(around("c"))
+
+    @bot.message()
+    async def skips(ctx: Context[None]) -> None:
+        order.append("bot skips")
+        raise SkipHandler
+
+    @child.message()
+    async def skips_too(ctx: Context[None]) -> None:
+        order.append("child skips")
+        raise SkipHandler
+
+    @child.message()
+    async def takes(ctx: Context[None]) -> None:
+        order.append("child takes")
+        ctx.reply("taken")
+
+    bot.include_router(child)
+    assert texts(await process(bot, message_update(1, -1, "x"))) == ["taken"]
+    assert order == [
+        "a in", "b in", "bot skips", "c in", "child skips", "child takes", "c out", "b out", "a out"
+    ]  # fmt: skip
+
+
+async def test_an_inner_middleware_that_does_not_call_next_ends_the_update_and_the_outer_finishes() -> None:
+    bot: Bot[None] = Bot()
+    gated: Router[None] = Router("gated")
+    order: list[str] = []
+
+    @gated.use
+    async def outer(ctx: Context[None], next: Next) -> None:
+        order.append("outer in")
+        await next()
+        order.append("outer out")
+
+    @gated.use
+    async def gate(ctx: Context[None], next: Next) -> None:
+        ctx.reply("gated")
+
+    @gated.message()
+    async def inside(ctx: Context[None]) -> None:
+        ctx.reply("inside")
+
+    bot.include_router(gated)
+
+    @bot.message()
+    async def sibling(ctx: Context[None]) -> None:
+        ctx.reply("sibling")
+
+    outcome = await process(bot, message_update(1, -1, "x"))
+    assert (outcome.status, texts(outcome), order) == (Status.APPLIED, ["gated"], ["outer in", "outer out"])
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+async def test_a_middleware_that_swallows_its_handlers_error_ends_the_update_no_sibling_runs(
+    levels: int,
+) -> None:
+    """The handler did not skip: the update is done there, as the middleware left it (the inner of two
+    middlewares swallowing, the outer sees its next return)."""
+    bot: Bot[None] = Bot()
+    careful: Router[None] = Router("careful")
+    order: list[str] = []
+
+    if levels == 2:
+
+        @careful.use
+        async def outer(ctx: Context[None], next: Next) -> None:
+            await next()
+            order.append("outer out")
+
+    @careful.use
+    async def swallow(ctx: Context[None], next: Next) -> None:
+        try:
+            await next()
+        except ValueError:
+            ctx.reply("swallowed")
+
+    @careful.message()
+    async def fails(ctx: Context[None]) -> None:
+        raise ValueError("boom")
+
+    bot.include_router(careful)
+
+    @bot.message()
+    async def sibling(ctx: Context[None]) -> None:
+        ctx.reply("sibling")
+
+    outcome = await process(bot, message_update(1, -1, "x"))
+    assert (outcome.status, texts(outcome)) == (Status.APPLIED, ["swallowed"])
+    assert order == ["outer out"] * (levels - 1)
+
+
+async def test_an_inner_middleware_calling_next_twice_is_a_dead_letter_naming_it() -> None:
+    bot: Bot[None] = Bot()
+
+    @bot.use
+    async def outer(ctx: Context[None], next: Next) -> None:
+        await next()
+
+    @bot.use
+    async def twice(ctx: Context[None], next: Next) -> None:
+        await next()
+        await next()
+
+    @bot.message()
+    async def handler(ctx: Context[None]) -> None:
+        ctx.reply("once")
+
+    storage = MemoryStorage()
+    outcome = await process(bot, message_update(1, -1, "x"), storage)
+    assert (outcome.status, outcome.to_send) == (Status.DEAD_LETTER, [])
+    [letter] = await storage.dead_letters(ME.id)
+    assert "twice" in letter.error and "called next() twice" in letter.error
