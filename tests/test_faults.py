@@ -24,7 +24,7 @@ import pytest
 from bot.app import SECRET_HEADER
 from bot.apps.pizza_testing import PIZZA, hunger
 from bot.pooler import transaction_pooler
-from bot.testing.delivery import DeliveryStats, deliver
+from bot.testing.delivery import DeliveryStats, LoopbackHttp, Poster, deliver
 from bot.testing.env import FAULT_ENV, SECRET, USERNAME, bot_env
 from bot.testing.fake_telegram import FakeTelegram
 from bot.testing.processes import BotProcess
@@ -33,6 +33,10 @@ from bot.testing.updates import callback_update, encode, message_update
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 RESULTS: dict[str, dict[str, Any]] = {}
+
+# check_counts asks up to 200 chats at once: at Telegram's default 30 replies a second the bot would take
+# seconds to let the answers out, which no test here is about (test_outbox.py tests the pacing).
+UNPACED = {"SEND_RATE_GLOBAL": "1000"}
 
 # The exactness tests run twice: straight to PostgreSQL, and through PgBouncer in transaction mode.
 BOTH_ROUTES = pytest.mark.parametrize("route", ["direct", "pgbouncer"])
@@ -68,7 +72,7 @@ def start_bot(
 
     def start(port: int | None = None, **env: str) -> BotProcess:
         process = BotProcess(
-            bot_env(url, telegram_root, **{**FAULT_ENV, **pooled, **env}),
+            bot_env(url, telegram_root, **{**FAULT_ENV, **UNPACED, **pooled, **env}),
             tmp_path / f"bot-{len(started)}.log",
             port=port,
         )
@@ -103,7 +107,7 @@ def workload(
 
 
 async def check_counts(
-    client: httpx.AsyncClient, url: str, fake: FakeTelegram, expected: Counter[int], first_id: int
+    client: Poster, url: str, fake: FakeTelegram, expected: Counter[int], first_id: int
 ) -> None:
     """Ask /hunger in every chat; each must be answered exactly once, with the exact count."""
     fake.reset()
@@ -134,7 +138,7 @@ async def test_two_processes_share_one_hot_chat_without_losing_an_increment(
     updates = [message_update(i, -77, PIZZA) for i in range(1, 2001)]
     turn = iter(range(10**9))
     urls = [first.url + "/webhook", second.url + "/webhook"]
-    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as client:
+    async with LoopbackHttp(timeout=30) as client:
         stats = await deliver(client, lambda: urls[next(turn) % 2], SECRET, updates, in_flight=64)
         await check_counts(client, first.url, fake, Counter({-77: 2000}), 10**6)
     record(f"two processes, one chat ({route})", stats, lost=0, doubled=0)
@@ -153,7 +157,7 @@ async def test_two_processes_share_a_group_s_list_and_its_people_s_stats(
     presses = [callback_update(100 + n, group, people[n % 4], f"done:{n}") for n in range(1, 21)]
     turn = iter(range(10**9))
     urls = [b.url + "/webhook" for b in bots]
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with LoopbackHttp(timeout=30) as client:
         for wave in (adds, presses):  # a task is pressed once it is on the list
             await deliver(client, lambda: urls[next(turn) % 2], SECRET, wave, in_flight=16)
     db = await asyncpg.connect(database_url)
@@ -175,7 +179,7 @@ async def test_redelivered_updates_are_applied_once(start_bot: Any, fake: FakeTe
     bot = start_bot()
     updates, expected = workload(chats=25, per_chat=20)
     asks = [hunger(10_000 + i, -1000 - i % 25) for i in range(50)]
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with LoopbackHttp(timeout=30) as client:
         # Every update twice: half of the second copies overlap the first attempt.
         stats = await deliver(
             client, lambda: bot.url + "/webhook", SECRET, updates + asks, duplicate_share=0.5
@@ -191,7 +195,8 @@ async def test_redelivered_updates_are_applied_once(start_bot: Any, fake: FakeTe
 async def test_kill_9_mid_load_then_a_fresh_process_serves_the_rest(
     start_bot: Any, fake: FakeTelegram
 ) -> None:
-    bot = start_bot()
+    # Paced as Telegram's default: the kill then finds replies committed and not yet sent.
+    bot = start_bot(SEND_RATE_GLOBAL="30")
     port = bot.port
     updates, expected = workload(chats=50, per_chat=20)
     asks = [hunger(50_000 + i, -1000 - i) for i in range(50)]
@@ -205,8 +210,10 @@ async def test_kill_9_mid_load_then_a_fresh_process_serves_the_rest(
         await asyncio.sleep(0.05)
         current[0].kill()
         killed_at.append(time.time())  # the process is gone now
-        current[0] = await asyncio.to_thread(start_bot, port)
+        current[0] = await asyncio.to_thread(start_bot, port, SEND_RATE_GLOBAL="30")
 
+    # httpx, not LoopbackHttp: at httpx's pace the load lasts through the fault (the lean client
+    # delivers it in a fraction of a second, over before the fault comes).
     async with httpx.AsyncClient(timeout=30) as client:
         kill = asyncio.create_task(killer())
         stats = await deliver(client, lambda: f"http://127.0.0.1:{port}/webhook", SECRET, mixed, in_flight=16)
@@ -239,6 +246,8 @@ async def test_postgres_restart_mid_load_the_bot_recovers_by_itself(
         pytest.skip("TEST_DATABASE_URL points at a server this test cannot restart")
     bot = start_bot()
     updates, expected = workload(chats=40, per_chat=25)
+    # httpx, not LoopbackHttp: at httpx's pace the load lasts through the fault (the lean client
+    # delivers it in a fraction of a second, over before the fault comes).
     async with httpx.AsyncClient(timeout=30) as client:
         restarted = threading.Event()
 
@@ -278,6 +287,8 @@ async def test_terminated_backends_mid_load_lose_and_double_nothing(
         finally:
             await conn.close()
 
+    # httpx, not LoopbackHttp: at httpx's pace the load lasts through the fault (the lean client
+    # delivers it in a fraction of a second, over before the fault comes).
     async with httpx.AsyncClient(timeout=30) as client:
         task = asyncio.create_task(terminate_backends())
         stats = await deliver(client, lambda: bot.url + "/webhook", SECRET, updates, in_flight=16)
@@ -299,7 +310,7 @@ async def test_a_transaction_pooler_on_a_port_auto_does_not_know_answers_no_503(
     await pgbouncer.leave_prepared_statements(database_url)
     bot = start_bot(DB_POOLER=setting)
     updates, expected = workload(chats=200, per_chat=10)  # 2,000
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with LoopbackHttp(timeout=30) as client:
         # Telegram-like: 40 in flight, one per chat at a time, anything but a 2xx delivered again.
         stats = await deliver(
             client, lambda: bot.url + "/webhook", SECRET, updates, in_flight=40, one_per_chat=True
@@ -319,7 +330,7 @@ async def test_a_stop_signal_finishes_requests_in_flight_and_exits_cleanly(
 ) -> None:
     bot = start_bot(DB_LOCK_TIMEOUT="20")
     updates = [message_update(i, -88, PIZZA) for i in range(1, 21)]
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with LoopbackHttp(timeout=30) as client:
         blocker = await asyncpg.connect(database_url)
         try:
             await deliver(client, lambda: bot.url + "/webhook", SECRET, updates[:1])

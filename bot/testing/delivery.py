@@ -46,11 +46,14 @@ class LoopbackHttp:
     """A minimal keep-alive HTTP/1.1 client for benchmarks.
 
     httpx spends several times the CPU of the bot under test per request; on a 2-core machine that
-    makes the load generator the bottleneck. This one only writes a POST and reads the status line,
+    makes the load generator the bottleneck (of benchmarks, and of the fault tests' loads too). This one only writes a POST and reads the status line,
     headers and a Content-Length body, which is all our webhook answers with.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float | None = None) -> None:
+        """`timeout`: seconds for a whole request, connecting included, as httpx's client has one; past
+        it the request fails like a dropped connection (a bot stuck on a request must not hang a test)."""
+        self._timeout = timeout
         self._idle: dict[tuple[str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = (
             defaultdict(list)
         )
@@ -70,24 +73,34 @@ class LoopbackHttp:
         parts = urlsplit(url)
         address = self._address(parts)
         idle = self._idle[address]
-        reader, writer = idle.pop() if idle else await asyncio.open_connection(*address)
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         request = f"POST {parts.path} HTTP/1.1\r\nhost: {parts.netloc}\r\ncontent-length: {len(content)}\r\n{head}\r\n"
+        writer: asyncio.StreamWriter | None = None
         try:
-            writer.write(request.encode("latin-1") + content)
-            status_line = await reader.readline()
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            await reader.readexactly(length)
-            status = int(status_line.split()[1])
-        except (OSError, IndexError, ValueError, asyncio.IncompleteReadError) as exc:
-            writer.close()
+            async with asyncio.timeout(self._timeout):
+                # A refused connection (a process killed, not yet restarted) fails as httpx's would.
+                reader, writer = idle.pop() if idle else await asyncio.open_connection(*address)
+                writer.write(request.encode("latin-1") + content)
+                status_line = await reader.readline()
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                status = int(status_line.split()[1])
+        except (OSError, IndexError, ValueError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            if writer is not None:
+                writer.close()
             raise httpx.TransportError(f"connection failed: {exc!r}") from exc
         idle.append((reader, writer))
         return _Status(status)
+
+    async def __aenter__(self) -> LoopbackHttp:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     async def aclose(self) -> None:
         for connections in self._idle.values():
