@@ -171,7 +171,17 @@ async def test_cancel_ends_the_dialog_and_its_timeout(talk: Any) -> None:
         await chat.say("Ann")
         assert await chat.say("/cancel") == "Cancelled."
         await chat.send(chat.message("33"))  # no dialog: not an answer
-        assert await quiet(chat, TIMEOUT * 3) == ["Your name?", "Ann, your age?", "Cancelled."]
+        # Bob's dialog, begun after Ann's cancel, times out after Ann's would have: once his has, hers
+        # (due first, picked no later) would have said so too, instead of waiting out her timeout thrice.
+        assert await chat.say("/signup", sender=BOB) == "Your name?"
+        await chat.fake.wait_for_async(lambda: chat.said()[-1] == "Too slow at Signup:name.")
+        assert await quiet(chat, 0.5) == [
+            "Your name?",
+            "Ann, your age?",
+            "Cancelled.",
+            "Your name?",
+            "Too slow at Signup:name.",
+        ]
 
 
 async def test_an_unanswered_dialog_ends_once_when_its_last_step_times_out(talk: Any) -> None:
