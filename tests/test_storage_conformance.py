@@ -58,7 +58,7 @@ async def test_the_suite_fails_a_storage_without_locks_on_every_concurrency_prom
     async def make() -> Storage:
         return LocklessStorage()
 
-    assert set(await run_checks(make, seconds_per_check=10)) == {
+    assert set(await run_checks(make, seconds_per_check=10, at_once=True)) == {
         "concurrent_writers_on_one_key_serialize",
         "a_read_waits_for_the_holder_to_commit",
         "a_read_of_a_missing_key_waits_too",
@@ -73,7 +73,7 @@ async def test_the_suite_fails_a_storage_that_does_not_roll_back() -> None:
     async def make() -> Storage:
         return CommitsOnErrorStorage()
 
-    assert set(await run_checks(make, seconds_per_check=10)) == {
+    assert set(await run_checks(make, seconds_per_check=10, at_once=True)) == {
         "rollback_discards_writes",
         "a_rolled_back_claim_can_be_claimed_again",
         "a_claim_waits_for_the_first_attempt",
