@@ -46,8 +46,9 @@ class LoopbackHttp:
     """A minimal keep-alive HTTP/1.1 client for benchmarks.
 
     httpx spends several times the CPU of the bot under test per request; on a 2-core machine that
-    makes the load generator the bottleneck (of benchmarks, and of the fault tests' loads too). This one only writes a POST and reads the status line,
-    headers and a Content-Length body, which is all our webhook answers with.
+    makes the load generator the bottleneck (of benchmarks, and of the fault tests' loads too). This one
+    only writes a POST and reads the status line, headers and a Content-Length body, which is all our
+    webhook answers with.
     """
 
     def __init__(self, timeout: float | None = None) -> None:

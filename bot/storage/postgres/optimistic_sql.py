@@ -69,10 +69,9 @@ def read_text(slots: int) -> str:
     values = ", ".join(f"(${n}::text)" for n in range(1, slots + 1))
     return (
         f"SELECT k.key, EXISTS (SELECT FROM processed_updates WHERE bot_id = ${slots + 1}"
-        f" AND update_id = ${slots + 2}) AS done, s.revision, s.moved_to, s.lasting, s.data, s.version,"
-        f" s.expired FROM (VALUES {values}) AS k (key) LEFT JOIN LATERAL (SELECT {revision()} AS revision,"
-        f" moved_to, expires_at IS NULL AS lasting, {session_columns()} FROM sessions WHERE key = k.key"
-        " OFFSET 0) AS s ON true WHERE k.key IS NOT NULL"
+        f" AND update_id = ${slots + 2}) AS done, s.* FROM (VALUES {values}) AS k (key)"
+        f" LEFT JOIN LATERAL (SELECT {revision()} AS revision, moved_to, expires_at IS NULL AS lasting,"
+        f" {session_columns()} FROM sessions WHERE key = k.key OFFSET 0) AS s ON true WHERE k.key IS NOT NULL"
     )
 
 
