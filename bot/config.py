@@ -267,7 +267,9 @@ def load_settings(
 
     database_notes: list[str] = []
     database_url = _database_url(env, "DATABASE_URL", database_notes)
-    if database_url is None and token is not None and needs_database and not _bool(env, "ALLOW_EMBEDDED_DB"):
+    # Read whether or not it matters here, so that a typo is named before the day it would.
+    allow_embedded = _bool(env, "ALLOW_EMBEDDED_DB")
+    if database_url is None and token is not None and needs_database and not allow_embedded:
         # A real bot on the embedded trial database loses every count when the platform restarts it.
         raise ConfigError(
             "DATABASE_URL: required when BOT_TOKEN is set (the embedded database is for local trials and"

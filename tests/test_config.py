@@ -162,6 +162,14 @@ def test_allow_embedded_db_lets_a_token_use_the_embedded_database() -> None:
     assert settings.database_url is None
 
 
+@pytest.mark.parametrize("env", [{}, {"DATABASE_URL": "postgresql://u@db/bot"}])
+def test_a_malformed_allow_embedded_db_is_named_even_where_it_is_not_needed(env: dict[str, str]) -> None:
+    # A trial (or a deploy with DATABASE_URL) used to ignore the typo; the same value then meant
+    # nothing once a token was added, where it is refused.
+    with pytest.raises(ConfigError, match=r"^ALLOW_EMBEDDED_DB: expected true or false, got 'maybe'"):
+        load_settings({**env, "ALLOW_EMBEDDED_DB": "maybe"})
+
+
 def test_commands_that_need_no_secret_or_database_do_not_ask_for_them() -> None:
     # migrate: the database only; webhook-info and delete-webhook: the token only.
     assert load_settings({**PRODUCTION, "WEBHOOK_SECRET": ""}, needs_secret=False).database_url
