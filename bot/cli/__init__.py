@@ -32,6 +32,13 @@ from .webhook import delete_webhook, set_webhook, webhook_info
 __all__ = ["main"]
 
 
+def _port(value: str) -> int:
+    """--port as PORT is checked: past 65535, uvicorn's bind would end in a traceback."""
+    if not (value.isdigit() and 1 <= int(value) <= 65535):
+        raise argparse.ArgumentTypeError(f"not a port number from 1 to 65535: {value!r}")
+    return int(value)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bot", description="Run a Telegram bot with exactly-once sessions in PostgreSQL."
@@ -48,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         " (no DATABASE_URL: a local embedded PostgreSQL)",
     )
     serve_cmd.add_argument("--host", help="interface to listen on (default: HOST, else 127.0.0.1)")
-    serve_cmd.add_argument("--port", type=int, help="port (default: PORT, else 8000)")
+    serve_cmd.add_argument("--port", type=_port, help="port (default: PORT, else 8000)")
     serve_cmd.add_argument(
         "--skip-migration-check", action="store_true", help="start even if the database looks unmigrated"
     )

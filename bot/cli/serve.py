@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -103,16 +105,37 @@ def _explain_processes(settings: Settings) -> None:
         )
 
 
+def _can_listen(host: str, port: int, host_name: str, port_name: str) -> None:
+    """Bind once and let go, before anything else starts: uvicorn reports a port in use, or a host that
+    is not this machine's, in a log line naming no setting (and exits 3), after the database was started
+    and the webhook registered for a process that cannot serve."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # (as uvicorn decides)
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            # Unresolvable, or not an address of this machine: the host's fault; in use, or below 1024
+            # without the privilege: the port's.
+            bad_host = isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
+            raise Fail(
+                f"{host_name if bad_host else port_name}: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from exc
+
+
 def serve(settings: Settings, args: argparse.Namespace) -> int:
     from .. import server
     from ..app import create_app
 
     bot = bot_to_run(settings, args)
+    host, port = args.host or settings.host, args.port or settings.port
+    host_name = "--host" if args.host else "HOST"
+    _can_listen(host, port, host_name, "--port" if args.port else "PORT")
+    if settings.metrics_port is not None:
+        _can_listen(host, settings.metrics_port, host_name, "METRICS_PORT")
     with database(settings, bot.name) as live:
         # Checked before uvicorn starts: a failure inside its lifespan would end in a traceback.
         checked = asyncio.run(_preflight(live, bot, check_migrations=not args.skip_migration_check))
-        host = args.host or checked.host
-        port = args.port or checked.port
         if checked.bot_token is None:
             # The local trial's banner, loaded only for it. It describes the configured database, not the
             # embedded one's URL, once database() has found the embedded server installed.
