@@ -97,6 +97,9 @@ class EmbeddedPostgres:
         began = time.monotonic()
         data_dir = data_dir.expanduser().resolve()
         data_dir.parent.mkdir(parents=True, exist_ok=True)
+        if data_dir.is_dir() and any(data_dir.iterdir()) and not (data_dir / "PG_VERSION").exists():
+            # initdb would refuse it, in many lines; a folder of the user's own, most likely.
+            raise RuntimeError("it holds files but no PostgreSQL data (no PG_VERSION)")
         if os.geteuid() == 0 and (closed := _closed_parents(data_dir)):
             log.warning(
                 "local database: running as root, the embedded server opens %s to all users (g+rx,o+rx); "

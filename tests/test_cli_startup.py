@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,29 @@ def test_a_port_option_out_of_range_is_refused_by_the_parser_not_a_traceback(por
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("bot serve: error: argument --port: ")
+
+
+@pytest.mark.parametrize(
+    ("folder", "cause"),
+    [
+        # Under a file, not a folder: as with a typo'd path, or one the user cannot write to.
+        ("a-file/pg", "File exists"),
+        # A folder of the user's own (initdb refuses it in twenty lines).
+        ("documents", "it holds files but no PostgreSQL data"),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+def test_an_embedded_data_folder_that_cannot_be_used_is_one_line_naming_embedded_pg_dir(
+    command: str, folder: str, cause: str, tmp_path: Path
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "documents").mkdir()
+    (tmp_path / "documents" / "notes.txt").write_text("mine")
+    data_dir = tmp_path / folder
+    env = {"DATABASE_URL": "", "BOT_TOKEN": "", "EMBEDDED_PG_DIR": str(data_dir), "PORT": str(free_port())}
+    result = bot(command, env=env)
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert line.startswith(f"bot: EMBEDDED_PG_DIR: cannot start the embedded PostgreSQL in {data_dir}: ")
+    assert cause in line
+    assert (tmp_path / "documents" / "notes.txt").read_text() == "mine"

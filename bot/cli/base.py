@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import subprocess
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -57,7 +59,21 @@ def database(settings: Settings, app_name: str = "bot") -> Iterator[Settings]:
             " '.[local]'), or set DATABASE_URL"
         ) from exc
 
-    server = EmbeddedPostgres.start(default_data_dir(settings.embedded_pg_dir, app_name))
+    data_dir = default_data_dir(settings.embedded_pg_dir, app_name)
+    try:
+        server = EmbeddedPostgres.start(data_dir)
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        # A folder that cannot be made or written, initdb or pg_ctl failing on it (the package logs
+        # their output), no socket path short enough: raised as they come, they ended in a traceback.
+        said = (
+            f"{Path(exc.cmd[0]).name} failed (exit status {exc.returncode}; its output is logged above)"
+            if isinstance(exc, subprocess.CalledProcessError)
+            else _first_line(exc)
+        )
+        raise Fail(
+            f"EMBEDDED_PG_DIR: cannot start the embedded PostgreSQL in {data_dir}: {said}"
+            " (set EMBEDDED_PG_DIR to a folder you can write to, or DATABASE_URL)"
+        ) from exc
     try:
         dsn = server.dsn()
         applied = asyncio.run(migrate(dsn))
