@@ -30,20 +30,14 @@ def configuration_table() -> set[str]:
     return {name for cell in rows for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", cell)}
 
 
-def test_the_scan_finds_what_config_reads() -> None:
+def test_the_readme_and_the_package_name_the_same_variables() -> None:
     read = variables_read()
     assert {"BOT_TOKEN", "DATABASE_URL", "PORT", "DB_POOL_MAX", "WEB_CONCURRENCY_SET_BY"} <= set(read)
-
-
-def test_every_variable_the_package_reads_is_in_the_readme() -> None:
-    missing = {name: str(path) for name, path in variables_read().items() if f"`{name}`" not in README}
+    missing = {name: str(path) for name, path in read.items() if f"`{name}`" not in README}
     assert not missing, f"read but not in README.md: {missing}"
-
-
-def test_every_variable_of_the_configuration_table_is_read() -> None:
     table = configuration_table()
     assert len(table) > 40
-    assert not table - set(variables_read()), "documented but never read"
+    assert not table - set(read), "in README.md's Configuration table but never read"
 
 
 def test_the_readme_shows_the_banner_serve_prints() -> None:
