@@ -182,10 +182,25 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
     return raw
 
 
+def _check_userinfo(name: str, raw: str) -> None:
+    """A password pasted unencoded with a / ? or # in it ends the URL's address part there: what follows
+    would be checked as a port, path or query, and the error would quote the password's first characters."""
+    _, found, rest = raw.partition("://")
+    address = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    cut_off, at, _ = rest[len(address) :].partition("@")
+    # An @ further on, not after a parameter's = or &: the address's own @, cut off from it.
+    if found and at and "@" not in address and not re.search(r"[=&]", cut_off):
+        raise ConfigError(
+            f"{name}: the user or password holds a / ? or # (each ends a URL's address part): write them"
+            " percent-encoded, %2F %3F %23"
+        )
+
+
 def _database_url(env: Mapping[str, str], name: str, notes: list[str]) -> str | None:
     """A postgres URL whose parts the driver will accept: checked here, so that a typo is one line at
     start-up, not a traceback from inside asyncpg at the first connection. libpq-only parameters are
     left out (a note for each goes to `notes`)."""
+    _check_userinfo(name, env.get(name, "").strip())
     url = _url(env, name, ("postgres", "postgresql"))
     if url is None:
         return None

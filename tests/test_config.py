@@ -117,6 +117,27 @@ def test_well_formed_database_urls_pass_the_checks(url: str) -> None:
     assert load_settings({"DATABASE_URL": url}).database_url == url
 
 
+@pytest.mark.parametrize("password", ["s3cr#et-Pa55", "s3cr/et-Pa55", "s3cr?et-Pa55", "9999#et-Pa55"])
+@pytest.mark.parametrize("variable", ["DATABASE_URL", "DATABASE_DIRECT_URL"])
+def test_a_password_that_breaks_its_url_is_named_as_such_and_never_shown(
+    variable: str, password: str
+) -> None:
+    # Pasted unencoded, a / ? or # ends the URL's address part inside the password: the port check
+    # then reported "the port is not a number, got 's3cr'", the password's first characters in the log.
+    with pytest.raises(ConfigError) as caught:
+        load_settings({variable: f"postgresql://bot:{password}@db.example.com:5432/bot"})
+    message = str(caught.value)
+    assert message.startswith(f"{variable}: the user or password holds a / ? or # ")
+    assert "%2F" in message
+    assert password[:4] not in message
+    # While an @ of a parameter, not of the address (Azure's user@server), is no such thing.
+    for url in (
+        "postgresql://db.example.com/bot?user=bot@myserver&password=pw",
+        "postgresql://bot%40myserver:p%23ss@db.example.com/bot",
+    ):
+        assert getattr(load_settings({variable: url}), variable.lower()) == url
+
+
 def test_unix_socket_database_url_is_accepted() -> None:
     url = "postgresql://postgres@/bot?host=/tmp/pg"
     assert load_settings({"DATABASE_URL": url}).database_url == url
