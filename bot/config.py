@@ -237,6 +237,13 @@ def _webhook_urls(env: Mapping[str, str]) -> list[tuple[str, str]]:
     found = []
     explicit = _url(env, "WEBHOOK_URL", ("https", "http"))
     if explicit is not None:
+        address = urlsplit(explicit)
+        if address.path in ("", "/"):
+            # Telegram would POST every update to /, answered 404: a healthy-looking bot receiving nothing.
+            raise ConfigError(
+                "WEBHOOK_URL: has no path, and the bot answers at /webhook:"
+                f" {address.scheme}://{address.netloc}/webhook"
+            )
         found.append((explicit, "WEBHOOK_URL"))
     for name, template in _PLATFORM_URLS:
         value = env.get(name, "").strip().rstrip("/")

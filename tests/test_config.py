@@ -138,6 +138,16 @@ def test_a_password_that_breaks_its_url_is_named_as_such_and_never_shown(
         assert getattr(load_settings({variable: url}), variable.lower()) == url
 
 
+@pytest.mark.parametrize(
+    "url", ["https://bot.example.com", "https://bot.example.com/", "https://bot.example.com?x=1"]
+)
+def test_a_webhook_url_without_a_path_is_refused_saying_where_the_bot_answers(url: str) -> None:
+    # Telegram would POST every update to /, which answers 404: a deploy that looks healthy and
+    # receives nothing. (Another path stays allowed: a proxy may map it to /webhook.)
+    with pytest.raises(ConfigError, match=r"^WEBHOOK_URL: .*/webhook"):
+        load_settings({"WEBHOOK_URL": url})
+
+
 def test_unix_socket_database_url_is_accepted() -> None:
     url = "postgresql://postgres@/bot?host=/tmp/pg"
     assert load_settings({"DATABASE_URL": url}).database_url == url
