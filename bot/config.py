@@ -184,15 +184,16 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
 
 def _check_userinfo(name: str, raw: str) -> None:
     """A password pasted unencoded with a / ? or # in it ends the URL's address part there: what follows
-    would be checked as a port, path or query, and the error would quote the password's first characters."""
+    would be checked as a port, path or query, and the error would quote the password's first characters.
+    One with an @ is split by asyncpg at the first @, which leaves the rest of it as the host."""
     _, found, rest = raw.partition("://")
     address = re.split(r"[/?#]", rest, maxsplit=1)[0]
     cut_off, at, _ = rest[len(address) :].partition("@")
     # An @ further on, not after a parameter's = or &: the address's own @, cut off from it.
-    if found and at and "@" not in address and not re.search(r"[=&]", cut_off):
+    if found and (address.count("@") > 1 or (at and "@" not in address and not re.search(r"[=&]", cut_off))):
         raise ConfigError(
-            f"{name}: the user or password holds a / ? or # (each ends a URL's address part): write them"
-            " percent-encoded, %2F %3F %23"
+            f"{name}: the user or password holds a / ? # or @ (each ends a URL's address part, or its"
+            " user): write them percent-encoded, %2F %3F %23 %40"
         )
 
 

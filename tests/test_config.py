@@ -117,17 +117,20 @@ def test_well_formed_database_urls_pass_the_checks(url: str) -> None:
     assert load_settings({"DATABASE_URL": url}).database_url == url
 
 
-@pytest.mark.parametrize("password", ["s3cr#et-Pa55", "s3cr/et-Pa55", "s3cr?et-Pa55", "9999#et-Pa55"])
+@pytest.mark.parametrize(
+    "password", ["s3cr#et-Pa55", "s3cr/et-Pa55", "s3cr?et-Pa55", "9999#et-Pa55", "s3cr@et-Pa55"]
+)
 @pytest.mark.parametrize("variable", ["DATABASE_URL", "DATABASE_DIRECT_URL"])
 def test_a_password_that_breaks_its_url_is_named_as_such_and_never_shown(
     variable: str, password: str
 ) -> None:
     # Pasted unencoded, a / ? or # ends the URL's address part inside the password: the port check
     # then reported "the port is not a number, got 's3cr'", the password's first characters in the log.
+    # An @ passed, and asyncpg, which splits at the first @, looked for a host "et-Pa55@db.example.com".
     with pytest.raises(ConfigError) as caught:
         load_settings({variable: f"postgresql://bot:{password}@db.example.com:5432/bot"})
     message = str(caught.value)
-    assert message.startswith(f"{variable}: the user or password holds a / ? or # ")
+    assert message.startswith(f"{variable}: the user or password holds a / ? # or @ ")
     assert "%2F" in message
     assert password[:4] not in message
     # While an @ of a parameter, not of the address (Azure's user@server), is no such thing.
