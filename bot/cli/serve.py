@@ -106,9 +106,9 @@ def _explain_processes(settings: Settings) -> None:
 
 
 def _can_listen(host: str, port: int, host_name: str, port_name: str) -> None:
-    """Bind once and let go, before anything else starts: uvicorn reports a port in use, or a host that
-    is not this machine's, in a log line naming no setting (and exits 3), after the database was started
-    and the webhook registered for a process that cannot serve."""
+    """Bind once and let go, before the database starts or the webhook is registered: uvicorn would find
+    a port in use, or a host that is not this machine's, only after both, and report it in a log line
+    naming no setting (exiting 3)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET  # (as uvicorn decides)
     with socket.socket(family) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
