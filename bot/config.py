@@ -169,8 +169,10 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
     except ValueError as exc:  # an unbalanced IPv6 bracket, for one
         raise ConfigError(f"{name}: not a valid URL ({exc})") from None
     if parts.scheme not in schemes:
+        # Nothing of a user or password: the scheme, or (with none) the start of what follows the last @.
+        shown = raw.split("://", 1)[0] + "://" if "://" in raw else raw.rpartition("@")[2][:12]
         raise ConfigError(
-            f"{name}: must start with {' or '.join(s + '://' for s in schemes)}, got {raw[:12]!r}…"
+            f"{name}: must start with {' or '.join(s + '://' for s in schemes)}, got {shown!r}…"
         )
     if not parts.netloc and not parts.query:
         raise ConfigError(f"{name}: has no host")

@@ -151,6 +151,23 @@ def test_a_webhook_url_without_a_path_is_refused_saying_where_the_bot_answers(ur
         load_settings({"WEBHOOK_URL": url})
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("pg://bot:s3cretPa55@db/bot", "'pg://'"),
+        ("postgresql+asyncpg://bot:s3cretPa55@db/bot", "'postgresql+asyncpg://'"),
+        ("bot:s3cretPa55@db.example.com/bot", "'db.example.c'"),
+    ],
+)
+def test_a_database_url_with_a_wrong_scheme_is_quoted_without_its_password(url: str, shown: str) -> None:
+    # The first 12 characters were quoted, a short scheme's user and password included.
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"DATABASE_URL": url})
+    assert str(caught.value).startswith("DATABASE_URL: must start with postgres:// or postgresql://")
+    assert shown in str(caught.value)
+    assert "s3cr" not in str(caught.value)
+
+
 def test_unix_socket_database_url_is_accepted() -> None:
     url = "postgresql://postgres@/bot?host=/tmp/pg"
     assert load_settings({"DATABASE_URL": url}).database_url == url
