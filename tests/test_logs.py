@@ -397,8 +397,16 @@ async def test_a_serve_process_writes_json_lines_and_no_secret_under_traffic_fau
 ) -> None:
     url = await _user_with_password(database_url)
     metrics_port = free_port()
+    # The cut below can land while a reply's retry holds its lease: the sweeper sends it again once the
+    # lease runs out, which by default (60 s) is past the wait for the replies.
     env = bot_env(
-        url, telegram_root, LOG_FORMAT="json", METRICS_PORT=str(metrics_port), OUTBOX_SWEEP_INTERVAL="0.1"
+        url,
+        telegram_root,
+        LOG_FORMAT="json",
+        METRICS_PORT=str(metrics_port),
+        OUTBOX_SWEEP_INTERVAL="0.1",
+        BOT_API_TIMEOUT="5",
+        OUTBOX_LEASE="10",
     )
     seen: list[str] = []  # every response the process gave, headers and body
     with BotProcess(env, tmp_path / "bot.log") as bot:
