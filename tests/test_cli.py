@@ -461,6 +461,15 @@ def test_migrate_needs_only_the_database(empty_database_url: str) -> None:
     assert result.stdout.startswith("applied: 001_sessions.sql")
 
 
+def test_migrate_with_a_database_url_does_not_load_the_app(empty_database_url: str) -> None:
+    # The migrations are the framework's, whatever the app: it named only the embedded database's folder,
+    # yet an app that cannot be imported where the release runs (its APP, its imports) stopped it there.
+    env = {"DATABASE_URL": empty_database_url, "APP": "no_such_module:build_bot"}
+    result = bot("migrate", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("applied: 001_sessions.sql")
+
+
 def test_migrate_prefers_the_direct_url(empty_database_url: str) -> None:
     env = {
         "DATABASE_URL": "postgresql://nobody@127.0.0.1:9/pooled",

@@ -161,7 +161,9 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def migrate_command(settings: Settings, args: argparse.Namespace) -> int:
-    if settings.database_direct_url is not None:
+    # The app is loaded only to name the embedded database's folder: a release phase needs the database
+    # alone, not an app that imports there.
+    if settings.database_direct_url is not None or settings.database_url is not None:
         applied = asyncio.run(migrate_now(settings))
     else:
         with database(settings, bot_to_run(settings, args).name) as settings:
