@@ -155,6 +155,21 @@ async def test_wrong_or_missing_secret_is_401_and_touches_nothing(
     assert await table_counts(database_url) == {"sessions": 0, "processed_updates": 0, "outbox": 0}
 
 
+async def test_a_wrong_secret_is_401_before_a_byte_of_the_body_is_read(client: httpx.AsyncClient) -> None:
+    # "Nothing read": a body that never finishes arriving, which the 401 must not wait for.
+    pulled = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        pulled += 1
+        yield b'{"update_id": 1, "message": '
+        await asyncio.Event().wait()
+
+    request = client.post("/webhook", content=endless(), headers={SECRET_HEADER: "wrong"})
+    assert (await asyncio.wait_for(request, 10)).status_code == 401
+    assert pulled == 0
+
+
 @pytest.mark.parametrize(
     "body",
     [
