@@ -125,6 +125,20 @@ async def test_reply_goes_to_the_same_forum_topic(client: httpx.AsyncClient, fak
     assert fake.sent_messages(-9)[0]["message_thread_id"] == 77
 
 
+async def test_a_reply_thread_outside_a_forum_is_not_a_topic_to_reply_in(
+    client: httpx.AsyncClient, fake: FakeTelegram
+) -> None:
+    # A reply in a supergroup without topics carries its reply thread's message_thread_id, but no
+    # is_topic_message; sendMessage's message_thread_id is for forum topics only (the Bot API).
+    reply = {
+        "message_thread_id": 40,
+        "reply_to_message": {"message_id": 40, "date": 0, "chat": {"id": -10, "type": "supergroup"}},
+    }
+    await post(client, hunger(1, -10, extra=reply))
+    await replies(fake, -10, 1)
+    assert "message_thread_id" not in fake.sent_messages(-10)[0]
+
+
 async def test_concurrent_pizzas_for_one_chat_are_all_counted(
     client: httpx.AsyncClient, fake: FakeTelegram, database_url: str
 ) -> None:
