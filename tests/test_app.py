@@ -217,6 +217,26 @@ async def test_oversize_body_is_413_with_or_without_content_length(client: httpx
     assert response.status_code == 413
 
 
+@pytest.mark.parametrize(("past", "status"), [(0, 200), (1, 413)], ids=["the-limit", "one-byte-past-it"])
+async def test_a_body_streamed_without_a_length_is_applied_up_to_the_limit(
+    client: httpx.AsyncClient, fake: FakeTelegram, settings: Settings, past: int, status: int
+) -> None:
+    # Chunked, as a proxy may forward it: no Content-Length to refuse early, counted as it arrives.
+    size = settings.max_body_bytes + past
+    filler = "x" * (size - len(encode(message_update(1, -16, PIZZA))))
+    body = encode(message_update(1, -16, PIZZA + filler))
+    assert len(body) == size
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, size, 65537):  # pieces that do not divide the limit
+            yield body[start : start + 65537]
+
+    response = await client.post("/webhook", content=pieces(), headers={SECRET_HEADER: SECRET})
+    assert response.status_code == status
+    assert await post(client, hunger(2, -16)) == 200
+    assert await replies(fake, -16, 1) == [f"Your hunger level is {int(status == 200)}!"]
+
+
 @pytest.mark.parametrize(
     "update",
     [
