@@ -8,6 +8,7 @@ types and kept in the update's raw body (`Update.raw`), so Telegram can add fiel
 from __future__ import annotations
 
 import asyncio
+import functools
 import mimetypes
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import IO, Any, TypeVar
 
 import httpx
 import msgspec
+import msgspec.inspect
 
 from .errors import BotError
 from .files import Upload
@@ -67,9 +69,10 @@ _update_decoder = msgspec.json.Decoder(Update)
 def decode_update(body: bytes) -> Update:
     """Decode one webhook body into an Update, or raise InvalidUpdate saying what is wrong."""
     try:
-        update: Update = _update_decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise InvalidUpdate(f"not a Telegram Update: {exc}") from None
+        try:
+            update: Update = _update_decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            update = _without_newer_members(body, exc)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec reports invalid UTF-8 inside a string as UnicodeDecodeError, not DecodeError.
         raise InvalidUpdate(f"body is not JSON: {exc}") from None
@@ -77,6 +80,58 @@ def decode_update(body: bytes) -> Update:
         raise InvalidUpdate("body is nested too deeply to be a Telegram Update") from None
     update.keep_raw(body)
     return update
+
+
+# A union member to leave out (`_known`).
+_NEWER = object()
+
+
+def _without_newer_members(body: bytes, error: msgspec.ValidationError) -> Update:
+    """The update, typed without the members of its unions that a later Bot API added (a reaction, a
+    message origin, a paid medium of a new type): left out as if absent where the field is optional,
+    dropped from a list. Telegram adds them as it adds fields, and refusing the update (400) would fail
+    every delivery of it, holding up its chat while Telegram redelivers. The raw body keeps them. Anything
+    else that does not fit is not an Update: InvalidUpdate, with the first error found."""
+    known = _known(msgspec.json.decode(body), _update_type())
+    try:
+        update: Update = _update_decoder.decode(msgspec.json.encode(known))
+    except msgspec.ValidationError:
+        raise InvalidUpdate(f"not a Telegram Update: {error}") from None
+    return update
+
+
+@functools.cache
+def _update_type() -> msgspec.inspect.Type:
+    return msgspec.inspect.type_info(Update)  # (~20 ms: made once, when first needed)
+
+
+def _known(value: Any, kind: msgspec.inspect.Type) -> Any:
+    """`value` (decoded JSON) without the union members whose tag `kind` does not know, or _NEWER when it
+    is one. What does not fit otherwise is left as it is, for the decoder to refuse."""
+    if isinstance(kind, msgspec.inspect.UnionType):
+        # The member the value's JSON type can only be; for an object of a tagged union, by its tag.
+        if isinstance(value, dict):
+            structs = [t for t in kind.types if isinstance(t, msgspec.inspect.StructType)]
+            tag_field = structs[0].tag_field if structs else None
+            if tag_field is not None and isinstance(value.get(tag_field), str):
+                member = next((t for t in structs if t.tag == value[tag_field]), None)
+                return _NEWER if member is None else _known(value, member)
+            return _known(value, structs[0]) if len(structs) == 1 else value
+        lists = [t for t in kind.types if isinstance(t, msgspec.inspect.ListType)]
+        return _known(value, lists[0]) if isinstance(value, list) and len(lists) == 1 else value
+    if isinstance(kind, msgspec.inspect.StructType) and isinstance(value, dict):
+        for field in kind.fields:
+            if field.encode_name in value:
+                inner = _known(value[field.encode_name], field.type)
+                if inner is not _NEWER:
+                    value[field.encode_name] = inner
+                elif not field.required:
+                    del value[field.encode_name]
+                # (a required one stays, to be refused: there is no such update without it)
+        return value
+    if isinstance(kind, msgspec.inspect.ListType) and isinstance(value, list):
+        return [item for item in (_known(v, kind.item_type) for v in value) if item is not _NEWER]
+    return value
 
 
 class BotApiError(BotError):

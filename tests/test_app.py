@@ -88,6 +88,11 @@ async def test_each_chat_has_its_own_count(client: httpx.AsyncClient, fake: Fake
     assert await replies(fake, -2, 1) == ["Your hunger level is 2!"]
 
 
+# Forwarded from an origin of a type newer than our Bot API: still a text message.
+FORWARDED_FROM_A_NEWER_ORIGIN = message_update(1, -5, PIZZA).json()
+FORWARDED_FROM_A_NEWER_ORIGIN["message"]["forward_origin"] = {"type": "a_future_origin", "date": 0}
+
+
 @pytest.mark.parametrize(
     ("update", "counts"),
     [
@@ -97,6 +102,7 @@ async def test_each_chat_has_its_own_count(client: httpx.AsyncClient, fake: Fake
         (message_update(1, -5, f"/hunger {PIZZA}"), False),  # the command, not also a pizza
         (message_update(1, -5, f"/hunger@other_bot {PIZZA}"), True),  # not our command: just text
         (message_update(1, -5, f"/start {PIZZA}"), True),
+        (FORWARDED_FROM_A_NEWER_ORIGIN, True),
     ],
 )
 async def test_what_counts_as_a_pizza(

@@ -60,6 +60,43 @@ def test_unknown_kinds_and_fields_decode_and_are_ignored() -> None:
     assert future.json()["future_kind"] == {"id": "1", "question": "?"}
 
 
+def test_a_union_member_newer_than_our_bot_api_is_left_out_and_the_update_decodes() -> None:
+    # Telegram adds members to its unions (a reaction, an origin, a paid medium of a new type) as it adds
+    # fields. Refused, such an update was a 400 on every delivery: never applied, and its chat held up
+    # while Telegram redelivered it.
+    raw = message_update(1, -5, PIZZA).json()
+    raw["message"]["forward_origin"] = {"type": "a_future_origin", "date": 0}
+    raw["message"]["reply_to_message"] = {
+        "message_id": 9,
+        "date": 0,
+        "chat": {"id": -5, "type": "group"},
+        "paid_media": {"star_count": 1, "paid_media": [{"type": "a_future_medium"}, {"type": "preview"}]},
+    }
+    update = decode_update(encode(raw))
+    assert update.message is not None and update.message.text == PIZZA
+    assert update.message.forward_origin is None  # an optional field: as if absent
+    replied = update.message.reply_to_message
+    assert replied is not None and replied.paid_media is not None
+    assert [m.type for m in replied.paid_media.paid_media] == ["preview"]  # a list: without it
+    assert update.json()["message"]["forward_origin"]["type"] == "a_future_origin"  # kept in the raw body
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        {"status": "a_future_status", "user": {"id": 9, "is_bot": False, "first_name": "B"}},  # required
+        {"status": 5, "user": {"id": 9, "is_bot": False, "first_name": "B"}},  # a tag that is no name
+        {"user": {"id": 9, "is_bot": False, "first_name": "B"}},  # no tag
+        {"status": "member", "user": "not a user"},  # a known member, of the wrong shape
+    ],
+)
+def test_a_union_member_that_cannot_be_left_out_is_still_not_an_update(member: dict[str, object]) -> None:
+    raw = member_update(1, -5, 7, "left", "member").json()
+    raw["my_chat_member"]["new_chat_member"] = member
+    with pytest.raises(InvalidUpdate, match="not a Telegram Update"):
+        decode_update(encode(raw))
+
+
 def test_channel_posts_are_new_messages_and_edits_are_not() -> None:
     post = decode_update(encode(message_update(1, -5, PIZZA, kind="channel_post")))
     edit = decode_update(encode(message_update(2, -5, PIZZA, kind="edited_message")))
