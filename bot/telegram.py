@@ -89,9 +89,10 @@ _NEWER = object()
 def _without_newer_members(body: bytes, error: msgspec.ValidationError) -> Update:
     """The update, typed without the members of its unions that a later Bot API added (a reaction, a
     message origin, a paid medium of a new type): left out as if absent where the field is optional,
-    dropped from a list. Telegram adds them as it adds fields, and refusing the update (400) would fail
-    every delivery of it, holding up its chat while Telegram redelivers. The raw body keeps them. Anything
-    else that does not fit is not an Update: InvalidUpdate, with the first error found."""
+    dropped from a list, and where a required field holds one, the object holding it is left out in
+    turn. Telegram adds them as it adds fields, and refusing the update (400) would fail every delivery
+    of it, holding up its chat while Telegram redelivers. The raw body keeps them. Anything else that does
+    not fit is not an Update: InvalidUpdate, with the first error found."""
     known = _known(msgspec.json.decode(body), _update_type())
     try:
         update: Update = _update_decoder.decode(msgspec.json.encode(known))
@@ -125,9 +126,10 @@ def _known(value: Any, kind: msgspec.inspect.Type) -> Any:
                 inner = _known(value[field.encode_name], field.type)
                 if inner is not _NEWER:
                     value[field.encode_name] = inner
-                elif not field.required:
+                elif field.required:
+                    return _NEWER  # this object cannot be typed without it: left out in turn
+                else:
                     del value[field.encode_name]
-                # (a required one stays, to be refused: there is no such update without it)
         return value
     if isinstance(kind, msgspec.inspect.ListType) and isinstance(value, list):
         return [item for item in (_known(v, kind.item_type) for v in value) if item is not _NEWER]

@@ -81,10 +81,17 @@ def test_a_union_member_newer_than_our_bot_api_is_left_out_and_the_update_decode
     assert update.json()["message"]["forward_origin"]["type"] == "a_future_origin"  # kept in the raw body
 
 
+def test_an_object_a_newer_member_is_required_by_is_left_out_in_turn() -> None:
+    raw = member_update(1, -5, 7, "left", "member").json()
+    raw["my_chat_member"]["new_chat_member"]["status"] = "a_future_status"
+    update = decode_update(encode(raw))
+    assert (update.my_chat_member, update.kind) == (None, None)  # an update of no kind: ignored
+    assert update.json()["my_chat_member"]["new_chat_member"]["status"] == "a_future_status"
+
+
 @pytest.mark.parametrize(
     "member",
     [
-        {"status": "a_future_status", "user": {"id": 9, "is_bot": False, "first_name": "B"}},  # required
         {"status": 5, "user": {"id": 9, "is_bot": False, "first_name": "B"}},  # a tag that is no name
         {"user": {"id": 9, "is_bot": False, "first_name": "B"}},  # no tag
         {"status": "member", "user": "not a user"},  # a known member, of the wrong shape
