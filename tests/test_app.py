@@ -145,6 +145,26 @@ async def test_a_reply_thread_outside_a_forum_is_not_a_topic_to_reply_in(
     assert "message_thread_id" not in fake.sent_messages(-10)[0]
 
 
+@pytest.mark.parametrize("mode", ["optimistic", "locked"])
+async def test_the_reply_goes_out_after_the_commit_with_no_row_lock_held(
+    open_client: OpenClient, database_url: str, telegram_root: str, fake: FakeTelegram, mode: str
+) -> None:
+    fake.delay = 2.0  # the fake holds the reply's call open while the chat's row is looked at
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with open_client(make_settings(database_url, telegram_root, DB_CONCURRENCY=mode)) as client:
+            assert await post(client, message_update(1, -17, PIZZA)) == 200
+            answered = asyncio.create_task(post(client, hunger(2, -17)))
+            await fake.wait_for_async(lambda: len(fake.calls("sendMessage")) == 1)
+            async with conn.transaction():  # NOWAIT: LockNotAvailable, were the row still locked
+                assert await conn.fetchval("SELECT 1 FROM sessions WHERE key = '-17' FOR UPDATE NOWAIT") == 1
+            assert await conn.fetchval("SELECT count(*) FROM processed_updates WHERE update_id = 2") == 1
+            assert fake.delivered_messages(-17) == []  # still in flight when the row was looked at
+            assert await answered == 200
+    finally:
+        await conn.close()
+
+
 async def test_concurrent_pizzas_for_one_chat_are_all_counted(
     client: httpx.AsyncClient, fake: FakeTelegram, database_url: str
 ) -> None:
