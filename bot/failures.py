@@ -17,20 +17,59 @@ process and says when to stop waiting for it.
 
 from __future__ import annotations
 
+import asyncio
 import traceback
 from dataclasses import dataclass
 
-from .errors import BotError
+from .errors import BotError, ControlFlow
 from .storage import DeadLetter, StorageUnavailable
 from .telegram import BotApiError
 from .types import Update
 
-__all__ = ["Failures", "TransientFailures", "TryLater", "dead_letter", "describe", "is_transient", "storable"]
+__all__ = [
+    "Failures",
+    "StrayBaseException",
+    "TransientFailures",
+    "TryLater",
+    "as_failure",
+    "dead_letter",
+    "describe",
+    "is_transient",
+    "storable",
+]
 
 
 class TryLater(BotError):
     """The update could not be applied now, for a reason that may pass: answer 503 (webhook) or ask again
     (poll), and Telegram delivers it again. Nothing of it was written."""
+
+
+class StrayBaseException(BotError):
+    """The bot's code raised a BaseException that is no Exception (its `__cause__`): a bug like any
+    other, so its update is recorded as a dead letter rather than let out of the pipeline, where it
+    was a 500 on every delivery, stopped `poll`, and from a timer's fire stopped the whole process."""
+
+    def __init__(self, error: BaseException) -> None:
+        said = str(error)
+        super().__init__(f"the bot's code raised {type(error).__name__}" + (f": {said}" if said else ""))
+        self.__cause__ = error
+
+
+def as_failure(error: BaseException) -> Exception | None:
+    """What an update failed of, as an Exception: `error` itself, or a StrayBaseException around what
+    the bot's code raised that is no Exception (SystemExit, KeyboardInterrupt, GeneratorExit, a class of
+    its own, a CancelledError from awaiting something another task cancelled). None for what must go on
+    up: the framework's control flow, and the cancellation of the task itself (a shutdown, the deadline).
+    """
+    if isinstance(error, Exception):
+        return error
+    if isinstance(error, ControlFlow):
+        return None
+    if isinstance(error, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            return None
+    return StrayBaseException(error)
 
 
 def is_transient(error: BaseException) -> bool:

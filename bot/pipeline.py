@@ -32,7 +32,7 @@ from .context import BotIdentity, Context, ImmediateApi, timer_context
 from .deadline import Deadlines
 from .dispatch import Bot, ErrorHook, NoSuchTimerHandler
 from .errors import BotError
-from .failures import TransientFailures, TryLater, describe, is_transient, storable
+from .failures import TransientFailures, TryLater, as_failure, describe, is_transient, storable
 from .files import MAX_UPLOAD_BYTES
 from .logs import LinesPerSecond, log_update
 from .metrics import Metrics
@@ -186,8 +186,11 @@ class Pipeline:
                 return timer_context(timer, self.me, self.api), [handler]
 
             outcome = await self._apply(*await fresh(), fresh, claim=TimerClaim)
-        except Exception as exc:
-            error = exc.error if isinstance(exc, _Hooked) else exc
+        except BaseException as caught:  # (a SystemExit in a fire's task would stop the event loop)
+            failed = as_failure(caught)
+            if failed is None:
+                raise
+            error = failed.error if isinstance(failed, _Hooked) else failed
             line = describe(error)
             if is_transient(error):
                 # Counted by the stand-in's id, the timer's negated: never an update's.
@@ -293,10 +296,11 @@ class Pipeline:
             return await work()
         except _Hooked as hooked:
             error, hook = hooked.error, None
-        except Exception as exc:
-            if is_transient(exc):
+        except BaseException as caught:  # (the bot's code may raise one: SystemExit, a stray CancelledError)
+            failed = as_failure(caught)
+            if failed is None or is_transient(failed):
                 raise
-            error = exc
+            error = failed
         # One bad update must not wedge its chat: Telegram would redeliver it for 24 hours.
         try:
             return await self._recorder.record(update, error, hook=hook, replay=replay)
@@ -378,10 +382,11 @@ class Pipeline:
                             if ctx.timers:
                                 self._check_timers(ctx.timers)
                     except AlreadyApplied:  # the storage's business, not the bot's
-                        raise  # (and so is a Conflict, which is no Exception: it passes by, to `_apply`)
-                    except Exception as error:
+                        raise  # (and so is a Conflict, ControlFlow: as_failure lets it by, to `_apply`)
+                    except BaseException as caught:
                         hook = self.bot.error_hook
-                        if hook is None or is_transient(error):
+                        error = as_failure(caught)
+                        if hook is None or error is None or is_transient(error):
                             raise
                         hooked = True
                         await self._on_error(hook, error, ctx, slots.values())
@@ -406,11 +411,12 @@ class Pipeline:
                 outcome = Outcome(
                     status, await unit.main.enqueue(self.me.id, update.update_id, ctx.calls, self.lease)
                 )
-        except Exception as failure:
+        except BaseException as caught:
             # After the hook ran, a failure (its own, or saving what it did) is recorded without it. (A
             # Conflict passes by: the update runs again, hook included, as the attempt applied nothing.)
-            if hooked and not is_transient(failure):
-                raise _Hooked(failure) from failure
+            failure = as_failure(caught) if hooked else None
+            if failure is not None and not is_transient(failure):
+                raise _Hooked(failure) from caught
             raise
         if ctx.timers and self.on_schedule is not None:
             self.on_schedule(ctx.timers)

@@ -11,7 +11,7 @@ from typing import Any
 
 from .context import BotIdentity, Context, ImmediateApi
 from .dispatch import ErrorHook
-from .failures import dead_letter, describe, is_transient
+from .failures import as_failure, dead_letter, describe, is_transient
 from .outcome import Outcome, Status
 from .storage import Storage
 from .types import Update
@@ -56,8 +56,9 @@ class Recorder:
                 ctx: Context[Any] = Context(update, self.me, self.api)
                 try:
                     await hook(error, ctx)
-                except Exception as failure:
-                    if is_transient(failure):
+                except BaseException as caught:
+                    failure = as_failure(caught)
+                    if failure is None or is_transient(failure):
                         raise
                     if failure is not error and failure.__context__ is None:
                         failure.__context__ = error  # the traceback shows what the hook was handling

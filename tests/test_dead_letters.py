@@ -258,6 +258,83 @@ def _fixed_buttons(gate: asyncio.Event) -> Bot[Counted]:
     return bot
 
 
+class AppsOwnBaseException(BaseException):
+    """An exception class of an app's own (or of a library it uses) derived from BaseException."""
+
+
+# What a bot's code may raise that is no Exception. A CancelledError here is one nobody asked for: awaiting
+# a future or task that something else cancelled raises it in the handler, while the update is not cancelled.
+NOT_EXCEPTIONS = [SystemExit, KeyboardInterrupt, GeneratorExit, asyncio.CancelledError, AppsOwnBaseException]
+
+
+def bot_raising(raised: type[BaseException], where: str) -> Bot[Counted]:
+    """`+` counts; `bad` counts too, but `raised` comes from its filter, its handler or the error hook."""
+    bot: Bot[Counted] = Bot(session(Counted))
+
+    def wanted(ctx: Context[Counted]) -> bool:
+        if where == "filter":
+            raise raised()
+        return True
+
+    @bot.message(text(equals="+"))
+    async def plus(ctx: Context[Counted]) -> None:
+        ctx.session.count += 1
+
+    @bot.message(text(equals="bad"), wanted)
+    async def bad(ctx: Context[Counted]) -> None:
+        ctx.session.count += 1
+        if where == "handler":
+            raise raised()
+        raise ValueError("the handler's bug, for the error hook")
+
+    if where == "error hook":
+
+        @bot.catch
+        async def on_error(error: Exception, ctx: Context[Counted]) -> None:
+            raise raised()
+
+    return bot
+
+
+@pytest.mark.parametrize("where", ["filter", "handler", "error hook"])
+@pytest.mark.parametrize("raised", NOT_EXCEPTIONS, ids=lambda c: c.__name__)
+async def test_a_base_exception_from_the_bot_s_code_is_a_dead_letter_and_the_chat_moves_on(
+    storage: Storage, raised: type[BaseException], where: str
+) -> None:
+    """sys.exit() in a handler, a stray CancelledError...: none is an Exception, so each escaped the
+    pipeline. uvicorn answered 500 on every delivery (Telegram holds the chat behind it for up to 24 h),
+    and `poll` stopped (quietly, for a KeyboardInterrupt). A bug like any other now."""
+    run = Pipeline(bot_raising(raised, where), storage, ME, Metrics())
+    bad = update(message_update(1, -7, "bad"))
+    assert (await run.process(bad)).status is Status.DEAD_LETTER
+    assert (await run.process(bad)).status is Status.DUPLICATE
+    assert (await run.process(update(message_update(2, -7, "+")))).status is Status.APPLIED
+    assert await count(storage) == 1
+    [letter] = await storage.dead_letters(ME.id)
+    assert letter.error.startswith(f"StrayBaseException: the bot's code raised {raised.__name__}")
+    assert run.metrics.count("bot_updates_total", kind="message", outcome="dead_letter") == 1
+
+
+async def test_the_update_s_own_cancellation_still_goes_on_up(storage: Storage) -> None:
+    """A shutdown cancelling the request is no bug of the bot's: nothing is recorded, the update is not
+    applied, and the cancellation reaches whoever cancelled."""
+    gate = asyncio.Event()
+    bot: Bot[Counted] = Bot(session(Counted))
+
+    @bot.message(text(equals="slow"))
+    async def slow(ctx: Context[Counted]) -> None:
+        ctx.session.count += 1
+        await gate.wait()
+
+    run = Pipeline(bot, storage, ME, Metrics())
+    attempt = asyncio.ensure_future(run.process(update(message_update(1, -7, "slow"))))
+    await asyncio.sleep(0.2)
+    attempt.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+    assert (await count(storage), await storage.dead_letters(ME.id)) == (0, [])
+
+
 # --- values PostgreSQL refuses (finding 3) -----------------------------------------------------------
 
 

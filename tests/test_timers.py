@@ -191,6 +191,33 @@ async def test_a_timer_handler_that_raises_is_rolled_back_and_kept_as_failed(sto
         assert row is not None and row["last_error"] == "ZeroDivisionError: a bug in a timer handler"
 
 
+@pytest.mark.parametrize(
+    "raised", [SystemExit, KeyboardInterrupt, asyncio.CancelledError], ids=lambda c: c.__name__
+)
+async def test_a_timer_handler_raising_what_is_no_exception_is_kept_as_failed_and_the_process_goes_on(
+    storage: Storage, raised: type[BaseException]
+) -> None:
+    """A SystemExit or KeyboardInterrupt left the fire's task and stopped the event loop: `serve` exited
+    (status 3 for sys.exit(3)), and after each restart the timer, due again, stopped it again. A stray
+    CancelledError left the timer leased, to be fired again after every lease."""
+    bot = timer_bot()
+
+    @bot.message(text(equals="halt"))
+    async def schedule_halt(ctx: Context[Log]) -> None:
+        ctx.schedule("halt", after=0)
+
+    @bot.timer("halt")
+    async def halt(ctx: Context[Log]) -> None:
+        raise raised()
+
+    run = Pipeline(bot, storage, ME, Metrics())
+    await Chat(run).say("halt")
+    [fired] = await fire_due(run)
+    assert (fired.status, fired.to_send) == (Status.DEAD_LETTER, [])
+    await asyncio.sleep(0.05)
+    assert await fire_due(run) == [], "kept as failed, never fired again"
+
+
 async def test_the_error_hook_gets_a_failing_timer_and_its_answer_commits_once(storage: Storage) -> None:
     bot = timer_bot()
 
