@@ -224,7 +224,10 @@ class Pipeline:
             if await self._deliveries.done_here(update_id, deadline):
                 return Outcome(Status.DUPLICATE)
         except TimeoutError:
-            raise TryLater(f"an earlier delivery of it is still running after {self.deadline:g} s") from None
+            # That attempt outlived its own deadline (a handler swallowed the cancellation): a transient
+            # failure of the update like any, or its chat would wait for it for as long as it runs.
+            running = TimeoutError(f"an earlier delivery of it is still running after {self.deadline:g} s")
+            return await self._failed_transiently(update, running)
         with self._deliveries.running(update_id):
             outcome = await self._attempt(update, deadline)
         if outcome.status in DONE and not outcome.to_send:
@@ -239,23 +242,27 @@ class Pipeline:
         except Exception as error:
             if not is_transient(error):
                 raise
-            failures = self.give_up.failed(update.update_id, time.monotonic())
-            if failures is None:
-                raise TryLater(self._why(error)) from error
-            # The attempt may have used up the deadline: recording gets its own few seconds.
-            seconds = time.monotonic() - failures.first
-            line = f"gave up after {failures.count} transient failures in {seconds:.0f} s: {self._why(error)}"
-            try:
-                async with asyncio.timeout(RECORD_WITHIN):
-                    return await self._recorder.record(
-                        update, error, hook=None, attempts=failures.count, line=line
-                    )
-            except Exception as failure:
-                if is_transient(failure):  # the database is still away: nothing recorded, 503 again
-                    raise TryLater(f"{line}; and could not record it: {self._why(failure)}") from failure
-                raise
+            return await self._failed_transiently(update, error)
         self.give_up.succeeded(update.update_id)
         return outcome
+
+    async def _failed_transiently(self, update: Update, error: Exception) -> Outcome:
+        """TryLater, or, once the update has failed so too often for too long, its dead letter."""
+        failures = self.give_up.failed(update.update_id, time.monotonic())
+        if failures is None:
+            raise TryLater(self._why(error)) from error
+        # The attempt may have used up the deadline: recording gets its own few seconds.
+        seconds = time.monotonic() - failures.first
+        line = f"gave up after {failures.count} transient failures in {seconds:.0f} s: {self._why(error)}"
+        try:
+            async with asyncio.timeout(RECORD_WITHIN):
+                return await self._recorder.record(
+                    update, error, hook=None, attempts=failures.count, line=line
+                )
+        except Exception as failure:
+            if is_transient(failure):  # the database is still away: nothing recorded, 503 again
+                raise TryLater(f"{line}; and could not record it: {self._why(failure)}") from failure
+            raise
 
     async def _run(self, update: Update, deadline: float, *, replay: bool = False) -> Outcome:
         with self._deadlines.within(deadline):  # (asyncio.timeout_at's, on one timer: bot.deadline)

@@ -7,6 +7,7 @@ The pipeline on both storages, the webhook in process on PostgreSQL, and `python
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -150,6 +151,53 @@ async def test_an_update_failing_transiently_again_and_again_becomes_a_dead_lett
     assert "TimeoutError" in letter.traceback
     assert (await run.process(update(message_update(2, -7, "+")))).status is Status.APPLIED
     assert run.metrics.count("bot_updates_total", kind="message", outcome="unavailable") == 2
+
+
+async def test_a_handler_that_swallows_its_deadline_holds_its_chat_only_until_the_bound(
+    database_url: str,
+) -> None:
+    """A bare `except:` in a handler's retry loop swallows the deadline's cancellation, and its delivery
+    never ends. Each redelivery waited for it until its own deadline and answered 503, uncounted, for as
+    long as it ran: its chat held for Telegram's 24 hours. Those waits are transient failures of the
+    update now: a dead letter at the bound, and once the server has ended the stuck transaction
+    (idle_in_transaction_session_timeout, 3 x DB_STATEMENT_TIMEOUT) the chat moves on; the stuck attempt
+    applies nothing. (With locks: in the optimistic mode the stuck attempt keeps its key's turn in this
+    process, and the chat's later updates wait for it.)"""
+    released = asyncio.Event()
+    bot: Bot[Counted] = Bot(session(Counted))
+
+    @bot.message(text(equals="+"))
+    async def plus(ctx: Context[Counted]) -> None:
+        ctx.session.count += 1
+
+    @bot.message(text(equals="stubborn"))
+    async def stubborn(ctx: Context[Counted]) -> None:
+        ctx.session.count += 100
+        while not released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):  # the deadline's, swallowed
+                await released.wait()
+
+    storage = await PostgresStorage.connect(database_url, statement_timeout=0.2)  # idle: ended after 0.6 s
+    run = Pipeline(bot, storage, ME, Metrics(), deadline=0.3, give_up=TransientFailures(3, 0))
+    stuck = update(message_update(1, -7, "stubborn"))
+    first = asyncio.ensure_future(run.process(stuck))
+    try:
+        for _ in range(2):
+            with pytest.raises(TryLater, match=r"an earlier delivery of it is still running after 0\.3 s"):
+                await asyncio.wait_for(run.process(stuck), 5)
+        assert (await asyncio.wait_for(run.process(stuck), 10)).status is Status.DEAD_LETTER
+        [letter] = await storage.dead_letters(ME.id)
+        assert re.fullmatch(
+            r"gave up after 3 transient failures in \d+ s: .*still running after 0\.3 s", letter.error
+        )
+        assert (await run.process(update(message_update(2, -7, "+")))).status is Status.APPLIED
+        released.set()
+        with pytest.raises(TryLater):  # the stuck attempt, at last: its transaction is gone
+            await asyncio.wait_for(first, 10)
+        assert await count(storage) == 1
+    finally:
+        released.set()
+        await storage.close()
 
 
 async def test_a_transient_failure_that_passes_before_the_bound_applies_the_update(storage: Storage) -> None:
