@@ -99,3 +99,17 @@ async def test_a_waiter_cancelled_while_waiting_leaves_the_line() -> None:
         await waiting
     turns.give_back("k")
     assert not turns.busy("k")
+
+
+async def test_a_turn_held_past_stuck_after_is_stuck_and_each_holder_gets_the_time_afresh() -> None:
+    turns = Turns(stuck_after=0.2)
+    await turns.take("k")
+    assert not turns.stuck("k")
+    waiting = asyncio.create_task(turns.take("k"))
+    await asyncio.sleep(0.25)
+    assert turns.stuck("k")  # its holder ignored every deadline: nobody else should queue behind it
+    turns.give_back("k")
+    await asyncio.wait_for(waiting, 1)
+    assert not turns.stuck("k")  # the next holder's own time
+    turns.give_back("k")
+    assert not turns.busy("k") and not turns.stuck("k")

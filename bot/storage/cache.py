@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -108,10 +109,16 @@ class SessionCache:
 
 
 class Turns:
-    """One holder per key at a time, the others waiting in arrival order; no state kept for a free key."""
+    """One holder per key at a time, the others waiting in arrival order; no state kept for a free key.
 
-    def __init__(self) -> None:
+    A turn held `stuck_after` seconds is stuck: its holder outlived any deadline (a handler that swallowed
+    its cancellation). Nobody should queue behind it then, or its key's updates in this process would all
+    wait for it for as long as it runs."""
+
+    def __init__(self, stuck_after: float = math.inf) -> None:
+        self.stuck_after = stuck_after
         self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
+        self._since: dict[str, float] = {}  # key -> when its holder got the turn (monotonic)
 
     def busy(self, key: str) -> bool:
         return key in self._waiting
@@ -121,7 +128,13 @@ class Turns:
         if key in self._waiting:
             return False
         self._waiting[key] = deque()
+        self._since[key] = time.monotonic()
         return True
+
+    def stuck(self, key: str) -> bool:
+        """Whether the key's turn has been held for `stuck_after` seconds."""
+        since = self._since.get(key)
+        return since is not None and time.monotonic() - since >= self.stuck_after
 
     async def take(self, key: str) -> None:
         if self.take_free(key):
@@ -145,8 +158,10 @@ class Turns:
             turn = queue.popleft()
             if not turn.done():
                 turn.set_result(None)
+                self._since[key] = time.monotonic()
                 return
         del self._waiting[key]
+        del self._since[key]
 
 
 class Contended:
