@@ -50,7 +50,7 @@ class StrayBaseException(BotError):
     was a 500 on every delivery, stopped `poll`, and from a timer's fire stopped the whole process."""
 
     def __init__(self, error: BaseException) -> None:
-        said = str(error)
+        said = _said(error)
         super().__init__(f"the bot's code raised {type(error).__name__}" + (f": {said}" if said else ""))
         self.__cause__ = error
 
@@ -119,9 +119,18 @@ class TransientFailures:
             self._failures.pop(update_id, None)
 
 
+def _said(error: BaseException) -> str:
+    """The error's message. Its `__str__` is the bot's code (or a library's) and may fail, here where the
+    failure is being recorded: the placeholder is traceback's own."""
+    try:
+        return str(error)
+    except Exception:
+        return "<str() failed>"
+
+
 def describe(error: BaseException, limit: int = 500) -> str:
     """The error in one line of at most `limit` characters: its type and the first line of its message."""
-    lines = str(error).strip().splitlines()
+    lines = _said(error).strip().splitlines()
     line = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
     return line if len(line) <= limit else line[: limit - 1] + "…"
 

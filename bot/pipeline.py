@@ -273,7 +273,7 @@ class Pipeline:
                 return await self._route(update, replay=replay)
 
     def _why(self, error: BaseException) -> str:
-        if isinstance(error, TimeoutError) and not str(error):
+        if isinstance(error, TimeoutError) and not error.args:  # (its str() may be the bot's code)
             return f"no result within {self.deadline:g} s"
         return describe(error)
 

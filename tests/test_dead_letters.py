@@ -371,6 +371,49 @@ async def test_a_base_exception_from_the_bot_s_code_is_a_dead_letter_and_the_cha
     assert run.metrics.count("bot_updates_total", kind="message", outcome="dead_letter") == 1
 
 
+class NoMessage(Exception):
+    """A library's exception whose message is looked up, and not found."""
+
+    def __str__(self) -> str:
+        raise KeyError("no message for code 7")
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["no hook", "error hook"])
+async def test_an_exception_whose_str_fails_is_a_dead_letter_naming_its_type(
+    storage: Storage, hooked: bool
+) -> None:
+    """Without an error hook it escaped the pipeline (describing it for the dead letter raised), a 500 on
+    every delivery; with one, the hook's handling was undone and the KeyError recorded instead."""
+    bot: Bot[Counted] = Bot(session(Counted))
+
+    @bot.message(text(equals="+"))
+    async def plus(ctx: Context[Counted]) -> None:
+        ctx.session.count += 1
+
+    @bot.message(text(equals="bad"))
+    async def bad(ctx: Context[Counted]) -> None:
+        ctx.session.count += 1
+        raise NoMessage
+
+    if hooked:
+
+        @bot.catch
+        async def on_error(error: Exception, ctx: Context[Counted]) -> None:
+            ctx.reply("sorry")
+
+    run = Pipeline(bot, storage, ME, Metrics())
+    failed = await run.process(update(message_update(1, -7, "bad")))
+    assert (await run.process(update(message_update(2, -7, "+")))).status is Status.APPLIED
+    assert await count(storage) == 1
+    if hooked:
+        assert (failed.status, [c.params["text"] for c in failed.to_send]) == (Status.FAILED, ["sorry"])
+        assert await storage.dead_letters(ME.id) == []
+    else:
+        assert failed.status is Status.DEAD_LETTER
+        [letter] = await storage.dead_letters(ME.id)
+        assert letter.error == "NoMessage: <str() failed>"
+
+
 async def test_the_update_s_own_cancellation_still_goes_on_up(storage: Storage) -> None:
     """A shutdown cancelling the request is no bug of the bot's: nothing is recorded, the update is not
     applied, and the cancellation reaches whoever cancelled."""

@@ -68,6 +68,29 @@ def test_describe_is_one_line_of_bounded_length() -> None:
     assert len(describe(ValueError("x" * 1000), limit=50)) == 50
 
 
+class NoMessage(Exception):
+    """A library's exception whose message is looked up, and not found."""
+
+    def __str__(self) -> str:
+        raise KeyError("no message for code 7")
+
+
+class NotAString(Exception):
+    def __str__(self) -> str:
+        return 7  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("error", [NoMessage(), NotAString()], ids=lambda e: type(e).__name__)
+def test_describe_survives_an_exception_whose_str_fails(error: Exception) -> None:
+    """describe() raised str()'s own error, out of the dead letter's recording: the update escaped the
+    pipeline (500 on every delivery) with no error hook, and with one it was recorded as that error."""
+    assert describe(error) == f"{type(error).__name__}: <str() failed>"
+    assert (
+        "<exception str() failed>"
+        in dead_letter(decode_update(encode(message_update(1, -7, "x"))), error, 1).traceback
+    )
+
+
 def test_what_a_dead_letter_records_can_always_be_stored() -> None:
     assert storable("a\x00b \ud800 🍕") == "a\\x00b \\ud800 🍕"
     try:
