@@ -54,7 +54,7 @@ from .storage import (
 )
 from .telegram import BotApi, decode_update
 from .types import Update
-from .unit import Claim, TimerClaim, Unit, UnitOfWork
+from .unit import Claim, LockTurns, TimerClaim, Unit, UnitOfWork
 
 __all__ = ["Outcome", "Pipeline", "Status"]
 
@@ -110,6 +110,7 @@ class Pipeline:
         self._recorder = Recorder(storage, me, self.api, lease)  # what failed for good (bot.recording)
         self._deliveries = Deliveries()  # redeliveries answered from memory (bot.redelivery)
         self._deadlines = Deadlines()  # every update's REQUEST_DEADLINE, on one timer
+        self.lock_turns = LockTurns()  # a key's attempts with locks, one at a time here (bot.unit)
         # A line per update, and per timer fire, or a count of them when busy (bot.logs).
         self.update_lines = LinesPerSecond(log, "update")
         self.timer_lines = LinesPerSecond(log, "timer")
@@ -362,7 +363,9 @@ class Pipeline:
                     ctx, found = await fresh()
                     if attempt == 2 or not isinstance(conflict, StaleRead):
                         break
-        return await self._apply_in(ctx, found, optimistic=False, replay=replay, claim=claim)
+        keys = (c.key(ctx.update) for c in self.bot.sessions.values() if not c.lazy)
+        async with self.lock_turns.hold(key for key in keys if key is not None):
+            return await self._apply_in(ctx, found, optimistic=False, replay=replay, claim=claim)
 
     async def _apply_in(
         self,

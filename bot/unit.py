@@ -6,16 +6,17 @@ in which sessions are locked (`Unit.in_lock_order`). The pipeline opens one per 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Any
 
 from .session import AlreadyApplied, SessionConfig, SessionSlot
 from .storage import Storage, Transaction
+from .storage.cache import Turns
 from .types import Update
 
-__all__ = ["Claim", "TimerClaim", "Unit", "UnitOfWork"]
+__all__ = ["Claim", "LockTurns", "TimerClaim", "Unit", "UnitOfWork"]
 
 
 class Claim:
@@ -172,3 +173,30 @@ class UnitOfWork:
         if self._stack is None:
             return await self._main.__aexit__(kind, exc, tb)
         return await self._stack.__aexit__(kind, exc, tb)
+
+
+class LockTurns:
+    """Attempts with locks take turns per session key in this process before their transaction takes a
+    connection: one of a key's updates at a time holds a pooled connection for its row, the others wait
+    here, holding none. Without this each of a hot chat's concurrent updates took a connection and waited
+    on the chat's row with it, and a slow handler there (a `ctx.api` call) left none to other chats: a
+    503 after DB_ACQUIRE_TIMEOUT for every chat. A turn held past TURN_STUCK_AFTER (an attempt that
+    ignored its deadline) is not waited for."""
+
+    def __init__(self) -> None:
+        self.turns = Turns()
+
+    @asynccontextmanager
+    async def hold(self, keys: Iterable[str]) -> AsyncIterator[None]:
+        taken: list[str] = []
+        try:
+            for key in sorted(set(keys)):  # one order for every attempt: none waits for another's
+                if not self.turns.take_free(key):
+                    if self.turns.stuck(key):
+                        continue  # (not taken: not given back)
+                    await self.turns.take(key)
+                taken.append(key)
+            yield
+        finally:
+            for key in taken:
+                self.turns.give_back(key)

@@ -160,11 +160,11 @@ async def test_a_handler_that_swallows_its_deadline_holds_its_chat_only_until_th
     """A bare `except:` in a handler's retry loop swallows the deadline's cancellation, and its delivery
     never ends. Each redelivery waited for it until its own deadline and answered 503, uncounted, for as
     long as it ran: its chat held for Telegram's 24 hours. Those waits are transient failures of the
-    update now: a dead letter at the bound. The chat's next update is applied: with locks once the server
-    has ended the stuck transaction (idle_in_transaction_session_timeout, 3 x DB_STATEMENT_TIMEOUT);
-    optimistically once the stuck attempt has held its key's turn in this process past any deadline (it
-    waited for that turn, and answered 503, for as long as the attempt ran). The stuck attempt, when it
-    ends at last, applies nothing."""
+    update now: a dead letter at the bound. The chat's next update is applied once the stuck attempt has
+    held its key's turn in this process past any deadline (TURN_STUCK_AFTER: before, it waited for that
+    turn, and answered 503, for as long as the attempt ran) and, with locks, the server has ended the
+    stuck transaction (idle_in_transaction_session_timeout, 3 x DB_STATEMENT_TIMEOUT). The stuck attempt,
+    when it ends at last, applies nothing."""
     released = asyncio.Event()
     bot: Bot[Counted] = Bot(session(Counted))
 
@@ -180,10 +180,10 @@ async def test_a_handler_that_swallows_its_deadline_holds_its_chat_only_until_th
                 await released.wait()
 
     storage = await PostgresStorage.connect(database_url, statement_timeout=0.2)  # idle: ended after 0.6 s
-    storage.turns.stuck_after = 0.5  # (TURN_STUCK_AFTER, for a deadline of 0.3 s)
     run = Pipeline(
         bot, storage, ME, Metrics(), optimistic=optimistic, deadline=0.3, give_up=TransientFailures(3, 0)
     )
+    storage.turns.stuck_after = run.lock_turns.turns.stuck_after = 0.5  # (TURN_STUCK_AFTER, for 0.3 s)
     stuck = update(message_update(1, -7, "stubborn"))
     first = asyncio.ensure_future(run.process(stuck))
     try:

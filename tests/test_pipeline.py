@@ -18,6 +18,7 @@ from bot.pipeline import Pipeline, Status
 from bot.session import session
 from bot.storage import Storage, Transaction
 from bot.storage.memory import MemoryStorage
+from bot.storage.postgres import PostgresStorage
 from bot.testing.updates import text_update
 
 pytestmark = pytest.mark.anyio
@@ -60,10 +61,10 @@ def slow_counting_bot(gate: asyncio.Event | None = None) -> Bot[Counted]:
     return bot
 
 
-async def count(storage: Storage) -> str | None:
+async def count(storage: Storage, key: str = "-1") -> str | None:
     async with storage.transaction() as tx:
-        stored = await tx.read("-1")
-    return None if stored is None else stored.data
+        stored = await tx.read(key)
+    return None if stored is None else stored.data.replace(" ", "")
 
 
 async def test_a_redelivery_of_an_update_applied_here_without_replies_does_no_database_work() -> None:
@@ -126,3 +127,34 @@ async def test_an_applied_update_is_remembered_only_for_a_while(monkeypatch: pyt
     used = storage.transactions
     assert (await run.process(text_update(1, -1, "+"))).status is Status.DUPLICATE
     assert storage.transactions == used + 1  # asked the storage, which still knows it
+
+
+async def test_a_hot_chat_waiting_on_its_row_with_locks_leaves_the_pool_to_other_chats(
+    database_url: str,
+) -> None:
+    """With locks (DB_CONCURRENCY=locked, and every optimistic attempt that gives way: a redelivery, a
+    chat other processes write), each of a hot chat's concurrent updates took a pooled connection and
+    waited on the chat's row with it. A slow handler there (a `ctx.api` call) and a few button presses
+    at once held every connection: another chat's update waited DB_ACQUIRE_TIMEOUT and got a 503. A
+    chat's updates now take turns in the process before they take a connection."""
+    storage = await PostgresStorage.connect(database_url, max_size=3, acquire_timeout=0.3)
+    bot: Bot[Counted] = Bot(session(Counted))
+
+    @bot.message(text(equals="slow"))
+    async def slow(ctx: Context[Counted]) -> None:
+        ctx.session.count += 1
+        await asyncio.sleep(0.4)
+
+    @bot.message(text(equals="+"))
+    async def plus(ctx: Context[Counted]) -> None:
+        ctx.session.count += 1
+
+    try:
+        run = Pipeline(bot, storage, ME, Metrics())  # with locks
+        hot = [asyncio.ensure_future(run.process(text_update(10 + n, -1, "slow"))) for n in range(6)]
+        await asyncio.sleep(0.1)
+        assert (await run.process(text_update(1, -2, "+"))).status is Status.APPLIED
+        assert {o.status for o in await asyncio.gather(*hot)} == {Status.APPLIED}
+        assert (await count(storage), await count(storage, "-2")) == ('{"count":6}', '{"count":1}')
+    finally:
+        await storage.close()

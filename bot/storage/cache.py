@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections import deque
 from dataclasses import dataclass
 
 from . import StoredSession
 
-__all__ = ["Cached", "Contended", "SessionCache", "Turns"]
+__all__ = ["TURN_STUCK_AFTER", "Cached", "Contended", "SessionCache", "Turns"]
 
 
 @dataclass(slots=True)
@@ -108,14 +107,19 @@ class SessionCache:
         return self.clock - clock >= self.WRITES or self._written.get(key, 0) > clock
 
 
+# How long an update may hold a session key's turn before the key's later updates stop waiting for it:
+# Telegram's own 60 s, past REQUEST_DEADLINE (at most 55 s) and the few seconds recording a dead letter
+# may take. Only an attempt that ignored its cancellation (a handler that swallowed it) holds one longer.
+TURN_STUCK_AFTER = 60.0
+
+
 class Turns:
     """One holder per key at a time, the others waiting in arrival order; no state kept for a free key.
 
-    A turn held `stuck_after` seconds is stuck: its holder outlived any deadline (a handler that swallowed
-    its cancellation). Nobody should queue behind it then, or its key's updates in this process would all
-    wait for it for as long as it runs."""
+    A turn held `stuck_after` seconds is stuck: its holder outlived any deadline. Nobody should queue
+    behind it then, or its key's updates in this process would all wait for it for as long as it runs."""
 
-    def __init__(self, stuck_after: float = math.inf) -> None:
+    def __init__(self, stuck_after: float = TURN_STUCK_AFTER) -> None:
         self.stuck_after = stuck_after
         self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
         self._since: dict[str, float] = {}  # key -> when its holder got the turn (monotonic)

@@ -77,11 +77,6 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
     # (several instances, WEB_CONCURRENCY > 1) would otherwise have its memory refused, and its handlers
     # run twice, on nearly every update. A read costs the same round trips as that refusal did.
     SHARED_FOR = 60.0
-    # How long an update may hold a session's turn in this process before the key's later updates stop
-    # waiting for it and run with locks: Telegram's own 60 s, past REQUEST_DEADLINE (at most 55 s) and
-    # the few seconds recording a dead letter may take. Only an attempt that ignored its cancellation
-    # holds one that long.
-    TURN_STUCK_AFTER = 60.0
 
     def __init__(
         self,
@@ -114,7 +109,7 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
         # lock for a while, and those it reads afresh for a while (bot.storage.cache).
         self.cache = SessionCache(cache_size)
         self.batches = Batches(self.connections, metrics)
-        self.turns = Turns(self.TURN_STUCK_AFTER)
+        self.turns = Turns()  # (a turn held TURN_STUCK_AFTER is not waited for: its key runs with locks)
         self.contention = Contended(self.CONTENDED_FOR)
         self.shared = Contended(self.SHARED_FOR)
 
