@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Sequence
+from functools import partial
 
 from .failures import TryLater
 from .outbox import Clock, Outbox, SystemClock
@@ -57,7 +58,11 @@ class TimerLoop:
         self._concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
         self._clock = clock or SystemClock()
-        self._firing: set[asyncio.Task[None]] = set()  # picked: running, or waiting for a slot
+        self._firing: dict[int, asyncio.Task[None]] = {}  # by timer id, picked: running or waiting for a slot
+        # Fires still running when their lease ran out: they no longer count against the slots, or one that
+        # never ends (a handler awaiting what never comes) would hold its slot, and every chat's timers in
+        # this process with it, for good. (Long work is allowed: such a fire may go on, and end well.)
+        self._overdue: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()  # a wake-up, or a fire finished
         self._next_look = -math.inf
         self._wake_at = math.inf  # the earliest timer this process committed and has not looked for
@@ -76,26 +81,52 @@ class TimerLoop:
         `concurrency` at once; returns their fires (await them to wait for them). Raises StorageUnavailable
         when the pick failed."""
         if limit is None:
-            limit = self._concurrency * PICKED_PER_SLOT - len(self._firing)
+            limit = self._concurrency * PICKED_PER_SLOT - self._counted()
         if limit <= 0:
             return []
         due = await self._storage.claim_due_timers(self._pipeline.me.id, limit, self._lease)
         started = []
         for timer in due:
+            if timer.id in self._firing:
+                continue  # still firing here past its lease (picked again for that): not twice at once
             task = asyncio.create_task(self._fire(timer))
-            self._firing.add(task)
-            task.add_done_callback(self._fired)
+            self._firing[timer.id] = task
+            task.add_done_callback(partial(self._fired, timer.id))
             started.append(task)
         return started
 
-    def _fired(self, task: asyncio.Task[None]) -> None:
-        self._firing.discard(task)
+    def _counted(self) -> int:
+        """The fires that count against the slots: picked, and not past their lease."""
+        return len(self._firing) - len(self._overdue)
+
+    def _fired(self, timer_id: int, task: asyncio.Task[None]) -> None:
+        del self._firing[timer_id]
+        self._overdue.discard(task)
         self._changed.set()
 
     async def _fire(self, timer: DueTimer) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        holding = False
+
+        def overdue() -> None:
+            nonlocal holding
+            if holding:
+                holding = False
+                self._slots.release()
+            self._overdue.add(task)
+            self._changed.set()
+
         try:
-            async with self._slots:
+            await self._slots.acquire()
+            holding = True
+            late = asyncio.get_running_loop().call_later(self._lease, overdue)
+            try:
                 outcome = await self._pipeline.fire(timer)
+            finally:
+                late.cancel()
+                if holding:
+                    self._slots.release()
         except (StorageUnavailable, TryLater) as exc:
             log.warning("timer %d: not fired (%s); fired again once its lease runs out", timer.id, exc)
         except Exception:
@@ -110,8 +141,8 @@ class TimerLoop:
         while True:
             self._changed.clear()
             now = self._clock.time()
-            room = self._concurrency * PICKED_PER_SLOT - len(self._firing)
-            ready = len(self._firing) <= self._concurrency
+            room = self._concurrency * PICKED_PER_SLOT - self._counted()
+            ready = self._counted() <= self._concurrency
             if ready and (self._more or now >= min(self._next_look, self._wake_at)):
                 self._next_look = now + self._interval
                 if self._wake_at <= now:
@@ -136,8 +167,8 @@ class TimerLoop:
         """After `run` is cancelled (shutdown): wait for the fires picked (under way or waiting for a slot),
         then cancel what is left (rolled back or not begun: fired again once its lease runs out)."""
         if self._firing:
-            await asyncio.wait(set(self._firing), timeout=within)
-        left = set(self._firing)
+            await asyncio.wait(set(self._firing.values()), timeout=within)
+        left = set(self._firing.values())
         for task in left:
             task.cancel()
         if left:
