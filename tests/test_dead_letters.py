@@ -324,12 +324,15 @@ NOT_EXCEPTIONS = [SystemExit, KeyboardInterrupt, GeneratorExit, asyncio.Cancelle
 
 
 def bot_raising(raised: type[BaseException], where: str) -> Bot[Counted]:
-    """`+` counts; `bad` counts too, but `raised` comes from its filter, its handler or the error hook."""
+    """`+` counts; `bad` counts too, but `raised` comes from its filter, its handler or the error hook (run
+    in the handler's transaction, or after the rollback for a filter's bug)."""
     bot: Bot[Counted] = Bot(session(Counted))
 
     def wanted(ctx: Context[Counted]) -> bool:
         if where == "filter":
             raise raised()
+        if where == "error hook, for a filter":
+            raise ValueError("the filter's bug, for the error hook")
         return True
 
     @bot.message(text(equals="+"))
@@ -343,7 +346,7 @@ def bot_raising(raised: type[BaseException], where: str) -> Bot[Counted]:
             raise raised()
         raise ValueError("the handler's bug, for the error hook")
 
-    if where == "error hook":
+    if where.startswith("error hook"):
 
         @bot.catch
         async def on_error(error: Exception, ctx: Context[Counted]) -> None:
@@ -352,7 +355,7 @@ def bot_raising(raised: type[BaseException], where: str) -> Bot[Counted]:
     return bot
 
 
-@pytest.mark.parametrize("where", ["filter", "handler", "error hook"])
+@pytest.mark.parametrize("where", ["filter", "handler", "error hook", "error hook, for a filter"])
 @pytest.mark.parametrize("raised", NOT_EXCEPTIONS, ids=lambda c: c.__name__)
 async def test_a_base_exception_from_the_bot_s_code_is_a_dead_letter_and_the_chat_moves_on(
     storage: Storage, raised: type[BaseException], where: str
