@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -150,18 +151,25 @@ class SessionConfig(Generic[S]):
                 "the stored row keeps its last good value"
             ) from exc
 
-    def check(self, key: str, data: str) -> None:
-        """Raise SessionValueError, naming the field, unless `data` (encoded from a handler's value) reads
-        back as `data_type`. Encoding does not validate: `ctx.session.n = "seven"` on an int field
+    def check(self, key: str, data: str, value: S) -> None:
+        """Raise SessionValueError, naming the field, unless `data` (encoded from a handler's `value`)
+        reads back as `data_type`. Encoding does not validate: `ctx.session.n = "seven"` on an int field
         encodes fine and would fail every later read of the row instead of the update that wrote it.
         Reading back is msgspec's own validation, and costs about what one read of the row does."""
         try:
-            self._decoder.decode(data)
+            decoded = self._decoder.decode(data)
         except msgspec.ValidationError as exc:
             raise SessionValueError(
                 f"{self._where(key)}: the value does not fit {self.data_type.__name__}, {_field(exc)}. Nothing "
                 "was saved: the stored row keeps its last good value"
             ) from exc
+        # JSON has no NaN or infinity: msgspec writes them as null, which a type that allows None reads
+        # back as valid. Only data holding a null can hide one, and only a value it does not read back as.
+        if "null" in data and decoded != value and (found := _non_finite(value, "$")) is not None:
+            raise SessionValueError(
+                f"{self._where(key)}: the value cannot be stored, field `{found[0]}`: {found[1]!r} is no JSON"
+                " number. Nothing was saved: the stored row keeps its last good value"
+            )
 
     def decode(self, key: str, stored: StoredSession) -> S:
         """Decode stored data, first upgrading it through `migrations` if an older version wrote it."""
@@ -202,6 +210,31 @@ def _field(error: msgspec.ValidationError) -> str:
     return f"field {path}: {message}" if at else f"the whole value: {error}"
 
 
+def _parts(value: Any, path: str) -> list[tuple[str, Any]] | None:
+    """The parts of a container msgspec encodes, each with its path; None for anything else."""
+    if isinstance(value, msgspec.Struct):
+        return [(f"{path}.{name}", getattr(value, name)) for name in value.__struct_fields__]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [(f"{path}.{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value)]
+    if isinstance(value, dict):
+        return [(f"{path}.{key}", item) for key, item in value.items()]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [(f"{path}[{n}]", item) for n, item in enumerate(value)]
+    return None
+
+
+def _non_finite(value: Any, path: str) -> tuple[str, float] | None:
+    """The path of the first NaN or infinity in `value`, and it; None if there is none. Only called for
+    a value that encoded (so holds no cycle) and did not read back as itself."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    for sub_path, part in _parts(value, path) or ():
+        found = _non_finite(part, sub_path)
+        if found is not None:
+            return found
+    return None
+
+
 def _unencodable(value: Any, path: str, within: set[int]) -> tuple[str, str] | None:
     """The path of the innermost part of `value` that msgspec cannot encode, and why; None if it can.
     Only called once encoding failed, so its cost (encoding each part again) is paid by failures only.
@@ -213,16 +246,8 @@ def _unencodable(value: Any, path: str, within: set[int]) -> tuple[str, str] | N
         error = str(exc)
     if id(value) in within:
         return path, "the value contains itself"
-    parts: list[tuple[str, Any]]
-    if isinstance(value, msgspec.Struct):
-        parts = [(f"{path}.{name}", getattr(value, name)) for name in value.__struct_fields__]
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        parts = [(f"{path}.{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value)]
-    elif isinstance(value, dict):
-        parts = [(f"{path}.{key}", item) for key, item in value.items()]
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        parts = [(f"{path}[{n}]", item) for n, item in enumerate(value)]
-    else:
+    parts = _parts(value, path)
+    if parts is None:
         return path, error
     within.add(id(value))
     for sub_path, part in parts:
@@ -407,5 +432,5 @@ class SessionSlot(Generic[S]):
             initial = config.initial
             if self._stored is None and initial is not None and data == config.encode(self.key, initial()):
                 return  # a new session nobody changed: reading it again gives the same initial value
-            config.check(self.key, data)  # only what is written: an unchanged value was read as valid
+            config.check(self.key, data, self._value)  # only what is written: the rest was read as valid
             await self._tx.write(self.key, StoredSession(data, config.version), config.ttl)

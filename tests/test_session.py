@@ -454,6 +454,45 @@ async def test_a_session_value_that_does_not_fit_or_cannot_be_stored_fails_the_u
     assert [c.params["text"] for c in look.to_send] == ["2"]
 
 
+@dataclass
+class Ratio:
+    ratio: float | None = None
+    seen: list[Any] = field(default_factory=list)
+
+
+@pytest.mark.parametrize(
+    ("said", "at"), [("ratio nan", "$.ratio"), ("ratio inf", "$.ratio"), ("seen -inf", "$.seen[0]")]
+)
+async def test_a_float_json_cannot_hold_fails_the_update_even_where_null_would_fit(
+    storage_mode: tuple[Storage, bool], caplog: pytest.LogCaptureFixture, said: str, at: str
+) -> None:
+    """JSON has no NaN or infinity: msgspec writes them as null, which an Optional field (or Any) reads
+    back as valid. So a ratio of 0/0 was stored as null, silently, where a `float` field failed."""
+    storage, optimistic = storage_mode
+    bot: Bot[Ratio] = Bot(session(Ratio))
+
+    @bot.message(text(startswith="ratio "))
+    async def ratio(ctx: Context[Ratio]) -> None:
+        assert ctx.message is not None and ctx.message.text is not None
+        ctx.session.ratio = float(ctx.message.text.removeprefix("ratio "))
+
+    @bot.message(text(startswith="seen "))
+    async def seen(ctx: Context[Ratio]) -> None:
+        assert ctx.message is not None and ctx.message.text is not None
+        ctx.session.seen.append(float(ctx.message.text.removeprefix("seen ")))
+
+    run = pipeline(bot, storage, optimistic=optimistic)
+    assert (await run.process(text_update(1, chat_id=7, text="ratio 0.5"))).status is Status.APPLIED
+    assert (await run.process(text_update(2, chat_id=7, text=said))).status is Status.DEAD_LETTER
+    value = said.split()[1]
+    assert (
+        f"the value cannot be stored, field `{at}`: {value} is no JSON number. Nothing was saved"
+        in caplog.text
+    )
+    saved = await stored(storage, "7")
+    assert saved is not None and json.loads(saved.data) == {"ratio": 0.5, "seen": []}  # the last good value
+
+
 async def test_ttl_expired_session_reads_as_new(counting: CountingStorage) -> None:
     run = pipeline(counter_bot(ttl=0.2), counting)
     await run.process(text_update(1, chat_id=7, text="+"))
