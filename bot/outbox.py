@@ -342,22 +342,25 @@ class Outbox:
             self._wake_up_at(now)
             return to
         if exc.retry_after is not None:
+            # No longer than a call is kept: an absurd retry_after (1e300) overflowed the database's
+            # timestamps, and the chat's calls were neither sent nor given up on, ever.
+            retry_after = min(exc.retry_after, self.limits.give_up_after)
             rule = self.limits.flood_rule()
-            everything = await self._storage.pause_sends(call.chat, now + exc.retry_after, now, rule)
+            everything = await self._storage.pause_sends(call.chat, now + retry_after, now, rule)
             self._metrics.api_calls.labels(call.method, "rate_limited").inc()
             self._metrics.flood_waits.labels("bot" if everything else "chat").inc()
             log.warning(
                 "outbox %d: 429 for chat %s: %s",
                 call.id,
                 call.chat,
-                f"every send paused for {min(exc.retry_after, rule.pause_max):g} s (429s from"
+                f"every send paused for {min(retry_after, rule.pause_max):g} s (429s from"
                 f" {rule.chats} chats at once while sending near the whole bot's budget)"
                 if everything
-                else f"this chat's sends paused for {exc.retry_after:g} s",
+                else f"this chat's sends paused for {retry_after:g} s",
                 extra={"chat": call.chat, "outcome": "rate_limited"},
             )
-            await self._storage.mark_failed(call.id, str(exc), retry_in=exc.retry_after, now=now)
-            self._wake_up_at(now + (min(exc.retry_after, rule.pause_max) if everything else exc.retry_after))
+            await self._storage.mark_failed(call.id, str(exc), retry_in=retry_after, now=now)
+            self._wake_up_at(now + (min(retry_after, rule.pause_max) if everything else retry_after))
         elif exc.permanent:
             self._metrics.api_calls.labels(call.method, "failed").inc()
             log.warning(

@@ -208,6 +208,33 @@ async def test_a_429_pauses_that_chat_only_and_its_calls_wait_in_the_outbox(
     assert metrics.count("bot_api_429_total", scope="bot") == 0
 
 
+async def test_a_429_asking_for_an_absurd_wait_pauses_its_chat_no_longer_than_a_call_is_kept(
+    storage: PostgresStorage,
+    api: BotApi,
+    clock: FakeClock,
+    fake: FakeTelegram,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """retry_after 1e300 (a proxy's or Telegram's own bug): the pause's end overflowed PostgreSQL's
+    timestamps, so every reservation of the chat's calls failed, logged as an unexpected error after each
+    lease, and no call to the chat was ever given up on or sent again. A pause is at most OUTBOX_GIVE_UP
+    now: the call is given up on then, and the chat's pause is over."""
+    caplog.set_level(logging.WARNING)
+    fake.fail_next(
+        "sendMessage", error_code=429, description="Too Many Requests", retry_after=10**300, chat_id=GROUP
+    )
+    outbox = make_outbox(storage, api, clock, give_up_after=60)
+    await queue(storage, [GROUP, OTHER_GROUP])
+    await run_for(outbox, clock, 65, tick=1)
+    assert texts(fake.delivered()) == ["#1"]  # the other group's, at once
+    assert "gave up on sendMessage to chat -1001" in caplog.text
+    assert "unexpected error" not in caplog.text
+    paused_until = await storage.pool.fetchval(
+        "SELECT paused_until FROM send_budget WHERE key = $1", str(GROUP)
+    )
+    assert paused_until <= clock.now
+
+
 async def too_many_requests(fake: FakeTelegram, chat: int, retry_after: int) -> None:
     fake.fail_next(
         "sendMessage",
