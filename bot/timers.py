@@ -6,7 +6,8 @@ its handler in a transaction of its own whose claim deletes the timer, so a fire
 however many processes pick it, and one that was rolled back (a crash, a kill -9, a database fault)
 leaves the timer to be picked again once its lease runs out. Only the earliest timer of a key is picked
 at a time, so a key's timers fire in order, one after the other; timers of different keys fire
-concurrently, up to TIMER_CONCURRENCY at once per process.
+concurrently, up to TIMER_CONCURRENCY at once per process (a fire still running when its lease ends
+no longer counts: one that never ends must not hold its slot for good).
 
 The loop looks every OUTBOX_SWEEP_INTERVAL seconds, and at once when this process commits a timer due
 sooner: `after=0` work starts right after its update's commit, and a timer another process scheduled is
