@@ -16,7 +16,7 @@ from .files import MAX_UPLOAD_BYTES, prepare
 from .kinds import KindAccessors
 from .methods import ApiMethods, OutboxMethods
 from .rules import Command, parse_command
-from .session import NoSuchSession, SessionNotLoaded, SessionSlot
+from .session import NoSuchSession, SessionNotLoaded, SessionSlot, non_finite
 from .storage import DueTimer, OutgoingCall, TimerChange
 from .telegram import BotApi
 from .types import CallbackQuery, Chat, File, Message, Update, User
@@ -289,6 +289,11 @@ class Context(KindAccessors, Generic[S]):
         encoded = msgspec.json.encode(payload).decode()
         if "\\u0000" in encoded:
             raise ValueError("schedule(): the payload holds a NUL character, which the database cannot store")
+        if "null" in encoded and (found := non_finite(payload, "$")) is not None:
+            raise ValueError(
+                f"schedule(): the payload's {found[0]} is {found[1]!r}, which JSON cannot hold (it would come"
+                " back as None)"
+            )
         timer_name = name if name is not None else uuid.uuid4().hex
         self.timers.append(
             TimerChange(self._timer_key(key), timer_name, handler, encoded, self._origin(), at, after)

@@ -165,7 +165,7 @@ class SessionConfig(Generic[S]):
             ) from exc
         # JSON has no NaN or infinity: msgspec writes them as null, which a type that allows None reads
         # back as valid. Only data holding a null can hide one, and only a value it does not read back as.
-        if "null" in data and decoded != value and (found := _non_finite(value, "$")) is not None:
+        if "null" in data and decoded != value and (found := non_finite(value, "$")) is not None:
             raise SessionValueError(
                 f"{self._where(key)}: the value cannot be stored, field `{found[0]}`: {found[1]!r} is no JSON"
                 " number. Nothing was saved: the stored row keeps its last good value"
@@ -223,13 +223,13 @@ def _parts(value: Any, path: str) -> list[tuple[str, Any]] | None:
     return None
 
 
-def _non_finite(value: Any, path: str) -> tuple[str, float] | None:
-    """The path of the first NaN or infinity in `value`, and it; None if there is none. Only called for
-    a value that encoded (so holds no cycle) and did not read back as itself."""
+def non_finite(value: Any, path: str) -> tuple[str, float] | None:
+    """The path of the first NaN or infinity in `value` (JSON has neither: msgspec writes them as null),
+    and it; None if there is none. Only for a value that encoded, so holds no cycle."""
     if isinstance(value, float):
         return None if math.isfinite(value) else (path, value)
     for sub_path, part in _parts(value, path) or ():
-        found = _non_finite(part, sub_path)
+        found = non_finite(part, sub_path)
         if found is not None:
             return found
     return None

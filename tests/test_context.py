@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -170,3 +171,20 @@ async def test_a_file_is_read_when_queued_and_raw_bytes_are_refused_with_the_way
         c.call("sendPhoto", chat_id=-5, photo=b"\x89PNG")  # was sent as a base64 str, read as a file_id
     c.outbox.send_photo(chat_id=-5, photo="AgACAgIAAxkBAAIB")  # a file_id goes as is
     assert c.calls[1] == OutgoingCall("sendPhoto", {"chat_id": -5, "photo": "AgACAgIAAxkBAAIB"})
+
+
+@pytest.mark.parametrize(
+    ("payload", "refused"),
+    [
+        ({"tag": "x\x00"}, "the payload holds a NUL character"),
+        ({"ratios": [0.5, float("nan")]}, "the payload's $.ratios[1] is nan, which JSON cannot hold"),
+        ({"limit": float("inf")}, "the payload's $.limit is inf, which JSON cannot hold"),
+    ],
+)
+def test_a_timer_payload_the_database_or_json_cannot_hold_fails_the_update_that_schedules_it(
+    payload: dict[str, Any], refused: str
+) -> None:
+    """JSON has no NaN or infinity: msgspec wrote them as null, so the fire got None where the handler
+    that scheduled it had put a number, silently."""
+    with pytest.raises(ValueError, match=re.escape(refused)):
+        ctx(message_update(1, -7, "x")).schedule("ping", after=0, payload=payload)
