@@ -110,7 +110,7 @@ class Pipeline:
         self._recorder = Recorder(storage, me, self.api, lease)  # what failed for good (bot.recording)
         self._deliveries = Deliveries()  # redeliveries answered from memory (bot.redelivery)
         self._deadlines = Deadlines()  # every update's REQUEST_DEADLINE, on one timer
-        self.lock_turns = LockTurns()  # a key's attempts with locks, one at a time here (bot.unit)
+        self.lock_turns = LockTurns()  # a key's attempts with locks, two at a time here (bot.unit)
         # A line per update, and per timer fire, or a count of them when busy (bot.logs).
         self.update_lines = LinesPerSecond(log, "update")
         self.timer_lines = LinesPerSecond(log, "timer")

@@ -177,14 +177,20 @@ class UnitOfWork:
 
 class LockTurns:
     """Attempts with locks take turns per session key in this process before their transaction takes a
-    connection: one of a key's updates at a time holds a pooled connection for its row, the others wait
-    here, holding none. Without this each of a hot chat's concurrent updates took a connection and waited
-    on the chat's row with it, and a slow handler there (a `ctx.api` call) left none to other chats: a
-    503 after DB_ACQUIRE_TIMEOUT for every chat. A turn held past TURN_STUCK_AFTER (an attempt that
-    ignored its deadline) is not waited for."""
+    connection: two of a key's updates at a time hold a pooled connection for its row (one with the
+    row's lock, the next waiting on it in the database, which hands the lock over at the commit without
+    a round trip to us), the others wait here, holding none. Without this each of a hot chat's
+    concurrent updates took a connection and waited on the chat's row with it, and a slow handler there
+    (a `ctx.api` call) left none to other chats: a 503 after DB_ACQUIRE_TIMEOUT for every chat. With
+    one turn per key, each update of a hot chat waited for the one before it to answer before starting
+    its own round trips: workload B with DB_CONCURRENCY=locked lost a quarter of its rate
+    (bench/README.md). A key whose turns are all held past TURN_STUCK_AFTER (attempts that ignored
+    their deadline) is not waited for."""
+
+    HOLDERS = 2
 
     def __init__(self) -> None:
-        self.turns = Turns()
+        self.turns = Turns(holders=self.HOLDERS)
 
     @asynccontextmanager
     async def hold(self, keys: Iterable[str]) -> AsyncIterator[None]:

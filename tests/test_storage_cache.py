@@ -113,3 +113,23 @@ async def test_a_turn_held_past_stuck_after_is_stuck_and_each_holder_gets_the_ti
     assert not turns.stuck("k")  # the next holder's own time
     turns.give_back("k")
     assert not turns.busy("k") and not turns.stuck("k")
+
+
+async def test_with_two_holders_a_third_waits_and_the_key_is_stuck_only_when_both_turns_are() -> None:
+    turns = Turns(stuck_after=0.2, holders=2)
+    await turns.take("k")
+    await asyncio.sleep(0.25)  # the first holder is past stuck_after...
+    assert turns.take_free("k")  # ...but the second turn is free, and taken now
+    assert not turns.stuck("k")  # the second holder's time is its own
+    third = asyncio.create_task(turns.take("k"))
+    await asyncio.sleep(0)
+    assert not third.done()  # both turns held: the third waits
+    turns.give_back("k")
+    await asyncio.wait_for(third, 1)  # a turn handed on: still two holders
+    assert not turns.take_free("k")
+    await asyncio.sleep(0.25)
+    assert turns.stuck("k")  # every turn held past stuck_after
+    turns.give_back("k")
+    assert not turns.stuck("k")  # one turn free again
+    turns.give_back("k")
+    assert not turns.busy("k")  # a free key keeps no state

@@ -114,31 +114,46 @@ TURN_STUCK_AFTER = 60.0
 
 
 class Turns:
-    """One holder per key at a time, the others waiting in arrival order; no state kept for a free key.
+    """Up to `holders` holders per key at a time (one by default), the others waiting in arrival order; no
+    state kept for a free key.
 
-    A turn held `stuck_after` seconds is stuck: its holder outlived any deadline. Nobody should queue
-    behind it then, or its key's updates in this process would all wait for it for as long as it runs."""
+    A key whose every turn has been held `stuck_after` seconds is stuck: its holders outlived any
+    deadline. Nobody should queue behind it then, or its key's updates in this process would all wait
+    for them for as long as they run."""
 
-    def __init__(self, stuck_after: float = TURN_STUCK_AFTER) -> None:
+    def __init__(self, stuck_after: float = TURN_STUCK_AFTER, holders: int = 1) -> None:
         self.stuck_after = stuck_after
-        self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
-        self._since: dict[str, float] = {}  # key -> when its holder got the turn (monotonic)
+        self.holders = holders
+        self._waiting: dict[str, deque[asyncio.Future[None]]] = {}  # present while the key is held
+        self._held: dict[str, int] = {}  # key -> how many hold it
+        # key -> when its latest holder got its turn (monotonic): with every turn taken, every holder has
+        # held its own at least that long.
+        self._since: dict[str, float] = {}
 
     def busy(self, key: str) -> bool:
         return key in self._waiting
 
     def take_free(self, key: str) -> bool:
-        """Take the key's turn if nobody has it (True), without waiting; False when someone has."""
-        if key in self._waiting:
+        """Take one of the key's turns if one is free (True), without waiting; False when all are taken."""
+        queue = self._waiting.get(key)
+        if queue is None:
+            self._waiting[key] = deque()
+            self._held[key] = 1
+        elif queue or self._held[key] >= self.holders:
             return False
-        self._waiting[key] = deque()
+        else:
+            self._held[key] += 1
         self._since[key] = time.monotonic()
         return True
 
     def stuck(self, key: str) -> bool:
-        """Whether the key's turn has been held for `stuck_after` seconds."""
+        """Whether every turn of the key has been held for `stuck_after` seconds."""
         since = self._since.get(key)
-        return since is not None and time.monotonic() - since >= self.stuck_after
+        return (
+            since is not None
+            and self._held[key] >= self.holders
+            and time.monotonic() - since >= self.stuck_after
+        )
 
     async def take(self, key: str) -> None:
         if self.take_free(key):
@@ -161,10 +176,14 @@ class Turns:
         while queue:
             turn = queue.popleft()
             if not turn.done():
-                turn.set_result(None)
+                turn.set_result(None)  # the turn goes to the next in line: as many hold the key
                 self._since[key] = time.monotonic()
                 return
+        if self._held[key] > 1:
+            self._held[key] -= 1
+            return
         del self._waiting[key]
+        del self._held[key]
         del self._since[key]
 
 
