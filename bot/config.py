@@ -50,6 +50,8 @@ class Settings:
     database_url: str | None
     # For migrations: a direct (not pooled) URL when DATABASE_URL goes through a pooler.
     database_direct_url: str | None
+    # PGPASSWORD, which asyncpg uses when a URL has no password: read only to keep it out of the logs.
+    pgpassword: str | None
     # libpq-only parameters left out of those URLs, one line each, for the log (bot/libpq.py).
     database_notes: tuple[str, ...]
     # DB_POOLER: "auto", "transaction" or "none" (bot/pooler.py).
@@ -352,6 +354,7 @@ def load_settings(
         webhook_secret_generated=generated,
         database_url=database_url,
         database_direct_url=database_direct_url,
+        pgpassword=env.get("PGPASSWORD") or None,  # as it is, spaces and all: what asyncpg sends
         database_notes=tuple(database_notes),
         db_pooler=pooler,
         telegram_api_root=api_root.rstrip("/"),

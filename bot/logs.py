@@ -3,9 +3,9 @@ object per line (LOG_FORMAT=json) for a log service.
 
 A JSON line has time, level, logger and message, plus update_id, chat, outcome and duration (seconds)
 when the line is about one update or one reply, and error with the traceback when there is one. Every
-line, in either format, has the bot token, the webhook secret and the database password replaced by
-"***" before it is written: a secret that reaches a log line by way of an exception's text (a URL, a
-DSN) is still not written.
+line, in either format, has the bot token, the webhook secret and the database passwords (of both URLs,
+and PGPASSWORD) replaced by "***" before it is written: a secret that reaches a log line by way of an
+exception's text (a URL, a DSN) is still not written.
 
 Each update (and each timer fire) gets a line (`LinesPerSecond`): every one at DEBUG; at INFO, the
 default, the first LINES_PER_SECOND of each second, and one line a second counting the rest by outcome.
@@ -113,6 +113,12 @@ class TextFormatter(_Redacting):
 
 
 class JsonFormatter(_Redacting):
+    def __init__(self, secrets: Iterable[str]) -> None:
+        # Each also as json.dumps writes it inside the line, where a quote or a backslash in a password
+        # (PGPASSWORD takes any characters) is escaped: the line is redacted once made.
+        secrets = list(secrets)
+        super().__init__([*secrets, *(json.dumps(s, ensure_ascii=False)[1:-1] for s in secrets)])
+
     def second_text(self, second: int) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
@@ -392,10 +398,12 @@ def _sole_writer(logger: logging.Logger) -> LineWriter | None:
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """What must never be written: the token, the webhook secret, the database password."""
-    found = [settings.bot_token or "", settings.webhook_secret]
-    if settings.database_url:
-        found.append(urlsplit(settings.database_url).password or "")
+    """What must never be written: the token, the webhook secret, the database passwords (in either URL,
+    or in PGPASSWORD)."""
+    found = [settings.bot_token or "", settings.webhook_secret, settings.pgpassword or ""]
+    for url in (settings.database_url, settings.database_direct_url):
+        if url:
+            found.append(urlsplit(url).password or "")
     return found
 
 

@@ -22,8 +22,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from bot.app import SECRET_HEADER
 from bot.apps.pizza import build_bot
 from bot.apps.pizza_testing import PIZZA, hunger
+from bot.config import load_settings
 from bot.context import BotIdentity
-from bot.logs import JsonFormatter, LinesPerSecond, LineWriter, TextFormatter, log_update, setup_logging
+from bot.logs import (
+    JsonFormatter,
+    LinesPerSecond,
+    LineWriter,
+    TextFormatter,
+    log_update,
+    secrets_of,
+    setup_logging,
+)
 from bot.metrics import Metrics
 from bot.pipeline import Pipeline
 from bot.storage.memory import MemoryStorage
@@ -81,6 +90,24 @@ def test_secrets_are_replaced_in_messages_and_tracebacks(formatter: type[JsonFor
         )
     for secret in (TOKEN, SECRET, PASSWORD):
         assert secret not in line
+    assert "***" in line
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter, TextFormatter])
+def test_the_direct_url_password_and_pgpassword_are_never_written(formatter: type[JsonFormatter]) -> None:
+    direct, pgpassword = "direct-pass-0a1b2c", 'pg"pass\\word-3d4e'  # "any characters will do" (README)
+    settings = load_settings(
+        {
+            "DATABASE_URL": "postgresql://u@pooler/db",
+            "DATABASE_DIRECT_URL": f"postgresql://u:{direct}@db/db",
+            "PGPASSWORD": pgpassword,
+        }
+    )
+    line = formatter(secrets_of(settings)).format(
+        record(f"migrate: postgresql://u:{direct}@db/db refused password {pgpassword}")
+    )
+    assert direct not in line and pgpassword not in line
+    assert json.dumps(pgpassword)[1:-1] not in line  # nor as a JSON line writes it
     assert "***" in line
 
 
