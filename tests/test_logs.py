@@ -111,6 +111,27 @@ def test_the_direct_url_password_and_pgpassword_are_never_written(formatter: typ
     assert "***" in line
 
 
+@pytest.mark.parametrize("formatter", [JsonFormatter, TextFormatter])
+def test_a_short_secret_is_masked_where_it_stands_as_a_value_not_in_every_word(
+    formatter: type[JsonFormatter],
+) -> None:
+    settings = load_settings(
+        {"BOT_TOKEN": TOKEN, "WEBHOOK_SECRET": "s", "DATABASE_URL": "postgresql://bot:bot@db/bot"}
+    )
+    message = (
+        "update 5: applied in 3.1 ms by bot.pipeline; postgresql://bot:bot@db/bot, secret_token=s,"
+        " {'X-Telegram-Bot-Api-Secret-Token': 's'}, PGPASSWORD=bot"
+    )
+    masked = (
+        "update 5: applied in 3.1 ms by bot.pipeline; postgresql://bot:***@db/bot, secret_token=***,"
+        " {'X-Telegram-Bot-Api-Secret-Token': '***'}, PGPASSWORD=***"
+    )
+    line = formatter(secrets_of(settings)).format(record(message))
+    assert masked in (json.loads(line)["message"] if formatter is JsonFormatter else line)
+    json_quoted = formatter(["s"]).format(record('{"secret_token": "s", "status": "ok"}'))
+    assert '"secret_token": "***", "status": "ok"' in json_quoted.replace('\\"', '"')
+
+
 def test_a_text_line_is_what_the_standard_formatter_writes() -> None:
     standard = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     for created in (1_764_674_957.838, 1_764_674_957.0004, 1_764_674_958.9999):
