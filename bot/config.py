@@ -20,7 +20,7 @@ from .files import MAX_UPLOAD_BYTES
 from .libpq import UnsupportedParameter, for_asyncpg
 from .pooler import POOLER_MODES
 
-__all__ = ["ConfigError", "Settings", "load_settings"]
+__all__ = ["ConfigError", "Settings", "check_webhook_url", "load_settings"]
 
 _TOKEN = re.compile(r"^(\d{1,20}):[A-Za-z0-9_-]{10,}$")
 # What Telegram accepts as setWebhook's secret_token.
@@ -162,8 +162,8 @@ def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str,
     return raw
 
 
-def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
-    raw = env.get(name, "").strip()
+def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str | None:
+    raw = raw.strip()
     if not raw:
         return None
     try:
@@ -206,7 +206,7 @@ def _database_url(env: Mapping[str, str], name: str, notes: list[str]) -> str | 
     start-up, not a traceback from inside asyncpg at the first connection. libpq-only parameters are
     left out (a note for each goes to `notes`)."""
     _check_userinfo(name, env.get(name, "").strip())
-    url = _url(env, name, ("postgres", "postgresql"))
+    url = _url(name, env.get(name, ""), ("postgres", "postgresql"))
     if url is None:
         return None
     try:
@@ -237,18 +237,26 @@ _PLATFORM_URLS = (
 )
 
 
-def _webhook_urls(env: Mapping[str, str]) -> list[tuple[str, str]]:
-    """WEBHOOK_URL, then each URL derived from the platform's variables: (url, the variable it came from)."""
-    found = []
-    explicit = _url(env, "WEBHOOK_URL", ("https", "http"))
-    if explicit is not None:
-        address = urlsplit(explicit)
+def check_webhook_url(name: str, raw: str) -> str | None:
+    """`raw` if Telegram can deliver updates to it (None when empty), else ConfigError naming `name`:
+    WEBHOOK_URL, or the URL `set-webhook --url` was given."""
+    url = _url(name, raw, ("https", "http"))
+    if url is not None:
+        address = urlsplit(url)
         if address.path in ("", "/"):
             # Telegram would POST every update to /, answered 404: a healthy-looking bot receiving nothing.
             raise ConfigError(
-                "WEBHOOK_URL: has no path, and the bot answers at /webhook:"
+                f"{name}: has no path, and the bot answers at /webhook:"
                 f" {address.scheme}://{address.netloc}/webhook"
             )
+    return url
+
+
+def _webhook_urls(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """WEBHOOK_URL, then each URL derived from the platform's variables: (url, the variable it came from)."""
+    found = []
+    explicit = check_webhook_url("WEBHOOK_URL", env.get("WEBHOOK_URL", ""))
+    if explicit is not None:
         found.append((explicit, "WEBHOOK_URL"))
     for name, template in _PLATFORM_URLS:
         value = env.get(name, "").strip().rstrip("/")
@@ -306,7 +314,8 @@ def load_settings(
     pooler = env.get("DB_POOLER", "").strip().lower() or "auto"
     if pooler not in POOLER_MODES:
         raise ConfigError(f"DB_POOLER: one of {', '.join(POOLER_MODES)}, got {pooler!r}")
-    api_root = _url(env, "TELEGRAM_API_ROOT", ("https", "http")) or "https://api.telegram.org"
+    api_root = _url("TELEGRAM_API_ROOT", env.get("TELEGRAM_API_ROOT", ""), ("https", "http"))
+    api_root = api_root or "https://api.telegram.org"
     webhook_urls = _webhook_urls(env)
     webhook_url, webhook_url_source = webhook_urls[0] if webhook_urls else (None, None)
     web_concurrency, web_concurrency_ignored = _web_concurrency(env)

@@ -191,6 +191,18 @@ def test_set_webhook_without_a_url_names_the_variable(telegram_root: str, databa
     assert result.stderr.startswith("bot: WEBHOOK_URL: required")
 
 
+@pytest.mark.parametrize("url", ["https://bot.example.com", "https://bot.example.com/"])
+def test_set_webhook_refuses_a_url_without_a_path_as_webhook_url_is(
+    fake: FakeTelegram, telegram_root: str, database_url: str, url: str
+) -> None:
+    result = bot("set-webhook", "--url", url, env=bot_env(database_url, telegram_root))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "bot: --url: has no path, and the bot answers at /webhook: https://bot.example.com/webhook"
+    )
+    assert not fake.calls("setWebhook")
+
+
 def test_a_bot_api_refusal_is_reported_in_one_line(
     fake: FakeTelegram, telegram_root: str, database_url: str
 ) -> None:

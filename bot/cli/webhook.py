@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from ..config import Settings
+from ..config import ConfigError, Settings, check_webhook_url
 from ..runtime import bot_api
 from ..telegram import BotApiError
 from ..webhook import problems, registration
@@ -30,7 +30,11 @@ async def _call(settings: Settings, method: str, params: dict[str, Any]) -> Any:
 
 
 def set_webhook(settings: Settings, args: argparse.Namespace) -> int:
-    url = args.url or settings.webhook_url
+    try:
+        # Checked as WEBHOOK_URL is: set by hand, a URL Telegram cannot deliver to is as silent.
+        url = check_webhook_url("--url", args.url or "") or settings.webhook_url
+    except ConfigError as exc:
+        raise Fail(str(exc)) from None
     if url is None:
         raise Fail("WEBHOOK_URL: required for set-webhook (the public https URL of /webhook), or pass --url")
     params = registration(
