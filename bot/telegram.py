@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import mimetypes
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -65,6 +66,8 @@ class InvalidUpdate(BotError, ValueError):
 
 _update_decoder = msgspec.json.Decoder(Update)
 
+log = logging.getLogger("bot.telegram")
+
 
 def decode_update(body: bytes) -> Update:
     """Decode one webhook body into an Update, or raise InvalidUpdate saying what is wrong."""
@@ -91,14 +94,39 @@ def _without_newer_members(body: bytes, error: msgspec.ValidationError) -> Updat
     message origin, a paid medium of a new type): left out as if absent where the field is optional,
     dropped from a list, and where a required field holds one, the object holding it is left out in
     turn. Telegram adds them as it adds fields, and refusing the update (400) would fail every delivery
-    of it, holding up its chat while Telegram redelivers. The raw body keeps them. Anything else that does
-    not fit is not an Update: InvalidUpdate, with the first error found."""
-    known = _known(msgspec.json.decode(body), _update_type())
+    of it, holding up its chat while Telegram redelivers. The raw body keeps them, and each tag is logged
+    once per process and place (`_warn_newer`). Anything else that does not fit is not an Update:
+    InvalidUpdate, with the first error found."""
+    newer: list[tuple[str, str]] = []
+    known = _known(msgspec.json.decode(body), _update_type(), "", newer)
     try:
         update: Update = _update_decoder.decode(msgspec.json.encode(known))
     except msgspec.ValidationError:
         raise InvalidUpdate(f"not a Telegram Update: {error}") from None
+    _warn_newer(newer)  # (only for an update: a body that is none says nothing of our types)
     return update
+
+
+# (where, tag) pairs already logged: one line each per process, however many updates carry them. At most
+# _MAX_WARNED, so that made-up tags (from whoever holds the secret) cannot make it grow without end.
+_warned: set[tuple[str, str]] = set()
+_MAX_WARNED = 1000
+
+
+def _warn_newer(newer: list[tuple[str, str]]) -> None:
+    """Tell the operator our Bot API types are older than Telegram's: the tag and where it was, nothing
+    of the update itself (a user's text, ids)."""
+    for where, tag in newer:
+        key = (where, tag[:64])
+        if key in _warned or len(_warned) >= _MAX_WARNED:
+            continue
+        _warned.add(key)
+        log.warning(
+            "Telegram sent a union member newer than our Bot API types, type %r in %s: left out of the"
+            " typed update (Update.raw keeps it); bot/_gen/README.md says how to upgrade the types",
+            key[1],
+            where,
+        )
 
 
 @functools.cache
@@ -106,9 +134,11 @@ def _update_type() -> msgspec.inspect.Type:
     return msgspec.inspect.type_info(Update)  # (~20 ms: made once, when first needed)
 
 
-def _known(value: Any, kind: msgspec.inspect.Type) -> Any:
+def _known(value: Any, kind: msgspec.inspect.Type, where: str, newer: list[tuple[str, str]]) -> Any:
     """`value` (decoded JSON) without the union members whose tag `kind` does not know, or _NEWER when it
-    is one. What does not fit otherwise is left as it is, for the decoder to refuse."""
+    is one; each one left out is added to `newer`, with `where` it was (its fields' names from the
+    update down, `[]` for a list's item). What does not fit otherwise is left as it is, for the decoder
+    to refuse."""
     if isinstance(kind, msgspec.inspect.UnionType):
         # The member the value's JSON type can only be; for an object of a tagged union, by its tag.
         if isinstance(value, dict):
@@ -116,14 +146,18 @@ def _known(value: Any, kind: msgspec.inspect.Type) -> Any:
             tag_field = structs[0].tag_field if structs else None
             if tag_field is not None and isinstance(value.get(tag_field), str):
                 member = next((t for t in structs if t.tag == value[tag_field]), None)
-                return _NEWER if member is None else _known(value, member)
-            return _known(value, structs[0]) if len(structs) == 1 else value
+                if member is None:
+                    newer.append((where, value[tag_field]))
+                    return _NEWER
+                return _known(value, member, where, newer)
+            return _known(value, structs[0], where, newer) if len(structs) == 1 else value
         lists = [t for t in kind.types if isinstance(t, msgspec.inspect.ListType)]
-        return _known(value, lists[0]) if isinstance(value, list) and len(lists) == 1 else value
+        return _known(value, lists[0], where, newer) if isinstance(value, list) and len(lists) == 1 else value
     if isinstance(kind, msgspec.inspect.StructType) and isinstance(value, dict):
         for field in kind.fields:
             if field.encode_name in value:
-                inner = _known(value[field.encode_name], field.type)
+                name = field.encode_name
+                inner = _known(value[name], field.type, f"{where}.{name}" if where else name, newer)
                 if inner is not _NEWER:
                     value[field.encode_name] = inner
                 elif field.required:
@@ -132,7 +166,8 @@ def _known(value: Any, kind: msgspec.inspect.Type) -> Any:
                     del value[field.encode_name]
         return value
     if isinstance(kind, msgspec.inspect.ListType) and isinstance(value, list):
-        return [item for item in (_known(v, kind.item_type) for v in value) if item is not _NEWER]
+        items = (_known(v, kind.item_type, f"{where}[]", newer) for v in value)
+        return [item for item in items if item is not _NEWER]
     return value
 
 

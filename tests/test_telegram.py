@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
@@ -87,6 +88,34 @@ def test_an_object_a_newer_member_is_required_by_is_left_out_in_turn() -> None:
     update = decode_update(encode(raw))
     assert (update.my_chat_member, update.kind) == (None, None)  # an update of no kind: ignored
     assert update.json()["my_chat_member"]["new_chat_member"]["status"] == "a_future_status"
+
+
+def test_a_newer_union_member_is_logged_once_per_place_and_tag_without_the_updates_contents(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Left out silently, an operator never learns that the Bot API types are out of date.
+    def update(n: int) -> bytes:
+        raw = message_update(n, -5, PIZZA).json()
+        raw["message"]["forward_origin"] = {"type": "origin_for_the_log_test", "date": 0}
+        raw["message"]["reply_to_message"] = {
+            "message_id": 9,
+            "date": 0,
+            "chat": {"id": -5, "type": "group"},
+            "paid_media": {
+                "star_count": 1,
+                "paid_media": [{"type": "medium_for_the_log_test"}, {"type": "medium_for_the_log_test"}],
+            },
+        }
+        return encode(raw)
+
+    with caplog.at_level(logging.WARNING, logger="bot.telegram"):
+        for n in range(3):
+            decode_update(update(n))
+    lines = sorted(r.getMessage() for r in caplog.records)
+    assert len(lines) == 2, lines
+    assert "'medium_for_the_log_test' in message.reply_to_message.paid_media.paid_media[]" in lines[0]
+    assert "'origin_for_the_log_test' in message.forward_origin" in lines[1]
+    assert PIZZA not in caplog.text and "-5" not in caplog.text
 
 
 @pytest.mark.parametrize(
