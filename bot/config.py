@@ -193,8 +193,11 @@ def _check_userinfo(name: str, raw: str) -> None:
     _, found, rest = raw.partition("://")
     address = re.split(r"[/?#]", rest, maxsplit=1)[0]
     cut_off, at, _ = rest[len(address) :].partition("@")
-    # An @ further on, not after a parameter's = or &: the address's own @, cut off from it.
-    if found and (address.count("@") > 1 or (at and "@" not in address and not re.search(r"[=&]", cut_off))):
+    # An @ further on, not in a parameter's value (an = or & after the ?): the address's own @, cut off
+    # from it. An = before any ? is the password's own (a base64 one's padding, after a /).
+    if found and (
+        address.count("@") > 1 or (at and "@" not in address and not re.search(r"\?.*[=&]", cut_off))
+    ):
         raise ConfigError(
             f"{name}: the user or password holds a / ? # or @ (each ends a URL's address part, or its"
             " user): write them percent-encoded, %2F %3F %23 %40"

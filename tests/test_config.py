@@ -118,7 +118,17 @@ def test_well_formed_database_urls_pass_the_checks(url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "password", ["s3cr#et-Pa55", "s3cr/et-Pa55", "s3cr?et-Pa55", "9999#et-Pa55", "s3cr@et-Pa55"]
+    "password",
+    # (A base64 one: a / before an = of its padding, which is no parameter's = without a ? before it.)
+    [
+        "s3cr#et-Pa55",
+        "s3cr/et-Pa55",
+        "s3cr?et-Pa55",
+        "9999#et-Pa55",
+        "s3cr@et-Pa55",
+        "s3cr/et+Pa55=",
+        "s3cr#et=Pa55",
+    ],
 )
 @pytest.mark.parametrize("variable", ["DATABASE_URL", "DATABASE_DIRECT_URL"])
 def test_a_password_that_breaks_its_url_is_named_as_such_and_never_shown(
