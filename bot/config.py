@@ -172,7 +172,10 @@ def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str | None:
         raise ConfigError(f"{name}: not a valid URL ({exc})") from None
     if parts.scheme not in schemes:
         # Nothing of a user or password: the scheme, or (with none) the start of what follows the last @.
-        shown = raw.split("://", 1)[0] + "://" if "://" in raw else raw.rpartition("@")[2][:12]
+        # (What precedes a :// is a scheme only if it could be one: a parameter's URL may follow a password.)
+        scheme, found, _ = raw.partition("://")
+        is_scheme = found and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme)
+        shown = scheme + "://" if is_scheme else raw.rpartition("@")[2][:12]
         raise ConfigError(
             f"{name}: must start with {' or '.join(s + '://' for s in schemes)}, got {shown!r}…"
         )

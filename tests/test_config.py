@@ -167,6 +167,8 @@ def test_a_webhook_url_without_a_path_is_refused_saying_where_the_bot_answers(ur
         ("pg://bot:s3cretPa55@db/bot", "'pg://'"),
         ("postgresql+asyncpg://bot:s3cretPa55@db/bot", "'postgresql+asyncpg://'"),
         ("bot:s3cretPa55@db.example.com/bot", "'db.example.c'"),
+        # A :// further on (a parameter's URL) is no scheme's: what precedes it holds the password.
+        ("bot:s3cretPa55@db.example.com/bot?x=http://y", "'db.example.c'"),
     ],
 )
 def test_a_database_url_with_a_wrong_scheme_is_quoted_without_its_password(url: str, shown: str) -> None:
