@@ -163,9 +163,14 @@ class SessionConfig(Generic[S]):
                 f"{self._where(key)}: the value does not fit {self.data_type.__name__}, {_field(exc)}. Nothing "
                 "was saved: the stored row keeps its last good value"
             ) from exc
-        # JSON has no NaN or infinity: msgspec writes them as null, which a type that allows None reads
-        # back as valid. Only data holding a null can hide one, and only a value it does not read back as.
-        if "null" in data and decoded != value and (found := non_finite(value, "$")) is not None:
+        # Only data holding a null can hide a NaN or infinity, and only a value it does not read back as.
+        if "null" in data and decoded != value:
+            self.check_finite(key, value)
+
+    def check_finite(self, key: str, value: S) -> None:
+        """Raise SessionValueError naming the first NaN or infinity in `value`. JSON has neither: msgspec
+        writes them as null, which a type that allows None reads back as valid."""
+        if (found := non_finite(value, "$")) is not None:
             raise SessionValueError(
                 f"{self._where(key)}: the value cannot be stored, field `{found[0]}`: {found[1]!r} is no JSON"
                 " number. Nothing was saved: the stored row keeps its last good value"
@@ -431,6 +436,10 @@ class SessionSlot(Generic[S]):
         if data != self._stored or self._upgraded:
             initial = config.initial
             if self._stored is None and initial is not None and data == config.encode(self.key, initial()):
-                return  # a new session nobody changed: reading it again gives the same initial value
+                # A new session nobody changed: reading it again gives the same initial value. Unless a
+                # NaN or infinity encoded as one of its nulls (a ratio set to nan where the default is None).
+                if "null" in data:
+                    config.check_finite(self.key, self._value)
+                return
             config.check(self.key, data, self._value)  # only what is written: the rest was read as valid
             await self._tx.write(self.key, StoredSession(data, config.version), config.ttl)

@@ -463,11 +463,14 @@ class Ratio:
 @pytest.mark.parametrize(
     ("said", "at"), [("ratio nan", "$.ratio"), ("ratio inf", "$.ratio"), ("seen -inf", "$.seen[0]")]
 )
+@pytest.mark.parametrize("new", [False, True], ids=["stored session", "new session"])
 async def test_a_float_json_cannot_hold_fails_the_update_even_where_null_would_fit(
-    storage_mode: tuple[Storage, bool], caplog: pytest.LogCaptureFixture, said: str, at: str
+    storage_mode: tuple[Storage, bool], caplog: pytest.LogCaptureFixture, said: str, at: str, new: bool
 ) -> None:
     """JSON has no NaN or infinity: msgspec writes them as null, which an Optional field (or Any) reads
-    back as valid. So a ratio of 0/0 was stored as null, silently, where a `float` field failed."""
+    back as valid. So a ratio of 0/0 was stored as null, silently, where a `float` field failed. In a new
+    session whose default is None there, the value encoded as the initial one: taken as unchanged, it was
+    not checked, and the update applied."""
     storage, optimistic = storage_mode
     bot: Bot[Ratio] = Bot(session(Ratio))
 
@@ -482,7 +485,8 @@ async def test_a_float_json_cannot_hold_fails_the_update_even_where_null_would_f
         ctx.session.seen.append(float(ctx.message.text.removeprefix("seen ")))
 
     run = pipeline(bot, storage, optimistic=optimistic)
-    assert (await run.process(text_update(1, chat_id=7, text="ratio 0.5"))).status is Status.APPLIED
+    if not new:
+        assert (await run.process(text_update(1, chat_id=7, text="ratio 0.5"))).status is Status.APPLIED
     assert (await run.process(text_update(2, chat_id=7, text=said))).status is Status.DEAD_LETTER
     value = said.split()[1]
     assert (
@@ -490,7 +494,10 @@ async def test_a_float_json_cannot_hold_fails_the_update_even_where_null_would_f
         in caplog.text
     )
     saved = await stored(storage, "7")
-    assert saved is not None and json.loads(saved.data) == {"ratio": 0.5, "seen": []}  # the last good value
+    if new:
+        assert saved is None
+    else:  # the last good value
+        assert saved is not None and json.loads(saved.data) == {"ratio": 0.5, "seen": []}
 
 
 async def test_ttl_expired_session_reads_as_new(counting: CountingStorage) -> None:
