@@ -185,7 +185,7 @@ class LockTurns:
     one turn per key, each update of a hot chat waited for the one before it to answer before starting
     its own round trips: workload B with DB_CONCURRENCY=locked lost a quarter of its rate
     (bench/README.md). A key whose turns are all held past TURN_STUCK_AFTER (attempts that ignored
-    their deadline) is not waited for."""
+    their deadline, or timer fires doing long work) is not waited for."""
 
     HOLDERS = 2
 

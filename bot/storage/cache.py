@@ -107,9 +107,11 @@ class SessionCache:
         return self.clock - clock >= self.WRITES or self._written.get(key, 0) > clock
 
 
-# How long an update may hold a session key's turn before the key's later updates stop waiting for it:
-# Telegram's own 60 s, past REQUEST_DEADLINE (at most 55 s) and the few seconds recording a dead letter
-# may take. Only an attempt that ignored its cancellation (a handler that swallowed it) holds one longer.
+# How long a session key's turn may be held before the key's later updates stop waiting for it:
+# Telegram's own 60 s, past REQUEST_DEADLINE (at most 55 s; a dead letter is recorded after the turn is
+# given back). An update holds one longer only if it ignored its cancellation (a handler that swallowed
+# it); a timer's fire has no deadline, and one doing long work may hold one longer too: the key's updates
+# then run with locks rather than wait for it (an optimistic fire refused at its commit runs again).
 TURN_STUCK_AFTER = 60.0
 
 
