@@ -97,8 +97,11 @@ class TimerLoop:
         return started
 
     def _counted(self) -> int:
-        """The fires that count against the slots: picked, and not past their lease."""
-        return len(self._firing) - len(self._overdue)
+        """The fires that count against the slots: picked, and not past their lease; of those past it,
+        all but `concurrency`. Each may hold a pooled connection (with locks): a handler that hangs every
+        time then stops this process's timers after that many more, not every update for want of a
+        connection."""
+        return len(self._firing) - min(len(self._overdue), self._concurrency)
 
     def _fired(self, timer_id: int, task: asyncio.Task[None]) -> None:
         del self._firing[timer_id]

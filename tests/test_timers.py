@@ -27,7 +27,7 @@ from bot.storage.memory import MemoryStorage, _MemoryTransaction
 from bot.storage.postgres import PostgresStorage
 from bot.testing.env import make_settings
 from bot.testing.updates import text_update
-from bot.timers import TimerLoop
+from bot.timers import PICKED_PER_SLOT, TimerLoop
 
 pytestmark = pytest.mark.anyio
 
@@ -442,6 +442,42 @@ async def test_a_fire_that_never_ends_holds_no_slot_past_its_lease_and_is_not_fi
         assert await log_of(storage, CHAT - 1) == '{"fired":["job"]}'
         await asyncio.sleep(0.7)  # two more leases of the hanging timer
         assert len(started) == 1
+    finally:
+        firing.cancel()
+        await asyncio.gather(firing, return_exceptions=True)
+        await loop.drain(0.1)
+
+
+async def test_fires_that_never_end_are_bounded_when_every_one_hangs() -> None:
+    """Past its lease a fire stops counting against the slots (above), but with locks each holds a
+    pooled connection: a handler that hangs every time started one more fire per lease, without end,
+    until the updates of every chat found no connection. Only `concurrency` fires past their lease go
+    uncounted: at most that many more than the slots' picks (PICKED_PER_SLOT each) ever run at once."""
+    bot = timer_bot()
+    started: list[int] = []
+    never = asyncio.Event()
+
+    @bot.message(text(equals="hang"))
+    async def schedule_hang(ctx: Context[Log]) -> None:
+        ctx.schedule("hang", after=0)
+
+    @bot.timer("hang")
+    async def hang(ctx: Context[Log]) -> None:
+        started.append(ctx.update.update_id)
+        await never.wait()
+
+    storage = MemoryStorage()
+    run = Pipeline(bot, storage, ME, Metrics())
+    outbox = Outbox(storage, None, run.metrics)
+    loop = TimerLoop(run, outbox, lease=0.1, interval=0.02, concurrency=1)
+    run.on_schedule = loop.wake
+    firing = asyncio.create_task(loop.run())
+    chat = Chat(run)
+    try:
+        for n in range(12):
+            await chat.say("hang", chat=CHAT - n)
+        await asyncio.sleep(1.6)  # sixteen leases: one more fire each, before
+        assert 2 <= len(started) <= 1 + PICKED_PER_SLOT
     finally:
         firing.cancel()
         await asyncio.gather(firing, return_exceptions=True)
