@@ -23,6 +23,7 @@ import asyncpg
 import httpx
 import pytest
 from faulty_bot import FAILING_TEXTS, FILTER_DATA, build_broken, build_fixed
+from test_failures import NoMessage
 
 from bot.app import SECRET_HEADER
 from bot.context import BotIdentity, Context
@@ -372,13 +373,6 @@ async def test_a_base_exception_from_the_bot_s_code_is_a_dead_letter_and_the_cha
     [letter] = await storage.dead_letters(ME.id)
     assert letter.error.startswith(f"StrayBaseException: the bot's code raised {raised.__name__}")
     assert run.metrics.count("bot_updates_total", kind="message", outcome="dead_letter") == 1
-
-
-class NoMessage(Exception):
-    """A library's exception whose message is looked up, and not found."""
-
-    def __str__(self) -> str:
-        raise KeyError("no message for code 7")
 
 
 @pytest.mark.parametrize("hooked", [False, True], ids=["no hook", "error hook"])
