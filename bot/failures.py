@@ -45,9 +45,10 @@ class TryLater(BotError):
 
 
 class StrayBaseException(BotError):
-    """The bot's code raised a BaseException that is no Exception (its `__cause__`): a bug like any
-    other, so its update is recorded as a dead letter rather than let out of the pipeline, where it
-    was a 500 on every delivery, stopped `poll`, and from a timer's fire stopped the whole process."""
+    """The bot's code raised a BaseException that is no Exception (its `__cause__`; the framework's own
+    ControlFlow too, where the framework raises none: `as_failure`): a bug like any other, so its update
+    is recorded as a dead letter rather than let out of the pipeline, where it was a 500 on every
+    delivery, stopped `poll`, and from a timer's fire stopped the whole process."""
 
     def __init__(self, error: BaseException) -> None:
         said = _said(error)
@@ -55,15 +56,19 @@ class StrayBaseException(BotError):
         self.__cause__ = error
 
 
-def as_failure(error: BaseException) -> Exception | None:
+def as_failure(error: BaseException, *, steered: bool = False) -> Exception | None:
     """What an update failed of, as an Exception: `error` itself, or a StrayBaseException around what
     the bot's code raised that is no Exception (SystemExit, KeyboardInterrupt, GeneratorExit, a class of
     its own, a CancelledError from awaiting something another task cancelled). None for what must go on
-    up: the framework's control flow, and the cancellation of the task itself (a shutdown, the deadline).
-    """
+    up: the cancellation of the task itself (a shutdown, the deadline), and the framework's control flow
+    where the framework steers the code that raised it (`steered`: an optimistic attempt).
+
+    Anywhere else (an attempt with locks, a filter, the error hook after a rollback) the framework raises
+    no ControlFlow, so one there is the bot's: a Conflict it caught in an optimistic attempt and raised
+    again, or one it made itself. Let on up, it left the pipeline on every delivery (a 500)."""
     if isinstance(error, Exception):
         return error
-    if isinstance(error, ControlFlow):
+    if isinstance(error, ControlFlow) and steered:
         return None
     if isinstance(error, asyncio.CancelledError):
         task = asyncio.current_task()

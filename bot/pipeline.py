@@ -392,10 +392,10 @@ class Pipeline:
                             if ctx.timers:
                                 self._check_timers(ctx.timers)
                     except AlreadyApplied:  # the storage's business, not the bot's
-                        raise  # (and so is a Conflict, ControlFlow: as_failure lets it by, to `_apply`)
+                        raise  # (and so is an optimistic attempt's Conflict: as_failure lets it by)
                     except BaseException as caught:
                         hook = self.bot.error_hook
-                        error = as_failure(caught)
+                        error = as_failure(caught, steered=optimistic)
                         if hook is None or error is None or is_transient(error):
                             raise
                         hooked = True
@@ -424,7 +424,7 @@ class Pipeline:
         except BaseException as caught:
             # After the hook ran, a failure (its own, or saving what it did) is recorded without it. (A
             # Conflict passes by: the update runs again, hook included, as the attempt applied nothing.)
-            failure = as_failure(caught) if hooked else None
+            failure = as_failure(caught, steered=optimistic) if hooked else None
             if failure is not None and not is_transient(failure):
                 raise _Hooked(failure) from caught
             raise

@@ -34,7 +34,7 @@ from bot.filters import text
 from bot.metrics import Metrics
 from bot.pipeline import Pipeline, Status
 from bot.session import session
-from bot.storage import DeadLetter, Moved, Storage, StorageUnavailable
+from bot.storage import Conflict, DeadLetter, Moved, Storage, StorageUnavailable
 from bot.storage.postgres import PostgresStorage
 from bot.telegram import Update, decode_update
 from bot.testing.env import SECRET, TOKEN, bot_env, make_settings
@@ -373,6 +373,56 @@ async def test_a_base_exception_from_the_bot_s_code_is_a_dead_letter_and_the_cha
     [letter] = await storage.dead_letters(ME.id)
     assert letter.error.startswith(f"StrayBaseException: the bot's code raised {raised.__name__}")
     assert run.metrics.count("bot_updates_total", kind="message", outcome="dead_letter") == 1
+
+
+def bot_raising_kept_conflict(where: str) -> Bot[Counted]:
+    """`+` counts; `bad` counts too, then its filter, handler or error hook raises a Conflict the bot's code
+    kept (the framework's own signal, caught in an optimistic attempt and raised again later)."""
+    kept = Conflict("kept from an earlier attempt")
+    bot: Bot[Counted] = Bot(session(Counted))
+
+    def wanted(ctx: Context[Counted]) -> bool:
+        if where == "filter":
+            raise kept
+        return True
+
+    @bot.message(text(equals="+"))
+    async def plus(ctx: Context[Counted]) -> None:
+        ctx.session.count += 1
+
+    @bot.message(text(equals="bad"), wanted)
+    async def bad(ctx: Context[Counted]) -> None:
+        ctx.session.count += 1
+        if where == "handler":
+            raise kept
+        raise ValueError("the handler's bug, for the error hook")
+
+    if where == "error hook":
+
+        @bot.catch
+        async def on_error(error: Exception, ctx: Context[Counted]) -> None:
+            raise kept
+
+    return bot
+
+
+@pytest.mark.parametrize("where", ["filter", "handler", "error hook"])
+async def test_a_conflict_raised_by_the_bot_s_code_where_no_attempt_is_optimistic_is_a_dead_letter(
+    storage_mode: tuple[Storage, bool], where: str
+) -> None:
+    """The optimistic attempts' signal is ControlFlow, which went on up from everywhere: raised by the
+    bot's code in an attempt with locks, a filter or the error hook (where the framework raises none), it
+    escaped the pipeline, a 500 on every delivery. A bug like any other there; in an optimistic attempt it
+    still hands the update over to the attempt with locks, which then records it."""
+    storage, optimistic = storage_mode
+    run = Pipeline(bot_raising_kept_conflict(where), storage, ME, Metrics(), optimistic=optimistic)
+    bad = update(message_update(1, -7, "bad"))
+    assert (await run.process(bad)).status is Status.DEAD_LETTER
+    assert (await run.process(bad)).status is Status.DUPLICATE
+    assert (await run.process(update(message_update(2, -7, "+")))).status is Status.APPLIED
+    assert await count(storage) == 1
+    [letter] = await storage.dead_letters(ME.id)
+    assert letter.error == "StrayBaseException: the bot's code raised Conflict: kept from an earlier attempt"
 
 
 @pytest.mark.parametrize("hooked", [False, True], ids=["no hook", "error hook"])
