@@ -185,7 +185,8 @@ class LockTurns:
     one turn per key, each update of a hot chat waited for the one before it to answer before starting
     its own round trips: workload B with DB_CONCURRENCY=locked lost a quarter of its rate
     (bench/README.md). A key whose turns are all held past TURN_STUCK_AFTER (attempts that ignored
-    their deadline, or timer fires doing long work) is not waited for."""
+    their deadline, or timer fires doing long work) is not waited for, and those waiting for it then
+    stop."""
 
     HOLDERS = 2
 
@@ -197,10 +198,10 @@ class LockTurns:
         taken: list[str] = []
         try:
             for key in sorted(set(keys)):  # one order for every attempt: none waits for another's
-                if not self.turns.take_free(key):
-                    if self.turns.stuck(key):
-                        continue  # (not taken: not given back)
-                    await self.turns.take(key)
+                if not self.turns.take_free(key) and (
+                    self.turns.stuck(key) or not await self.turns.take(key)
+                ):
+                    continue  # stuck, or became stuck while this waited (not taken: not given back)
                 taken.append(key)
             yield
         finally:

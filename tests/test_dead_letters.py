@@ -209,6 +209,41 @@ async def test_a_handler_that_swallows_its_deadline_holds_its_chat_only_until_th
         await storage.close()
 
 
+async def test_an_update_waiting_for_a_turn_that_becomes_stuck_runs_with_locks_within_its_delivery(
+    database_url: str,
+) -> None:
+    """Optimistic mode: an update of the chat that queued for the session's turn before the stubborn
+    attempt had held it TURN_STUCK_AFTER waited for it until its own deadline, a 503; one arriving a
+    moment later ran with locks at once. Both run with locks now, the first once the turn is stuck."""
+    released = asyncio.Event()
+    bot: Bot[Counted] = Bot(session(Counted))
+
+    @bot.message(text(equals="+"))
+    async def plus(ctx: Context[Counted]) -> None:
+        ctx.session.count += 1
+
+    @bot.message(text(equals="stubborn"))
+    async def stubborn(ctx: Context[Counted]) -> None:
+        ctx.session.count += 100
+        while not released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):  # the deadline's, swallowed
+                await released.wait()
+
+    storage = await PostgresStorage.connect(database_url)
+    run = Pipeline(bot, storage, ME, Metrics(), optimistic=True, deadline=0.6)
+    storage.turns.stuck_after = 1.0  # (TURN_STUCK_AFTER, past the deadline)
+    first = asyncio.ensure_future(run.process(update(message_update(1, -7, "stubborn"))))
+    try:
+        await asyncio.sleep(0.7)  # past the stubborn attempt's deadline, not yet stuck
+        plus_one = await asyncio.wait_for(run.process(update(message_update(2, -7, "+"))), 5)
+        assert plus_one.status is Status.APPLIED  # at 1.0 s, within its deadline (1.3 s)
+        assert await count(storage) == 1
+    finally:
+        released.set()
+        await asyncio.wait_for(first, 10)
+        await storage.close()
+
+
 async def test_a_transient_failure_that_passes_before_the_bound_applies_the_update(storage: Storage) -> None:
     failing = {"left": 2}
     bot: Bot[Counted] = Bot(session(Counted))

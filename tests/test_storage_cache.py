@@ -106,13 +106,34 @@ async def test_a_turn_held_past_stuck_after_is_stuck_and_each_holder_gets_the_ti
     await turns.take("k")
     assert not turns.stuck("k")
     waiting = asyncio.create_task(turns.take("k"))
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(0.1)
+    turns.give_back("k")
+    assert await asyncio.wait_for(waiting, 1)
+    await asyncio.sleep(0.15)  # the first holder got its turn 0.25 s ago, this one 0.15 s ago
+    assert not turns.stuck("k")  # the next holder's own time
+    await asyncio.sleep(0.1)
     assert turns.stuck("k")  # its holder ignored every deadline: nobody else should queue behind it
     turns.give_back("k")
-    await asyncio.wait_for(waiting, 1)
-    assert not turns.stuck("k")  # the next holder's own time
-    turns.give_back("k")
     assert not turns.busy("k") and not turns.stuck("k")
+
+
+async def test_waiters_queued_before_a_turn_is_stuck_stop_waiting_when_it_becomes_stuck() -> None:
+    """Before, each waited for the stuck holder until its own deadline: one more 503 each, although the
+    update would have run with locks had it come a moment later. The holder of the time counts: a waiter
+    queued behind a turn handed on waits for that holder's own `stuck_after`."""
+    turns = Turns(stuck_after=0.2)
+    await turns.take("k")
+    first = asyncio.create_task(turns.take("k"))
+    await asyncio.sleep(0.1)
+    turns.give_back("k")  # handed on to `first` at 0.1 s: stuck at 0.3 s
+    assert await asyncio.wait_for(first, 1)
+    waiting = [asyncio.create_task(turns.take("k")) for _ in range(2)]
+    await asyncio.sleep(0.15)
+    assert not any(w.done() for w in waiting)  # (0.25 s: the first holder's time is past, not this one's)
+    assert await asyncio.wait_for(asyncio.gather(*waiting), 1) == [False, False]  # let go, nothing taken
+    assert turns.stuck("k")
+    turns.give_back("k")
+    assert not turns.busy("k")  # the waiters took nothing: the holder's was the last turn
 
 
 async def test_with_two_holders_a_third_waits_and_the_key_is_stuck_only_when_both_turns_are() -> None:

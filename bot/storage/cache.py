@@ -121,16 +121,19 @@ class Turns:
 
     A key whose every turn has been held `stuck_after` seconds is stuck: its holders outlived any
     deadline. Nobody should queue behind it then, or its key's updates in this process would all wait
-    for them for as long as they run."""
+    for them for as long as they run; and those already queued stop waiting when it becomes stuck
+    (`take` answers False), rather than each waiting out its own deadline for one more 503. One timer per
+    key with waiters does it (`_watch`), armed for when its latest holder would be stuck."""
 
     def __init__(self, stuck_after: float = TURN_STUCK_AFTER, holders: int = 1) -> None:
         self.stuck_after = stuck_after
         self.holders = holders
-        self._waiting: dict[str, deque[asyncio.Future[None]]] = {}  # present while the key is held
+        self._waiting: dict[str, deque[asyncio.Future[bool]]] = {}  # present while the key is held
         self._held: dict[str, int] = {}  # key -> how many hold it
         # key -> when its latest holder got its turn (monotonic): with every turn taken, every holder has
         # held its own at least that long.
         self._since: dict[str, float] = {}
+        self._watches: dict[str, asyncio.TimerHandle] = {}  # key -> its `_watch`, once it had waiters
 
     def busy(self, key: str) -> bool:
         return key in self._waiting
@@ -157,16 +160,20 @@ class Turns:
             and time.monotonic() - since >= self.stuck_after
         )
 
-    async def take(self, key: str) -> None:
+    async def take(self, key: str) -> bool:
+        """Take one of the key's turns, waiting for it: True once taken, False if the key became stuck
+        while this waited (nothing taken, nothing to give back)."""
         if self.take_free(key):
-            return
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            return True
+        turn: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         queue = self._waiting[key]
         queue.append(turn)
+        if key not in self._watches:
+            self._arm(key)
         try:
-            await turn
+            return await turn
         except asyncio.CancelledError:
-            if turn.done() and not turn.cancelled():
+            if turn.done() and not turn.cancelled() and turn.result():
                 self.give_back(key)  # handed the turn as it was cancelled: the next in line gets it
             else:
                 with contextlib.suppress(ValueError):
@@ -178,7 +185,7 @@ class Turns:
         while queue:
             turn = queue.popleft()
             if not turn.done():
-                turn.set_result(None)  # the turn goes to the next in line: as many hold the key
+                turn.set_result(True)  # the turn goes to the next in line: as many hold the key
                 self._since[key] = time.monotonic()
                 return
         if self._held[key] > 1:
@@ -187,6 +194,28 @@ class Turns:
         del self._waiting[key]
         del self._held[key]
         del self._since[key]
+
+    def _watch(self, key: str) -> None:
+        """Armed when the key's latest holder would be stuck: then its waiters are let go (False), else
+        it waits for the holder of the time. Left to fire once the key is free (not cancelled in
+        `give_back`, on every update's path): it finds no waiter then, and ends."""
+        del self._watches[key]
+        queue = self._waiting.get(key)
+        if not queue:
+            return
+        if self.stuck(key):
+            while queue:
+                turn = queue.popleft()
+                if not turn.done():
+                    turn.set_result(False)
+        else:  # handed on since (waiters queue only while every turn is held), or fired a little early
+            self._arm(key)
+
+    def _arm(self, key: str) -> None:
+        """`_watch` the key when its latest holder would be stuck: timed on this class's clock,
+        time.monotonic(), not the loop's (uvloop's counts whole milliseconds, and fires a little early)."""
+        wait = self._since[key] + self.stuck_after - time.monotonic()
+        self._watches[key] = asyncio.get_running_loop().call_later(max(wait, 0.001), self._watch, key)
 
 
 class Contended:

@@ -132,12 +132,11 @@ class OptimisticTransaction:
                 f"session {key!r} is another update's turn, and this one holds {self._held[0]!r}:"
                 " run it with locks"
             )
-        if self._turns.stuck(key):
+        if self._turns.stuck(key) or not await self._turns.take(key):  # (stuck, maybe while waiting)
             raise self._give_up(
                 f"session {key!r} is the turn of an update that has held it past any deadline:"
                 " run it with locks"
             )
-        await self._turns.take(key)
 
     def expect(self, keys: Sequence[str]) -> None:
         self._expected = keys
