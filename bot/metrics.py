@@ -40,6 +40,8 @@ _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 _WAIT = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10)
 # Seconds a timer fired after it was due: under a second while the bot runs, up to the downtime after.
 _LATE = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+# Seconds the event loop woke late (bot/loop_lag.py): about a millisecond when nothing blocks it.
+_LAG = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 def _created_series() -> bool:
@@ -196,6 +198,13 @@ class Metrics:
             "bot_timer_lateness_seconds",
             "How long after it was due a timer was picked to fire.",
             _LATE,
+            r,
+        )
+        self.loop_lag = _Histogram(
+            "bot_event_loop_lag_seconds",
+            "How late the event loop woke a timer due every 0.5 s: the time a blocking call held up every"
+            " chat (bot/loop_lag.py).",
+            _LAG,
             r,
         )
         for outcome in CALL_OUTCOMES:

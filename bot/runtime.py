@@ -24,6 +24,7 @@ from .dispatch import Bot
 from .errors import BotError
 from .failures import TransientFailures
 from .importer import AppError, load_app
+from .loop_lag import LoopLag
 from .metrics import Metrics
 from .outbox import Limits, Outbox
 from .pipeline import Pipeline
@@ -150,6 +151,7 @@ async def start(
                 max_upload_bytes=settings.upload_max_bytes,
             )
             sweeper = asyncio.create_task(outbox.run_sweeper(settings.sweep_interval))
+            watch = asyncio.create_task(LoopLag(metrics).run())  # a blocking handler shows (bot.loop_lag)
             timers = firing = None
             if bot.timers:
                 timers = TimerLoop(
@@ -180,6 +182,9 @@ async def start(
                         await sweeper
                     await outbox.close(max(0.0, ends - asyncio.get_running_loop().time()))
                 finally:
+                    watch.cancel()  # (nothing of its own to finish: awaited only to be done with it)
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watch
                     # The last second's counts of lines not written, and their timers off the loop.
                     pipeline.update_lines.flush()
                     pipeline.timer_lines.flush()
