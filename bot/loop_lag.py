@@ -4,7 +4,8 @@ Every chat's updates, timers and sends run on one event loop. A handler that blo
 CPU loop, a synchronous HTTP or database client) holds all of them up for as long as it runs, and
 nothing else shows it: each update's own duration grows, but no error, no 503 until the deadlines pass.
 `LoopLag` sleeps `interval` seconds again and again and measures how much later than asked it wakes:
-a few milliseconds on a healthy loop, the blocking call's length when one ran. Each lag is observed in
+a few milliseconds on a healthy loop, the blocking call's length when one ran (or, on a loop with more
+ready work than it gets through, how long each waits for its turn). Each lag is observed in
 `bot_event_loop_lag_seconds`; one past `warn_after` is logged as a warning, at most one line per
 `log_every` seconds (with the count and worst of those left out since), so a handler blocking on every
 update does not flood the log. The line names only the lag: what ran is not known cheaply, and the
@@ -66,8 +67,9 @@ class LoopLag:
             else ""
         )
         log.warning(
-            "the event loop was blocked for %.3f s: every chat waited (a handler's blocking call:"
-            " time.sleep, a CPU-bound loop, a synchronous client; await it, or run it in a thread)%s",
+            "the event loop was held up for %.3f s: every chat waited (a handler's blocking call:"
+            " time.sleep, a CPU-bound loop, a synchronous client; await it, or run it in a thread;"
+            " or more work than the process can do)%s",
             lag,
             since,
             extra={"duration": round(lag, 6)},

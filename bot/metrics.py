@@ -202,8 +202,8 @@ class Metrics:
         )
         self.loop_lag = _Histogram(
             "bot_event_loop_lag_seconds",
-            "How late the event loop woke a timer due every 0.5 s: the time a blocking call held up every"
-            " chat (bot/loop_lag.py).",
+            "How late the event loop woke a timer due every 0.5 s: the time a blocking call (or more work"
+            " than the process can do) held up every chat (bot/loop_lag.py).",
             _LAG,
             r,
         )
