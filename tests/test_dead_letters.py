@@ -154,19 +154,9 @@ async def test_an_update_failing_transiently_again_and_again_becomes_a_dead_lett
     assert run.metrics.count("bot_updates_total", kind="message", outcome="unavailable") == 2
 
 
-@pytest.mark.parametrize("optimistic", [False, True], ids=["locked", "optimistic"])
-async def test_a_handler_that_swallows_its_deadline_holds_its_chat_only_until_the_bound(
-    database_url: str, optimistic: bool
-) -> None:
-    """A bare `except:` in a handler's retry loop swallows the deadline's cancellation, and its delivery
-    never ends. Each redelivery waited for it until its own deadline and answered 503, uncounted, for as
-    long as it ran: its chat held for Telegram's 24 hours. Those waits are transient failures of the
-    update now: a dead letter at the bound. The chat's next update is applied once the stuck attempt has
-    held its key's turn in this process past any deadline (TURN_STUCK_AFTER: before, it waited for that
-    turn, and answered 503, for as long as the attempt ran) and, with locks, the server has ended the
-    stuck transaction (idle_in_transaction_session_timeout, 3 x DB_STATEMENT_TIMEOUT). The stuck attempt,
-    when it ends at last, applies nothing."""
-    released = asyncio.Event()
+def stubborn_bot(released: asyncio.Event) -> Bot[Counted]:
+    """ "+" counts; "stubborn" adds 100 and, with a bare `except:` in its retry loop, swallows its
+    deadline's cancellation until `released` is set."""
     bot: Bot[Counted] = Bot(session(Counted))
 
     @bot.message(text(equals="+"))
@@ -180,6 +170,23 @@ async def test_a_handler_that_swallows_its_deadline_holds_its_chat_only_until_th
             with contextlib.suppress(asyncio.CancelledError):  # the deadline's, swallowed
                 await released.wait()
 
+    return bot
+
+
+@pytest.mark.parametrize("optimistic", [False, True], ids=["locked", "optimistic"])
+async def test_a_handler_that_swallows_its_deadline_holds_its_chat_only_until_the_bound(
+    database_url: str, optimistic: bool
+) -> None:
+    """A bare `except:` in a handler's retry loop swallows the deadline's cancellation, and its delivery
+    never ends. Each redelivery waited for it until its own deadline and answered 503, uncounted, for as
+    long as it ran: its chat held for Telegram's 24 hours. Those waits are transient failures of the
+    update now: a dead letter at the bound. The chat's next update is applied once the stuck attempt has
+    held its key's turn in this process past any deadline (TURN_STUCK_AFTER: before, it waited for that
+    turn, and answered 503, for as long as the attempt ran) and, with locks, the server has ended the
+    stuck transaction (idle_in_transaction_session_timeout, 3 x DB_STATEMENT_TIMEOUT). The stuck attempt,
+    when it ends at last, applies nothing."""
+    released = asyncio.Event()
+    bot = stubborn_bot(released)
     storage = await PostgresStorage.connect(database_url, statement_timeout=0.2)  # idle: ended after 0.6 s
     run = Pipeline(
         bot, storage, ME, Metrics(), optimistic=optimistic, deadline=0.3, give_up=TransientFailures(3, 0)
@@ -216,19 +223,7 @@ async def test_an_update_waiting_for_a_turn_that_becomes_stuck_runs_with_locks_w
     attempt had held it TURN_STUCK_AFTER waited for it until its own deadline, a 503; one arriving a
     moment later ran with locks at once. Both run with locks now, the first once the turn is stuck."""
     released = asyncio.Event()
-    bot: Bot[Counted] = Bot(session(Counted))
-
-    @bot.message(text(equals="+"))
-    async def plus(ctx: Context[Counted]) -> None:
-        ctx.session.count += 1
-
-    @bot.message(text(equals="stubborn"))
-    async def stubborn(ctx: Context[Counted]) -> None:
-        ctx.session.count += 100
-        while not released.is_set():
-            with contextlib.suppress(asyncio.CancelledError):  # the deadline's, swallowed
-                await released.wait()
-
+    bot = stubborn_bot(released)
     storage = await PostgresStorage.connect(database_url)
     run = Pipeline(bot, storage, ME, Metrics(), optimistic=True, deadline=0.6)
     storage.turns.stuck_after = 1.0  # (TURN_STUCK_AFTER, past the deadline)

@@ -406,12 +406,12 @@ async def test_the_loop_fires_work_right_after_the_commit_that_scheduled_it() ->
         await loop.drain(1.0)
 
 
-async def test_a_fire_that_never_ends_holds_no_slot_past_its_lease_and_is_not_fired_again_meanwhile() -> None:
-    """A fire has no deadline (long work goes there), but it held its TIMER_CONCURRENCY slot for as long
-    as it ran, and its timer, picked again each time its lease ran out, took the next slot: a handler
-    awaiting what never comes (an HTTP call without a timeout) stopped every chat's timers in the
-    process. A fire still running at the end of its lease no longer counts against the slots, and a
-    timer firing here is not fired again here meanwhile."""
+@asynccontextmanager
+async def hanging_timers(
+    lease: float, interval: float
+) -> AsyncIterator[tuple[Chat, MemoryStorage, list[int]]]:
+    """A timer bot whose "hang" schedules a "hang" timer that never ends, fired by one slot (the update
+    ids of the fires started are listed); its chat, storage and that list."""
     bot = timer_bot()
     started: list[int] = []
     never = asyncio.Event()
@@ -427,12 +427,24 @@ async def test_a_fire_that_never_ends_holds_no_slot_past_its_lease_and_is_not_fi
 
     storage = MemoryStorage()
     run = Pipeline(bot, storage, ME, Metrics())
-    outbox = Outbox(storage, None, run.metrics)
-    loop = TimerLoop(run, outbox, lease=0.3, interval=0.05, concurrency=1)
+    loop = TimerLoop(run, Outbox(storage, None, run.metrics), lease=lease, interval=interval, concurrency=1)
     run.on_schedule = loop.wake
     firing = asyncio.create_task(loop.run())
-    chat = Chat(run)
     try:
+        yield Chat(run), storage, started
+    finally:
+        firing.cancel()
+        await asyncio.gather(firing, return_exceptions=True)
+        await loop.drain(0.1)
+
+
+async def test_a_fire_that_never_ends_holds_no_slot_past_its_lease_and_is_not_fired_again_meanwhile() -> None:
+    """A fire has no deadline (long work goes there), but it held its TIMER_CONCURRENCY slot for as long
+    as it ran, and its timer, picked again each time its lease ran out, took the next slot: a handler
+    awaiting what never comes (an HTTP call without a timeout) stopped every chat's timers in the
+    process. A fire still running at the end of its lease no longer counts against the slots, and a
+    timer firing here is not fired again here meanwhile."""
+    async with hanging_timers(lease=0.3, interval=0.05) as (chat, storage, started):
         await chat.say("hang", chat=CHAT)
         await asyncio.sleep(0.1)
         await chat.say("in 0 job", chat=CHAT - 1)
@@ -443,10 +455,6 @@ async def test_a_fire_that_never_ends_holds_no_slot_past_its_lease_and_is_not_fi
         assert await log_of(storage, CHAT - 1) == '{"fired":["job"]}'
         await asyncio.sleep(0.7)  # two more leases of the hanging timer
         assert len(started) == 1
-    finally:
-        firing.cancel()
-        await asyncio.gather(firing, return_exceptions=True)
-        await loop.drain(0.1)
 
 
 async def test_fires_that_never_end_are_bounded_when_every_one_hangs() -> None:
@@ -454,35 +462,11 @@ async def test_fires_that_never_end_are_bounded_when_every_one_hangs() -> None:
     pooled connection: a handler that hangs every time started one more fire per lease, without end,
     until the updates of every chat found no connection. Only `concurrency` fires past their lease go
     uncounted: at most that many more than the slots' picks (PICKED_PER_SLOT each) ever run at once."""
-    bot = timer_bot()
-    started: list[int] = []
-    never = asyncio.Event()
-
-    @bot.message(text(equals="hang"))
-    async def schedule_hang(ctx: Context[Log]) -> None:
-        ctx.schedule("hang", after=0)
-
-    @bot.timer("hang")
-    async def hang(ctx: Context[Log]) -> None:
-        started.append(ctx.update.update_id)
-        await never.wait()
-
-    storage = MemoryStorage()
-    run = Pipeline(bot, storage, ME, Metrics())
-    outbox = Outbox(storage, None, run.metrics)
-    loop = TimerLoop(run, outbox, lease=0.1, interval=0.02, concurrency=1)
-    run.on_schedule = loop.wake
-    firing = asyncio.create_task(loop.run())
-    chat = Chat(run)
-    try:
+    async with hanging_timers(lease=0.1, interval=0.02) as (chat, _, started):
         for n in range(12):
             await chat.say("hang", chat=CHAT - n)
         await asyncio.sleep(1.6)  # sixteen leases: one more fire each, before
         assert 2 <= len(started) <= 1 + PICKED_PER_SLOT
-    finally:
-        firing.cancel()
-        await asyncio.gather(firing, return_exceptions=True)
-        await loop.drain(0.1)
 
 
 async def test_draining_waits_for_fires_under_way_and_cancels_what_outlives_the_wait() -> None:
