@@ -4,6 +4,8 @@ grammY under Node. The raw asyncpg loop runs in the benchmark's own process (ben
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import shlex
 import shutil
@@ -23,6 +25,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 APPS = HERE / "apps"  # the benchmark's own bots, put on PYTHONPATH
 GRAMMY = Path(__file__).parent / "grammy"
+# Interpreters with what a deploy installs, one per pyproject.toml, kept between runs.
+DEPLOYED = (
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "telegram-webhook-sessions-bench"
+)
 
 
 @dataclass(frozen=True)
@@ -124,11 +130,35 @@ def grammy_ready() -> str | None:
     return None
 
 
+@functools.cache
+def deployed_python() -> str:
+    """An interpreter with what a deploy installs (`pip install .`: the dependencies, none of the test
+    extras), made on first use (about half a minute) and kept for this pyproject.toml. The bench's own
+    interpreter has the test extras, and they change what the server loads and how much memory it
+    takes: pytest brings pygments, which httpx's package then imports for its command line (~0.9 MB of
+    resident memory a deployed bot does not have). The checkout's code still comes first on PYTHONPATH:
+    the package installed here is only how its dependencies are resolved."""
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:12]
+    venv = DEPLOYED / f"venv-{digest}"
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        print(f"installing the deployed dependencies in {venv} (once)", file=sys.stderr, flush=True)
+        building = DEPLOYED / f"building-{uuid.uuid4().hex[:6]}"  # renamed when complete: never half made
+        subprocess.run([sys.executable, "-m", "venv", str(building)], check=True)
+        subprocess.run(
+            [str(building / "bin" / "python"), "-m", "pip", "install", "-q", str(ROOT)], check=True
+        )
+        shutil.rmtree(venv, ignore_errors=True)
+        building.rename(venv)
+    return str(python)
+
+
 def checkout_of(system: System) -> tuple[Path, str]:
-    """Where one of our systems runs from, and its interpreter: the checkout's .venv when it has one."""
+    """Where one of our systems runs from, and its interpreter: the checkout's .venv when it has one, else
+    one with a deploy's dependencies (`deployed_python`)."""
     cwd = system.checkout or ROOT
     venv = cwd / ".venv" / "bin" / "python"
-    return cwd, str(venv) if system.checkout is not None and venv.is_file() else sys.executable
+    return cwd, str(venv) if system.checkout is not None and venv.is_file() else deployed_python()
 
 
 def checkout_path(cwd: Path, env: Mapping[str, str]) -> str:
