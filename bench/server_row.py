@@ -114,6 +114,6 @@ async def run_server(
         "CPU µs/update": round(cpu / stats.delivered * 1e6),
         "DB CPU µs/update": per_update_us(db_cpu, stats.delivered),
         "load CPU µs/update": per_update_us(load_cpu, stats.delivered),
-        "peak RSS MB": f"{rss:.0f}",
+        "peak RSS MB": f"{rss:.1f}",
         "runs/handled": "-" if runs is None else f"{runs / handled:.3f}",
     }
