@@ -135,9 +135,10 @@ def deployed_python() -> str:
     """An interpreter with what a deploy installs (`pip install .`: the dependencies, none of the test
     extras), made on first use (about half a minute) and kept for this pyproject.toml. The bench's own
     interpreter has the test extras, and they change what the server loads and how much memory it
-    takes: pytest brings pygments, which httpx's package then imports for its command line (~0.9 MB of
-    resident memory a deployed bot does not have). The checkout's code still comes first on PYTHONPATH:
-    the package installed here is only how its dependencies are resolved."""
+    takes: selenium brings trio, which httpcore then imports, and pytest brings pygments, which httpx
+    imports for its command line (4 MB resident at start that a deployed bot does not have:
+    bench/README.md). The checkout's code still comes first on PYTHONPATH: the package installed here
+    is only how its dependencies are resolved."""
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:12]
     venv = DEPLOYED / f"venv-{digest}"
     python = venv / "bin" / "python"
