@@ -354,9 +354,9 @@ class AppsOwnBaseException(BaseException):
 NOT_EXCEPTIONS = [SystemExit, KeyboardInterrupt, GeneratorExit, asyncio.CancelledError, AppsOwnBaseException]
 
 
-def bot_raising(raised: type[BaseException], where: str) -> Bot[Counted]:
-    """`+` counts; `bad` counts too, but `raised` comes from its filter, its handler or the error hook (run
-    in the handler's transaction, or after the rollback for a filter's bug)."""
+def bot_raising(raised: Callable[[], BaseException], where: str) -> Bot[Counted]:
+    """`+` counts; `bad` counts too, but what `raised` makes comes from its filter, its handler or the
+    error hook (run in the handler's transaction, or after the rollback for a filter's bug)."""
     bot: Bot[Counted] = Bot(session(Counted))
 
     def wanted(ctx: Context[Counted]) -> bool:
@@ -405,37 +405,6 @@ async def test_a_base_exception_from_the_bot_s_code_is_a_dead_letter_and_the_cha
     assert run.metrics.count("bot_updates_total", kind="message", outcome="dead_letter") == 1
 
 
-def bot_raising_kept_conflict(where: str) -> Bot[Counted]:
-    """`+` counts; `bad` counts too, then its filter, handler or error hook raises a Conflict the bot's code
-    kept (the framework's own signal, caught in an optimistic attempt and raised again later)."""
-    kept = Conflict("kept from an earlier attempt")
-    bot: Bot[Counted] = Bot(session(Counted))
-
-    def wanted(ctx: Context[Counted]) -> bool:
-        if where == "filter":
-            raise kept
-        return True
-
-    @bot.message(text(equals="+"))
-    async def plus(ctx: Context[Counted]) -> None:
-        ctx.session.count += 1
-
-    @bot.message(text(equals="bad"), wanted)
-    async def bad(ctx: Context[Counted]) -> None:
-        ctx.session.count += 1
-        if where == "handler":
-            raise kept
-        raise ValueError("the handler's bug, for the error hook")
-
-    if where == "error hook":
-
-        @bot.catch
-        async def on_error(error: Exception, ctx: Context[Counted]) -> None:
-            raise kept
-
-    return bot
-
-
 @pytest.mark.parametrize("where", ["filter", "handler", "error hook"])
 async def test_a_conflict_raised_by_the_bot_s_code_where_no_attempt_is_optimistic_is_a_dead_letter(
     storage_mode: tuple[Storage, bool], where: str
@@ -445,7 +414,8 @@ async def test_a_conflict_raised_by_the_bot_s_code_where_no_attempt_is_optimisti
     escaped the pipeline, a 500 on every delivery. A bug like any other there; in an optimistic attempt it
     still hands the update over to the attempt with locks, which then records it."""
     storage, optimistic = storage_mode
-    run = Pipeline(bot_raising_kept_conflict(where), storage, ME, Metrics(), optimistic=optimistic)
+    kept = Conflict("kept from an earlier attempt")  # (caught in an optimistic attempt, raised again)
+    run = Pipeline(bot_raising(lambda: kept, where), storage, ME, Metrics(), optimistic=optimistic)
     bad = update(message_update(1, -7, "bad"))
     assert (await run.process(bad)).status is Status.DEAD_LETTER
     assert (await run.process(bad)).status is Status.DUPLICATE
