@@ -3,11 +3,11 @@ object per line (LOG_FORMAT=json) for a log service.
 
 A JSON line has time, level, logger and message, plus update_id, chat, outcome and duration (seconds)
 when the line is about one update or one reply, and error with the traceback when there is one. Every
-line, in either format, has the bot token, the webhook secret and the database passwords (of both URLs,
-and PGPASSWORD) replaced by "***" before it is written: a secret that reaches a log line by way of an
-exception's text (a URL, a DSN) is still not written. One shorter than MASKED_ANYWHERE characters is
-replaced only where it stands as a value (a URL's password, `password=`, `secret_token: `), so that
-WEBHOOK_SECRET=s does not mask every "s" of every line.
+line, in either format, has the bot token, the webhook secret, the metrics token and the database
+passwords (of both URLs, and PGPASSWORD) replaced by "***" before it is written: a secret that reaches a
+log line by way of an exception's text (a URL, a DSN) is still not written. One shorter than
+MASKED_ANYWHERE characters is replaced only where it stands as a value (a URL's password, `password=`,
+`secret_token: `), so that WEBHOOK_SECRET=s does not mask every "s" of every line.
 
 Each update (and each timer fire) gets a line (`LinesPerSecond`): every one at DEBUG; at INFO, the
 default, the first LINES_PER_SECOND of each second, and one line a second counting the rest by outcome.
@@ -429,9 +429,10 @@ def _sole_writer(logger: logging.Logger) -> LineWriter | None:
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """What must never be written: the token, the webhook secret, the database passwords (in either URL,
-    or in PGPASSWORD)."""
-    found = [settings.bot_token or "", settings.webhook_secret, settings.pgpassword or ""]
+    """What must never be written: the token, the webhook secret, the metrics token, the database
+    passwords (in either URL, or in PGPASSWORD)."""
+    found = [settings.bot_token or "", settings.webhook_secret, settings.metrics_token or ""]
+    found.append(settings.pgpassword or "")
     for url in (settings.database_url, settings.database_direct_url):
         if url:
             found.append(urlsplit(url).password or "")

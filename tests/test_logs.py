@@ -112,6 +112,16 @@ def test_the_direct_url_password_and_pgpassword_are_never_written(formatter: typ
 
 
 @pytest.mark.parametrize("formatter", [JsonFormatter, TextFormatter])
+def test_the_metrics_token_is_never_written(formatter: type[JsonFormatter]) -> None:
+    metrics_token = "metrics-token-5f6a7b8c9d"  # it guards /metrics: a request's header may reach a line
+    settings = load_settings({"METRICS_TOKEN": metrics_token})
+    line = formatter(secrets_of(settings)).format(
+        record(f"GET /metrics, Authorization: Bearer {metrics_token}")
+    )
+    assert metrics_token not in line and "Bearer ***" in line
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter, TextFormatter])
 def test_a_short_secret_is_masked_where_it_stands_as_a_value_not_in_every_word(
     formatter: type[JsonFormatter],
 ) -> None:
