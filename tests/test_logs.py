@@ -509,8 +509,15 @@ async def test_a_serve_process_writes_json_lines_and_no_secret_under_traffic_fau
                 await conn.close()
             for n in range(5):
                 await post(encode(message_update(40 + n, -26, PIZZA)))
+            # And -23's call made, refused for good (403), which the process logs as "failed" once it
+            # has the answer: a shutdown waits for a call in flight. (Not waited for, it could still be
+            # queued, or leased by a sender the cut stopped, when the process was told to end.)
             await fake.wait_for_async(
-                lambda: {c.params["chat_id"] for c in fake.delivered()} >= {-21, -22, -24}, 30
+                lambda: (
+                    {c.params["chat_id"] for c in fake.delivered()} >= {-21, -22, -24}
+                    and bool(fake.sent_messages(-23))
+                ),
+                30,
             )
 
             on_metrics_port = f"http://127.0.0.1:{metrics_port}"
