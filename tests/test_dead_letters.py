@@ -123,17 +123,25 @@ async def test_a_redelivered_dead_letter_runs_nothing_again_here_or_in_another_p
     assert [d.attempts for d in await storage.dead_letters(ME.id)] == [1]
 
 
+def plus_bot() -> Bot[Counted]:
+    """A bot whose "+" adds 1 to its chat's count: the chat's next update, applied after the bad one. Each
+    test adds the handler it is about."""
+    bot: Bot[Counted] = Bot(session(Counted))
+
+    @bot.message(text(equals="+"))
+    async def plus(ctx: Context[Counted]) -> None:
+        ctx.session.count += 1
+
+    return bot
+
+
 async def test_an_update_failing_transiently_again_and_again_becomes_a_dead_letter_at_the_bound(
     storage: Storage,
 ) -> None:
     """A handler that never finishes within the deadline: 503 (TryLater) until the bound, then a dead
     letter recorded within its own few seconds, and the chat's next update is applied."""
     stuck = asyncio.Event()
-    bot: Bot[Counted] = Bot(session(Counted))
-
-    @bot.message(text(equals="+"))
-    async def plus(ctx: Context[Counted]) -> None:
-        ctx.session.count += 1
+    bot = plus_bot()
 
     @bot.message(text(equals="slow"))
     async def slow(ctx: Context[Counted]) -> None:
@@ -155,13 +163,9 @@ async def test_an_update_failing_transiently_again_and_again_becomes_a_dead_lett
 
 
 def stubborn_bot(released: asyncio.Event) -> Bot[Counted]:
-    """ "+" counts; "stubborn" adds 100 and, with a bare `except:` in its retry loop, swallows its
-    deadline's cancellation until `released` is set."""
-    bot: Bot[Counted] = Bot(session(Counted))
-
-    @bot.message(text(equals="+"))
-    async def plus(ctx: Context[Counted]) -> None:
-        ctx.session.count += 1
+    """plus_bot's, with "stubborn": it adds 100 and, with a bare `except:` in its retry loop, swallows
+    its deadline's cancellation until `released` is set."""
+    bot = plus_bot()
 
     @bot.message(text(equals="stubborn"))
     async def stubborn(ctx: Context[Counted]) -> None:
@@ -357,7 +361,7 @@ NOT_EXCEPTIONS = [SystemExit, KeyboardInterrupt, GeneratorExit, asyncio.Cancelle
 def bot_raising(raised: Callable[[], BaseException], where: str) -> Bot[Counted]:
     """`+` counts; `bad` counts too, but what `raised` makes comes from its filter, its handler or the
     error hook (run in the handler's transaction, or after the rollback for a filter's bug)."""
-    bot: Bot[Counted] = Bot(session(Counted))
+    bot = plus_bot()
 
     def wanted(ctx: Context[Counted]) -> bool:
         if where == "filter":
@@ -365,10 +369,6 @@ def bot_raising(raised: Callable[[], BaseException], where: str) -> Bot[Counted]
         if where == "error hook, for a filter":
             raise ValueError("the filter's bug, for the error hook")
         return True
-
-    @bot.message(text(equals="+"))
-    async def plus(ctx: Context[Counted]) -> None:
-        ctx.session.count += 1
 
     @bot.message(text(equals="bad"), wanted)
     async def bad(ctx: Context[Counted]) -> None:
@@ -431,11 +431,7 @@ async def test_an_exception_whose_str_fails_is_a_dead_letter_naming_its_type(
 ) -> None:
     """Without an error hook it escaped the pipeline (describing it for the dead letter raised), a 500 on
     every delivery; with one, the hook's handling was undone and the KeyError recorded instead."""
-    bot: Bot[Counted] = Bot(session(Counted))
-
-    @bot.message(text(equals="+"))
-    async def plus(ctx: Context[Counted]) -> None:
-        ctx.session.count += 1
+    bot = plus_bot()
 
     @bot.message(text(equals="bad"))
     async def bad(ctx: Context[Counted]) -> None:
