@@ -155,15 +155,15 @@ def _known(value: Any, kind: msgspec.inspect.Type, where: str, newer: list[tuple
         return _known(value, lists[0], where, newer) if isinstance(value, list) and len(lists) == 1 else value
     if isinstance(kind, msgspec.inspect.StructType) and isinstance(value, dict):
         for field in kind.fields:
-            if field.encode_name in value:
-                name = field.encode_name
+            name = field.encode_name
+            if name in value:
                 inner = _known(value[name], field.type, f"{where}.{name}" if where else name, newer)
                 if inner is not _NEWER:
-                    value[field.encode_name] = inner
+                    value[name] = inner
                 elif field.required:
                     return _NEWER  # this object cannot be typed without it: left out in turn
                 else:
-                    del value[field.encode_name]
+                    del value[name]
         return value
     if isinstance(kind, msgspec.inspect.ListType) and isinstance(value, list):
         items = (_known(v, kind.item_type, f"{where}[]", newer) for v in value)
