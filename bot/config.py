@@ -211,8 +211,9 @@ def _database_url(env: Mapping[str, str], name: str, notes: list[str]) -> str | 
     """A postgres URL whose parts the driver will accept: checked here, so that a typo is one line at
     start-up, not a traceback from inside asyncpg at the first connection. libpq-only parameters are
     left out (a note for each goes to `notes`)."""
-    _check_userinfo(name, env.get(name, "").strip())
-    url = _url(name, env.get(name, ""), ("postgres", "postgresql"))
+    raw = env.get(name, "")
+    _check_userinfo(name, raw.strip())
+    url = _url(name, raw, ("postgres", "postgresql"))
     if url is None:
         return None
     try:
