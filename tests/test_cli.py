@@ -437,8 +437,8 @@ def test_serve_warns_when_privacy_mode_hides_group_messages(
     try:
         with BotProcess(bot_env(database_url, telegram_root), tmp_path / "serve.log") as process:
             process.wait_ready()
-            assert "privacy mode is on for @" in process.output()
-            assert "/setprivacy" in process.output()
+            log = process.logged("privacy mode is on for @")
+            assert "/setprivacy" in log
     finally:
         fake.privacy = False
 
@@ -578,7 +578,7 @@ def test_migrate_on_start_lets_serve_start_on_an_empty_database(
     env = bot_env(empty_database_url, telegram_root, MIGRATE_ON_START="true")
     with BotProcess(env, tmp_path / "serve.log") as process:
         process.wait_ready()
-        assert "MIGRATE_ON_START: applied 001_sessions.sql" in process.output()
+        process.logged("MIGRATE_ON_START: applied 001_sessions.sql")
 
 
 # --- The webhook registers itself ---------------------------------------------------------------------

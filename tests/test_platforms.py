@@ -116,7 +116,7 @@ def test_heroku_with_dyno_metadata_registers_its_domain_and_serves_in_one_proces
     process = web(PROCFILE["web"], env, tmp_path / "web.log", started)
     process.wait_ready()
     assert fake.webhook["url"] == "https://pizza-1a2b3c.herokuapp.com/webhook"
-    log = process.output()
+    log = process.logged("Application startup complete.")
     assert "WEB_CONCURRENCY=2 comes from Heroku's Python buildpack" in log
     assert log.count("Started server process") == 1  # one process, not the buildpack's two
 

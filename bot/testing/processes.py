@@ -107,6 +107,17 @@ class BotProcess:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def logged(self, text: str, timeout: float = 10.0) -> str:
+        """The output once it holds `text`. The bot writes its lines from a queue (bot.logs), so a line
+        logged before /readyz answered may still be on its way to the file when wait_ready returns: a
+        clean-clone CI run read the log without uvicorn's 'Started server process' line so."""
+        deadline = time.monotonic() + timeout
+        while text not in (output := self.output()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not logged within {timeout} s:\n{output[-5000:]}")
+            time.sleep(0.05)
+        return output
+
     def kill(self) -> None:
         """SIGKILL to the process and everything it started: no shutdown code runs, as when a PaaS host
         dies."""
