@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from bot.testing.updates import encode, message_update
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
+GUIDE = ROOT / "docs" / "GUIDE.md"
 
 
 def test_migrations_live_at_the_top_of_the_checkout_and_nowhere_else() -> None:
@@ -326,14 +328,24 @@ def build_bot() -> Bot[Visits]:
 """
 
 
+def guide_block(language: str) -> str:
+    """docs/GUIDE.md's first block in `language`: its bot (python, step 2) and that bot's test (py, step 4)."""
+    found = re.search(rf"```{language}\n(.*?)```", GUIDE.read_text(), re.DOTALL)
+    assert found is not None, f"docs/GUIDE.md has no ```{language} block"
+    return found.group(1)
+
+
 def test_a_bot_in_another_folder_is_tested_with_the_installed_plugin_s_fixtures(
     installed: Path, tmp_path: Path, pg_cluster: Any
 ) -> None:
     """What a user does: install the wheel, write a bot and a test that uses the fixtures (no conftest),
     run pytest in that folder. The plugin is found through its entry point; PostgreSQL is this suite's
-    server (TEST_DATABASE_URL), in a template of the user's run's own."""
+    server (TEST_DATABASE_URL), in a template of the user's run's own. The guide's own bot and test, as
+    it prints them, are two of those tests (its step 4 says so)."""
     (tmp_path / "shop_bot.py").write_text(USER_SHOP_BOT)
     (tmp_path / "test_shop_bot.py").write_text(USER_TESTS)
+    (tmp_path / "mybot.py").write_text(guide_block("python"))
+    (tmp_path / "test_mybot.py").write_text(guide_block("py"))
     env = {"PATH": "/usr/bin:/bin", "TEST_DATABASE_URL": pg_cluster.dsn(), "HOME": str(tmp_path)}
     ran = subprocess.run(
         [installed, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"],
@@ -344,7 +356,7 @@ def test_a_bot_in_another_folder_is_tested_with_the_installed_plugin_s_fixtures(
         timeout=300,
     )
     assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert "3 passed" in ran.stdout, ran.stdout
+    assert "5 passed" in ran.stdout, ran.stdout
     where = subprocess.run(
         [installed, "-c", "import bot.testing.plugin as p; print(p.__file__)"],
         cwd=tmp_path,
