@@ -34,7 +34,7 @@ def main() -> None:
     stored = StoredSession(data)
     figures = {
         "encode (every update that loads the session, twice)": best(lambda: config.encode("-1", value)),
-        "check (only a session that is written)": best(lambda: config.check("-1", data)),
+        "check (only a session that is written)": best(lambda: config.check("-1", data, value)),
         "read (every update that loads the session)": best(lambda: config.decode("-1", stored)),
         "baseline read, msgspec.json.decode(type=...)": best(
             lambda: msgspec.json.decode(data, type=PizzaSession)

@@ -1,7 +1,7 @@
-"""Reminders: the third bot on the framework, and the worked example of dialogs and timers in docs/GUIDE.md.
+"""Reminders: the fourth bot on the framework, and the worked example of dialogs and timers in docs/GUIDE.md.
 
     python -m bot serve --app examples.remind:build_bot       # webhook (local trial without BOT_TOKEN)
-    python -m bot poll --app examples.remind:build_bot        # long polling, with BOT_TOKEN
+    python -m bot poll --app examples.remind:build_bot        # long polling, with BOT_TOKEN and DATABASE_URL
 
 The chat protocol (tests and outside checks drive it by these words):
 

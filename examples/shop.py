@@ -2,7 +2,7 @@
 and payments.
 
     python -m bot serve --app examples.shop:build_bot       # webhook (local trial without BOT_TOKEN)
-    python -m bot poll --app examples.shop:build_bot        # long polling, with BOT_TOKEN
+    python -m bot poll --app examples.shop:build_bot        # long polling, with BOT_TOKEN and DATABASE_URL
 
 /start shows the shelf: each pastry's picture (a PNG made here, uploaded from bytes through the outbox)
 with a "Buy" button, which sends an invoice in Telegram Stars (currency XTR: no payment provider and no

@@ -1,7 +1,7 @@
 """A group to-do list: the second bot on the framework, and the worked example of docs/GUIDE.md.
 
     python -m bot serve --app examples.todo:build_bot       # webhook (local trial without BOT_TOKEN)
-    python -m bot poll --app examples.todo:build_bot        # long polling, with BOT_TOKEN
+    python -m bot poll --app examples.todo:build_bot        # long polling, with BOT_TOKEN and DATABASE_URL
 
 /add <task> adds to the chat's list, which comes back with a ✅ button per open task; pressing one marks
 it done for everybody and edits the list in place. /me shows what you added and finished, in any chat.
