@@ -76,16 +76,25 @@ def foreign_webhook(info: dict[str, Any], own_urls: Sequence[str]) -> str | None
 
 
 def problems(
-    info: dict[str, Any], ours: str | None, allowed_updates: list[str], now: float | None = None
+    info: dict[str, Any],
+    ours: str | None,
+    allowed_updates: list[str],
+    now: float | None = None,
+    own_urls: Sequence[str] = (),
 ) -> list[str]:
-    """What getWebhookInfo shows to be wrong for this configuration, one sentence each."""
+    """What getWebhookInfo shows to be wrong for this configuration, one sentence each. `own_urls`: every
+    URL this deployment answers at (`Settings.own_webhook_urls`), `ours` when empty."""
     now = time.time() if now is None else now
     found = []
     url = info.get("url") or ""
     if not url:
         found.append("no webhook is set: Telegram delivers nothing (start `serve` or run `set-webhook`)")
     elif ours is not None and url != ours:
-        found.append(f"Telegram calls {url}, not our {ours}: restart `serve` or run `set-webhook` to move it")
+        if foreign_webhook(info, own_urls or [ours]):  # (what `serve` does at start depends on it)
+            fix = "another host's, which `serve` leaves alone; `set-webhook` moves it here"
+        else:
+            fix = "restart `serve` or run `set-webhook` to move it"
+        found.append(f"Telegram calls {url}, not our {ours}: {fix}")
     error_at = info.get("last_error_date")
     if error_at and now - error_at < RECENT_ERROR:
         minutes = int((now - error_at) // 60)

@@ -38,7 +38,16 @@ def info(**fields: Any) -> dict[str, Any]:
     [
         (info(), []),
         (info(url=""), ["no webhook is set"]),
-        (info(url="https://old.example.com/webhook"), ["Telegram calls https://old.example.com/webhook"]),
+        # Another host: `serve` would not take it over at its next start (a review app given production's
+        # token), so restarting it is not the fix to suggest; a path of our own host, `serve` moves.
+        (
+            info(url="https://old.example.com/webhook"),
+            ["Telegram calls https://old.example.com/webhook, not our", "another host's"],
+        ),
+        (
+            info(url="https://bot.example.com/old-hook"),
+            ["Telegram calls https://bot.example.com/old-hook, not our", "restart `serve`"],
+        ),
         (
             info(last_error_date=NOW - 120, last_error_message="Wrong response from the webhook: 401"),
             ["the last delivery failed 2 min ago: Wrong response from the webhook: 401"],
@@ -55,9 +64,11 @@ def test_problems_flags_what_differs_from_our_configuration(
     reported: dict[str, Any], flagged: list[str]
 ) -> None:
     found = problems(reported, OURS, ["message"], now=NOW)
-    assert len(found) == len(flagged)
-    for sentence, start in zip(found, flagged, strict=True):
+    assert len(found) == (1 if flagged else 0)
+    for sentence in found:
+        start, *rest = flagged
         assert sentence.startswith(start)
+        assert all(part in sentence for part in rest), sentence
 
 
 @pytest.mark.anyio

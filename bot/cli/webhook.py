@@ -53,7 +53,12 @@ def set_webhook(settings: Settings, args: argparse.Namespace) -> int:
 def webhook_info(settings: Settings, args: argparse.Namespace) -> int:
     info = asyncio.run(_call(settings, "getWebhookInfo", {}))
     print(json.dumps(info, indent=2, ensure_ascii=False))
-    found = problems(info, settings.webhook_url, bot_to_run(settings, args).allowed_updates())
+    found = problems(
+        info,
+        settings.webhook_url,
+        bot_to_run(settings, args).allowed_updates(),
+        own_urls=settings.own_webhook_urls,
+    )
     for problem in found:
         print(f"! {problem}")
     if not found:
