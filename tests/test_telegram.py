@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import httpx
+import msgspec
 import pytest
 
 from bot.apps.pizza_testing import PIZZA
@@ -80,6 +81,36 @@ def test_a_union_member_newer_than_our_bot_api_is_left_out_and_the_update_decode
     assert replied is not None and replied.paid_media is not None
     assert [m.type for m in replied.paid_media.paid_media] == ["preview"]  # a list: without it
     assert update.json()["message"]["forward_origin"]["type"] == "a_future_origin"  # kept in the raw body
+
+
+def test_a_newer_member_in_a_union_of_text_lists_and_objects_is_left_out_where_it_sits() -> None:
+    # A rich message's text is `str | list[part] | bold | italic | ...` (a union holding a list and
+    # tagged objects), its blocks a `list[paragraph | heading | ...]`: a member newer than 10.1 at
+    # any of those places leaves out that member alone (or the block that requires it), not the update.
+    raw = message_update(1, -5, PIZZA).json()
+    raw["message"]["rich_message"] = {
+        "blocks": [
+            {"type": "a_future_block", "text": "?"},
+            {
+                "type": "paragraph",
+                "text": ["a ", {"type": "a_future_text", "text": "b"}, {"type": "bold", "text": "c"}],
+            },
+            {
+                "type": "heading",
+                "text": {"type": "italic", "text": {"type": "a_future_text", "text": "d"}},
+                "size": 1,
+            },
+            {"type": "footer", "text": {"type": "a_future_text", "text": "e"}},
+        ]
+    }
+    update = decode_update(encode(raw))
+    assert update.message is not None and update.message.text == PIZZA
+    rich = update.message.rich_message
+    assert rich is not None
+    assert [msgspec.to_builtins(block) for block in rich.blocks] == [
+        {"type": "paragraph", "text": ["a ", {"type": "bold", "text": "c"}]},
+    ]
+    assert len(update.json()["message"]["rich_message"]["blocks"]) == 4  # kept in the raw body
 
 
 def test_an_object_a_newer_member_is_required_by_is_left_out_in_turn() -> None:
