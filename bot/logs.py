@@ -36,7 +36,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TextIO
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .config import Settings
 
@@ -430,12 +430,14 @@ def _sole_writer(logger: logging.Logger) -> LineWriter | None:
 
 def secrets_of(settings: Settings) -> list[str]:
     """What must never be written: the token, the webhook secret, the metrics token, the database
-    passwords (in either URL, or in PGPASSWORD)."""
+    passwords (in either URL, or in PGPASSWORD). A URL's password as written there and decoded: asyncpg and
+    PostgreSQL use `p@ss` of `p%40ss`, and their errors (or a repr of the connection's arguments) write it so."""
     found = [settings.bot_token or "", settings.webhook_secret, settings.metrics_token or ""]
     found.append(settings.pgpassword or "")
     for url in (settings.database_url, settings.database_direct_url):
-        if url:
-            found.append(urlsplit(url).password or "")
+        password = urlsplit(url).password if url else None
+        if password:
+            found += [password, unquote(password)]
     return found
 
 

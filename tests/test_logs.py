@@ -112,6 +112,27 @@ def test_the_direct_url_password_and_pgpassword_are_never_written(formatter: typ
 
 
 @pytest.mark.parametrize("formatter", [JsonFormatter, TextFormatter])
+def test_a_percent_encoded_database_password_is_masked_decoded_too(formatter: type[JsonFormatter]) -> None:
+    # A URL holds `p@ss"w/rd` as p%40ss%22w%2Frd; asyncpg and PostgreSQL use it decoded, and their errors
+    # and a repr of the connection's arguments write it so. A short one too, where it stands as a value.
+    settings = load_settings(
+        {
+            "DATABASE_URL": "postgresql://u:p%40ss%22w%2Frd-6b7c@pooler/db",
+            "DATABASE_DIRECT_URL": "postgresql://u:a%40b@db/db",
+        }
+    )
+    line = formatter(secrets_of(settings)).format(
+        record(
+            "connect failed: postgresql://u:p%40ss%22w%2Frd-6b7c@pooler/db {'password': 'p@ss\"w/rd-6b7c'}"
+            " password authentication failed, password=a@b"
+        )
+    )
+    for leaked in ('p@ss"w/rd-6b7c', json.dumps('p@ss"w/rd-6b7c')[1:-1], "p%40ss%22w%2Frd-6b7c", "a@b"):
+        assert leaked not in line
+    assert "password=***" in line.replace('\\"', '"')
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter, TextFormatter])
 def test_the_metrics_token_is_never_written(formatter: type[JsonFormatter]) -> None:
     metrics_token = "metrics-token-5f6a7b8c9d"  # it guards /metrics: a request's header may reach a line
     settings = load_settings({"METRICS_TOKEN": metrics_token})
