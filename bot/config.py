@@ -195,16 +195,42 @@ def _check_userinfo(name: str, raw: str) -> None:
     One with an @ is split by asyncpg at the first @, which leaves the rest of it as the host."""
     _, found, rest = raw.partition("://")
     address = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    cut_off, at, _ = rest[len(address) :].partition("@")
-    # An @ further on, not in a parameter's value (an = or & after the ?): the address's own @, cut off
-    # from it. An = before any ? is the password's own (a base64 one's padding, after a /).
+    cut_off, at, beyond = rest[len(address) :].partition("@")
     if found and (
-        address.count("@") > 1 or (at and "@" not in address and not re.search(r"\?.*[=&]", cut_off))
+        address.count("@") > 1
+        or (at and "@" not in address and not _an_at_of_its_own(address, cut_off, beyond))
     ):
         raise ConfigError(
             f"{name}: the user or password holds a / ? # or @ (each ends a URL's address part, or its"
-            " user): write them percent-encoded, %2F %3F %23 %40"
+            " user): write them percent-encoded, %2F %3F %23 %40 (an @ of the database name too, after"
+            " a host:port with no user)"
         )
+
+
+# `host`, `host:port`, `[v6]:port`, comma-separated: an address that is one, with no user before it.
+_HOST = r"(?:[\w.%-]*|\[[\w:.%]*\])(?::\d+)?"
+_HOSTS = re.compile(f"{_HOST}(?:,{_HOST})*")
+
+
+def _an_at_of_its_own(address: str, cut_off: str, beyond: str) -> bool:
+    """Whether the @ after a URL's address part, which has no user, is not a cut-off user's: it is in a
+    parameter's value (an = or & after the ?; Azure's user=bot@server), or in the database name (legal in
+    PostgreSQL: `postgresql://host/my@db`, as libpq and asyncpg read it). An = before any ? is the
+    password's own (a base64 one's padding, after a /), not a parameter.
+
+    For the database name, the address must be hosts, and what follows the @ no host with a port or a
+    path (`bot/x@host/db`: a user cut at its /). One host with a port is refused all the same: it cannot
+    be told from a user and a password cut at its / (`bot:1234/x@host`, which libpq reads as host "bot",
+    port 1234, database "x@host"); the @ of such a database name is written %40."""
+    if re.search(r"\?.*[=&]", cut_off):
+        return True
+    database = re.split(r"[?#]", beyond, maxsplit=1)[0]
+    return (
+        _HOSTS.fullmatch(address) is not None
+        and re.fullmatch(r"[^,\[]*:\d+", address) is None
+        and re.fullmatch(r"/[^?#]*", cut_off) is not None
+        and not re.search(r"[/:]", database)
+    )
 
 
 def _database_url(env: Mapping[str, str], name: str, notes: list[str]) -> str | None:

@@ -125,6 +125,7 @@ def test_well_formed_database_urls_pass_the_checks(url: str) -> None:
         "s3cr/et-Pa55",
         "s3cr?et-Pa55",
         "9999#et-Pa55",
+        "9999/et-Pa55",  # bot:9999 could be a host and port, but a host and port follow the @ too
         "s3cr@et-Pa55",
         "s3cr/et+Pa55=",
         "s3cr#et=Pa55",
@@ -149,6 +150,24 @@ def test_a_password_that_breaks_its_url_is_named_as_such_and_never_shown(
         "postgresql://bot%40myserver:p%23ss@db.example.com/bot",
     ):
         assert getattr(load_settings({variable: url}), variable.lower()) == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://db.example.com/my@db",
+        "postgresql://db.example.com/my@db?sslmode=require",
+        "postgresql://db1:5432,[::1]:6432/team@bot",
+        "postgresql://db.example.com:5432/my%40db",
+    ],
+)
+def test_a_database_name_holding_an_at_sign_is_accepted_as_libpq_and_asyncpg_read_it(url: str) -> None:
+    # PostgreSQL allows an @ in a database name, and with no user before the host no password can have
+    # been cut off there: it was refused as an unencoded @ of the password. (After one host with a port,
+    # as in bot:1234/x@host, it could be a password's: refused, the @ to be written %40.)
+    assert load_settings({"DATABASE_URL": url}).database_url == url
+    with pytest.raises(ConfigError, match=r"^DATABASE_URL: .* %40 \(an @ of the database name too"):
+        load_settings({"DATABASE_URL": "postgresql://db.example.com:5432/my@db"})
 
 
 @pytest.mark.parametrize(
