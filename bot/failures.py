@@ -60,7 +60,8 @@ def as_failure(error: BaseException, *, steered: bool = False) -> Exception | No
     """What an update failed of, as an Exception: `error` itself, or a StrayBaseException around what
     the bot's code raised that is no Exception (SystemExit, KeyboardInterrupt, GeneratorExit, a class of
     its own, a CancelledError from awaiting something another task cancelled). None for what must go on
-    up: the cancellation of the task itself (a shutdown, the deadline), and the framework's control flow
+    up: the cancellation of the task itself (a shutdown, the deadline) or the closing of its coroutine
+    (a GeneratorExit thrown in at the caller's own await), and the framework's control flow
     where the framework steers the code that raised it (`steered`: an optimistic attempt).
 
     Anywhere else (an attempt with locks, a filter, the error hook after a rollback) the framework raises
@@ -69,6 +70,13 @@ def as_failure(error: BaseException, *, steered: bool = False) -> Exception | No
     if isinstance(error, Exception):
         return error
     if isinstance(error, ControlFlow) and steered:
+        return None
+    if isinstance(error, GeneratorExit) and error.__traceback__ and error.__traceback__.tb_next is None:
+        # Raised at the await of the frame that caught it, not in the bot's code below: `close()` of this
+        # coroutine (a task abandoned pending, collected, or its loop closed without cancelling it),
+        # which closes the bot's coroutine first and then throws GeneratorExit into each frame up the
+        # chain. Nothing failed, and a coroutine being closed can await nothing more: no error hook,
+        # no dead letter, nor a log blaming the bot's code. (One the bot's code raises passed its frames.)
         return None
     if isinstance(error, asyncio.CancelledError):
         task = asyncio.current_task()

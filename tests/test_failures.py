@@ -4,11 +4,21 @@ letter records: pure rules, no storage."""
 from __future__ import annotations
 
 import json
+import types
+from collections.abc import Generator
 
 import msgspec
 import pytest
 
-from bot.failures import TransientFailures, dead_letter, describe, is_transient, storable
+from bot.failures import (
+    StrayBaseException,
+    TransientFailures,
+    as_failure,
+    dead_letter,
+    describe,
+    is_transient,
+    storable,
+)
 from bot.session import SessionDecodeError
 from bot.storage import StorageRefused, StorageUnavailable
 from bot.telegram import BotApiError, decode_update
@@ -105,3 +115,39 @@ def test_what_a_dead_letter_records_can_always_be_stored() -> None:
     assert "\x00" not in letter.traceback and "raise ValueError" in letter.traceback
     again = dead_letter(text_update(3, -7, "x"), error, attempts=1, line="gave up: why")
     assert json.loads(again.body)["message"]["text"] == "x" and again.error == "gave up: why"
+
+
+@types.coroutine
+def _waiting() -> Generator[None, None, None]:
+    yield  # where a handler waits (a reply, a lock) when its task is abandoned
+
+
+async def _handler(raises: bool) -> None:
+    if raises:
+        raise GeneratorExit  # the bot's own code raising one: a bug like any other
+    await _waiting()
+
+
+async def _pipeline(raises: bool, failures: list[Exception | None]) -> None:
+    """What the pipeline does around the bot's code: what it raised, as_failure says what to do with."""
+    try:
+        await _handler(raises)
+    except BaseException as caught:
+        failures.append(as_failure(caught))
+        raise
+
+
+def test_a_coroutine_closed_while_it_awaits_the_bots_code_is_not_the_bots_failure() -> None:
+    # close() (of a task abandoned pending, or left when its loop closed) throws GeneratorExit into each
+    # frame: taken for the bot's, it called the error hook and blamed the bot's code in the log, from a
+    # coroutine that could await nothing more.
+    closed: list[Exception | None] = []
+    coroutine = _pipeline(False, closed)
+    coroutine.send(None)
+    coroutine.close()
+    assert closed == [None]
+    raised: list[Exception | None] = []
+    with pytest.raises(GeneratorExit):
+        _pipeline(True, raised).send(None)
+    [failure] = raised
+    assert isinstance(failure, StrayBaseException) and isinstance(failure.__cause__, GeneratorExit)
