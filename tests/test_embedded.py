@@ -124,3 +124,29 @@ def test_a_killed_bot_leaves_a_server_the_next_start_reuses_and_then_stops(data_
     assert reused == postmaster  # reused, not a second server on the same data
     assert first.pid not in users  # the dead user forgotten...
     assert not postmaster_alive(postmaster, settle=10)  # ...so the clean exit stopped the server
+
+
+def test_two_processes_starting_on_one_new_data_dir_share_its_server(data_dir: Path) -> None:
+    # `serve` twice, or `serve` and `migrate`, on a new EMBEDDED_PG_DIR: the second saw the first's
+    # half-made folder ("holds files but no PostgreSQL data"), or ran initdb or pg_ctl on it as well and
+    # ended in a traceback. Each here has its own XDG_RUNTIME_DIR (a terminal and a `sudo`), where the
+    # wheel keeps its lock, so that lock does not keep them apart either: only ours does.
+    runs = []
+    for n in range(2):
+        runtime = data_dir.parent / f"runtime-{n}"
+        runtime.mkdir(mode=0o700)
+        env = {**os.environ, "DATABASE_URL": "", "BOT_TOKEN": "", "EMBEDDED_PG_DIR": str(data_dir)}
+        runs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "bot", "migrate"],
+                env={**env, "XDG_RUNTIME_DIR": str(runtime)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    ended = [(run.communicate(timeout=120)[1], run.returncode) for run in runs]  # both, before asserting
+    for stderr, returncode in ended:
+        assert (returncode, "Traceback" in stderr) == (0, False), stderr
+    assert (data_dir / "PG_VERSION").exists()
+    assert not (data_dir / "postmaster.pid").exists()  # stopped by the last one out
