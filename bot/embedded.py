@@ -96,10 +96,11 @@ START_WAIT = 120.0
 
 
 @contextlib.contextmanager
-def _one_at_a_time(data_dir: Path, wait: float = START_WAIT) -> Iterator[None]:
+def _one_at_a_time(data_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on the data dir's parent folder (a lock on the folder itself: no file to
-    leave behind) while starting or stopping the server in `data_dir`, waiting up to `wait` seconds for
-    another process holding it. The kernel drops it if the holder dies."""
+    leave behind) while starting or stopping the server in `data_dir`, waiting up to START_WAIT seconds
+    for another process holding it. The kernel drops it if the holder dies."""
+    wait = START_WAIT
     folder = os.open(data_dir.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         deadline = time.monotonic() + wait

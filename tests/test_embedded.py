@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+import bot.embedded
 from bot.embedded import EmbeddedPostgres, default_data_dir
 
 pytestmark = pytest.mark.slow
@@ -150,3 +152,20 @@ def test_two_processes_starting_on_one_new_data_dir_share_its_server(data_dir: P
         assert (returncode, "Traceback" in stderr) == (0, False), stderr
     assert (data_dir / "PG_VERSION").exists()
     assert not (data_dir / "postmaster.pid").exists()  # stopped by the last one out
+
+
+def test_a_start_that_waits_too_long_for_another_says_so_and_touches_nothing(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process stuck in its start (or its stop) on the same data dir: a line, not a wait without end.
+    monkeypatch.setattr(bot.embedded, "START_WAIT", 1.0)
+    held = os.open(data_dir.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(
+            RuntimeError, match=r"^another process has been starting or stopping a server in it"
+        ):
+            EmbeddedPostgres.start(data_dir)
+    finally:
+        os.close(held)
+    assert not data_dir.exists()
