@@ -419,7 +419,7 @@ def load_settings(
         # Optimistic by default: 1.18x (C) to 1.88x (B) the locking mode's updates/s on every workload, in
         # the same runs (bench/README.md).
         db_optimistic=_choice(env, "DB_CONCURRENCY", "optimistic", ("locked", "optimistic")) == "optimistic",
-        # About 350 bytes per pizza-bot session (tracemalloc over 5,000 SessionCache.put calls of its
+        # About 350 bytes per session of one counter (tracemalloc over 5,000 SessionCache.put calls of that
         # shape): 5,000 keep a process near 56 MB under the soak (bench/README.md).
         session_cache=_int(env, "SESSION_CACHE", 5000, 0, 1_000_000),
         # Well under Telegram's 60 s, after which it would redeliver while we may still be working.
