@@ -142,8 +142,9 @@ async def test_a_thousand_timers_fire_once_across_a_kill_9_a_restart_and_two_pro
     assert all(f.late >= restarted_at - due[f.tag] - 0.01 for f in missed)
     # And both new processes took part.
     assert {second.proc.pid, third.proc.pid} <= {f.pid for f in fired}
+    # No fire's handler failed (bot.pipeline's ERROR line, written at once: complete while they run).
     for process in (first, second, third):
-        assert "handler failed" not in process.output()
+        assert "failed and is kept as failed" not in process.output()
     print(
         f"\n{TIMERS} timers over {KEYS} keys: {len(fired) - len(per_tag)} replies doubled by the kill,"
         f" {len(missed)} fired late after the restart (up to {max(f.late for f in missed):.1f} s),"
