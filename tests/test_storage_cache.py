@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
 from bot.storage import StoredSession
+from bot.storage import cache as cache_module
 from bot.storage.cache import SessionCache, Turns
 
 pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    """`Turns`'s clock, moved by hand: a test of when a key becomes stuck then holds however late the event
+    loop runs it (with real sleeps, 50 ms of lag on a busy machine failed them)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    # The module's `time` only: asyncio's own clock stays the real one.
+    monkeypatch.setattr(cache_module, "time", SimpleNamespace(monotonic=clock))
+    return clock
 
 
 def test_the_least_recently_used_session_is_forgotten_first() -> None:
@@ -101,17 +122,20 @@ async def test_a_waiter_cancelled_while_waiting_leaves_the_line() -> None:
     assert not turns.busy("k")
 
 
-async def test_a_turn_held_past_stuck_after_is_stuck_and_each_holder_gets_the_time_afresh() -> None:
+async def test_a_turn_held_past_stuck_after_is_stuck_and_each_holder_gets_the_time_afresh(
+    clock: Clock,
+) -> None:
     turns = Turns(stuck_after=0.2)
     await turns.take("k")
     assert not turns.stuck("k")
     waiting = asyncio.create_task(turns.take("k"))
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0)
+    clock.now += 0.1
     turns.give_back("k")
     assert await asyncio.wait_for(waiting, 1)
-    await asyncio.sleep(0.15)  # the first holder got its turn 0.25 s ago, this one 0.15 s ago
+    clock.now += 0.15  # the first holder got its turn 0.25 s ago, this one 0.15 s ago
     assert not turns.stuck("k")  # the next holder's own time
-    await asyncio.sleep(0.1)
+    clock.now += 0.1
     assert turns.stuck("k")  # its holder ignored every deadline: nobody else should queue behind it
     turns.give_back("k")
     assert not turns.busy("k") and not turns.stuck("k")
@@ -121,25 +145,29 @@ async def test_waiters_queued_before_a_turn_is_stuck_stop_waiting_when_it_become
     """Before, each waited for the stuck holder until its own deadline: one more 503 each, although the
     update would have run with locks had it come a moment later. The holder of the time counts: a waiter
     queued behind a turn handed on waits for that holder's own `stuck_after`."""
-    turns = Turns(stuck_after=0.2)
+    # On the real clock (the watch that lets the waiters go is a loop timer), with room for a late loop:
+    # the check below fails only if it runs 0.2 s later than asked.
+    turns = Turns(stuck_after=0.4)
     await turns.take("k")
     first = asyncio.create_task(turns.take("k"))
-    await asyncio.sleep(0.1)
-    turns.give_back("k")  # handed on to `first` at 0.1 s: stuck at 0.3 s
+    await asyncio.sleep(0.3)
+    turns.give_back("k")  # handed on to `first` at 0.3 s: stuck at 0.7 s
     assert await asyncio.wait_for(first, 1)
     waiting = [asyncio.create_task(turns.take("k")) for _ in range(2)]
-    await asyncio.sleep(0.15)
-    assert not any(w.done() for w in waiting)  # (0.25 s: the first holder's time is past, not this one's)
+    await asyncio.sleep(0.2)
+    assert not any(w.done() for w in waiting)  # (0.5 s: the first holder's time is past, not this one's)
     assert await asyncio.wait_for(asyncio.gather(*waiting), 1) == [False, False]  # let go, nothing taken
     assert turns.stuck("k")
     turns.give_back("k")
     assert not turns.busy("k")  # the waiters took nothing: the holder's was the last turn
 
 
-async def test_with_two_holders_a_third_waits_and_the_key_is_stuck_only_when_both_turns_are() -> None:
+async def test_with_two_holders_a_third_waits_and_the_key_is_stuck_only_when_both_turns_are(
+    clock: Clock,
+) -> None:
     turns = Turns(stuck_after=0.2, holders=2)
     await turns.take("k")
-    await asyncio.sleep(0.25)  # the first holder is past stuck_after...
+    clock.now += 0.25  # the first holder is past stuck_after...
     assert turns.take_free("k")  # ...but the second turn is free, and taken now
     assert not turns.stuck("k")  # the second holder's time is its own
     third = asyncio.create_task(turns.take("k"))
@@ -148,7 +176,7 @@ async def test_with_two_holders_a_third_waits_and_the_key_is_stuck_only_when_bot
     turns.give_back("k")
     await asyncio.wait_for(third, 1)  # a turn handed on: still two holders
     assert not turns.take_free("k")
-    await asyncio.sleep(0.25)
+    clock.now += 0.25
     assert turns.stuck("k")  # every turn held past stuck_after
     turns.give_back("k")
     assert not turns.stuck("k")  # one turn free again
