@@ -26,7 +26,9 @@ def checkout_env(spec: str, base: dict[str, str]) -> dict[str, str]:
     """The bot process's environment for `spec`: `base`, the checkout on PYTHONPATH, then its settings."""
     tree, *settings = spec.split("+")
     env = {**base, "PYTHONPATH": os.pathsep.join([tree, str(Path(tree) / "bench" / "apps")])}
-    env.update(setting.split("=", 1) for setting in settings)
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        env[name] = value
     return env
 
 
