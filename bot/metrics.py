@@ -135,6 +135,12 @@ class Metrics:
             " ran again with the row locked (DB_CONCURRENCY=optimistic).",
             registry=r,
         )
+        self.stuck_updates = Counter(
+            "bot_stuck_updates",
+            "Update attempts still running 5 s (RECORD_WITHIN) past REQUEST_DEADLINE: their code ignored"
+            " the cancellation; their database connections were closed (bot/overdue.py).",
+            registry=r,
+        )
         self.batches = Counter(
             "bot_statement_batches",
             "Batches of optimistic reads and statements sent together (bot/storage/postgres/batches.py),"

@@ -37,6 +37,7 @@ from .files import MAX_UPLOAD_BYTES
 from .logs import LinesPerSecond, log_update
 from .metrics import Metrics
 from .outcome import DONE, Outcome, Status
+from .overdue import Reclaim
 from .recording import Recorder, handled
 from .redelivery import Deliveries
 from .router import Match
@@ -109,7 +110,9 @@ class Pipeline:
         self.give_up = give_up or TransientFailures(deliveries=5, seconds=300.0)
         self._recorder = Recorder(storage, me, self.api, lease)  # what failed for good (bot.recording)
         self._deliveries = Deliveries()  # redeliveries answered from memory (bot.redelivery)
-        self._deadlines = Deadlines()  # every update's REQUEST_DEADLINE, on one timer
+        # Every update's REQUEST_DEADLINE, on one timer; what an attempt still running RECORD_WITHIN past
+        # it holds (its code ignored the cancellation) is taken back (bot.overdue).
+        self.deadlines = Deadlines(RECORD_WITHIN, Reclaim(bot, storage, metrics, deadline))
         self.lock_turns = LockTurns()  # a key's attempts with locks, two at a time here (bot.unit)
         # A line per update, and per timer fire, or a count of them when busy (bot.logs).
         self.update_lines = LinesPerSecond(log, "update")
@@ -266,7 +269,7 @@ class Pipeline:
             raise
 
     async def _run(self, update: Update, deadline: float, *, replay: bool = False) -> Outcome:
-        with self._deadlines.within(deadline):  # (asyncio.timeout_at's, on one timer: bot.deadline)
+        with self.deadlines.within(deadline, update):  # (asyncio.timeout_at's, on one timer: bot.deadline)
             try:
                 return await self._route(update, replay=replay)
             except RunAgain:

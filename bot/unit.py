@@ -186,7 +186,8 @@ class LockTurns:
     its own round trips: workload B with DB_CONCURRENCY=locked lost a quarter of its rate
     (bench/README.md). A key whose turns are all held past TURN_STUCK_AFTER (attempts that ignored
     their deadline, or timer fires doing long work) is not waited for, and those waiting for it then
-    stop."""
+    stop. (Such an attempt's connection, and the row lock of its transaction, were taken back before:
+    `bot.overdue`.)"""
 
     HOLDERS = 2
 

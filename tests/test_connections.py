@@ -88,3 +88,46 @@ async def test_a_cancelled_wait_gives_nothing_away(one_connection: asyncpg.Pool)
     await connections.give_back(held)
     conn = await asyncio.wait_for(connections.take(), 5)
     await connections.give_back(conn)
+
+
+async def test_a_connection_taken_back_from_a_stuck_task_ends_its_transaction_and_is_given_back_once(
+    one_connection: asyncpg.Pool,
+) -> None:
+    """`reclaim`: the connection a task holds in an open transaction, taken back from outside it (the task
+    ignores cancellation). Its server session ends, rolling the transaction back; its place and its turn
+    are the next taker's at once; the task's next statement fails, and its own give_back later gives
+    nothing a second time."""
+    connections = Connections(one_connection, wait_limit=0.3, metrics=None)
+    began = asyncio.Event()
+    resume = asyncio.Event()
+
+    async def stuck() -> BaseException | None:
+        conn = await connections.take()
+        await conn.execute("BEGIN; SELECT pg_advisory_xact_lock(42)")  # (as a session row's lock)
+        began.set()
+        await resume.wait()
+        try:
+            await conn.execute("COMMIT")
+        except asyncpg.InterfaceError as error:
+            return error
+        finally:
+            await connections.give_back(conn)
+        return None
+
+    task = asyncio.create_task(stuck())
+    await began.wait()
+    assert connections.reclaim(asyncio.current_task()) == 0  # (only what the task given holds)
+    assert connections.reclaim(task) == 1
+    conn = await connections.take()  # no wait: the place and the turn are given back
+    # Its transaction rolled back: the lock is free (once the server has seen the socket close).
+    for _ in range(20):
+        if await conn.fetchval("SELECT pg_try_advisory_xact_lock(42)"):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the stuck task's transaction still holds its lock")
+    resume.set()
+    error = await task
+    assert isinstance(error, asyncpg.InterfaceError)  # released: never the new connection in its place
+    assert connections._turns.locked()  # its give_back released no second turn: the one is still held
+    await connections.give_back(conn)

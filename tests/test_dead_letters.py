@@ -35,6 +35,7 @@ from bot.metrics import Metrics
 from bot.pipeline import Pipeline, Status
 from bot.session import session
 from bot.storage import Conflict, DeadLetter, Moved, Storage, StorageUnavailable
+from bot.storage.memory import MemoryStorage
 from bot.storage.postgres import PostgresStorage
 from bot.telegram import Update, decode_update
 from bot.testing.env import SECRET, TOKEN, bot_env, make_settings
@@ -217,6 +218,118 @@ async def test_a_handler_that_swallows_its_deadline_holds_its_chat_only_until_th
         assert await count(storage) == 1
     finally:
         released.set()
+        await storage.close()
+
+
+@pytest.mark.parametrize("optimistic", [False, True], ids=["locked", "optimistic"])
+async def test_handlers_that_never_end_do_not_keep_the_pool_from_other_chats(
+    database_url: str, optimistic: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As many handlers that swallow their cancellation and never end as the pool has connections, each
+    in a chat of its own. Each held its pooled connection (with locks: in its open transaction; without:
+    the one its session was read on alone) for as long as it ran, and every other chat's update waited
+    DB_ACQUIRE_TIMEOUT for one and got 503, for good. An attempt still running RECORD_WITHIN past its
+    deadline has its connections closed now (its transaction rolled back, its row unlocked) and their
+    places in the pool given back. Nothing of the stuck attempts is applied, when they end at last too:
+    each update is applied once, by its redelivery."""
+    released = asyncio.Event()
+    storage = await PostgresStorage.connect(database_url, max_size=3, acquire_timeout=0.2)
+    run = Pipeline(stubborn_bot(released), storage, ME, Metrics(), optimistic=optimistic, deadline=0.3)
+    run.deadlines.overdue_after = 0.3  # (RECORD_WITHIN, for a 0.3 s deadline)
+    stuck = []
+    for n in (1, 2, 3):
+        stuck.append(asyncio.ensure_future(run.process(update(message_update(n, -n, "stubborn")))))
+        await asyncio.sleep(0.05)  # (each read alone, on a connection of its own, not in one batch)
+    try:
+        await asyncio.sleep(1.0)  # past each deadline and its grace
+        for n in range(10, 15):  # another chat, again and again: never a 503
+            plus = await asyncio.wait_for(run.process(update(message_update(n, -7, "+"))), 5)
+            assert plus.status is Status.APPLIED
+        assert await count(storage) == 5
+        assert [await count(storage, str(-n)) for n in (1, 2, 3)] == [0, 0, 0]  # rolled back
+        assert not any(task.done() for task in stuck)  # (still running: nothing ended them)
+        released.set()
+        for task in stuck:  # at last: its connection is gone, nothing of it is applied
+            with pytest.raises(TryLater):
+                await asyncio.wait_for(task, 5)
+        assert [await count(storage, str(-n)) for n in (1, 2, 3)] == [0, 0, 0]
+        for n in (1, 2, 3):  # Telegram's redelivery applies it, once
+            redelivered = await run.process(update(message_update(n, -n, "stubborn")))
+            assert redelivered.status is Status.APPLIED
+        assert [await count(storage, str(-n)) for n in (1, 2, 3)] == [100, 100, 100]
+        assert run.metrics.count("bot_stuck_updates_total") == 3
+        warnings = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+        assert len(warnings) == 3  # one per stuck attempt, naming the update and the handler's line
+        for n, line in zip((1, 2, 3), warnings, strict=True):
+            assert re.match(
+                rf"update {n} \(chat {-n}\) is still running 0\.\d s past its 0\.3 s deadline", line
+            )
+            assert re.search(r"at stubborn_bot\.<locals>\.stubborn \(.*test_dead_letters\.py:\d+\)", line)
+            assert "closed the 1 database connection(s) it held: its transaction is rolled back" in line
+    finally:
+        released.set()
+        await asyncio.wait(stuck, timeout=10)
+        await storage.close()
+
+
+async def test_a_handler_that_never_ends_on_a_storage_without_connections_is_named_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A storage with nothing to take back (the memory storage): the stuck attempt is still counted and
+    named once, however long it runs."""
+    released = asyncio.Event()
+    run = Pipeline(stubborn_bot(released), MemoryStorage(), ME, Metrics(), deadline=0.1)
+    run.deadlines.overdue_after = 0.1  # (RECORD_WITHIN, for a 0.1 s deadline)
+    stuck = asyncio.ensure_future(run.process(update(message_update(1, -7, "stubborn"))))
+    try:
+        await asyncio.sleep(0.6)  # looked at again four times
+        [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert line.startswith("update 1 (chat -7) is still running")
+        assert "at stubborn_bot.<locals>.stubborn (" in line
+        assert "it holds no database connection now" in line
+        assert run.metrics.count("bot_stuck_updates_total") == 1
+    finally:
+        released.set()
+        await asyncio.wait([stuck], timeout=10)
+
+
+async def test_a_chat_whose_handler_never_ends_runs_its_next_updates_with_its_row_unlocked(
+    database_url: str,
+) -> None:
+    """With locks, a handler that swallows its cancellation and never ends held its chat's row lock for
+    as long as it ran (unless the server ended its transaction: idle_in_transaction_session_timeout, 3 x
+    DB_STATEMENT_TIMEOUT, 30 s by default, or never when set higher): the chat's next updates, let past
+    its stuck turn, waited on the row for DB_LOCK_TIMEOUT and got 503. Its connection is closed now once
+    it is RECORD_WITHIN past its deadline, which unlocks the row before its turn is treated as stuck. The
+    stuck update is counted neither then nor after: redelivered, it is a dead letter at the bound (its
+    attempt still runs here), and its attempt, ending at last, applies nothing."""
+    released = asyncio.Event()
+    storage = await PostgresStorage.connect(database_url, lock_timeout=0.3, statement_timeout=60)
+    run = Pipeline(
+        stubborn_bot(released), storage, ME, Metrics(), deadline=0.3, give_up=TransientFailures(2, 0)
+    )
+    run.deadlines.overdue_after = 0.3  # (RECORD_WITHIN, for a 0.3 s deadline)
+    run.lock_turns.turns.stuck_after = 0.7  # (TURN_STUCK_AFTER: past the deadline and its grace)
+    stuck = update(message_update(1, -7, "stubborn"))
+    first = asyncio.ensure_future(run.process(stuck))
+    try:
+        await asyncio.sleep(0.8)
+        for n in (2, 3):
+            plus = await asyncio.wait_for(run.process(update(message_update(n, -7, "+"))), 5)
+            assert plus.status is Status.APPLIED
+        with pytest.raises(TryLater, match="still running"):
+            await asyncio.wait_for(run.process(stuck), 5)
+        assert (await asyncio.wait_for(run.process(stuck), 5)).status is Status.DEAD_LETTER
+        released.set()
+        with pytest.raises(TryLater):
+            await asyncio.wait_for(first, 5)
+        assert await count(storage) == 2
+        assert [letter.update_id for letter in await storage.dead_letters(ME.id)] == [1]
+        assert (await run.process(stuck)).status is Status.DUPLICATE
+        assert await count(storage) == 2
+    finally:
+        released.set()
+        await asyncio.wait([first], timeout=10)
         await storage.close()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any
 
 import pytest
 
@@ -87,3 +89,47 @@ async def test_an_outside_cancellation_arriving_with_the_deadline_is_not_turned_
     with pytest.raises(asyncio.CancelledError):
         await task
     assert seen == [asyncio.CancelledError]
+
+
+async def test_a_block_that_ignores_its_cancellation_is_handed_over_after_its_grace_and_again_while_it_runs() -> (
+    None
+):
+    """`overdue_after`: a block still running that long past its deadline (its code swallowed the
+    cancellation) is handed to `on_overdue` with its task, what it was entered with and how late it is,
+    then again every `overdue_after` until it ends; a block that ends when cancelled never is."""
+    told: list[tuple[asyncio.Task[Any], object, float, bool]] = []
+    thrice = asyncio.Event()
+
+    def overdue(task: asyncio.Task[Any], what: object, late: float, first: bool) -> None:
+        told.append((task, what, late, first))
+        if len(told) == 3:
+            thrice.set()
+
+    deadlines = Deadlines(0.1, overdue)
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        with deadlines.within(_in(0.05), "stubborn"):
+            while not release.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await release.wait()
+
+    async def obedient() -> None:
+        with pytest.raises(TimeoutError), deadlines.within(_in(0.05), "obedient"):
+            await asyncio.sleep(LONG)
+
+    task = asyncio.create_task(stubborn())
+    await obedient()
+    await asyncio.wait_for(thrice.wait(), LONG)  # at 0.05 + 0.1, + 0.2, + 0.3
+    release.set()
+    await task
+    count = len(told)
+    await asyncio.sleep(0.2)
+    assert len(told) == count == 3  # none after it ended
+    assert [(t, what, first) for t, what, _, first in told] == [
+        (task, "stubborn", True),
+        (task, "stubborn", False),
+        (task, "stubborn", False),
+    ]
+    lates = [late for _, _, late, _ in told]
+    assert lates == sorted(lates) and all(late >= 0.1 * n - 0.01 for n, late in enumerate(lates, 1))

@@ -16,6 +16,7 @@ claim: a dead letter (`dead_letter`), listed by `dead_letters` and taken back by
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ __all__ = [
     "OutboxStore",
     "OutgoingCall",
     "PendingCall",
+    "ReclaimingStorage",
     "Reservation",
     "RunAgain",
     "StaleRead",
@@ -346,3 +348,14 @@ class OptimisticStorage(Storage, Protocol):
 
         `read` may answer from what this process remembers of the key, unchecked until the end; when
         that turned out stale the block raises StaleRead, and a retry starts from the current row."""
+
+
+@runtime_checkable
+class ReclaimingStorage(Protocol):
+    """A storage whose transactions hold what other updates wait for (a pooled connection, row locks)."""
+
+    def reclaim(self, task: asyncio.Task[Any]) -> int:
+        """Take back, from outside `task`, what its transactions hold: `task` is an update's attempt
+        still running well past its deadline, ignoring its cancellation, and would otherwise hold it for
+        as long as it runs. Each of its transactions is rolled back, and fails at its next use (a
+        transient failure). Returns how many connections (or the like) were taken back."""

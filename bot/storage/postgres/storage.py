@@ -184,6 +184,9 @@ class PostgresStorage(PostgresOutbox, PostgresTimers, PostgresMaintenance, Postg
             self,
         )
 
+    def reclaim(self, task: asyncio.Task[Any]) -> int:
+        return self.connections.reclaim(task)
+
     async def ping(self) -> None:
         async def check() -> None:
             async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
