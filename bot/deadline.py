@@ -11,7 +11,7 @@ blocks past theirs and arms itself for the next. What a block past its deadline 
 else cancelled it too, which then goes on as CancelledError).
 
 A block whose code ignores that cancellation (a bare `except:` in a handler) runs on for as long as it
-likes. Given `overdue_after`, the same timer looks at a block again that long after its deadline, and
+likes. Given `overdue_after`, the same timer looks at a block again that long after cancelling it, and
 every `overdue_after` after that while it still runs, and hands it to `on_overdue`: the owner of what the
 block holds (the pipeline: its pooled connections) takes it back from outside the task. Nothing is
 added to a block that ends in time.
@@ -81,8 +81,9 @@ class Deadlines:
                 block._told = True
             if after is None or on_overdue is None:
                 del self._blocks[block]
-            else:  # looked at again while it runs (its exit takes it out)
-                self._blocks[block] = again = (deadline if first else now) + after
+            else:  # looked at again while it runs (its exit takes it out); the grace counts from the
+                # cancellation, which a loop that stalled past the deadline delivers late
+                self._blocks[block] = again = now + after
                 soonest = min(soonest, again)
         if soonest < math.inf:
             self._arm(self._loop, soonest)

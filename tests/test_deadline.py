@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import pytest
@@ -133,3 +134,28 @@ async def test_a_block_that_ignores_its_cancellation_is_handed_over_after_its_gr
     ]
     lates = [late for _, _, late, _ in told]
     assert lates == sorted(lates) and all(late >= 0.1 * n - 0.01 for n, late in enumerate(lates, 1))
+
+
+async def test_a_block_cancelled_late_by_a_stalled_loop_gets_its_whole_grace_to_end() -> None:
+    """The grace runs from the cancellation, not from the deadline: after the event loop stalled past
+    both (a synchronous call somewhere), a block that heeds its cancellation but needs a round trip to
+    end (its rollback) was handed to `on_overdue` at once, its connections closed and itself named as
+    ignoring the cancellation."""
+    told: list[object] = []
+    deadlines = Deadlines(0.2, lambda task, what, late, first: told.append(what))
+
+    async def rolling_back() -> None:
+        try:
+            await asyncio.sleep(LONG)
+        finally:
+            await asyncio.sleep(0.01)  # (its rollback's round trip)
+
+    async def obedient() -> None:
+        with pytest.raises(TimeoutError), deadlines.within(_in(0.05), "obedient"):
+            await rolling_back()
+
+    task = asyncio.create_task(obedient())
+    await asyncio.sleep(0)
+    time.sleep(0.4)  # noqa: ASYNC251 (the stall itself: the loop runs nothing past the deadline and its grace)
+    await task
+    assert told == []
