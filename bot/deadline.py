@@ -20,12 +20,15 @@ added to a block that ends in time.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 __all__ = ["Deadlines", "Overdue"]
+
+log = logging.getLogger(__name__)
 
 # Told of a block still running `overdue_after` past its deadline: its task, what it was entered with,
 # how many seconds past its deadline it is, and whether this is the first time it is told of it.
@@ -77,7 +80,12 @@ class Deadlines:
                 block.expire()
             else:  # cancelled at its deadline, and still running: its code ignored that
                 assert on_overdue is not None
-                on_overdue(block._task, block._what, now - block._deadline, not block._told)
+                try:
+                    on_overdue(block._task, block._what, now - block._deadline, not block._told)
+                except Exception:
+                    # Not the end of this pass: the blocks after it still get their deadline, and the
+                    # timer is armed again (a quiet bot would otherwise enforce none until its next update).
+                    log.exception("taking back what a block past its deadline holds failed")
                 block._told = True
             if after is None or on_overdue is None:
                 del self._blocks[block]

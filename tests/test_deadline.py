@@ -159,3 +159,37 @@ async def test_a_block_cancelled_late_by_a_stalled_loop_gets_its_whole_grace_to_
     time.sleep(0.4)  # noqa: ASYNC251 (the stall itself: the loop runs nothing past the deadline and its grace)
     await task
     assert told == []
+
+
+async def test_an_on_overdue_that_raises_leaves_the_other_deadlines_enforced(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The timer's pass ended at the exception, unarmed: blocks after the overdue one went past their
+    deadlines uncancelled until something else armed it."""
+
+    def overdue(task: asyncio.Task[Any], what: object, late: float, first: bool) -> None:
+        raise RuntimeError("reclaiming failed")
+
+    deadlines = Deadlines(0.05, overdue)
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        with deadlines.within(_in(0.02), "stubborn"):
+            while not release.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await release.wait()
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    try:
+        # Entered before the failing pass (stubborn's: cancelled at 0.02, handed over at 0.07), due after.
+        with pytest.raises(TimeoutError), deadlines.within(_in(0.1), "later"):
+            await asyncio.wait_for(
+                release.wait(), 5
+            )  # (not ended by its deadline: TimeoutError all the same)
+        assert time.monotonic() - started < 2
+    finally:
+        release.set()
+        await task
+    assert "taking back what a block past its deadline holds failed" in caplog.text
