@@ -10,11 +10,16 @@ closed, so the database rolls their transactions back) RECORD_WITHIN after the d
 RECORD_WITHIN while the attempt runs (it may open another transaction: its error hook's), and says so
 once, naming the update and where its code is.
 
-Nothing of the attempt is applied: its transaction is gone, and each statement it sends afterwards fails
-(StorageUnavailable, a transient failure: never a commit). The update stays Telegram's to deliver again:
-its redeliveries wait for this attempt (`bot.redelivery`) and, as long as it runs, end as a dead letter
-at the bound (`TransientFailures`), recorded by a transaction of their own; a dead letter can be
-replayed. So it is counted once or not at all, never twice.
+What the taken-back connections carried is rolled back, and each statement the attempt sends on them
+afterwards fails (StorageUnavailable, a transient failure). An attempt that holds no connection when
+looked at (an optimistic one whose read went in a shared batch, or one between two transactions) is
+not stopped: should it end, it commits as any attempt does. Either way the update is applied at most
+once, by its claim of the update id, which commits with its writes: its redeliveries wait for this
+attempt (`bot.redelivery`), and as long as it runs they end as a dead letter at the bound
+(`TransientFailures`), recorded by a transaction of their own, whose claim a late commit of the attempt
+then fails on; after it ended, a redelivery is answered as a duplicate. A dead letter can be replayed.
+So it is counted once or not at all, never twice. (Connections taken in a task the attempt started, not
+in its own, are not found: `Connections` keeps each with the task that took it.)
 """
 
 from __future__ import annotations
