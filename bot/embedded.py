@@ -118,6 +118,11 @@ def _one_at_a_time(data_dir: Path) -> Iterator[None]:
                     log.info("local database: another process is starting or stopping it, waiting")
                     waiting = True
                 time.sleep(0.05)
+            except OSError as exc:
+                # A file system whose locks do not take a folder opened to read (NFS emulates flock with
+                # POSIX locks): go on without ours, as before it existed, rather than refuse to start.
+                log.debug("local database: no lock on %s (%s), starting without it", data_dir.parent, exc)
+                break
         yield
     finally:
         os.close(folder)  # (and with it the lock)
@@ -214,7 +219,7 @@ class EmbeddedPostgres:
         try:
             with _one_at_a_time(self.data_dir):  # (not while another process joins the server: it stays)
                 self._server.cleanup()
-        except subprocess.CalledProcessError as exc:
+        except (subprocess.CalledProcessError, RuntimeError) as exc:  # (RuntimeError: the lock's wait)
             log.warning("local database: could not stop cleanly: %s", exc)
         if self.temporary and self.data_dir.parent.name.startswith("bot-pg-"):
             with contextlib.suppress(OSError):

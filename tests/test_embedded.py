@@ -169,3 +169,19 @@ def test_a_start_that_waits_too_long_for_another_says_so_and_touches_nothing(
     finally:
         os.close(held)
     assert not data_dir.exists()
+
+
+def test_a_folder_that_cannot_be_locked_does_not_keep_the_trial_from_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On NFS a folder opened to read takes no flock (EBADF): the lock is skipped, as before it existed,
+    instead of the local trial stopping at start."""
+
+    def refused(fd: int, operation: int) -> None:
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(bot.embedded.fcntl, "flock", refused)
+    entered = False
+    with bot.embedded._one_at_a_time(tmp_path / "data"):
+        entered = True
+    assert entered
