@@ -20,6 +20,14 @@ def _in(seconds: float) -> float:
     return asyncio.get_running_loop().time() + seconds
 
 
+async def stubborn(deadlines: Deadlines, seconds: float, release: asyncio.Event) -> None:
+    """A block whose code swallows its cancellation (a bare `except:`) and runs until `release`."""
+    with deadlines.within(_in(seconds), "stubborn"):
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+
+
 async def test_a_block_past_its_deadline_ends_in_timeout_error_and_leaves_its_task_uncancelled() -> None:
     deadlines = Deadlines()
     with pytest.raises(TimeoutError), deadlines.within(_in(0.05)):
@@ -109,17 +117,11 @@ async def test_a_block_that_ignores_its_cancellation_is_handed_over_after_its_gr
     deadlines = Deadlines(0.1, overdue)
     release = asyncio.Event()
 
-    async def stubborn() -> None:
-        with deadlines.within(_in(0.05), "stubborn"):
-            while not release.is_set():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await release.wait()
-
     async def obedient() -> None:
         with pytest.raises(TimeoutError), deadlines.within(_in(0.05), "obedient"):
             await asyncio.sleep(LONG)
 
-    task = asyncio.create_task(stubborn())
+    task = asyncio.create_task(stubborn(deadlines, 0.05, release))
     await obedient()
     await asyncio.wait_for(thrice.wait(), LONG)  # at 0.05 + 0.1, + 0.2, + 0.3
     release.set()
@@ -172,14 +174,7 @@ async def test_an_on_overdue_that_raises_leaves_the_other_deadlines_enforced(
 
     deadlines = Deadlines(0.05, overdue)
     release = asyncio.Event()
-
-    async def stubborn() -> None:
-        with deadlines.within(_in(0.02), "stubborn"):
-            while not release.is_set():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await release.wait()
-
-    task = asyncio.create_task(stubborn())
+    task = asyncio.create_task(stubborn(deadlines, 0.02, release))
     await asyncio.sleep(0)
     started = time.monotonic()
     try:
