@@ -499,6 +499,18 @@ def bot_raising(raised: Callable[[], BaseException], where: str) -> Bot[Counted]
     return bot
 
 
+async def bad_is_a_dead_letter_and_the_chat_moves_on(run: Pipeline, storage: Storage) -> DeadLetter:
+    """Chat -7's "bad" (a `bot_raising` bot's): a dead letter, a duplicate when delivered again, and the
+    chat's next "+" applied; the one dead letter recorded, returned."""
+    bad = update(message_update(1, -7, "bad"))
+    assert (await run.process(bad)).status is Status.DEAD_LETTER
+    assert (await run.process(bad)).status is Status.DUPLICATE
+    assert (await run.process(update(message_update(2, -7, "+")))).status is Status.APPLIED
+    assert await count(storage) == 1
+    [letter] = await storage.dead_letters(ME.id)
+    return letter
+
+
 @pytest.mark.parametrize("where", ["filter", "handler", "error hook", "error hook, for a filter"])
 @pytest.mark.parametrize("raised", NOT_EXCEPTIONS, ids=lambda c: c.__name__)
 async def test_a_base_exception_from_the_bot_s_code_is_a_dead_letter_and_the_chat_moves_on(
@@ -508,12 +520,7 @@ async def test_a_base_exception_from_the_bot_s_code_is_a_dead_letter_and_the_cha
     pipeline. uvicorn answered 500 on every delivery (Telegram holds the chat behind it for up to 24 h),
     and `poll` stopped (quietly, for a KeyboardInterrupt). A bug like any other now."""
     run = Pipeline(bot_raising(raised, where), storage, ME, Metrics())
-    bad = update(message_update(1, -7, "bad"))
-    assert (await run.process(bad)).status is Status.DEAD_LETTER
-    assert (await run.process(bad)).status is Status.DUPLICATE
-    assert (await run.process(update(message_update(2, -7, "+")))).status is Status.APPLIED
-    assert await count(storage) == 1
-    [letter] = await storage.dead_letters(ME.id)
+    letter = await bad_is_a_dead_letter_and_the_chat_moves_on(run, storage)
     assert letter.error.startswith(f"StrayBaseException: the bot's code raised {raised.__name__}")
     assert run.metrics.count("bot_updates_total", kind="message", outcome="dead_letter") == 1
 
@@ -529,12 +536,7 @@ async def test_a_conflict_raised_by_the_bot_s_code_where_no_attempt_is_optimisti
     storage, optimistic = storage_mode
     kept = Conflict("kept from an earlier attempt")  # (caught in an optimistic attempt, raised again)
     run = Pipeline(bot_raising(lambda: kept, where), storage, ME, Metrics(), optimistic=optimistic)
-    bad = update(message_update(1, -7, "bad"))
-    assert (await run.process(bad)).status is Status.DEAD_LETTER
-    assert (await run.process(bad)).status is Status.DUPLICATE
-    assert (await run.process(update(message_update(2, -7, "+")))).status is Status.APPLIED
-    assert await count(storage) == 1
-    [letter] = await storage.dead_letters(ME.id)
+    letter = await bad_is_a_dead_letter_and_the_chat_moves_on(run, storage)
     assert letter.error == "StrayBaseException: the bot's code raised Conflict: kept from an earlier attempt"
 
 
