@@ -436,7 +436,10 @@ class Outbox:
             while (delay := min(deadline, self._wake_at) - self._clock.time()) > 0:
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                    # Not asyncio.wait_for: on 3.11 a cancellation arriving as the wait ends (a wake at
+                    # shutdown) was lost, and the sweeper ran on, the shutdown waiting for it for good.
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
                 except TimeoutError:
                     break
 

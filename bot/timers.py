@@ -164,8 +164,10 @@ class TimerLoop:
                 continue
             # Busy: wait for fires to finish. Otherwise: for the next look, or a wake-up before it.
             delay = None if self._more or not ready else max(0.0, min(self._next_look, self._wake_at) - now)
+            # (Not asyncio.wait_for: on 3.11 it could lose a cancellation arriving as the wait ends.)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._changed.wait()
 
     async def drain(self, within: float) -> None:
         """After `run` is cancelled (shutdown): wait for the fires picked (under way or waiting for a slot),
